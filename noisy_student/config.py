@@ -1,0 +1,199 @@
+"""The one configuration schema: YAML presets in pipeline_config/ validate against it.
+
+Every model forbids unknown keys, so a typo fails with the key's dotted path. Endpoints
+and secrets are not here: they come from the environment (MLFLOW_TRACKING_URI, AWS_*,
+PREFECT_API_URL) and are read by the libraries themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from noisy_student.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FashionMnistSource(Strict):
+    """Where `noisy-student run` ingests Fashion-MNIST from when `data.root` holds no dataset."""
+
+    source: str = "/usr/share/datasets/fashion-mnist"
+    labelled_per_class: int = Field(100, gt=0)
+    unlabelled_limit: int | None = Field(None, gt=0, description="Keep only this many unlabelled images")
+    test_limit: int | None = Field(None, gt=0, description="Keep only this many test images")
+    seed: int = 0
+    rows_per_shard: int = Field(8192, gt=0, description="Rows per Parquet shard: one inference task each")
+
+
+class DataConfig(Strict):
+    root: str = Field(description="Dataset root URL holding labelled/, unlabelled/, test/")
+    fashion_mnist: FashionMnistSource | None = Field(
+        None, description="Ingest Fashion-MNIST into `root` first if no dataset is there"
+    )
+
+
+class TrainConfig(Strict):
+    model: str = Field(description="Any timm model name, e.g. resnet18, efficientnet_b0")
+    pretrained: bool = Field(False, description="Start from pretrained weights")
+    checkpoint: str | None = Field(
+        None, description="Local/remote weights file for `pretrained` (works offline)"
+    )
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0, description="Labelled images per step")
+    lr: float = Field(0.1, gt=0, description="Peak SGD learning rate (cosine decay to 0)")
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    ema_decay: float = Field(
+        0.999, ge=0, lt=1, description="Weight averaging used for evaluation and labelling"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="On labelled targets")
+    hflip: bool = Field(True, description="Random horizontal flips")
+    crop_padding: int = Field(2, ge=0, description="Random-crop translation in pixels")
+    rand_augment: str | None = Field(
+        None, description="timm RandAugment string, e.g. rand-n2-m9-mstd0.5 (noise)"
+    )
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth at the last block")
+    eval_every: int = Field(1, gt=0, description="Evaluate on the test set every N epochs")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise ValueError(f"unknown timm model {name!r} (close: {', '.join(close) or 'none'})")
+        return name
+
+
+class TeacherConfig(TrainConfig):
+    epochs: int = Field(100, gt=0, description="Passes over the labelled images")
+
+
+class StudentConfig(TrainConfig):
+    epochs: int = Field(3, gt=0, description="Passes over the selected pseudo-labelled images")
+    unlabelled_ratio: float = Field(
+        3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
+    )
+    init_from_teacher: bool = Field(False, description="Start from the teacher's weights")
+    rand_augment: str | None = "rand-n2-m9-mstd0.5"
+    drop_rate: float = Field(0.5, ge=0, lt=1)
+    drop_path_rate: float = Field(0.2, ge=0, lt=1)
+
+
+class InferenceConfig(Strict):
+    batch_size: int = Field(1024, gt=0)
+
+
+class SelectionConfig(Strict):
+    min_confidence: float = Field(0.3, ge=0, le=1, description="Drop images below this")
+    per_class_quota: int | None = Field(
+        None, gt=0, description="Images per class after balancing; default: mean kept per class"
+    )
+    balance: bool = Field(True, description="Trim over-quota and duplicate under-quota classes")
+    labels: Literal["soft", "hard"] = "soft"
+    temperature: float = Field(1.0, gt=0, description="Soft labels: p^(1/T), renormalised")
+    hard_label_smoothing: float = Field(0.1, ge=0, lt=1, description="Hard labels only")
+
+
+class EvaluationConfig(Strict):
+    corruptions: list[str] = Field(
+        default_factory=lambda: ["gaussian_noise", "gaussian_blur", "contrast", "rotate"]
+    )
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_images: int | None = Field(
+        2000, gt=0, description="Fixed seeded subset of the test set for corruptions"
+    )
+    batch_size: int = Field(1024, gt=0)
+    seed: int = 0
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known_corruptions(cls, names: list[str]) -> list[str]:
+        from noisy_student.corruptions import CORRUPTIONS
+
+        for n in names:
+            if n not in CORRUPTIONS:
+                raise ValueError(f"unknown corruption {n!r} (known: {', '.join(CORRUPTIONS)})")
+        return names
+
+    @field_validator("severities")
+    @classmethod
+    def _severity_range(cls, levels: list[int]) -> list[int]:
+        for s in levels:
+            if not 1 <= s <= 5:
+                raise ValueError(f"severity {s} outside 1..5")
+        return levels
+
+
+class PipelineConfig(Strict):
+    name: str = Field("noisy-student", description="MLflow experiment name")
+    artifacts: str = Field("./artifacts", description="Root URL for every artifact of a run")
+    seed: int = 0
+    data: DataConfig
+    teacher: TeacherConfig
+    inference: InferenceConfig = InferenceConfig()
+    selection: SelectionConfig = SelectionConfig()
+    students: list[StudentConfig] = Field(
+        min_length=1, description="One per iteration; each becomes the next teacher"
+    )
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"--set {dotted}: no list item {'.'.join(keys[: i + 1])}")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"--set {dotted}: no list item {dotted}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise UserError(f"{source}: {path}: {msg}{more}") from None
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(tree, key, value)
+    return validate(tree, str(path))

@@ -1,0 +1,294 @@
+"""The dataset format: Parquet shards of encoded images plus a manifest written last.
+
+A dataset is a folder at any fsspec URL holding `part-*.parquet` shards (columns `id`,
+`image` as PNG bytes, `label` as int or null) and `_manifest.json`. Readers trust the
+manifest, never a listing, so a half-written folder is never read: if the manifest is
+missing the dataset does not exist yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from noisy_student import storage
+from noisy_student.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "_manifest.json"
+ROW_GROUP_SIZE = 1024  # rows, not bytes: small images, so ~1 MB groups
+SCHEMA = pa.schema(
+    [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())]
+)
+
+# The standard splits of a dataset root, as `noisy-student ingest` writes them.
+LABELLED, UNLABELLED, TEST = "labelled", "unlabelled", "test"
+UNLABELLED_TRUTH = "unlabelled_truth.parquet"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    url: str
+    split: str
+    num_rows: int
+    class_names: list[str]
+    height: int
+    width: int
+    mode: str
+    shards: list[dict[str, Any]]
+    digest: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def shard_urls(self) -> list[str]:
+        return [storage.join(self.url, s["file"]) for s in self.shards]
+
+
+@dataclass
+class ImageSet:
+    """Decoded images held in memory: uint8 N x C x H x W, labels -1 where unknown."""
+
+    ids: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class DatasetWriter:
+    """Writes shards as rows arrive, then the manifest; use as a context manager.
+
+    If the block raises, no manifest is written, so the folder stays unreadable.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        split: str,
+        class_names: list[str],
+        height: int,
+        width: int,
+        mode: str,
+        rows_per_shard: int = 8192,
+    ):
+        self.url = storage.resolve(url)
+        self.split = split
+        self.class_names = class_names
+        self.height, self.width, self.mode = height, width, mode
+        self.rows_per_shard = rows_per_shard
+        self._pending: list[tuple[str, bytes, int | None]] = []
+        self._shards: list[dict[str, Any]] = []
+        self._ids: set[str] = set()
+
+    def __enter__(self) -> DatasetWriter:
+        # A manifest from an earlier write would vouch for shards we are about to replace.
+        storage.remove(storage.join(self.url, MANIFEST))
+        storage.makedirs(self.url)
+        return self
+
+    def add(self, id: str, image: bytes, label: int | None) -> None:
+        if id in self._ids:
+            raise UserError(f"{self.url}: duplicate id {id!r}")
+        if label is not None and not 0 <= label < len(self.class_names):
+            raise UserError(
+                f"{self.url}: id {id!r}: label {label} outside [0, {len(self.class_names)})"
+            )
+        self._ids.add(id)
+        self._pending.append((id, image, label))
+        if len(self._pending) >= self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        ids, images, labels = zip(*self._pending, strict=True)
+        table = pa.table(
+            {"id": list(ids), "image": list(images), "label": list(labels)}, schema=SCHEMA
+        )
+        name = f"part-{len(self._shards):05d}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="none")
+        data = buf.getvalue()
+        storage.write_bytes(storage.join(self.url, name), data)
+        self._shards.append(
+            {"file": name, "rows": len(ids), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        self._pending = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            return
+        self._flush()
+        digest = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode())
+        storage.write_json(
+            storage.join(self.url, MANIFEST),
+            {
+                "format": "noisy-student-dataset",
+                "schema_version": SCHEMA_VERSION,
+                "split": self.split,
+                "num_rows": sum(s["rows"] for s in self._shards),
+                "class_names": self.class_names,
+                "image": {"height": self.height, "width": self.width, "mode": self.mode,
+                          "encoding": "png"},
+                "shards": self._shards,
+                "digest": digest.hexdigest(),
+            },
+        )
+
+
+def read_manifest(url: str) -> Manifest:
+    url = storage.resolve(url)
+    manifest_url = storage.join(url, MANIFEST)
+    if not storage.exists(manifest_url):
+        raise UserError(f"{url}: no dataset here ({MANIFEST} missing)")
+    m = storage.read_json(manifest_url)
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{manifest_url}: unsupported schema_version {m.get('schema_version')}")
+    img = m["image"]
+    return Manifest(
+        url=url,
+        split=m["split"],
+        num_rows=m["num_rows"],
+        class_names=m["class_names"],
+        height=img["height"],
+        width=img["width"],
+        mode=img["mode"],
+        shards=m["shards"],
+        digest=m["digest"],
+    )
+
+
+def read_shard(manifest: Manifest, index: int) -> pa.Table:
+    """One shard, checked against the manifest's row count and checksum."""
+    entry = manifest.shards[index]
+    url = storage.join(manifest.url, entry["file"])
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise UserError(f"{url}: shard listed in the manifest is missing") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise UserError(f"{url}: checksum does not match the manifest")
+    table = pq.read_table(io.BytesIO(data))
+    if table.num_rows != entry["rows"]:
+        raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
+    return table
+
+
+def decode_images(manifest: Manifest, shard_url: str, table: pa.Table) -> torch.Tensor:
+    """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest."""
+    ids = table.column("id").to_pylist()
+    out = np.empty(
+        (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
+    )
+    for i, blob in enumerate(table.column("image").to_pylist()):
+        try:
+            img = Image.open(io.BytesIO(blob))
+            img.load()
+        except (UnidentifiedImageError, OSError, TypeError) as e:
+            raise UserError(f"{shard_url}: row {i} (id {ids[i]!r}): corrupt image: {e}") from None
+        if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
+            raise UserError(
+                f"{shard_url}: row {i} (id {ids[i]!r}): image is {img.mode} {img.size[0]}x"
+                f"{img.size[1]}, manifest says {manifest.mode} {manifest.width}x{manifest.height}"
+            )
+        arr = np.asarray(img)
+        out[i] = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def labels_of(manifest: Manifest, shard_url: str, table: pa.Table) -> torch.Tensor:
+    labels = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    bad = np.flatnonzero((labels < -1) | (labels >= manifest.num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(
+            f"{shard_url}: row {i} (id {table.column('id')[i].as_py()!r}): label {labels[i]} "
+            f"outside [0, {manifest.num_classes})"
+        )
+    return torch.from_numpy(labels)
+
+
+def iter_shards(manifest: Manifest) -> Iterator[ImageSet]:
+    for index, url in enumerate(manifest.shard_urls()):
+        yield load_shard(manifest, index, url)
+
+
+def load_shard(manifest: Manifest, index: int, url: str | None = None) -> ImageSet:
+    url = url or manifest.shard_urls()[index]
+    table = read_shard(manifest, index)
+    return ImageSet(
+        ids=table.column("id").to_pylist(),
+        images=decode_images(manifest, url, table),
+        labels=labels_of(manifest, url, table),
+    )
+
+
+def load(url: str) -> tuple[Manifest, ImageSet]:
+    """The whole split in memory; small-image datasets fit easily (60k x 28x28 = 47 MB)."""
+    manifest = read_manifest(url)
+    parts = list(iter_shards(manifest))
+    if not parts:
+        return manifest, ImageSet(
+            [], torch.empty(0, manifest.channels, manifest.height, manifest.width,
+                            dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        )
+    return manifest, ImageSet(
+        ids=[i for p in parts for i in p.ids],
+        images=torch.cat([p.images for p in parts]),
+        labels=torch.cat([p.labels for p in parts]),
+    )
+
+
+def require_labels(manifest: Manifest, images: ImageSet) -> None:
+    missing = (images.labels < 0).nonzero()
+    if len(missing):
+        i = int(missing[0])
+        raise UserError(f"{manifest.url}: id {images.ids[i]!r} has no label")
+    present = set(images.labels.unique().tolist())
+    absent = [n for c, n in enumerate(manifest.class_names) if c not in present]
+    if absent:
+        raise UserError(f"{manifest.url}: no labelled image for class {absent[0]!r}")
+
+
+def write_rows(
+    url: str,
+    split: str,
+    class_names: list[str],
+    rows: Iterable[tuple[str, np.ndarray, int | None]],
+    rows_per_shard: int = 8192,
+) -> Manifest:
+    """Encode arrays (H x W or H x W x 3, uint8) as PNG and write a dataset."""
+    writer: DatasetWriter | None = None
+    for id, array, label in rows:
+        if writer is None:
+            mode = "L" if array.ndim == 2 else "RGB"
+            writer = DatasetWriter(
+                url, split, class_names, array.shape[0], array.shape[1], mode, rows_per_shard
+            ).__enter__()
+        writer.add(id, encode_png(array), label)
+    if writer is None:
+        raise UserError(f"{url}: no images to write for split {split!r}")
+    writer.__exit__(None, None, None)
+    return read_manifest(url)

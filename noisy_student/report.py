@@ -1,0 +1,110 @@
+"""summary.json and the results table printed at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from noisy_student import storage, tracking
+from noisy_student.config import PipelineConfig
+from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
+
+
+def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
+    figures = next(m for m in robustness.models if m["mlflow_run_id"] == t.mlflow_run_id)
+    return {
+        "model": t.model,
+        "url": t.url,
+        "mlflow_run_id": t.mlflow_run_id,
+        "test_accuracy": figures["test_accuracy"],
+        "corruption_accuracy": figures["corruption_accuracy"],
+        "per_corruption_accuracy": figures["per_corruption"],
+    }
+
+
+def iteration_summary(
+    k: int, teacher: TrainedModel, selected: SelectedPseudoLabels, student: TrainedModel,
+    robustness: Robustness,
+) -> dict[str, Any]:
+    return {
+        "iteration": k,
+        "teacher": _model_entry(teacher, robustness),
+        "student": _model_entry(student, robustness),
+        "pseudo_labels": {
+            "total": selected.total,
+            "kept": selected.kept,
+            "selected": selected.selected,
+            "accuracy": selected.accuracy,
+            "accuracy_all": selected.accuracy_all,
+            "url": selected.url,
+            "mlflow_run_id": selected.mlflow_run_id,
+            "inference_mlflow_run_id": selected.inference_run_id,
+            "per_class": selected.per_class,
+        },
+        "robustness_url": robustness.url,
+        "evaluation_mlflow_run_id": robustness.mlflow_run_id,
+        "stage_seconds": {
+            # the first teacher is trained once, before iteration 1
+            "train_teacher": teacher.seconds if k == 1 else 0.0,
+            "infer_pseudo_labels": selected.inference_seconds,
+            "filter_and_balance": selected.seconds,
+            "train_student": student.seconds,
+            "evaluate_robustness": robustness.seconds,
+        },
+    }
+
+
+def summary(
+    run_id: str, run_url: str, config: PipelineConfig, data_root: str, parent_run_id: str,
+    iterations: list[dict[str, Any]], seconds: float,
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "summary_url": storage.join(run_url, "summary.json"),
+        "artifacts_url": run_url,
+        "data_root": data_root,
+        "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment": config.name,
+                   "parent_run_id": parent_run_id},
+        "config": config.model_dump(),
+        "iterations": iterations,
+        "seconds": seconds,
+    }
+
+
+def lineage(iterations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which teacher labelled which data and trained which student, as MLflow run ids."""
+    return [
+        {
+            "iteration": it["iteration"],
+            "teacher_run_id": it["teacher"]["mlflow_run_id"],
+            "labelled": it["pseudo_labels"]["url"],
+            "pseudo_labels_run_id": it["pseudo_labels"]["mlflow_run_id"],
+            "student_run_id": it["student"]["mlflow_run_id"],
+        }
+        for it in iterations
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = (f"{'iter':>4}  {'teacher':<14}{'acc':>8}  {'student':<14}{'acc':>8}  {'gain':>6}  "
+            f"{'pseudo kept':>13}  {'pl acc':>7}  {'corrupted T -> S':>17}  stage times (s): "
+            "teacher/infer/filter/student/eval")
+    lines = [head, "-" * len(head)]
+    for it in summary["iterations"]:
+        t, s, p, sec = it["teacher"], it["student"], it["pseudo_labels"], it["stage_seconds"]
+        gain = 100 * (s["test_accuracy"] - t["test_accuracy"])
+        times = "/".join(f"{sec[k]:.0f}" for k in ("train_teacher", "infer_pseudo_labels",
+                                                     "filter_and_balance", "train_student",
+                                                     "evaluate_robustness"))
+        lines.append(
+            f"{it['iteration']:>4}  {t['model']:<14}{_pct(t['test_accuracy']):>8}  "
+            f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}  "
+            f"{p['kept']:>6}/{p['total']:<6}  {_pct(p['accuracy']):>7}  "
+            f"{_pct(t['corruption_accuracy']):>7} -> {_pct(s['corruption_accuracy']):<7}  {times}"
+        )
+    lines.append(f"total {summary['seconds']:.0f} s; MLflow parent run "
+                 f"{summary['mlflow']['parent_run_id']} ({summary['mlflow']['tracking_uri']})")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""MLflow lineage: one parent run per pipeline run, one child run per stage and iteration.
+
+Everything goes through `MlflowClient` with explicit run ids, never the fluent
+`mlflow.start_run` stack: that stack is thread-local, and Prefect runs tasks in worker
+threads where a nested run would silently lose its parent.
+
+The tracking URI is MLflow's own: `MLFLOW_TRACKING_URI` when set, else
+`sqlite:///mlflow.db` in the working folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from noisy_student import storage
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "noisy_student."  # prefix of every lineage tag
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:  # created meanwhile by another process
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{path}.{i}."))
+        else:
+            out[path] = json.dumps(value) if isinstance(value, list) else str(value)
+    return out
+
+
+def start_run(
+    experiment: str,
+    name: str,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    c = client()
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
+    if params:
+        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def start_stage_run(
+    parent_run_id: str, stage: str, iteration: int, params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    c = client()
+    parent = c.get_run(parent_run_id)
+    experiment = c.get_experiment(parent.info.experiment_id).name
+    all_tags = {f"{TAG}stage": stage, f"{TAG}iteration": str(iteration), **(tags or {})}
+    pipeline = parent.data.tags.get(f"{TAG}pipeline_run_id")
+    if pipeline:
+        all_tags[f"{TAG}pipeline_run_id"] = pipeline
+    return start_run(experiment, f"{stage}-{iteration}", params, all_tags, parent_run_id)
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    client().log_batch(run_id, metrics=batch)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dict(run_id: str, obj: Any, artifact_file: str) -> None:
+    client().log_dict(run_id, obj, artifact_file)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_checkpoint(run_id: str, checkpoint_url: str, artifact_path: str = "model") -> None:
+    """Copy a checkpoint folder (weights + timm config) into the run's artifacts."""
+    from noisy_student.models import META, WEIGHTS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (WEIGHTS, META):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(checkpoint_url, name)))
+        client().log_artifacts(run_id, tmp, artifact_path)
+
+
+def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, context: str) -> None:
+    """Record a dataset (a small summary frame standing for it) as an input of the run."""
+    # from_pandas warns that a local path could be several source kinds and that integer
+    # columns cannot hold nulls; neither matters for a summary frame.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(frame, source=source, name=name)
+    client().log_inputs(
+        run_id,
+        datasets=[DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])],
+    )
+
+
+def end_run(run_id: str, failed: bool = False) -> None:
+    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+    client().set_terminated(run_id, status)
+
+
+def register(run_id: str, model_name: str, artifact_path: str = "model") -> str:
+    """Add the run's checkpoint as a new version of a registered model; returns the version."""
+    c = client()
+    try:
+        c.create_registered_model(model_name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    mv = c.create_model_version(model_name, f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    return mv.version
+
+
+def download_model(run_id: str, artifact_path: str = "model") -> str:
+    return client().download_artifacts(run_id, artifact_path, tempfile.mkdtemp(prefix="ns-model-"))
+
+
+def resolve_registered(uri: str) -> str:
+    """models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME (latest) -> run id."""
+    c = client()
+    ref = uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return c.get_model_version_by_alias(name, alias).run_id
+    if "/" in ref:
+        name, version = ref.split("/", 1)
+        return c.get_model_version(name, version).run_id
+    versions = c.search_model_versions(f"name='{ref}'")
+    if not versions:
+        raise MlflowException(f"registered model {ref!r} has no versions")
+    return max(versions, key=lambda v: int(v.version)).run_id

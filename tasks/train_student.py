@@ -1,0 +1,15 @@
+"""Stage 4: a noised, equal-or-larger student on labelled plus pseudo-labelled images."""
+
+from prefect import get_run_logger, task
+
+from noisy_student import stages
+from noisy_student.config import StudentConfig
+
+
+@task(name="train_student")
+def train_student(
+    cfg: StudentConfig, data_root: str, selected: stages.SelectedPseudoLabels,
+    teacher: stages.TrainedModel, out_url: str, parent_run_id: str, iteration: int, seed: int,
+) -> stages.TrainedModel:
+    return stages.train_student(cfg, data_root, selected, teacher, out_url, parent_run_id,
+                                iteration, seed, get_run_logger().info)
