@@ -52,6 +52,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             shards = infer_pseudo_labels.map(
                 shard_indices, unmapped(data_root), unmapped(teacher.url),
                 unmapped(storage.join(here, "pseudo_labels")), unmapped(config.inference.batch_size),
+                unmapped(config.inference.precision),
             ).result()
             selected = filter_and_balance(
                 shards, config.selection, data_root, storage.join(here, "pseudo_labels"),

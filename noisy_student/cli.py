@@ -21,7 +21,10 @@ def _one_line_user_errors(record: logging.LogRecord) -> bool:
 def _cmd_run(args: argparse.Namespace) -> None:
     from noisy_student import config as config_mod
 
+    from noisy_student import stages
+
     cfg = config_mod.load(args.config, args.set or [])
+    stages.check_data(cfg.data.root, cfg.data.fashion_mnist)
     # Prefect's temporary local server needs no network; don't let it try.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # It starts in ~20 s on an idle 2-core machine; give a busy one more time.

@@ -24,12 +24,20 @@ class Strict(BaseModel):
 class FashionMnistSource(Strict):
     """Where `noisy-student run` ingests Fashion-MNIST from when `data.root` holds no dataset."""
 
-    source: str = "/usr/share/datasets/fashion-mnist"
-    labelled_per_class: int = Field(100, gt=0)
-    unlabelled_limit: int | None = Field(None, gt=0, description="Keep only this many unlabelled images")
+    source: str = Field(
+        "/usr/share/datasets/fashion-mnist", description="Folder of the IDX .gz files"
+    )
+    labelled_per_class: int = Field(
+        100, gt=0, description="Labelled images per class (the rest are unlabelled)"
+    )
+    unlabelled_limit: int | None = Field(
+        None, gt=0, description="Keep only this many unlabelled images"
+    )
     test_limit: int | None = Field(None, gt=0, description="Keep only this many test images")
-    seed: int = 0
-    rows_per_shard: int = Field(8192, gt=0, description="Rows per Parquet shard: one inference task each")
+    seed: int = Field(0, description="Seed of the labelled/unlabelled split")
+    rows_per_shard: int = Field(
+        8192, gt=0, description="Rows per Parquet shard: one inference task each"
+    )
 
 
 class DataConfig(Strict):
@@ -48,8 +56,10 @@ class TrainConfig(Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(64, gt=0, description="Labelled images per step")
     lr: float = Field(0.1, gt=0, description="Peak SGD learning rate (cosine decay to 0)")
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(
+        5e-4, ge=0, description="SGD weight decay (not on norms and biases)"
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warm-up")
     ema_decay: float = Field(
         0.999, ge=0, lt=1, description="Weight averaging used for evaluation and labelling"
     )
@@ -62,6 +72,9 @@ class TrainConfig(Strict):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth at the last block")
     eval_every: int = Field(1, gt=0, description="Evaluate on the test set every N epochs")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 autocast (CPU with AVX512-BF16/AMX, or GPU) or plain fp32"
+    )
 
     @field_validator("model")
     @classmethod
@@ -82,13 +95,18 @@ class StudentConfig(TrainConfig):
         3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
     )
     init_from_teacher: bool = Field(False, description="Start from the teacher's weights")
-    rand_augment: str | None = "rand-n2-m9-mstd0.5"
-    drop_rate: float = Field(0.5, ge=0, lt=1)
-    drop_path_rate: float = Field(0.2, ge=0, lt=1)
+    rand_augment: str | None = Field(
+        "rand-n2-m9-mstd0.5", description="RandAugment N=2, M=9 of timm's 10 (paper: 27 of 30)"
+    )
+    drop_rate: float = Field(0.5, ge=0, lt=1, description="Dropout before the classifier")
+    drop_path_rate: float = Field(
+        0.2, ge=0, lt=1, description="Stochastic depth: survival 0.8 at the last block"
+    )
 
 
 class InferenceConfig(Strict):
-    batch_size: int = Field(1024, gt=0)
+    batch_size: int = Field(1024, gt=0, description="Images per forward pass")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype")
 
 
 class SelectionConfig(Strict):
@@ -97,21 +115,28 @@ class SelectionConfig(Strict):
         None, gt=0, description="Images per class after balancing; default: mean kept per class"
     )
     balance: bool = Field(True, description="Trim over-quota and duplicate under-quota classes")
-    labels: Literal["soft", "hard"] = "soft"
+    labels: Literal["soft", "hard"] = Field(
+        "soft", description="Teacher's distribution, or its argmax (smoothed)"
+    )
     temperature: float = Field(1.0, gt=0, description="Soft labels: p^(1/T), renormalised")
     hard_label_smoothing: float = Field(0.1, ge=0, lt=1, description="Hard labels only")
 
 
 class EvaluationConfig(Strict):
     corruptions: list[str] = Field(
-        default_factory=lambda: ["gaussian_noise", "gaussian_blur", "contrast", "rotate"]
+        default_factory=lambda: ["gaussian_noise", "gaussian_blur", "contrast", "rotate"],
+        description="Any of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, "
+        "pixelate, rotate",
     )
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5], description="Levels 1 (mild) to 5 (severe)"
+    )
     corruption_images: int | None = Field(
         2000, gt=0, description="Fixed seeded subset of the test set for corruptions"
     )
-    batch_size: int = Field(1024, gt=0)
-    seed: int = 0
+    batch_size: int = Field(1024, gt=0, description="Images per forward pass")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype")
+    seed: int = Field(0, description="Seed of the subset and of random corruptions")
 
     @field_validator("corruptions")
     @classmethod
@@ -135,15 +160,15 @@ class EvaluationConfig(Strict):
 class PipelineConfig(Strict):
     name: str = Field("noisy-student", description="MLflow experiment name")
     artifacts: str = Field("./artifacts", description="Root URL for every artifact of a run")
-    seed: int = 0
-    data: DataConfig
-    teacher: TeacherConfig
-    inference: InferenceConfig = InferenceConfig()
-    selection: SelectionConfig = SelectionConfig()
+    seed: int = Field(0, description="Seed of training and selection")
+    data: DataConfig = Field(description="Where the images are")
+    teacher: TeacherConfig = Field(description="The first teacher")
+    inference: InferenceConfig = Field(InferenceConfig(), description="Pseudo-labelling")
+    selection: SelectionConfig = Field(SelectionConfig(), description="Filtering and balancing")
     students: list[StudentConfig] = Field(
         min_length=1, description="One per iteration; each becomes the next teacher"
     )
-    evaluation: EvaluationConfig = EvaluationConfig()
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="Robustness")
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -156,6 +181,8 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node = node[int(key)]
         else:
             node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):  # e.g. name.x=1: indexing a str would raise
+            raise UserError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section")
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -197,3 +224,55 @@ def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     for key, value in parse_overrides(list(overrides)):
         _set_path(tree, key, value)
     return validate(tree, str(path))
+
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " or ".join(repr(a) for a in annotation.__args__)
+    text = str(annotation) if getattr(annotation, "__args__", None) else annotation.__name__
+    return text.replace("typing.", "").replace(" | ", " or ")
+
+
+def reference_markdown() -> str:
+    """The configuration reference in the README, generated from this schema."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            sub = next(
+                (
+                    a
+                    for a in getattr(ann, "__args__", (ann,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
+            is_list = getattr(ann, "__origin__", None) is list
+            if sub is not None and not is_list:
+                lines.append(f"| `{key}` | section | | {f.description or ''} |")
+                walk(sub, f"{key}.")
+                continue
+            if is_list and sub is not None:
+                lines.append(f"| `{key}` | list | | {f.description or ''} |")
+                walk(sub, f"{key}[].")
+                continue
+            default = (
+                "required"
+                if f.is_required()
+                else (repr(f.default_factory()) if f.default_factory else repr(f.default))
+            )
+            lines.append(f"| `{key}` | {_type_name(ann)} | `{default}` | {f.description or ''} |")
+
+    walk(PipelineConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # Regenerate the README's configuration reference in place.
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + reference_markdown() + "\n" + end + rest.split(end, 1)[1])

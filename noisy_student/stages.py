@@ -81,19 +81,37 @@ class Robustness:
 # ---------------------------------------------------------------------------- data
 
 
+def _missing_split(root: str) -> str | None:
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        url = storage.join(root, split, dataset.MANIFEST)
+        if not storage.exists(url):
+            return url
+    return None
+
+
+def check_data(root: str, fashion_mnist: FashionMnistSource | None) -> None:
+    """Fail before any work starts if there is no dataset and nothing to ingest it from."""
+    missing = _missing_split(storage.resolve(root))
+    if missing is None:
+        return
+    if fashion_mnist is None:
+        raise UserError(f"{missing}: dataset split missing (data.root; run `noisy-student "
+                        "ingest` first or set data.fashion_mnist)")
+    if not storage.exists(storage.join(storage.resolve(fashion_mnist.source),
+                                       "train-images-idx3-ubyte.gz")):
+        raise UserError(f"{fashion_mnist.source}: no Fashion-MNIST IDX files "
+                        "(data.fashion_mnist.source; apt-get install dataset-fashion-mnist)")
+
+
 def prepare_data(root: str, fashion_mnist: FashionMnistSource | None, log: Log = print) -> str:
     """The dataset root, ingesting Fashion-MNIST into it first when it holds no dataset."""
     from noisy_student import ingest
 
     root = storage.resolve(root)
-    splits = [storage.join(root, s, dataset.MANIFEST) for s in
-              (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)]
-    if all(storage.exists(s) for s in splits):
+    if _missing_split(root) is None:
         log(f"dataset found at {root}")
         return root
-    if fashion_mnist is None:
-        missing = next(s for s in splits if not storage.exists(s))
-        raise UserError(f"{missing}: dataset split missing (run `noisy-student ingest` first)")
+    check_data(root, fashion_mnist)
     log(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
     ingest.fashion_mnist(
         root, fashion_mnist.source, fashion_mnist.labelled_per_class,
@@ -134,7 +152,7 @@ def _schedule(cfg: TrainConfig, unlabelled_ratio: float = 1.0) -> engine.Schedul
     return engine.Schedule(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_epochs=cfg.warmup_epochs, ema_decay=cfg.ema_decay,
-        unlabelled_ratio=unlabelled_ratio, eval_every=cfg.eval_every,
+        unlabelled_ratio=unlabelled_ratio, eval_every=cfg.eval_every, precision=cfg.precision,
     )
 
 
@@ -200,15 +218,16 @@ def train_teacher(
 
 def infer_pseudo_labels(
     data_root: str, shard_index: int, teacher_url: str, out_url: str, batch_size: int,
+    precision: str = "bf16",
 ) -> PseudoLabelShard:
     """Class probabilities for one shard of unlabelled images: the teacher in eval mode on
     clean images (no augmentation, no dropout, no stochastic depth)."""
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     shard = dataset.load_shard(manifest, shard_index)
     teacher, _ = models.load(teacher_url)
-    probs = engine.predict_probs(teacher, shard.images, batch_size).numpy()
+    teacher.to(engine.device())
+    probs = engine.predict_probs(teacher, shard.images, batch_size, precision).numpy()
     k = probs.shape[1] if probs.ndim == 2 else manifest.num_classes
     table = pa.table({
         "id": shard.ids,
@@ -424,13 +443,14 @@ def evaluate_robustness(
         rows, results = [], []
         for t in trained:
             model, _ = models.load(t.url)
-            clean = engine.accuracy(model, test.images, test.labels, cfg.batch_size)
+            model.to(engine.device())
+            clean = engine.accuracy(model, test.images, test.labels, cfg.batch_size, cfg.precision)
             rows.append({"model": t.model, "mlflow_run_id": t.mlflow_run_id,
                          "iteration": iteration, "role": t.role, "corruption": "none",
                          "severity": 0, "accuracy": clean})
             per_corruption: dict[str, list[float]] = {}
             for (name, s), x in corrupted.items():
-                acc = engine.accuracy(model, x, labels, cfg.batch_size)
+                acc = engine.accuracy(model, x, labels, cfg.batch_size, cfg.precision)
                 per_corruption.setdefault(name, []).append(acc)
                 rows.append({"model": t.model, "mlflow_run_id": t.mlflow_run_id,
                              "iteration": iteration, "role": t.role, "corruption": name,

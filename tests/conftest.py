@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny real dataset, MLflow on a temporary SQLite file, one Prefect
+test harness for the whole session (it costs ~8 s to start), a moto S3 server."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_source() -> str:
+    if not Path(FASHION_MNIST, "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"{FASHION_MNIST} missing: apt-get install -y dataset-fashion-mnist")
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, fashion_mnist_source) -> str:
+    """A real slice of Fashion-MNIST: 5 labelled images per class, 300 unlabelled in
+    three shards, 200 test images."""
+    from noisy_student import ingest
+
+    root = tmp_path_factory.mktemp("data") / "fmnist-tiny"
+    return ingest.fashion_mnist(
+        str(root), fashion_mnist_source, labelled_per_class=5, unlabelled_limit=300,
+        test_limit=200, seed=0, rows_per_shard=100,
+    )
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # run artifacts default to ./mlruns
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1, with a bucket `ns-test`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
+           "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ns-test")
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def torch_one_thread():
+    """Added for the unit tests of tiny models: one intra-op thread. On 2 cores shared with
+    another job, OpenMP's second thread waits for a busy core and a 16x16 forward pass takes
+    ~1 s instead of ~3 ms. Restores the previous count, so other tests are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,100 @@
+"""The configuration schema: presets validate, typos and bad values fail naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from noisy_student import config
+from noisy_student.errors import UserError
+from tests.conftest import REPO
+
+PRESETS = sorted((REPO / "pipeline_config").glob("*.yaml"))
+SMOKE = REPO / "pipeline_config" / "smoke.yaml"
+
+
+def test_there_are_presets_to_check():
+    # guards the parametrised test below against silently checking nothing
+    assert {p.name for p in PRESETS} >= {"smoke.yaml", "fashion_mnist.yaml"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_validates(path):
+    cfg = config.load(path)
+    assert cfg.students and cfg.teacher.epochs > 0
+
+
+def test_misspelt_key_fails_naming_its_dotted_path():
+    with pytest.raises(UserError, match=r"smoke\.yaml: teacher\.epoch: unknown key"):
+        config.load(SMOKE, ["teacher.epoch=3"])
+
+
+def test_unknown_timm_model_fails_naming_the_model_key():
+    with pytest.raises(UserError, match=r"teacher\.model: .*unknown timm model 'resnet9000'"):
+        config.load(SMOKE, ["teacher.model=resnet9000"])
+
+
+def test_override_of_a_list_item_changes_only_that_item():
+    cfg = config.load(SMOKE, ["students.0.epochs=7"])
+    assert cfg.students[0].epochs == 7
+    assert cfg.students[1].epochs == 1  # the smoke preset's value, untouched
+
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = config.load(SMOKE, ["selection.min_confidence=0.5", "teacher.pretrained=true",
+                              "evaluation.severities=[2, 4]"])
+    assert cfg.selection.min_confidence == 0.5
+    assert cfg.teacher.pretrained is True
+    assert cfg.evaluation.severities == [2, 4]
+
+
+def test_override_of_a_list_item_that_does_not_exist_fails():
+    with pytest.raises(UserError, match=r"--set students\.5\.epochs: no list item students\.5"):
+        config.load(SMOKE, ["students.5.epochs=1"])
+
+
+@pytest.mark.parametrize("override, section", [("name.x=1", "name"),
+                                               ("teacher.model.depth=3", "teacher.model")])
+def test_override_below_a_plain_value_fails_naming_the_value(override, section):
+    with pytest.raises(UserError, match=rf"--set .*: {section} is a value, not a section"):
+        config.load(SMOKE, [override])
+
+
+def test_override_without_equals_sign_fails():
+    with pytest.raises(UserError, match="expected key.path=value"):
+        config.load(SMOKE, ["teacher.epochs"])
+
+
+def test_unknown_corruption_is_rejected():
+    with pytest.raises(UserError, match=r"evaluation\.corruptions: .*unknown corruption 'fog'"):
+        config.load(SMOKE, ["evaluation.corruptions=[gaussian_noise, fog]"])
+
+
+def test_severity_outside_one_to_five_is_rejected():
+    with pytest.raises(UserError, match=r"evaluation\.severities: .*severity 6 outside 1\.\.5"):
+        config.load(SMOKE, ["evaluation.severities=[1, 6]"])
+
+
+def test_out_of_range_number_fails_naming_the_key():
+    with pytest.raises(UserError, match=r"selection\.min_confidence: .*less than or equal to 1"):
+        config.load(SMOKE, ["selection.min_confidence=1.5"])
+
+
+def test_missing_config_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML"):
+        config.load(bad)
+
+
+def test_missing_required_section_is_named(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text(SMOKE.read_text().replace("teacher:", "teachr:"))
+    # both the typo and the now-missing section are reported, the first one by name
+    with pytest.raises(UserError, match=r"partial\.yaml: (teacher: Field required|teachr: unknown"
+                                        r" key) \(and 1 more\)"):
+        config.load(path)

@@ -1,0 +1,178 @@
+"""The dataset format: Parquet shards plus a manifest written last, checked on read."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from noisy_student import dataset, storage
+from noisy_student.dataset import DatasetWriter
+from noisy_student.errors import UserError
+
+CLASSES = ["a", "b", "c"]
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 6), dtype=np.uint8)
+
+
+def _write(url: str, arrays: np.ndarray, labels: list[int | None], rows_per_shard: int = 4):
+    with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard) as w:
+        for i, (a, y) in enumerate(zip(arrays, labels, strict=True)):
+            w.add(f"img-{i}", dataset.encode_png(a), y)
+
+
+def _round_trip(url: str) -> None:
+    arrays = _images(10)
+    labels = [0, 1, None, 2, 0, None, 1, 2, 2, 0]
+    _write(url, arrays, labels)
+
+    manifest, images = dataset.load(url)
+    assert manifest.num_rows == 10
+    assert len(manifest.shards) == 3  # 4 + 4 + 2 rows
+    assert (manifest.height, manifest.width, manifest.mode) == (8, 6, "L")
+    assert manifest.class_names == CLASSES
+    assert images.ids == [f"img-{i}" for i in range(10)]
+    # nulls come back as -1
+    assert images.labels.tolist() == [-1 if y is None else y for y in labels]
+    assert images.images.dtype == torch.uint8
+    assert images.images.shape == (10, 1, 8, 6)
+    assert torch.equal(images.images[:, 0], torch.from_numpy(arrays))
+
+
+def test_written_dataset_reads_back_the_same_ids_labels_and_pixels(tmp_path):
+    _round_trip(str(tmp_path / "ds"))
+
+
+def test_dataset_round_trips_through_s3(s3_endpoint):
+    url = "s3://ns-test/datasets/round-trip"
+    _round_trip(url)
+    # the shards and manifest really are objects in the bucket
+    assert storage.exists(f"{url}/{dataset.MANIFEST}")
+    assert storage.exists(f"{url}/part-00000.parquet")
+
+
+def test_manifest_is_not_written_when_the_writing_block_raises(tmp_path):
+    url = str(tmp_path / "half")
+    with pytest.raises(RuntimeError), DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", 2) as w:
+        for i, a in enumerate(_images(5)):
+            w.add(f"img-{i}", dataset.encode_png(a), 0)
+        raise RuntimeError("crash mid-write")
+    # shards were flushed, but without a manifest the folder is not a dataset
+    assert storage.exists(storage.join(url, "part-00000.parquet"))
+    with pytest.raises(UserError, match=re.escape(url) + ".*no dataset here"):
+        dataset.read_manifest(url)
+
+
+def test_rewriting_a_dataset_removes_the_old_manifest_before_writing_shards(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(3), [0, 1, 2])
+    # a second write that crashes must not leave the first manifest vouching for new shards
+    with pytest.raises(RuntimeError), DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", 1) as w:
+        w.add("other", dataset.encode_png(_images(1, seed=1)[0]), 0)
+        raise RuntimeError("crash")
+    with pytest.raises(UserError, match="no dataset here"):
+        dataset.read_manifest(url)
+
+
+def test_duplicate_id_is_rejected_naming_the_id(tmp_path):
+    png = dataset.encode_png(_images(1)[0])
+    with DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w:
+        w.add("twice", png, 0)
+        with pytest.raises(UserError, match="duplicate id 'twice'"):
+            w.add("twice", png, 1)
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_label_outside_the_classes_is_rejected_naming_the_id(tmp_path, label):
+    png = dataset.encode_png(_images(1)[0])
+    with DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w, \
+            pytest.raises(UserError, match=rf"id 'bad-label': label {label} outside \[0, 3\)"):
+        w.add("bad-label", png, label)
+
+
+def test_tampered_shard_fails_its_checksum(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(6), [0] * 6)
+    manifest = dataset.read_manifest(url)
+    shard = manifest.shard_urls()[1]
+    data = bytearray(storage.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(shard, bytes(data))
+    with pytest.raises(UserError, match=re.escape(f"{shard}: checksum")):
+        dataset.load(url)
+    # the untouched shard still reads
+    assert len(dataset.load_shard(manifest, 0)) == 4
+
+
+def test_missing_shard_is_reported_as_missing(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(6), [0] * 6)
+    manifest = dataset.read_manifest(url)
+    storage.remove(manifest.shard_urls()[0])
+    with pytest.raises(UserError, match="shard listed in the manifest is missing"):
+        dataset.load(url)
+
+
+def test_corrupt_image_bytes_name_the_shard_row_and_id(tmp_path):
+    url = str(tmp_path / "ds")
+    with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard=100) as w:
+        w.add("good", dataset.encode_png(_images(1)[0]), 0)
+        w.add("garbage", b"definitely not a png", 1)
+    manifest = dataset.read_manifest(url)  # the checksum is of the shard, so it passes
+    shard = manifest.shard_urls()[0]
+    with pytest.raises(UserError, match=re.escape(f"{shard}: row 1 (id 'garbage'): corrupt image")):
+        dataset.load(url)
+
+
+def test_image_of_the_wrong_size_is_rejected_against_the_manifest(tmp_path):
+    url = str(tmp_path / "ds")
+    with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L") as w:
+        w.add("too-big", dataset.encode_png(np.zeros((9, 6), np.uint8)), 0)
+    with pytest.raises(UserError, match=r"id 'too-big'.*manifest says L 6x8"):
+        dataset.load(url)
+
+
+def test_shards_use_row_groups_of_at_most_row_group_size(tmp_path):
+    url = str(tmp_path / "ds")
+    n = 2 * dataset.ROW_GROUP_SIZE + 10
+    png = dataset.encode_png(_images(1)[0])
+    with DatasetWriter(url, "unlabelled", CLASSES, 8, 6, "L", rows_per_shard=n) as w:
+        for i in range(n):
+            w.add(f"img-{i}", png, None)
+    manifest = dataset.read_manifest(url)
+    assert len(manifest.shards) == 1
+    meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(manifest.shard_urls()[0]))).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == n
+    assert meta.num_row_groups == 3
+    assert max(sizes) <= dataset.ROW_GROUP_SIZE
+
+
+def test_write_rows_picks_rgb_mode_for_colour_arrays_and_refuses_an_empty_split(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
+    m = dataset.write_rows(str(tmp_path / "rgb"), "test", CLASSES,
+                           [("x", rgb[0], 0), ("y", rgb[1], 2)])
+    assert (m.mode, m.channels, m.height, m.width) == ("RGB", 3, 5, 7)
+    _, images = dataset.load(m.url)
+    assert torch.equal(images.images, torch.from_numpy(rgb).permute(0, 3, 1, 2))
+    with pytest.raises(UserError, match="no images to write for split 'test'"):
+        dataset.write_rows(str(tmp_path / "empty"), "test", CLASSES, [])
+
+
+def test_require_labels_names_an_unlabelled_id_and_a_class_without_images(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(3), [0, None, 1])
+    manifest, images = dataset.load(url)
+    with pytest.raises(UserError, match="id 'img-1' has no label"):
+        dataset.require_labels(manifest, images)
+    url2 = str(tmp_path / "ds2")
+    _write(url2, _images(2), [0, 1])
+    manifest, images = dataset.load(url2)
+    with pytest.raises(UserError, match="no labelled image for class 'c'"):
+        dataset.require_labels(manifest, images)

@@ -1,0 +1,187 @@
+"""Ingest: Fashion-MNIST IDX files and ImageFolder trees into the dataset format."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from noisy_student import cli, dataset, ingest, storage
+from noisy_student.errors import UserError
+
+# --- Fashion-MNIST (via the session's tiny_dataset: 5 labelled/class, 300 unlabelled, 200 test)
+
+
+def _split(root: str, name: str) -> tuple[dataset.Manifest, dataset.ImageSet]:
+    return dataset.load(storage.join(root, name))
+
+
+def test_fashion_mnist_labelled_split_has_exactly_five_images_of_every_class(tiny_dataset):
+    manifest, labelled = _split(tiny_dataset, dataset.LABELLED)
+    assert manifest.class_names == ingest.FASHION_MNIST_CLASSES
+    assert (manifest.mode, manifest.height, manifest.width) == ("L", 28, 28)
+    assert np.bincount(labelled.labels.numpy(), minlength=10).tolist() == [5] * 10
+
+
+def test_fashion_mnist_unlabelled_split_hides_labels_that_the_truth_file_keeps(tiny_dataset):
+    manifest, unlabelled = _split(tiny_dataset, dataset.UNLABELLED)
+    assert len(unlabelled) == 300
+    assert len(manifest.shards) == 3  # rows_per_shard=100
+    assert (unlabelled.labels == -1).all()
+    truth = pq.read_table(storage.join(tiny_dataset, dataset.UNLABELLED_TRUTH)).to_pydict()
+    assert truth["id"] == unlabelled.ids
+    # the hidden labels are real classes, and more than one of them
+    assert set(truth["label"]) <= set(range(10))
+    assert len(set(truth["label"])) > 1
+
+
+def test_fashion_mnist_labelled_and_unlabelled_images_do_not_overlap(tiny_dataset):
+    _, labelled = _split(tiny_dataset, dataset.LABELLED)
+    _, unlabelled = _split(tiny_dataset, dataset.UNLABELLED)
+    _, test = _split(tiny_dataset, dataset.TEST)
+    assert not set(labelled.ids) & set(unlabelled.ids)
+    assert all(i.startswith("train-") for i in labelled.ids + unlabelled.ids)
+    assert len(test) == 200 and all(i.startswith("test-") for i in test.ids)
+    assert (test.labels >= 0).all()
+
+
+def _fake_idx(folder, n_train: int = 60, n_test: int = 10) -> str:
+    """Tiny IDX files (6 classes x 10 images) so that re-ingesting with other seeds is cheap."""
+    import gzip
+    import struct
+
+    def write(name: str, arr: np.ndarray) -> None:
+        header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        (folder / name).write_bytes(gzip.compress(header + arr.tobytes()))
+
+    rng = np.random.default_rng(0)
+    write("train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, 4, 4), dtype=np.uint8))
+    write("train-labels-idx1-ubyte.gz", (np.arange(n_train) % 6).astype(np.uint8))
+    write("t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 4, 4), dtype=np.uint8))
+    write("t10k-labels-idx1-ubyte.gz", (np.arange(n_test) % 6).astype(np.uint8))
+    return str(folder)
+
+
+def _labelled_ids(out, source: str, seed: int) -> list[str]:
+    root = ingest.fashion_mnist(str(out), source, labelled_per_class=2, seed=seed)
+    return dataset.load(storage.join(root, dataset.LABELLED))[1].ids
+
+
+def test_fashion_mnist_split_depends_only_on_the_seed(tmp_path):
+    source = _fake_idx(tmp_path)
+    first = _labelled_ids(tmp_path / "a", source, seed=0)
+    assert len(first) == 12
+    assert _labelled_ids(tmp_path / "b", source, seed=0) == first
+    assert _labelled_ids(tmp_path / "c", source, seed=1) != first
+
+
+def test_fashion_mnist_asking_more_labels_than_a_class_has_is_a_user_error(tmp_path):
+    source = _fake_idx(tmp_path)
+    with pytest.raises(UserError, match="fewer than 11 asked"):
+        ingest.fashion_mnist(str(tmp_path / "out"), source, labelled_per_class=11)
+
+
+def test_truncated_idx_file_is_a_user_error_naming_it(tmp_path):
+    source = _fake_idx(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    import gzip
+
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": truncated"):
+        ingest.fashion_mnist(str(tmp_path / "out"), source, labelled_per_class=1)
+
+
+# --- ImageFolder
+
+
+def _save(path, mode: str, size: tuple[int, int], value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = value if mode == "L" else (value, 255 - value, value // 2)
+    Image.new(mode, size, colour).save(path)
+
+
+@pytest.fixture()
+def image_tree(tmp_path):
+    """labelled/ and test/ with classes cat and dog; images RGB or L, of several sizes."""
+    root = tmp_path / "raw"
+    for split in ("labelled", "test"):
+        _save(root / split / "cat" / "c1.png", "RGB", (20, 30), 10)
+        _save(root / split / "cat" / "c2.jpg", "L", (16, 16), 60)
+        _save(root / split / "dog" / "d1.png", "L", (40, 12), 200)
+    _save(root / "unlabelled" / "u1.png", "RGB", (8, 8), 100)
+    _save(root / "unlabelled" / "nested" / "u2.bmp", "L", (17, 19), 150)
+    (root / "unlabelled" / ".DS_Store").write_bytes(b"hidden files are skipped")
+    return root
+
+
+def _ingest(root, out):
+    return ingest.image_folder(str(out), str(root / "labelled"), str(root / "unlabelled"),
+                               str(root / "test"), image_size=16, mode="RGB")
+
+
+def test_image_folder_ingest_writes_three_splits_at_one_size_and_mode(image_tree, tmp_path):
+    out = _ingest(image_tree, tmp_path / "out")
+    m, labelled = _split(out, dataset.LABELLED)
+    assert m.class_names == ["cat", "dog"]
+    assert (m.mode, m.height, m.width) == ("RGB", 16, 16)
+    assert labelled.images.shape == (3, 3, 16, 16)
+    assert labelled.ids == ["labelled/cat/c1.png", "labelled/cat/c2.jpg", "labelled/dog/d1.png"]
+    assert labelled.labels.tolist() == [0, 0, 1]
+    # a grayscale source becomes three equal channels
+    gray = labelled.images[2].int()
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all()
+    assert abs(int(gray[0, 8, 8]) - 200) <= 1
+
+    m, unlabelled = _split(out, dataset.UNLABELLED)
+    assert unlabelled.ids == ["unlabelled/nested/u2.bmp", "unlabelled/u1.png"]
+    assert (unlabelled.labels == -1).all()
+    assert unlabelled.images.shape == (2, 3, 16, 16)
+
+    m, test = _split(out, dataset.TEST)
+    assert m.num_rows == 3 and test.labels.tolist() == [0, 0, 1]
+
+
+def test_image_folder_non_image_file_is_a_user_error_naming_it(image_tree, tmp_path):
+    (image_tree / "labelled" / "dog" / "notes.txt").write_text("not a picture")
+    with pytest.raises(UserError, match=r"labelled/dog/notes\.txt: not an image file"):
+        _ingest(image_tree, tmp_path / "out")
+
+
+def test_image_folder_corrupt_png_is_a_user_error_naming_it(image_tree, tmp_path):
+    (image_tree / "unlabelled" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UserError, match=r"unlabelled/broken\.png: corrupt image"):
+        _ingest(image_tree, tmp_path / "out")
+
+
+def test_image_folder_missing_folder_is_a_user_error(image_tree, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError, match=re.escape(f"{missing}: folder not found")):
+        ingest.image_folder(str(tmp_path / "out"), str(missing), str(image_tree / "unlabelled"),
+                            str(image_tree / "test"), image_size=16)
+    with pytest.raises(UserError, match=re.escape(f"{missing}: folder not found")):
+        ingest.image_folder(str(tmp_path / "out"), str(image_tree / "labelled"),
+                            str(missing), str(image_tree / "test"), image_size=16)
+
+
+def test_image_folder_test_class_unknown_to_the_labelled_split_is_rejected(image_tree, tmp_path):
+    _save(image_tree / "test" / "bird" / "b1.png", "L", (16, 16), 0)
+    with pytest.raises(UserError, match=r"test/bird/b1\.png: class 'bird' not among"):
+        _ingest(image_tree, tmp_path / "out")
+
+
+# --- CLI
+
+
+def test_cli_ingest_with_missing_source_exits_2_with_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["ingest", "fashion-mnist", "--out", str(tmp_path / "out"),
+                  "--source", str(missing)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1  # one line, no traceback
+    assert str(missing) in err

@@ -1,0 +1,111 @@
+"""End to end: the smoke preset through the real flow, Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from noisy_student import config, dataset, storage, tracking
+from tests.conftest import REPO
+
+SMOKE = REPO / "pipeline_config" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, prefect_harness):
+    """One real run of smoke.yaml (two iterations), shared by the checks below."""
+    from flows.noisy_student import noisy_student
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    mp.chdir(tmp)
+    cfg = config.load(SMOKE, [f"artifacts={tmp}/artifacts", f"data.root={tmp}/data"])
+    summary = noisy_student(cfg)
+    yield summary, tmp
+    mp.undo()
+
+
+def test_smoke_run_writes_summary_with_every_iteration(smoke_run):
+    summary, tmp = smoke_run
+    on_disk = json.loads(open(summary["summary_url"]).read())
+    assert on_disk["run_id"] == summary["run_id"]
+    assert on_disk["config"]["teacher"]["model"] == "test_resnet"
+    assert [it["iteration"] for it in on_disk["iterations"]] == [1, 2]
+    for it in on_disk["iterations"]:
+        for role in ("teacher", "student"):
+            assert 0.0 <= it[role]["test_accuracy"] <= 1.0
+            assert it[role]["mlflow_run_id"]
+            assert set(it[role]["per_corruption_accuracy"]) == {
+                "gaussian_noise", "gaussian_blur", "contrast", "rotate"}
+        p = it["pseudo_labels"]
+        assert p["total"] == 2000 and 0 < p["kept"] <= p["total"]
+        assert 0.0 <= p["accuracy"] <= 1.0
+    # the student of iteration 1 is the teacher of iteration 2
+    first, second = on_disk["iterations"]
+    assert second["teacher"]["mlflow_run_id"] == first["student"]["mlflow_run_id"]
+    assert second["teacher"]["url"] == first["student"]["url"]
+
+
+def test_smoke_run_ingests_the_dataset_with_manifests(smoke_run):
+    summary, tmp = smoke_run
+    root = summary["data_root"]
+    counts = {s: dataset.read_manifest(storage.join(root, s)).num_rows
+              for s in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)}
+    assert counts == {"labelled": 100, "unlabelled": 2000, "test": 500}
+    assert len(dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).shards) == 2
+
+
+def test_smoke_run_writes_pseudo_labels_and_selection_behind_manifests(smoke_run):
+    summary, _ = smoke_run
+    it = summary["iterations"][0]
+    pseudo = storage.read_json(storage.join(it["pseudo_labels"]["url"].rsplit("/", 1)[0],
+                                            "pseudo_labels", dataset.MANIFEST))
+    assert sum(s["rows"] for s in pseudo["shards"]) == 2000
+    assert pseudo["teacher_run_id"] == it["teacher"]["mlflow_run_id"]
+    selected = storage.read_json(storage.join(it["pseudo_labels"]["url"], dataset.MANIFEST))
+    table = pq.read_table(storage.join(it["pseudo_labels"]["url"], selected["files"][0]))
+    assert table.num_rows == selected["rows"] == it["pseudo_labels"]["selected"]
+    assert table.column("target").type.list_size == 10
+    robustness = pq.read_table(storage.join(it["robustness_url"], "robustness.parquet"))
+    assert set(robustness.column("role").to_pylist()) == {"teacher", "student"}
+
+
+def test_smoke_run_records_lineage_in_mlflow(smoke_run):
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["teacher.model"] == "test_resnet"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    stages = sorted((r.data.tags[f"{tracking.TAG}stage"], r.data.tags[f"{tracking.TAG}iteration"])
+                    for r in children)
+    assert stages == sorted(
+        [("train_teacher", "1")]
+        + [(s, str(k)) for k in (1, 2) for s in ("infer_pseudo_labels", "filter_and_balance",
+                                                  "train_student", "evaluate_robustness")]
+    )
+    by_id = {r.info.run_id: r for r in children}
+    for it in summary["iterations"]:
+        student = by_id[it["student"]["mlflow_run_id"]]
+        # which teacher labelled which data and trained which student
+        assert student.data.tags[f"{tracking.TAG}teacher_run_id"] == it["teacher"]["mlflow_run_id"]
+        assert (student.data.tags[f"{tracking.TAG}pseudo_labels_run_id"]
+                == it["pseudo_labels"]["mlflow_run_id"])
+        labelling = by_id[it["pseudo_labels"]["mlflow_run_id"]]
+        assert labelling.data.tags[f"{tracking.TAG}teacher_run_id"] == it["teacher"]["mlflow_run_id"]
+        # per-epoch metrics and the model (weights + timm config) are on the student run
+        assert client.get_metric_history(student.info.run_id, "train_loss")
+        files = {f.path for f in client.list_artifacts(student.info.run_id, "model")}
+        assert files == {"model/model.safetensors", "model/model.json"}
+        assert student.inputs.dataset_inputs
+    lineage = json.loads(open(client.download_artifacts(parent.info.run_id, "lineage.json",
+                                                        str(tmp))).read())
+    assert [x["student_run_id"] for x in lineage] == [
+        it["student"]["mlflow_run_id"] for it in summary["iterations"]]

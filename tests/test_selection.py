@@ -1,0 +1,146 @@
+"""Pseudo-label selection: confidence filter, per-class balancing, target construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from noisy_student.errors import UserError
+from noisy_student.selection import select, targets_from_probs
+
+
+def _probs(predicted: list[int], confidence: list[float], k: int = 3) -> np.ndarray:
+    """One row per image: `confidence` on the predicted class, the rest spread evenly."""
+    p = np.empty((len(predicted), k), dtype=np.float32)
+    for i, (c, conf) in enumerate(zip(predicted, confidence, strict=True)):
+        p[i] = (1.0 - conf) / (k - 1)
+        p[i, c] = conf
+    return p
+
+
+def _ids(n: int) -> np.ndarray:
+    return np.array([f"u{i}" for i in range(n)])
+
+
+def test_selection_drops_images_below_min_confidence():
+    probs = _probs([0, 1, 2, 0, 1], [0.9, 0.4, 0.6, 0.49, 0.5])
+    sel = select(_ids(5), probs, 3, min_confidence=0.5, balance=False)
+    assert sorted(sel.rows["id"]) == ["u0", "u2", "u4"]
+    assert (sel.rows["confidence"] >= 0.5).all()
+    assert sel.kept_unique == 3 and sel.total == 5
+
+
+def test_selection_keeps_most_confident_images_of_over_quota_classes():
+    confidence = [0.6, 0.9, 0.7, 0.95, 0.8]
+    probs = _probs([0] * 5 + [1], confidence + [0.9])
+    sel = select(_ids(6), probs, 3, min_confidence=0.3, per_class_quota=2)
+    class0 = sel.rows[sel.rows["predicted"] == 0]
+    assert list(class0["id"]) == ["u3", "u1"]  # 0.95 and 0.9, most confident first
+    stats = sel.per_class.set_index("class")
+    assert stats.loc[0, "final"] == 2 and stats.loc[0, "duplicated"] == 0
+
+
+def test_selection_duplicates_under_quota_class_to_about_the_quota():
+    # class 1 has 3 images for a quota of 10: each appears 3 or 4 times (10/3 = 3.33)
+    probs = _probs([0] * 10 + [1] * 3, [0.9] * 13)
+    sel = select(_ids(13), probs, 3, min_confidence=0.3, per_class_quota=10)
+    counts = sel.rows[sel.rows["predicted"] == 1]["id"].value_counts()
+    assert set(counts.index) == {"u10", "u11", "u12"}
+    assert set(counts) <= {3, 4}
+    assert 9 <= counts.sum() <= 12
+    assert (sel.rows["predicted"] == 0).sum() == 10
+
+
+def test_stochastic_rounding_hits_the_quota_in_expectation():
+    # 1000 images for a quota of 2500: 2 copies each plus a third with p=0.5, so the total
+    # is 2500 + Binomial noise with sd ~16; 5 sd covers any seed, a wrong rule would not
+    n, quota = 1000, 2500
+    probs = _probs([1] * n + [0] * quota, [0.9] * (n + quota))
+    totals = []
+    for seed in range(3):
+        sel = select(_ids(n + quota), probs, 3, 0.3, per_class_quota=quota, seed=seed)
+        copies = sel.rows[sel.rows["predicted"] == 1]["id"].value_counts()
+        assert len(copies) == n and set(copies) == {2, 3}
+        totals.append(int(copies.sum()))
+    assert all(abs(t - quota) < 80 for t in totals)
+    assert len(set(totals)) > 1  # the draws really depend on the seed
+
+
+def test_selection_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.3, size=400).astype(np.float32)
+    a = select(_ids(400), probs, 4, 0.3, seed=7)
+    b = select(_ids(400), probs, 4, 0.3, seed=7)
+    c = select(_ids(400), probs, 4, 0.3, seed=8)
+    assert list(a.rows["id"]) == list(b.rows["id"])
+    assert list(a.rows["id"]) != list(c.rows["id"])
+
+
+def test_default_quota_is_the_mean_kept_per_class():
+    # 6 + 2 + 1 kept over 3 classes: quota 3
+    probs = _probs([0] * 6 + [1] * 2 + [2], [0.9] * 9)
+    sel = select(_ids(9), probs, 3, 0.3, seed=0)
+    stats = sel.per_class.set_index("class")
+    assert stats.loc[0, "final"] == 3  # trimmed
+    assert stats.loc[2, "final"] == 3  # one image, exactly three copies (factor is whole)
+
+
+def test_soft_targets_at_temperature_one_are_the_teacher_probabilities():
+    probs = np.random.default_rng(0).dirichlet(np.ones(5), size=20).astype(np.float32)
+    targets = targets_from_probs(probs, "soft", temperature=1.0, hard_label_smoothing=0.1)
+    np.testing.assert_allclose(targets, probs, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_targets_below_temperature_one_are_sharper():
+    probs = np.random.default_rng(0).dirichlet(np.ones(5), size=20).astype(np.float32)
+    sharp = targets_from_probs(probs, "soft", temperature=0.5, hard_label_smoothing=0.1)
+    np.testing.assert_allclose(sharp.sum(1), 1.0, rtol=1e-5)
+    assert (sharp.argmax(1) == probs.argmax(1)).all()
+    assert (sharp.max(1) > probs.max(1)).all()
+    # T=0.5 squares and renormalises
+    squared = probs.astype(np.float64) ** 2
+    np.testing.assert_allclose(sharp, squared / squared.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_hard_targets_are_smoothed_one_hot_of_the_argmax():
+    probs = np.random.default_rng(1).dirichlet(np.ones(4), size=10).astype(np.float32)
+    targets = targets_from_probs(probs, "hard", temperature=1.0, hard_label_smoothing=0.2)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+    assert (targets.argmax(1) == probs.argmax(1)).all()
+    np.testing.assert_allclose(targets.max(1), 1.0 - 0.2 + 0.2 / 4, rtol=1e-6)
+    np.testing.assert_allclose(np.sort(targets, 1)[:, :-1], 0.2 / 4, rtol=1e-6)
+
+
+def test_selection_carries_hard_targets_into_rows():
+    probs = _probs([2, 0], [0.8, 0.7])
+    sel = select(_ids(2), probs, 3, 0.3, balance=False, labels="hard", hard_label_smoothing=0.0)
+    by_id = dict(zip(sel.rows["id"], sel.rows["target"], strict=True))
+    np.testing.assert_array_equal(by_id["u0"], [0, 0, 1])
+    np.testing.assert_array_equal(by_id["u1"], [1, 0, 0])
+
+
+def test_nothing_left_after_filtering_names_the_min_confidence_key():
+    probs = _probs([0, 1], [0.4, 0.5])
+    with pytest.raises(UserError, match=r"selection\.min_confidence: nothing left"):
+        select(_ids(2), probs, 3, min_confidence=0.9)
+
+
+def test_per_class_stats_agree_with_the_selected_rows():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.array([2.0, 0.5, 0.5, 0.2]) * 0.5, size=600).astype(np.float32)
+    sel = select(_ids(600), probs, 4, min_confidence=0.5, seed=1)
+    stats = sel.per_class.set_index("class")
+    predicted = probs.argmax(1)
+    confident = probs.max(1) >= 0.5
+    for c in range(4):
+        row = stats.loc[c]
+        rows_c = sel.rows[sel.rows["predicted"] == c]
+        assert row["predicted"] == (predicted == c).sum()
+        assert row["dropped"] == ((predicted == c) & ~confident).sum()
+        assert row["final"] == len(rows_c)
+        assert row["kept"] == rows_c["id"].nunique()
+        assert row["duplicated"] == len(rows_c) - rows_c["id"].nunique()
+    assert stats["kept"].sum() == sel.kept_unique
+    # the classes were unequal before balancing, and the test must see both kinds
+    assert (stats["duplicated"] > 0).any()
+    assert (stats["final"] < stats["predicted"] - stats["dropped"]).any()
