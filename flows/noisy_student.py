@@ -36,45 +36,84 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
     run_id = run_id or new_run_id()
     run_url = storage.join(storage.resolve(config.artifacts), "runs", run_id)
     parent = tracking.start_run(
-        config.name, run_id, config.model_dump(),
-        {f"{tracking.TAG}pipeline_run_id": run_id, f"{tracking.TAG}artifacts_url": run_url,
-         "prefect.flow_run_id": str(flow_run.id or "")},
+        config.name,
+        run_id,
+        config.model_dump(),
+        {
+            f"{tracking.TAG}pipeline_run_id": run_id,
+            f"{tracking.TAG}artifacts_url": run_url,
+            "prefect.flow_run_id": str(flow_run.id or ""),
+        },
     )
     print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.tracking_uri()}")
     try:
         data_root, shard_indices = prepare_data(config.data.root, config.data.fashion_mnist)
 
-        teacher = train_teacher(config.teacher, data_root, storage.join(run_url, "iteration-1",
-                                "teacher"), parent, config.seed)
+        teacher = train_teacher(
+            config.teacher,
+            data_root,
+            storage.join(run_url, "iteration-1", "teacher"),
+            parent,
+            config.seed,
+        )
         iterations = []
         for k, student_cfg in enumerate(config.students, start=1):
             here = storage.join(run_url, f"iteration-{k}")
             shards = infer_pseudo_labels.map(
-                shard_indices, unmapped(data_root), unmapped(teacher.url),
-                unmapped(storage.join(here, "pseudo_labels")), unmapped(config.inference.batch_size),
+                shard_indices,
+                unmapped(data_root),
+                unmapped(teacher.url),
+                unmapped(storage.join(here, "pseudo_labels")),
+                unmapped(config.inference.batch_size),
                 unmapped(config.inference.precision),
             ).result()
             selected = filter_and_balance(
-                shards, config.selection, data_root, storage.join(here, "pseudo_labels"),
-                storage.join(here, "selected"), teacher, parent, k, config.seed,
+                shards,
+                config.selection,
+                data_root,
+                storage.join(here, "pseudo_labels"),
+                storage.join(here, "selected"),
+                teacher,
+                parent,
+                k,
+                config.seed,
             )
-            student = train_student(student_cfg, data_root, selected, teacher,
-                                    storage.join(here, "student"), parent, k, config.seed)
-            robustness = evaluate_robustness([teacher, student], config.evaluation, data_root,
-                                             storage.join(here, "robustness"), parent, k)
+            student = train_student(
+                student_cfg,
+                data_root,
+                selected,
+                teacher,
+                storage.join(here, "student"),
+                parent,
+                k,
+                config.seed,
+                config.name,
+            )
+            robustness = evaluate_robustness(
+                [teacher, student],
+                config.evaluation,
+                data_root,
+                storage.join(here, "robustness"),
+                parent,
+                k,
+            )
             iterations.append(report.iteration_summary(k, teacher, selected, student, robustness))
             teacher = student  # the student labels the next round
 
-        summary = report.summary(run_id, run_url, config, data_root, parent, iterations,
-                                 time.perf_counter() - start)
+        summary = report.summary(
+            run_id, run_url, config, data_root, parent, iterations, time.perf_counter() - start
+        )
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
         tracking.log_dict(parent, report.lineage(iterations), "lineage.json")
         final = iterations[-1]
-        tracking.log_metrics(parent, {
-            "final_student_test_accuracy": final["student"]["test_accuracy"],
-            "first_teacher_test_accuracy": iterations[0]["teacher"]["test_accuracy"],
-        })
+        tracking.log_metrics(
+            parent,
+            {
+                "final_student_test_accuracy": final["student"]["test_accuracy"],
+                "first_teacher_test_accuracy": iterations[0]["teacher"]["test_accuracy"],
+            },
+        )
         tracking.set_tags(parent, {f"{tracking.TAG}summary_url": summary["summary_url"]})
         tracking.end_run(parent)
         return summary

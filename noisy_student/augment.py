@@ -7,6 +7,7 @@ Crop and flip are vectorised with per-image offsets, so they cost nothing notice
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +24,21 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+# timm's grammar: rand-m9-n2-mstd0.5-mmax10-inc1-p0.5-t<choices>; timm skips parts it cannot
+# read, so a typo would silently fall back to defaults.
+_RAND_PART = re.compile(r"^((mstd|mmax|inc|m|n|p)\d+(\.\d+)?|t\w+)$")
+
+
+def check_rand_augment(spec: str) -> None:
+    parts = spec.split("-")
+    bad = [p for p in parts[1:] if not _RAND_PART.match(p)]
+    if parts[0] != "rand" or bad:
+        what = f"part {bad[0]!r}" if bad else "it must start with 'rand'"
+        raise ValueError(
+            f"RandAugment string {spec!r}: {what} is not timm's rand-m9-n2-mstd0.5 grammar"
+        )
+
+
 def rand_augment(spec: str, height: int, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A batch function applying timm's RandAugment (e.g. "rand-n2-m9-mstd0.5") per image.
 
@@ -30,6 +46,7 @@ def rand_augment(spec: str, height: int, channels: int) -> Callable[[torch.Tenso
     """
     fill = (128,) * channels
     try:
+        check_rand_augment(spec)
         op = rand_augment_transform(spec, {"translate_const": int(height * 0.45), "img_mean": fill})
     except Exception as e:  # timm raises bare AssertionError/ValueError on a bad string
         raise UserError(f"rand_augment: cannot parse {spec!r}: {e}") from None

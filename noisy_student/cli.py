@@ -20,7 +20,6 @@ def _one_line_user_errors(record: logging.LogRecord) -> bool:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from noisy_student import config as config_mod
-
     from noisy_student import stages
 
     cfg = config_mod.load(args.config, args.set or [])
@@ -44,8 +43,13 @@ def _cmd_ingest_fashion_mnist(args: argparse.Namespace) -> None:
     from noisy_student import ingest
 
     out = ingest.fashion_mnist(
-        args.out, args.source, args.labelled_per_class, args.unlabelled_limit, args.test_limit,
-        args.seed, args.rows_per_shard,
+        args.out,
+        args.source,
+        args.labelled_per_class,
+        args.unlabelled_limit,
+        args.test_limit,
+        args.seed,
+        args.rows_per_shard,
     )
     _print_dataset(out)
 
@@ -54,7 +58,12 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
     from noisy_student import ingest
 
     out = ingest.image_folder(
-        args.out, args.labelled, args.unlabelled, args.test, args.image_size, args.mode,
+        args.out,
+        args.labelled,
+        args.unlabelled,
+        args.test,
+        args.image_size,
+        args.mode,
         args.rows_per_shard,
     )
     _print_dataset(out)
@@ -65,8 +74,10 @@ def _print_dataset(root: str) -> None:
 
     for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
         m = dataset.read_manifest(storage.join(root, split))
-        print(f"{split:<10} {m.num_rows:>7} images in {len(m.shards)} shard(s), "
-              f"{m.mode} {m.width}x{m.height}, {m.num_classes} classes")
+        print(
+            f"{split:<10} {m.num_rows:>7} images in {len(m.shards)} shard(s), "
+            f"{m.mode} {m.width}x{m.height}, {m.num_classes} classes"
+        )
     print(f"dataset: {root}")
 
 
@@ -89,11 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline locally (Prefect's temporary API)")
-    run.add_argument("-c", "--config", required=True, help="YAML config, e.g. "
-                     "pipeline_config/fashion_mnist.yaml")
-    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                     help="override a config value (YAML syntax), e.g. students.0.epochs=1; "
-                     "repeatable")
+    run.add_argument(
+        "-c", "--config", required=True, help="YAML config, e.g. pipeline_config/fashion_mnist.yaml"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (YAML syntax), e.g. students.0.epochs=1; repeatable",
+    )
     run.add_argument("--run-id", help="name of this run (default: timestamp + random suffix)")
     run.set_defaults(func=_cmd_run)
 
@@ -101,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     isub = ingest.add_subparsers(dest="source_kind", required=True)
     fm = isub.add_parser("fashion-mnist", help="from the four IDX .gz files")
     fm.add_argument("--out", required=True, help="dataset root URL to write")
-    fm.add_argument("--source", default="/usr/share/datasets/fashion-mnist",
-                    help="folder with the IDX files (default: Debian's dataset-fashion-mnist)")
+    fm.add_argument(
+        "--source",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with the IDX files (default: Debian's dataset-fashion-mnist)",
+    )
     fm.add_argument("--labelled-per-class", type=int, default=100)
     fm.add_argument("--unlabelled-limit", type=int, help="keep only this many unlabelled images")
     fm.add_argument("--test-limit", type=int, help="keep only this many test images")
@@ -121,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="top-k classes for images")
     pred.add_argument("images", nargs="+", help="image files")
-    pred.add_argument("--model", required=True, help="MLflow run id (or runs:/ID), a stage's "
-                      "checkpoint URL (…/iteration-1/student), or a registered model "
-                      "(models:/NAME, models:/NAME/VERSION, models:/NAME@ALIAS)")
+    pred.add_argument(
+        "--model",
+        required=True,
+        help="MLflow run id (or runs:/ID), a stage's "
+        "checkpoint URL (…/iteration-1/student), or a registered model "
+        "(models:/NAME, models:/NAME/VERSION, models:/NAME@ALIAS)",
+    )
     pred.add_argument("--top-k", type=int, default=5)
     pred.set_defaults(func=_cmd_predict)
     return parser

@@ -72,9 +72,18 @@ class TrainConfig(Strict):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth at the last block")
     eval_every: int = Field(1, gt=0, description="Evaluate on the test set every N epochs")
-    precision: Literal["bf16", "fp32"] = Field(
-        "bf16", description="bf16 autocast (CPU with AVX512-BF16/AMX, or GPU) or plain fp32"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
+
+    @field_validator("rand_augment")
+    @classmethod
+    def _valid_rand_augment(cls, spec: str | None) -> str | None:
+        from noisy_student.augment import check_rand_augment
+
+        if spec is not None:
+            check_rand_augment(spec)
+        return spec
 
     @field_validator("model")
     @classmethod
@@ -106,7 +115,9 @@ class StudentConfig(TrainConfig):
 
 class InferenceConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="Images per forward pass")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
+    )
 
 
 class SelectionConfig(Strict):
@@ -135,7 +146,9 @@ class EvaluationConfig(Strict):
         2000, gt=0, description="Fixed seeded subset of the test set for corruptions"
     )
     batch_size: int = Field(1024, gt=0, description="Images per forward pass")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
+    )
     seed: int = Field(0, description="Seed of the subset and of random corruptions")
 
     @field_validator("corruptions")

@@ -26,9 +26,7 @@ from noisy_student.errors import UserError
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
 ROW_GROUP_SIZE = 1024  # rows, not bytes: small images, so ~1 MB groups
-SCHEMA = pa.schema(
-    [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())]
-)
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
 
 # The standard splits of a dataset root, as `noisy-student ingest` writes them.
 LABELLED, UNLABELLED, TEST = "labelled", "unlabelled", "test"
@@ -150,8 +148,12 @@ class DatasetWriter:
                 "split": self.split,
                 "num_rows": sum(s["rows"] for s in self._shards),
                 "class_names": self.class_names,
-                "image": {"height": self.height, "width": self.width, "mode": self.mode,
-                          "encoding": "png"},
+                "image": {
+                    "height": self.height,
+                    "width": self.width,
+                    "mode": self.mode,
+                    "encoding": "png",
+                },
                 "shards": self._shards,
                 "digest": digest.hexdigest(),
             },
@@ -251,8 +253,9 @@ def load(url: str) -> tuple[Manifest, ImageSet]:
     parts = list(iter_shards(manifest))
     if not parts:
         return manifest, ImageSet(
-            [], torch.empty(0, manifest.channels, manifest.height, manifest.width,
-                            dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+            [],
+            torch.empty(0, manifest.channels, manifest.height, manifest.width, dtype=torch.uint8),
+            torch.empty(0, dtype=torch.int64),
         )
     return manifest, ImageSet(
         ids=[i for p in parts for i in p.ids],

@@ -141,8 +141,9 @@ def image_folder(
     fs, lab_root = storage.filesystem(storage.resolve(labelled))
     if not fs.isdir(lab_root):
         raise UserError(f"{labelled}: folder not found")
-    classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(lab_root, detail=False)
-                     if fs.isdir(p))
+    classes = sorted(
+        posixpath.basename(p.rstrip("/")) for p in fs.ls(lab_root, detail=False) if fs.isdir(p)
+    )
     if not classes:
         raise UserError(f"{labelled}: no class sub-folders")
 
@@ -164,12 +165,21 @@ def image_folder(
             raise UserError(f"{url}: folder not found")
         for p in _list_images(fs, root):
             rel = posixpath.relpath(p, root)
-            yield f"unlabelled/{rel}", _load_image(fs, p, storage.join(url, rel), image_size,
-                                                     mode), None
+            yield (
+                f"unlabelled/{rel}",
+                _load_image(fs, p, storage.join(url, rel), image_size, mode),
+                None,
+            )
 
-    write_rows(storage.join(out, LABELLED), LABELLED, classes,
-               class_rows(labelled, LABELLED), rows_per_shard)
-    write_rows(storage.join(out, UNLABELLED), UNLABELLED, classes, plain_rows(unlabelled),
-               rows_per_shard)
+    write_rows(
+        storage.join(out, LABELLED),
+        LABELLED,
+        classes,
+        class_rows(labelled, LABELLED),
+        rows_per_shard,
+    )
+    write_rows(
+        storage.join(out, UNLABELLED), UNLABELLED, classes, plain_rows(unlabelled), rows_per_shard
+    )
     write_rows(storage.join(out, TEST), TEST, classes, class_rows(test, TEST), rows_per_shard)
     return out

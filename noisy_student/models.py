@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -50,7 +51,9 @@ def create(
     (offline), adapting the stem to `in_chans` and dropping a classifier of another size.
     """
     kwargs: dict = dict(
-        num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )
     if not timm.is_model(name):
@@ -89,10 +92,18 @@ def load_meta(url: str) -> ModelMeta:
 
 
 def load_state(url: str) -> dict[str, torch.Tensor]:
-    return load_safetensors(storage.read_bytes(storage.join(url, WEIGHTS)))
+    weights = storage.join(url, WEIGHTS)
+    try:
+        return load_safetensors(storage.read_bytes(weights))
+    except FileNotFoundError:
+        raise UserError(f"{weights}: checkpoint weights missing") from None
+    except SafetensorError as e:
+        raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
 
 
-def load(url: str, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> tuple[nn.Module, ModelMeta]:
+def load(
+    url: str, drop_rate: float = 0.0, drop_path_rate: float = 0.0
+) -> tuple[nn.Module, ModelMeta]:
     meta = load_meta(url)
     model = create(meta.model, meta.num_classes, meta.in_chans, drop_rate, drop_path_rate)
     model.load_state_dict(load_state(url))

@@ -59,7 +59,9 @@ def load_image(path: str, meta: models.ModelMeta) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
-def top_k(model: nn.Module, meta: models.ModelMeta, path: str, k: int = 5) -> list[tuple[str, float]]:
+def top_k(
+    model: nn.Module, meta: models.ModelMeta, path: str, k: int = 5
+) -> list[tuple[str, float]]:
     probs = engine.predict_probs(model, load_image(path, meta), batch_size=1)[0]
     values, indices = probs.topk(min(k, len(probs)))
     return [(meta.class_names[i], float(v)) for v, i in zip(values, indices.tolist(), strict=True)]

@@ -22,7 +22,10 @@ def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
 
 
 def iteration_summary(
-    k: int, teacher: TrainedModel, selected: SelectedPseudoLabels, student: TrainedModel,
+    k: int,
+    teacher: TrainedModel,
+    selected: SelectedPseudoLabels,
+    student: TrainedModel,
     robustness: Robustness,
 ) -> dict[str, Any]:
     return {
@@ -36,6 +39,7 @@ def iteration_summary(
             "accuracy": selected.accuracy,
             "accuracy_all": selected.accuracy_all,
             "url": selected.url,
+            "probabilities_url": selected.probabilities_url,
             "mlflow_run_id": selected.mlflow_run_id,
             "inference_mlflow_run_id": selected.inference_run_id,
             "per_class": selected.per_class,
@@ -54,16 +58,24 @@ def iteration_summary(
 
 
 def summary(
-    run_id: str, run_url: str, config: PipelineConfig, data_root: str, parent_run_id: str,
-    iterations: list[dict[str, Any]], seconds: float,
+    run_id: str,
+    run_url: str,
+    config: PipelineConfig,
+    data_root: str,
+    parent_run_id: str,
+    iterations: list[dict[str, Any]],
+    seconds: float,
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "summary_url": storage.join(run_url, "summary.json"),
         "artifacts_url": run_url,
         "data_root": data_root,
-        "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment": config.name,
-                   "parent_run_id": parent_run_id},
+        "mlflow": {
+            "tracking_uri": tracking.tracking_uri(),
+            "experiment": config.name,
+            "parent_run_id": parent_run_id,
+        },
         "config": config.model_dump(),
         "iterations": iterations,
         "seconds": seconds,
@@ -89,22 +101,33 @@ def _pct(x: float | None) -> str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = (f"{'iter':>4}  {'teacher':<14}{'acc':>8}  {'student':<14}{'acc':>8}  {'gain':>6}  "
-            f"{'pseudo kept':>13}  {'pl acc':>7}  {'corrupted T -> S':>17}  stage times (s): "
-            "teacher/infer/filter/student/eval")
+    head = (
+        f"{'iter':>4}  {'teacher':<14}{'acc':>8}  {'student':<14}{'acc':>8}  {'gain':>6}  "
+        f"{'pseudo kept':>13}  {'pl acc':>7}  {'corrupted T -> S':>17}  stage times (s): "
+        "teacher/infer/filter/student/eval"
+    )
     lines = [head, "-" * len(head)]
     for it in summary["iterations"]:
         t, s, p, sec = it["teacher"], it["student"], it["pseudo_labels"], it["stage_seconds"]
         gain = 100 * (s["test_accuracy"] - t["test_accuracy"])
-        times = "/".join(f"{sec[k]:.0f}" for k in ("train_teacher", "infer_pseudo_labels",
-                                                     "filter_and_balance", "train_student",
-                                                     "evaluate_robustness"))
+        times = "/".join(
+            f"{sec[k]:.0f}"
+            for k in (
+                "train_teacher",
+                "infer_pseudo_labels",
+                "filter_and_balance",
+                "train_student",
+                "evaluate_robustness",
+            )
+        )
         lines.append(
             f"{it['iteration']:>4}  {t['model']:<14}{_pct(t['test_accuracy']):>8}  "
             f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}  "
             f"{p['kept']:>6}/{p['total']:<6}  {_pct(p['accuracy']):>7}  "
             f"{_pct(t['corruption_accuracy']):>7} -> {_pct(s['corruption_accuracy']):<7}  {times}"
         )
-    lines.append(f"total {summary['seconds']:.0f} s; MLflow parent run "
-                 f"{summary['mlflow']['parent_run_id']} ({summary['mlflow']['tracking_uri']})")
+    lines.append(
+        f"total {summary['seconds']:.0f} s; MLflow parent run "
+        f"{summary['mlflow']['parent_run_id']} ({summary['mlflow']['tracking_uri']})"
+    )
     return "\n".join(lines)

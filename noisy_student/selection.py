@@ -19,7 +19,7 @@ from noisy_student.errors import UserError
 @dataclass(frozen=True)
 class Selection:
     rows: pd.DataFrame  # id, target (per-class probabilities), confidence, predicted
-    per_class: pd.DataFrame  # class, predicted, kept, dropped, duplicated, final
+    per_class: pd.DataFrame  # class, predicted, dropped, trimmed, kept, duplicated, final
     total: int
     kept_unique: int
 
@@ -80,16 +80,29 @@ def select(
             take = np.repeat(members, repeats)
             duplicated = len(take) - n
         chosen.append(take)
-        stats.append({
-            "class": c, "predicted": int((predicted == c).sum()), "dropped": dropped,
-            "kept": int(min(n, len(take))), "duplicated": int(duplicated), "final": len(take),
-        })
+        kept = int(min(n, len(take)))
+        stats.append(
+            {
+                # predicted = dropped (unsure) + trimmed (over quota) + kept
+                "class": c,
+                "predicted": int((predicted == c).sum()),
+                "dropped": dropped,
+                "trimmed": n - kept,
+                "kept": kept,
+                "duplicated": int(duplicated),
+                "final": len(take),
+            }
+        )
     index = np.concatenate(chosen)
     targets = targets_from_probs(probs[index], labels, temperature, hard_label_smoothing)
-    rows = pd.DataFrame({
-        "id": ids[index],
-        "target": list(targets.astype(np.float32)),
-        "confidence": confidence[index].astype(np.float32),
-        "predicted": predicted[index].astype(np.int32),
-    })
-    return Selection(rows, pd.DataFrame(stats), total=len(ids), kept_unique=int(len(np.unique(index))))
+    rows = pd.DataFrame(
+        {
+            "id": ids[index],
+            "target": list(targets.astype(np.float32)),
+            "confidence": confidence[index].astype(np.float32),
+            "predicted": predicted[index].astype(np.int32),
+        }
+    )
+    return Selection(
+        rows, pd.DataFrame(stats), total=len(ids), kept_unique=int(len(np.unique(index)))
+    )

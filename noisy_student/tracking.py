@@ -83,7 +83,10 @@ def start_run(
 
 
 def start_stage_run(
-    parent_run_id: str, stage: str, iteration: int, params: dict[str, Any] | None = None,
+    parent_run_id: str,
+    stage: str,
+    iteration: int,
+    params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
     c = client()
@@ -131,10 +134,9 @@ def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, contex
     # columns cannot hold nulls; neither matters for a summary frame.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ds = mlflow.data.from_pandas(frame, source=source, name=name)
+        entity = mlflow.data.from_pandas(frame, source=source, name=name)._to_mlflow_entity()
     client().log_inputs(
-        run_id,
-        datasets=[DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])],
+        run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])]
     )
 
 

@@ -8,6 +8,10 @@ from tasks.train_student import train_student
 from tasks.train_teacher import train_teacher
 
 __all__ = [
-    "prepare_data", "train_teacher", "infer_pseudo_labels", "filter_and_balance",
-    "train_student", "evaluate_robustness",
+    "prepare_data",
+    "train_teacher",
+    "infer_pseudo_labels",
+    "filter_and_balance",
+    "train_student",
+    "evaluate_robustness",
 ]

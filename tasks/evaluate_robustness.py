@@ -8,8 +8,13 @@ from noisy_student.config import EvaluationConfig
 
 @task(name="evaluate_robustness")
 def evaluate_robustness(
-    trained: list[stages.TrainedModel], cfg: EvaluationConfig, data_root: str, out_url: str,
-    parent_run_id: str, iteration: int,
+    trained: list[stages.TrainedModel],
+    cfg: EvaluationConfig,
+    data_root: str,
+    out_url: str,
+    parent_run_id: str,
+    iteration: int,
 ) -> stages.Robustness:
-    return stages.evaluate_robustness(trained, cfg, data_root, out_url, parent_run_id, iteration,
-                                      get_run_logger().info)
+    return stages.evaluate_robustness(
+        trained, cfg, data_root, out_url, parent_run_id, iteration, get_run_logger().info
+    )

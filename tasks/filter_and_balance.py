@@ -8,9 +8,25 @@ from noisy_student.config import SelectionConfig
 
 @task(name="filter_and_balance")
 def filter_and_balance(
-    shards: list[stages.PseudoLabelShard], cfg: SelectionConfig, data_root: str,
-    pseudo_url: str, out_url: str, teacher: stages.TrainedModel, parent_run_id: str,
-    iteration: int, seed: int,
+    shards: list[stages.PseudoLabelShard],
+    cfg: SelectionConfig,
+    data_root: str,
+    pseudo_url: str,
+    out_url: str,
+    teacher: stages.TrainedModel,
+    parent_run_id: str,
+    iteration: int,
+    seed: int,
 ) -> stages.SelectedPseudoLabels:
-    return stages.filter_and_balance(shards, cfg, data_root, pseudo_url, out_url, teacher,
-                                     parent_run_id, iteration, seed, get_run_logger().info)
+    return stages.filter_and_balance(
+        shards,
+        cfg,
+        data_root,
+        pseudo_url,
+        out_url,
+        teacher,
+        parent_run_id,
+        iteration,
+        seed,
+        get_run_logger().info,
+    )

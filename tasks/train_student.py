@@ -8,8 +8,25 @@ from noisy_student.config import StudentConfig
 
 @task(name="train_student")
 def train_student(
-    cfg: StudentConfig, data_root: str, selected: stages.SelectedPseudoLabels,
-    teacher: stages.TrainedModel, out_url: str, parent_run_id: str, iteration: int, seed: int,
+    cfg: StudentConfig,
+    data_root: str,
+    selected: stages.SelectedPseudoLabels,
+    teacher: stages.TrainedModel,
+    out_url: str,
+    parent_run_id: str,
+    iteration: int,
+    seed: int,
+    registered_model: str,
 ) -> stages.TrainedModel:
-    return stages.train_student(cfg, data_root, selected, teacher, out_url, parent_run_id,
-                                iteration, seed, get_run_logger().info)
+    return stages.train_student(
+        cfg,
+        data_root,
+        selected,
+        teacher,
+        out_url,
+        parent_run_id,
+        iteration,
+        seed,
+        registered_model,
+        get_run_logger().info,
+    )

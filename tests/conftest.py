@@ -31,8 +31,13 @@ def tiny_dataset(tmp_path_factory, fashion_mnist_source) -> str:
 
     root = tmp_path_factory.mktemp("data") / "fmnist-tiny"
     return ingest.fashion_mnist(
-        str(root), fashion_mnist_source, labelled_per_class=5, unlabelled_limit=300,
-        test_limit=200, seed=0, rows_per_shard=100,
+        str(root),
+        fashion_mnist_source,
+        labelled_per_class=5,
+        unlabelled_limit=300,
+        test_limit=200,
+        seed=0,
+        rows_per_shard=100,
     )
 
 
@@ -63,9 +68,13 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
-           "AWS_ENDPOINT_URL": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ns-test")

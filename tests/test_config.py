@@ -40,8 +40,10 @@ def test_override_of_a_list_item_changes_only_that_item():
 
 
 def test_override_values_are_parsed_as_yaml():
-    cfg = config.load(SMOKE, ["selection.min_confidence=0.5", "teacher.pretrained=true",
-                              "evaluation.severities=[2, 4]"])
+    cfg = config.load(
+        SMOKE,
+        ["selection.min_confidence=0.5", "teacher.pretrained=true", "evaluation.severities=[2, 4]"],
+    )
     assert cfg.selection.min_confidence == 0.5
     assert cfg.teacher.pretrained is True
     assert cfg.evaluation.severities == [2, 4]
@@ -52,8 +54,9 @@ def test_override_of_a_list_item_that_does_not_exist_fails():
         config.load(SMOKE, ["students.5.epochs=1"])
 
 
-@pytest.mark.parametrize("override, section", [("name.x=1", "name"),
-                                               ("teacher.model.depth=3", "teacher.model")])
+@pytest.mark.parametrize(
+    "override, section", [("name.x=1", "name"), ("teacher.model.depth=3", "teacher.model")]
+)
 def test_override_below_a_plain_value_fails_naming_the_value(override, section):
     with pytest.raises(UserError, match=rf"--set .*: {section} is a value, not a section"):
         config.load(SMOKE, [override])
@@ -95,6 +98,9 @@ def test_missing_required_section_is_named(tmp_path):
     path = tmp_path / "partial.yaml"
     path.write_text(SMOKE.read_text().replace("teacher:", "teachr:"))
     # both the typo and the now-missing section are reported, the first one by name
-    with pytest.raises(UserError, match=r"partial\.yaml: (teacher: Field required|teachr: unknown"
-                                        r" key) \(and 1 more\)"):
+    with pytest.raises(
+        UserError,
+        match=r"partial\.yaml: (teacher: Field required|teachr: unknown"
+        r" key) \(and 1 more\)",
+    ):
         config.load(path)

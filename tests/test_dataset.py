@@ -91,8 +91,10 @@ def test_duplicate_id_is_rejected_naming_the_id(tmp_path):
 @pytest.mark.parametrize("label", [3, -1])
 def test_label_outside_the_classes_is_rejected_naming_the_id(tmp_path, label):
     png = dataset.encode_png(_images(1)[0])
-    with DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w, \
-            pytest.raises(UserError, match=rf"id 'bad-label': label {label} outside \[0, 3\)"):
+    with (
+        DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w,
+        pytest.raises(UserError, match=rf"id 'bad-label': label {label} outside \[0, 3\)"),
+    ):
         w.add("bad-label", png, label)
 
 
@@ -156,8 +158,9 @@ def test_shards_use_row_groups_of_at_most_row_group_size(tmp_path):
 
 def test_write_rows_picks_rgb_mode_for_colour_arrays_and_refuses_an_empty_split(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
-    m = dataset.write_rows(str(tmp_path / "rgb"), "test", CLASSES,
-                           [("x", rgb[0], 0), ("y", rgb[1], 2)])
+    m = dataset.write_rows(
+        str(tmp_path / "rgb"), "test", CLASSES, [("x", rgb[0], 0), ("y", rgb[1], 2)]
+    )
     assert (m.mode, m.channels, m.height, m.width) == ("RGB", 3, 5, 7)
     _, images = dataset.load(m.url)
     assert torch.equal(images.images, torch.from_numpy(rgb).permute(0, 3, 1, 2))

@@ -118,8 +118,14 @@ def image_tree(tmp_path):
 
 
 def _ingest(root, out):
-    return ingest.image_folder(str(out), str(root / "labelled"), str(root / "unlabelled"),
-                               str(root / "test"), image_size=16, mode="RGB")
+    return ingest.image_folder(
+        str(out),
+        str(root / "labelled"),
+        str(root / "unlabelled"),
+        str(root / "test"),
+        image_size=16,
+        mode="RGB",
+    )
 
 
 def test_image_folder_ingest_writes_three_splits_at_one_size_and_mode(image_tree, tmp_path):
@@ -159,11 +165,21 @@ def test_image_folder_corrupt_png_is_a_user_error_naming_it(image_tree, tmp_path
 def test_image_folder_missing_folder_is_a_user_error(image_tree, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(UserError, match=re.escape(f"{missing}: folder not found")):
-        ingest.image_folder(str(tmp_path / "out"), str(missing), str(image_tree / "unlabelled"),
-                            str(image_tree / "test"), image_size=16)
+        ingest.image_folder(
+            str(tmp_path / "out"),
+            str(missing),
+            str(image_tree / "unlabelled"),
+            str(image_tree / "test"),
+            image_size=16,
+        )
     with pytest.raises(UserError, match=re.escape(f"{missing}: folder not found")):
-        ingest.image_folder(str(tmp_path / "out"), str(image_tree / "labelled"),
-                            str(missing), str(image_tree / "test"), image_size=16)
+        ingest.image_folder(
+            str(tmp_path / "out"),
+            str(image_tree / "labelled"),
+            str(missing),
+            str(image_tree / "test"),
+            image_size=16,
+        )
 
 
 def test_image_folder_test_class_unknown_to_the_labelled_split_is_rejected(image_tree, tmp_path):
@@ -178,8 +194,9 @@ def test_image_folder_test_class_unknown_to_the_labelled_split_is_rejected(image
 def test_cli_ingest_with_missing_source_exits_2_with_one_line_error(tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
     with pytest.raises(SystemExit) as exc:
-        cli.main(["ingest", "fashion-mnist", "--out", str(tmp_path / "out"),
-                  "--source", str(missing)])
+        cli.main(
+            ["ingest", "fashion-mnist", "--out", str(tmp_path / "out"), "--source", str(missing)]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")

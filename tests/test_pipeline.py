@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -31,7 +32,7 @@ def smoke_run(tmp_path_factory, prefect_harness):
 
 def test_smoke_run_writes_summary_with_every_iteration(smoke_run):
     summary, tmp = smoke_run
-    on_disk = json.loads(open(summary["summary_url"]).read())
+    on_disk = json.loads(Path(summary["summary_url"]).read_text())
     assert on_disk["run_id"] == summary["run_id"]
     assert on_disk["config"]["teacher"]["model"] == "test_resnet"
     assert [it["iteration"] for it in on_disk["iterations"]] == [1, 2]
@@ -40,7 +41,11 @@ def test_smoke_run_writes_summary_with_every_iteration(smoke_run):
             assert 0.0 <= it[role]["test_accuracy"] <= 1.0
             assert it[role]["mlflow_run_id"]
             assert set(it[role]["per_corruption_accuracy"]) == {
-                "gaussian_noise", "gaussian_blur", "contrast", "rotate"}
+                "gaussian_noise",
+                "gaussian_blur",
+                "contrast",
+                "rotate",
+            }
         p = it["pseudo_labels"]
         assert p["total"] == 2000 and 0 < p["kept"] <= p["total"]
         assert 0.0 <= p["accuracy"] <= 1.0
@@ -53,8 +58,10 @@ def test_smoke_run_writes_summary_with_every_iteration(smoke_run):
 def test_smoke_run_ingests_the_dataset_with_manifests(smoke_run):
     summary, tmp = smoke_run
     root = summary["data_root"]
-    counts = {s: dataset.read_manifest(storage.join(root, s)).num_rows
-              for s in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)}
+    counts = {
+        s: dataset.read_manifest(storage.join(root, s)).num_rows
+        for s in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)
+    }
     assert counts == {"labelled": 100, "unlabelled": 2000, "test": 500}
     assert len(dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).shards) == 2
 
@@ -62,8 +69,9 @@ def test_smoke_run_ingests_the_dataset_with_manifests(smoke_run):
 def test_smoke_run_writes_pseudo_labels_and_selection_behind_manifests(smoke_run):
     summary, _ = smoke_run
     it = summary["iterations"][0]
-    pseudo = storage.read_json(storage.join(it["pseudo_labels"]["url"].rsplit("/", 1)[0],
-                                            "pseudo_labels", dataset.MANIFEST))
+    pseudo = storage.read_json(
+        storage.join(it["pseudo_labels"]["probabilities_url"], dataset.MANIFEST)
+    )
     assert sum(s["rows"] for s in pseudo["shards"]) == 2000
     assert pseudo["teacher_run_id"] == it["teacher"]["mlflow_run_id"]
     selected = storage.read_json(storage.join(it["pseudo_labels"]["url"], dataset.MANIFEST))
@@ -84,28 +92,48 @@ def test_smoke_run_records_lineage_in_mlflow(smoke_run):
         [parent.info.experiment_id],
         f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
-    stages = sorted((r.data.tags[f"{tracking.TAG}stage"], r.data.tags[f"{tracking.TAG}iteration"])
-                    for r in children)
+    stages = sorted(
+        (r.data.tags[f"{tracking.TAG}stage"], r.data.tags[f"{tracking.TAG}iteration"])
+        for r in children
+    )
     assert stages == sorted(
         [("train_teacher", "1")]
-        + [(s, str(k)) for k in (1, 2) for s in ("infer_pseudo_labels", "filter_and_balance",
-                                                  "train_student", "evaluate_robustness")]
+        + [
+            (s, str(k))
+            for k in (1, 2)
+            for s in (
+                "infer_pseudo_labels",
+                "filter_and_balance",
+                "train_student",
+                "evaluate_robustness",
+            )
+        ]
     )
     by_id = {r.info.run_id: r for r in children}
     for it in summary["iterations"]:
         student = by_id[it["student"]["mlflow_run_id"]]
         # which teacher labelled which data and trained which student
         assert student.data.tags[f"{tracking.TAG}teacher_run_id"] == it["teacher"]["mlflow_run_id"]
-        assert (student.data.tags[f"{tracking.TAG}pseudo_labels_run_id"]
-                == it["pseudo_labels"]["mlflow_run_id"])
+        assert (
+            student.data.tags[f"{tracking.TAG}pseudo_labels_run_id"]
+            == it["pseudo_labels"]["mlflow_run_id"]
+        )
         labelling = by_id[it["pseudo_labels"]["mlflow_run_id"]]
-        assert labelling.data.tags[f"{tracking.TAG}teacher_run_id"] == it["teacher"]["mlflow_run_id"]
+        assert (
+            labelling.data.tags[f"{tracking.TAG}teacher_run_id"] == it["teacher"]["mlflow_run_id"]
+        )
         # per-epoch metrics and the model (weights + timm config) are on the student run
         assert client.get_metric_history(student.info.run_id, "train_loss")
         files = {f.path for f in client.list_artifacts(student.info.run_id, "model")}
         assert files == {"model/model.safetensors", "model/model.json"}
         assert student.inputs.dataset_inputs
-    lineage = json.loads(open(client.download_artifacts(parent.info.run_id, "lineage.json",
-                                                        str(tmp))).read())
+    # every student is a version of the registered model named after the experiment
+    versions = client.search_model_versions("name='noisy-student-smoke'")
+    assert {v.run_id for v in versions} >= {
+        it["student"]["mlflow_run_id"] for it in summary["iterations"]
+    }
+    lineage_file = client.download_artifacts(parent.info.run_id, "lineage.json", str(tmp))
+    lineage = json.loads(Path(lineage_file).read_text())
     assert [x["student_run_id"] for x in lineage] == [
-        it["student"]["mlflow_run_id"] for it in summary["iterations"]]
+        it["student"]["mlflow_run_id"] for it in summary["iterations"]
+    ]

@@ -140,7 +140,9 @@ def test_per_class_stats_agree_with_the_selected_rows():
         assert row["final"] == len(rows_c)
         assert row["kept"] == rows_c["id"].nunique()
         assert row["duplicated"] == len(rows_c) - rows_c["id"].nunique()
+        assert row["predicted"] == row["dropped"] + row["trimmed"] + row["kept"]
     assert stats["kept"].sum() == sel.kept_unique
     # the classes were unequal before balancing, and the test must see both kinds
     assert (stats["duplicated"] > 0).any()
     assert (stats["final"] < stats["predicted"] - stats["dropped"]).any()
+    assert (stats["trimmed"] > 0).any()
