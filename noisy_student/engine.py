@@ -28,6 +28,10 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def device() -> torch.device:
+    # Weights and gradients drift into denormal floats as training goes on, and x86 CPUs
+    # process those at a fraction of full speed: flushing them to zero took a resnet18
+    # student step from 442 to 569 images/s here. (A no-op where unsupported.)
+    torch.set_flush_denormal(True)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -158,7 +162,12 @@ def fit(
         augment.rand_augment(noise.rand_augment, height, channels) if noise.rand_augment else None
     )
     optimizer = create_optimizer_v2(
-        model, "sgd", lr=schedule.lr, weight_decay=schedule.weight_decay, momentum=0.9
+        model,
+        "sgd",
+        lr=schedule.lr,
+        weight_decay=schedule.weight_decay,
+        momentum=0.9,
+        foreach=True,  # one fused update over all parameters; torch only defaults to it on GPU
     )
     warmup = min(int(schedule.warmup_epochs * steps_per_epoch), total_steps - 1)
     scheduler = CosineLRScheduler(
