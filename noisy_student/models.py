@@ -7,7 +7,6 @@ the model for inference or to initialise a student from it.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -108,7 +107,3 @@ def load(
     model = create(meta.model, meta.num_classes, meta.in_chans, drop_rate, drop_path_rate)
     model.load_state_dict(load_state(url))
     return model, meta
-
-
-def describe(meta: ModelMeta) -> str:
-    return json.dumps(asdict(meta))

@@ -11,7 +11,7 @@ import hashlib
 import io
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -241,7 +241,7 @@ def train_teacher(
         _train_params(cfg, labelled_images=len(labelled), seed=seed),
         {f"{tracking.TAG}role": "teacher", f"{tracking.TAG}data_root": data_root},
     )
-    try:
+    with tracking.failed_on_error(run_id):
         model = models.create(
             cfg.model,
             manifest.num_classes,
@@ -266,9 +266,6 @@ def train_teacher(
         return _finish_training(
             "teacher", 1, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
         )
-    except BaseException:
-        tracking.end_run(run_id, failed=True)
-        raise
 
 
 def infer_pseudo_labels(
@@ -379,7 +376,7 @@ def filter_and_balance(
     run_id = tracking.start_stage_run(
         parent_run_id, "filter_and_balance", iteration, cfg.model_dump(), lineage
     )
-    try:
+    with tracking.failed_on_error(run_id, inference_run):
         manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
         ids, probs = _read_pseudo_labels(shards)
         if len(ids) == 0:
@@ -481,10 +478,6 @@ def filter_and_balance(
             time.perf_counter() - start,
             per_class.to_dict(orient="records"),
         )
-    except BaseException:
-        tracking.end_run(run_id, failed=True)
-        tracking.end_run(inference_run, failed=True)
-        raise
 
 
 def _load_selected(
@@ -541,7 +534,7 @@ def train_student(
             f"{tracking.TAG}pseudo_labels_url": selected.url,
         },
     )
-    try:
+    with tracking.failed_on_error(run_id):
         tracking.log_dataset(
             run_id,
             pd.DataFrame(selected.per_class),
@@ -587,9 +580,6 @@ def train_student(
             version = tracking.register(run_id, registered_model)
             log(f"student {iteration} registered as models:/{registered_model}/{version}")
         return student
-    except BaseException:
-        tracking.end_run(run_id, failed=True)
-        raise
 
 
 def evaluate_robustness(
@@ -621,7 +611,7 @@ def evaluate_robustness(
         {**cfg.model_dump(), "models": [t.mlflow_run_id for t in trained]},
         {f"{tracking.TAG}{t.role}_run_id": t.mlflow_run_id for t in trained},
     )
-    try:
+    with tracking.failed_on_error(run_id):
         rows, results = [], []
         for t in trained:
             model, _ = models.load(t.url)
@@ -677,10 +667,3 @@ def evaluate_robustness(
         storage.write_parquet(storage.join(out_url, "robustness.parquet"), table, 65536)
         tracking.end_run(run_id)
         return Robustness(out_url, run_id, time.perf_counter() - start, results)
-    except BaseException:
-        tracking.end_run(run_id, failed=True)
-        raise
-
-
-def record(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -143,6 +145,17 @@ def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, contex
 def end_run(run_id: str, failed: bool = False) -> None:
     status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
     client().set_terminated(run_id, status)
+
+
+@contextmanager
+def failed_on_error(*run_ids: str) -> Iterator[None]:
+    """Mark the runs FAILED if the block raises, so that none is left showing as running."""
+    try:
+        yield
+    except BaseException:
+        for run_id in run_ids:
+            end_run(run_id, failed=True)
+        raise
 
 
 def register(run_id: str, model_name: str, artifact_path: str = "model") -> str:

@@ -94,3 +94,8 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     else:
         raise AssertionError("expected a UserError")
     assert not storage.exists(str(out / dataset.MANIFEST))  # nothing half-written
+    # and the stage's MLflow runs say it failed instead of showing as running forever
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id("empty-test")], "tags.noisy_student.stage = 'filter_and_balance'"
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
