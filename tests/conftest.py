@@ -13,6 +13,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def pytest_configure(config):
+    from noisy_student.engine import flush_denormals
+
+    flush_denormals()  # as the CLI does, before torch starts its threads
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
