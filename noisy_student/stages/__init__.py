@@ -1,0 +1,36 @@
+"""The five stages of one Noisy Student iteration, as plain functions over URLs.
+
+Each reads its inputs from storage, calls the core, writes its outputs (data first,
+manifest last) and records itself in MLflow as a child of the pipeline run. They know
+nothing of Prefect: `tasks/` wraps each one in a task, `flows/` puts them in order.
+One module per stage, named as the stage is.
+"""
+
+from noisy_student.stages.evaluate_robustness import evaluate_robustness
+from noisy_student.stages.filter_and_balance import filter_and_balance
+from noisy_student.stages.infer_pseudo_labels import infer_pseudo_labels
+from noisy_student.stages.prepare_data import check_data, prepare_data, unlabelled_shards
+from noisy_student.stages.records import (
+    Log,
+    PseudoLabelShard,
+    Robustness,
+    SelectedPseudoLabels,
+    TrainedModel,
+)
+from noisy_student.stages.train import train_student, train_teacher
+
+__all__ = [
+    "Log",
+    "PseudoLabelShard",
+    "Robustness",
+    "SelectedPseudoLabels",
+    "TrainedModel",
+    "check_data",
+    "evaluate_robustness",
+    "filter_and_balance",
+    "infer_pseudo_labels",
+    "prepare_data",
+    "train_student",
+    "train_teacher",
+    "unlabelled_shards",
+]

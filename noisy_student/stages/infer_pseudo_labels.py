@@ -1,0 +1,51 @@
+"""Stage 2, one call per shard: the teacher labels clean unlabelled images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from noisy_student import dataset, engine, models, storage
+from noisy_student.stages.records import PseudoLabelShard
+
+
+def infer_pseudo_labels(
+    data_root: str,
+    shard_index: int,
+    teacher_url: str,
+    out_url: str,
+    batch_size: int,
+    precision: str = "auto",
+) -> PseudoLabelShard:
+    """Class probabilities for one shard of unlabelled images: the teacher in eval mode on
+    clean images (no augmentation, no dropout, no stochastic depth)."""
+    start = time.perf_counter()
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    shard = dataset.load_shard(manifest, shard_index)
+    teacher, _ = models.load(teacher_url)
+    teacher.to(engine.device())
+    probs = engine.predict_probs(teacher, shard.images, batch_size, precision).numpy()
+    k = probs.shape[1] if probs.ndim == 2 else manifest.num_classes
+    table = pa.table(
+        {
+            "id": shard.ids,
+            "probs": pa.FixedSizeListArray.from_arrays(
+                pa.array(probs.reshape(-1), pa.float32()), k
+            ),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=dataset.ROW_GROUP_SIZE * 8)
+    url = storage.join(out_url, f"part-{shard_index:05d}.parquet")
+    storage.write_bytes(url, buf.getvalue())
+    return PseudoLabelShard(
+        shard_index,
+        url,
+        len(shard.ids),
+        hashlib.sha256(buf.getvalue()).hexdigest(),
+        time.perf_counter() - start,
+    )

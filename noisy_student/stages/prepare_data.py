@@ -1,0 +1,73 @@
+"""Find the dataset, or ingest Fashion-MNIST into it on first use; load its splits."""
+
+from __future__ import annotations
+
+from noisy_student import dataset, storage
+from noisy_student.config import FashionMnistSource
+from noisy_student.errors import UserError
+from noisy_student.stages.records import Log
+
+
+def _missing_split(root: str) -> str | None:
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        url = storage.join(root, split, dataset.MANIFEST)
+        if not storage.exists(url):
+            return url
+    return None
+
+
+def check_data(root: str, fashion_mnist: FashionMnistSource | None) -> None:
+    """Fail before any work starts if there is no dataset and nothing to ingest it from."""
+    missing = _missing_split(storage.resolve(root))
+    if missing is None:
+        return
+    if fashion_mnist is None:
+        raise UserError(
+            f"{missing}: dataset split missing (data.root; run `noisy-student "
+            "ingest` first or set data.fashion_mnist)"
+        )
+    if not storage.exists(
+        storage.join(storage.resolve(fashion_mnist.source), "train-images-idx3-ubyte.gz")
+    ):
+        raise UserError(
+            f"{fashion_mnist.source}: no Fashion-MNIST IDX files "
+            "(data.fashion_mnist.source; apt-get install dataset-fashion-mnist)"
+        )
+
+
+def prepare_data(root: str, fashion_mnist: FashionMnistSource | None, log: Log = print) -> str:
+    """The dataset root, ingesting Fashion-MNIST into it first when it holds no dataset."""
+    from noisy_student import ingest
+
+    root = storage.resolve(root)
+    if _missing_split(root) is None:
+        log(f"dataset found at {root}")
+        return root
+    check_data(root, fashion_mnist)
+    log(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
+    ingest.fashion_mnist(
+        root,
+        fashion_mnist.source,
+        fashion_mnist.labelled_per_class,
+        fashion_mnist.unlabelled_limit,
+        fashion_mnist.test_limit,
+        fashion_mnist.seed,
+        fashion_mnist.rows_per_shard,
+    )
+    return root
+
+
+def unlabelled_shards(root: str) -> list[int]:
+    return list(range(len(dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).shards)))
+
+
+def load_labelled(root: str) -> tuple[dataset.Manifest, dataset.ImageSet]:
+    manifest, images = dataset.load(storage.join(root, dataset.LABELLED))
+    dataset.require_labels(manifest, images)
+    return manifest, images
+
+
+def load_test(root: str) -> tuple[dataset.Manifest, dataset.ImageSet]:
+    manifest, images = dataset.load(storage.join(root, dataset.TEST))
+    dataset.require_labels(manifest, images)
+    return manifest, images

@@ -1,0 +1,56 @@
+"""What the stages hand each other: small records of URLs, run ids and figures.
+
+Prefect passes these between tasks; the data itself stays on storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainedModel:
+    role: str  # "teacher" or "student"
+    iteration: int
+    model: str
+    url: str
+    mlflow_run_id: str
+    test_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class PseudoLabelShard:
+    index: int
+    url: str
+    rows: int
+    sha256: str
+    seconds: float
+
+
+@dataclass
+class SelectedPseudoLabels:
+    url: str  # the selected, balanced set the student learns from
+    probabilities_url: str  # every unlabelled image's teacher probabilities, per shard
+    mlflow_run_id: str
+    inference_run_id: str
+    total: int
+    kept: int
+    selected: int
+    accuracy: float | None  # of the kept images' argmax labels, when true labels exist
+    accuracy_all: float | None
+    inference_seconds: float
+    seconds: float
+    per_class: list[dict[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Robustness:
+    url: str
+    mlflow_run_id: str
+    seconds: float
+    models: list[dict[str, Any]] = field(default_factory=list)

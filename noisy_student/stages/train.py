@@ -1,0 +1,237 @@
+"""Stages 1 and 4: the teacher on labelled images; the noised student on labelled plus
+pseudo-labelled images. Both run the same training loop (`engine.fit`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from noisy_student import dataset, engine, models, storage, tracking
+from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
+from noisy_student.errors import UserError
+from noisy_student.stages.prepare_data import load_labelled, load_test
+from noisy_student.stages.records import Log, SelectedPseudoLabels, TrainedModel
+
+
+def _meta(cfg: TrainConfig, manifest: dataset.Manifest) -> models.ModelMeta:
+    return models.ModelMeta(
+        cfg.model,
+        manifest.num_classes,
+        manifest.channels,
+        manifest.class_names,
+        manifest.height,
+        manifest.width,
+        manifest.mode,
+    )
+
+
+def _train_params(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    return {**cfg.model_dump(), **extra}
+
+
+def _schedule(cfg: TrainConfig, unlabelled_ratio: float = 1.0) -> engine.Schedule:
+    return engine.Schedule(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs,
+        ema_decay=cfg.ema_decay,
+        unlabelled_ratio=unlabelled_ratio,
+        eval_every=cfg.eval_every,
+        precision=cfg.precision,
+    )
+
+
+def _noise(cfg: TrainConfig) -> engine.Noise:
+    return engine.Noise(
+        hflip=cfg.hflip, crop_padding=cfg.crop_padding, rand_augment=cfg.rand_augment
+    )
+
+
+def _epoch_logger(run_id: str, role: str, log: Log) -> engine.EpochCallback:
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(run_id, metrics, step=epoch)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        log(f"{role} epoch {epoch}: {shown}")
+
+    return on_epoch
+
+
+def _finish_training(
+    role: str,
+    iteration: int,
+    cfg: TrainConfig,
+    fit: engine.FitResult,
+    meta: models.ModelMeta,
+    out_url: str,
+    run_id: str,
+    start: float,
+) -> TrainedModel:
+    models.save(fit.model, meta, out_url)
+    tracking.log_checkpoint(run_id, out_url)
+    tracking.log_metrics(
+        run_id,
+        {
+            "final_test_accuracy": fit.final_accuracy,
+            "train_seconds": fit.seconds,
+            "steps": fit.steps,
+        },
+    )
+    tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": out_url})
+    tracking.end_run(run_id)
+    return TrainedModel(
+        role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, time.perf_counter() - start
+    )
+
+
+def train_teacher(
+    cfg: TeacherConfig,
+    data_root: str,
+    out_url: str,
+    parent_run_id: str,
+    seed: int,
+    log: Log = print,
+) -> TrainedModel:
+    """A timm model trained on the labelled images only, with ordinary augmentation."""
+    start = time.perf_counter()
+    manifest, labelled = load_labelled(data_root)
+    _, test = load_test(data_root)
+    run_id = tracking.start_stage_run(
+        parent_run_id,
+        "train_teacher",
+        1,
+        _train_params(cfg, labelled_images=len(labelled), seed=seed),
+        {f"{tracking.TAG}role": "teacher", f"{tracking.TAG}data_root": data_root},
+    )
+    with tracking.failed_on_error(run_id):
+        model = models.create(
+            cfg.model,
+            manifest.num_classes,
+            manifest.channels,
+            cfg.drop_rate,
+            cfg.drop_path_rate,
+            cfg.pretrained,
+            cfg.checkpoint,
+        )
+        targets = engine.one_hot(labelled.labels, manifest.num_classes, cfg.label_smoothing)
+        fit = engine.fit(
+            model,
+            labelled.images,
+            targets,
+            _schedule(cfg),
+            _noise(cfg),
+            seed,
+            eval_images=test.images,
+            eval_labels=test.labels,
+            on_epoch=_epoch_logger(run_id, "teacher", log),
+        )
+        return _finish_training(
+            "teacher", 1, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
+        )
+
+
+def _load_selected(
+    selected_url: str, unlabelled: dataset.ImageSet
+) -> tuple[torch.Tensor, torch.Tensor]:
+    info = storage.read_json(storage.join(selected_url, dataset.MANIFEST))
+    table = storage.read_parquet(storage.join(selected_url, info["files"][0]))
+    if table.num_rows != info["rows"]:
+        raise UserError(f"{selected_url}: {table.num_rows} rows, manifest says {info['rows']}")
+    position = pd.Series(np.arange(len(unlabelled)), index=unlabelled.ids)
+    ids = table.column("id").to_pylist()
+    index = position.reindex(ids)
+    if index.isna().any():
+        raise UserError(
+            f"{selected_url}: id {ids[int(index.isna().argmax())]!r} is not in the unlabelled set"
+        )
+    target = table.column("target").combine_chunks()
+    targets = torch.from_numpy(target.values.to_numpy().reshape(len(target), -1).copy())
+    return unlabelled.images[torch.from_numpy(index.to_numpy(dtype=np.int64, copy=True))], targets
+
+
+def train_student(
+    cfg: StudentConfig,
+    data_root: str,
+    selected: SelectedPseudoLabels,
+    teacher: TrainedModel,
+    out_url: str,
+    parent_run_id: str,
+    iteration: int,
+    seed: int,
+    registered_model: str | None = None,
+    log: Log = print,
+) -> TrainedModel:
+    """An equal-or-larger model trained on labelled plus pseudo-labelled images, with
+    noise: RandAugment on the input, dropout and stochastic depth in the model. The
+    student is added as a version of `registered_model` when one is named."""
+    start = time.perf_counter()
+    manifest, labelled = load_labelled(data_root)
+    _, unlabelled = dataset.load(storage.join(data_root, dataset.UNLABELLED))
+    _, test = load_test(data_root)
+    pseudo_images, pseudo_targets = _load_selected(selected.url, unlabelled)
+    run_id = tracking.start_stage_run(
+        parent_run_id,
+        "train_student",
+        iteration,
+        _train_params(
+            cfg, labelled_images=len(labelled), pseudo_labelled_images=len(pseudo_images), seed=seed
+        ),
+        {
+            f"{tracking.TAG}role": "student",
+            f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
+            f"{tracking.TAG}teacher_url": teacher.url,
+            f"{tracking.TAG}pseudo_labels_run_id": selected.mlflow_run_id,
+            f"{tracking.TAG}pseudo_labels_url": selected.url,
+        },
+    )
+    with tracking.failed_on_error(run_id):
+        tracking.log_dataset(
+            run_id,
+            pd.DataFrame(selected.per_class),
+            selected.url,
+            f"selected-{iteration}",
+            "training",
+        )
+        model = models.create(
+            cfg.model,
+            manifest.num_classes,
+            manifest.channels,
+            cfg.drop_rate,
+            cfg.drop_path_rate,
+            cfg.pretrained,
+            cfg.checkpoint,
+        )
+        if cfg.init_from_teacher:
+            teacher_meta = models.load_meta(teacher.url)
+            if teacher_meta.model != cfg.model:
+                raise UserError(
+                    f"students.{iteration - 1}.init_from_teacher: teacher is "
+                    f"{teacher_meta.model}, student is {cfg.model}"
+                )
+            model.load_state_dict(models.load_state(teacher.url))
+        targets = engine.one_hot(labelled.labels, manifest.num_classes, cfg.label_smoothing)
+        fit = engine.fit(
+            model,
+            labelled.images,
+            targets,
+            _schedule(cfg, cfg.unlabelled_ratio),
+            _noise(cfg),
+            seed + iteration,
+            pseudo_images=pseudo_images,
+            pseudo_targets=pseudo_targets,
+            eval_images=test.images,
+            eval_labels=test.labels,
+            on_epoch=_epoch_logger(run_id, f"student {iteration}", log),
+        )
+        student = _finish_training(
+            "student", iteration, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
+        )
+        if registered_model:
+            version = tracking.register(run_id, registered_model)
+            log(f"student {iteration} registered as models:/{registered_model}/{version}")
+        return student
