@@ -47,6 +47,19 @@ class DataConfig(Strict):
     )
 
 
+class RandAugmentConfig(Strict):
+    """RandAugment as the official Noisy Student code runs it (see noisy_student/augment.py)."""
+
+    num_ops: int = Field(2, ge=1, le=5, description="Operations drawn per image (N)")
+    magnitude: float = Field(
+        9.0,
+        ge=0,
+        le=30,
+        description="Strength M: 10 is each operation's nominal maximum, up to 30 (paper: 27)",
+    )
+    magnitude_std: float = Field(0.0, ge=0, description="Per-image Gaussian jitter of M")
+
+
 class TrainConfig(Strict):
     model: str = Field(description="Any timm model name, e.g. resnet18, efficientnet_b0")
     pretrained: bool = Field(False, description="Start from pretrained weights")
@@ -55,35 +68,41 @@ class TrainConfig(Strict):
     )
     epochs: int = Field(gt=0)
     batch_size: int = Field(64, gt=0, description="Labelled images per step")
-    lr: float = Field(0.1, gt=0, description="Peak SGD learning rate (cosine decay to 0)")
+    lr: float = Field(0.1, gt=0, description="Peak SGD learning rate")
+    lr_schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine", description="Decay after warm-up: cosine to 0, step (see below), or none"
+    )
+    lr_decay_epochs: float = Field(
+        2.4, gt=0, description="step schedule: decay every this many epochs (paper: 2.4)"
+    )
+    lr_decay_rate: float = Field(
+        0.97, gt=0, le=1, description="step schedule: multiply by this (paper: 0.97)"
+    )
     weight_decay: float = Field(
         5e-4, ge=0, description="SGD weight decay (not on norms and biases)"
     )
     warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warm-up")
-    ema_decay: float = Field(
-        0.999, ge=0, lt=1, description="Weight averaging used for evaluation and labelling"
+    weight_averaging: Literal["ema", "swa", "none"] = Field(
+        "ema", description="Averaged weights used for evaluation and labelling"
+    )
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="ema: decay per step")
+    swa_start: float = Field(
+        0.75, ge=0, lt=1, description="swa: average over the steps after this fraction"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="On labelled targets")
     hflip: bool = Field(True, description="Random horizontal flips")
     crop_padding: int = Field(2, ge=0, description="Random-crop translation in pixels")
-    rand_augment: str | None = Field(
-        None, description="timm RandAugment string, e.g. rand-n2-m9-mstd0.5 (noise)"
+    rand_augment: RandAugmentConfig | None = Field(
+        None, description="RandAugment on the input (noise); null switches it off"
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier")
-    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth at the last block")
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="Stochastic depth: drop rate of the last block, linear"
+    )
     eval_every: int = Field(1, gt=0, description="Evaluate on the test set every N epochs")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
-
-    @field_validator("rand_augment")
-    @classmethod
-    def _valid_rand_augment(cls, spec: str | None) -> str | None:
-        from noisy_student.augment import check_rand_augment
-
-        if spec is not None:
-            check_rand_augment(spec)
-        return spec
 
     @field_validator("model")
     @classmethod
@@ -104,12 +123,20 @@ class StudentConfig(TrainConfig):
         3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
     )
     init_from_teacher: bool = Field(False, description="Start from the teacher's weights")
-    rand_augment: str | None = Field(
-        "rand-n2-m9-mstd0.5", description="RandAugment N=2, M=9 of timm's 10 (paper: 27 of 30)"
+    loss: Literal["soft_target", "distillation"] = Field(
+        "soft_target",
+        description="One cross-entropy over all rows, or half CE on labels + half KL to the "
+        "teacher",
+    )
+    distillation_temperature: float = Field(
+        1.0, gt=0, description="distillation: softens teacher and student alike"
+    )
+    rand_augment: RandAugmentConfig | None = Field(
+        RandAugmentConfig(), description="RandAugment on the input (noise); null switches it off"
     )
     drop_rate: float = Field(0.5, ge=0, lt=1, description="Dropout before the classifier")
     drop_path_rate: float = Field(
-        0.2, ge=0, lt=1, description="Stochastic depth: survival 0.8 at the last block"
+        0.2, ge=0, lt=1, description="Stochastic depth: survival 0.8 at the last block, linear"
     )
 
 

@@ -8,17 +8,14 @@ both is one cross-entropy where every example weighs the same (as in the paper).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -81,14 +78,38 @@ def accuracy(
     return (probs.argmax(1) == labels).float().mean().item()
 
 
-def _shuffled(n: int, generator: torch.Generator) -> Iterator[int]:
-    """Endless stream of indices, reshuffled on every pass."""
-    while True:
-        yield from torch.randperm(n, generator=generator).tolist()
+class IndexStream:
+    """An endless stream of indices into n items, reshuffled on every pass. Its state is a
+    seed, a pass count and a position, so a stopped run can pick up where it was."""
 
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
 
-def _take(stream: Iterator[int], k: int) -> torch.Tensor:
-    return torch.tensor([next(stream) for _ in range(k)], dtype=torch.long)
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        while k:
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            chunk = self._order[self.position : self.position + k]
+            self.position += len(chunk)
+            k -= len(chunk)
+            out.append(chunk)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.n, self.seed = state["n"], state["seed"]
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
 
 
 @dataclass
@@ -97,7 +118,22 @@ class Noise:
 
     hflip: bool = True
     crop_padding: int = 2
-    rand_augment: str | None = None
+    rand_augment_ops: int = 0  # RandAugment's N; 0 switches it off
+    rand_augment_magnitude: float = 9.0  # M, on the official code's scale (augment.py)
+    rand_augment_magnitude_std: float = 0.0
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 batch in, the float batch the model sees out, on the batch's device."""
+        x = augment.crop_and_flip(x, self.crop_padding, self.hflip, generator)
+        if self.rand_augment_ops:
+            x = augment.rand_augment(
+                x,
+                self.rand_augment_ops,
+                self.rand_augment_magnitude,
+                generator,
+                self.rand_augment_magnitude_std,
+            )
+        return augment.to_float(x)
 
 
 @dataclass
@@ -106,8 +142,15 @@ class Schedule:
     batch_size: int
     lr: float
     weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # any of timm's create_scheduler_v2 names: cosine, step, ...
+    lr_decay_epochs: float = 2.4  # step schedule: decay every this many epochs ...
+    lr_decay_rate: float = 0.97  # ... by this factor (the paper's 0.97 every 2.4 epochs)
     warmup_epochs: float = 1.0
+    weight_averaging: str = "ema"  # "ema", "swa" or "none": what is evaluated and returned
     ema_decay: float = 0.999
+    swa_start: float = 0.75  # SWA: average the weights over the last 25% of the steps
+    loss: str = "soft_target"  # or "distillation": half CE on labels, half KL to the teacher
+    distillation_temperature: float = 1.0
     unlabelled_ratio: float = 1.0
     eval_every: int = 1
     eval_batch_size: int = 1024
@@ -121,6 +164,58 @@ class FitResult:
     final_accuracy: float | None = None
     steps: int = 0
     seconds: float = 0.0
+
+
+def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class distributions; every row weighs the same."""
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def distillation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, labelled: int, temperature: float
+) -> torch.Tensor:
+    """Half cross-entropy on the first `labelled` rows (true labels), half KL divergence from
+    the teacher's distribution to the student's on the other rows, both softened by the
+    temperature (scaled by T^2 so gradients keep their size, as in Hinton et al. 2015)."""
+    ce = soft_target_loss(logits[:labelled], targets[:labelled])
+    if labelled == len(logits):
+        return ce
+    t = temperature
+    teacher = targets[labelled:].clamp_min(1e-12).log().div(t).log_softmax(-1)
+    student = logits[labelled:].div(t).log_softmax(-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+    return 0.5 * ce + 0.5 * kl
+
+
+class _Averager:
+    """The weights that get evaluated and returned: an EMA (updated every step), SWA (a plain
+    mean of the last steps' weights, batch-norm statistics recomputed at the end) or none."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, total_steps: int):
+        self.kind = schedule.weight_averaging
+        self.swa_from = int(schedule.swa_start * total_steps)
+        if self.kind == "ema":
+            self.averaged = ModelEmaV3(model, decay=schedule.ema_decay, use_warmup=True)
+        elif self.kind == "swa":
+            self.averaged = torch.optim.swa_utils.AveragedModel(model, use_buffers=False)
+        else:
+            self.averaged = None
+        self.model = model
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model if self.averaged is None else self.averaged.module
+
+    def update(self, step: int) -> None:
+        if self.kind == "ema":
+            self.averaged.update(self.model, step=step)
+        elif self.kind == "swa" and step > self.swa_from:
+            self.averaged.update_parameters(self.model)
+
+    def finish(self, batches: Iterator[torch.Tensor]) -> None:
+        if self.kind == "swa":
+            # the averaged weights never ran forward: their batch-norm statistics are stale
+            torch.optim.swa_utils.update_bn(batches, self.averaged.module)
 
 
 def fit(
@@ -142,30 +237,28 @@ def fit(
     labelled ones are cycled beside them, `unlabelled_ratio` pseudo per labelled image in
     every batch), otherwise one pass over the labelled images.
     """
-    torch.manual_seed(seed)
-    random.seed(seed)  # timm's RandAugment draws from `random` and numpy
-    np.random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and stochastic depth draw from the global generator
+    gen = torch.Generator().manual_seed(seed)  # every input-noise draw
 
+    dev = device()
+    # Small image sets live on the device for the whole run: a batch is one index away.
+    images, targets = images.to(dev), targets.to(dev)
     labelled_batch = schedule.batch_size
+    pseudo_stream = None
     if pseudo_images is not None and len(pseudo_images):
+        pseudo_images, pseudo_targets = pseudo_images.to(dev), pseudo_targets.to(dev)
         pseudo_batch = max(1, round(schedule.batch_size * schedule.unlabelled_ratio))
         steps_per_epoch = math.ceil(len(pseudo_images) / pseudo_batch)
-        pseudo_stream = _shuffled(len(pseudo_images), gen)
+        pseudo_stream = IndexStream(len(pseudo_images), seed + 1)
     else:
         pseudo_batch = 0
         steps_per_epoch = math.ceil(len(images) / labelled_batch)
-    labelled_stream = _shuffled(len(images), gen)
+    labelled_stream = IndexStream(len(images), seed)
     total_steps = steps_per_epoch * schedule.epochs
 
-    dev = device()
     # channels_last: +22% training images/s for resnet18 at 28 px on this CPU, and the
     # layout tensor cores want on GPUs
     model.to(dev, memory_format=torch.channels_last)
-    channels, height = images.shape[1], images.shape[2]
-    rand_augment = (
-        augment.rand_augment(noise.rand_augment, height, channels) if noise.rand_augment else None
-    )
     optimizer = create_optimizer_v2(
         model,
         "sgd",
@@ -174,45 +267,46 @@ def fit(
         momentum=0.9,
         foreach=True,  # one fused update over all parameters; torch only defaults to it on GPU
     )
-    warmup = min(int(schedule.warmup_epochs * steps_per_epoch), total_steps - 1)
-    scheduler = CosineLRScheduler(
+    scheduler, _ = create_scheduler_v2(
         optimizer,
-        t_initial=total_steps,
-        lr_min=0.0,
-        warmup_t=warmup,
-        warmup_lr_init=schedule.lr * 0.01,
-        t_in_epochs=False,
+        sched=schedule.lr_schedule,
+        num_epochs=schedule.epochs,
+        decay_epochs=schedule.lr_decay_epochs,
+        decay_rate=schedule.lr_decay_rate,
+        warmup_epochs=min(schedule.warmup_epochs, schedule.epochs * (1 - 1 / total_steps)),
+        warmup_lr=schedule.lr * 0.01,
+        min_lr=0.0,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
     )
-    ema = ModelEmaV3(model, decay=schedule.ema_decay, use_warmup=True)
-    criterion = SoftTargetCrossEntropy()
-    result = FitResult(model=ema.module)
+    averager = _Averager(model, schedule, total_steps)
+    result = FitResult(model=averager.module)
     start = time.perf_counter()
     step = 0
     for epoch in range(1, schedule.epochs + 1):
         model.train()
         epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
         for _ in range(steps_per_epoch):
-            idx = _take(labelled_stream, labelled_batch)
+            idx = labelled_stream.take(labelled_batch).to(dev)
             x, y = images[idx], targets[idx]
-            if pseudo_batch:
-                pidx = _take(pseudo_stream, pseudo_batch)
+            if pseudo_stream is not None:
+                pidx = pseudo_stream.take(pseudo_batch).to(dev)
                 x = torch.cat([x, pseudo_images[pidx]])
                 y = torch.cat([y, pseudo_targets[pidx]])
-            if rand_augment is not None:
-                x = rand_augment(x)
-            x = augment.crop_and_flip(augment.to_float(x), noise.crop_padding, noise.hflip, gen)
-
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(dev, non_blocking=True)
+            x = noise.apply(x, gen).contiguous(memory_format=torch.channels_last)
             with autocast(dev, schedule.precision):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
+                logits = model(x).float()
+            if schedule.loss == "distillation":
+                loss = distillation_loss(logits, y, len(idx), schedule.distillation_temperature)
+            else:
+                loss = soft_target_loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            scheduler.step_update(step)
-            ema.update(model, step=step)
+            if scheduler is not None:
+                scheduler.step_update(step)
+            averager.update(step)
             loss_sum += loss.item() * len(x)
             seen += len(x)
 
@@ -222,9 +316,11 @@ def fit(
             "images_per_second": seen / (time.perf_counter() - epoch_start),
         }
         last = epoch == schedule.epochs
+        if last:
+            averager.finish(_clean_batches(images, pseudo_images, schedule.batch_size * 4))
         if eval_images is not None and (epoch % schedule.eval_every == 0 or last):
             metrics["test_accuracy"] = accuracy(
-                ema.module,
+                averager.module,
                 eval_images,
                 eval_labels,
                 schedule.eval_batch_size,
@@ -237,5 +333,16 @@ def fit(
             on_epoch(epoch, metrics)
     result.steps = step
     result.seconds = time.perf_counter() - start
-    ema.module.eval().cpu().to(memory_format=torch.contiguous_format)
+    result.model = averager.module.eval().cpu().to(memory_format=torch.contiguous_format)
     return result
+
+
+def _clean_batches(
+    images: torch.Tensor, pseudo_images: torch.Tensor | None, batch_size: int, limit: int = 8192
+) -> Iterator[torch.Tensor]:
+    """Up to `limit` un-augmented training images, for recomputing batch-norm statistics."""
+    pool = images if pseudo_images is None else torch.cat([images, pseudo_images[:limit]])
+    for i in range(0, min(len(pool), limit), batch_size):
+        yield augment.to_float(pool[i : i + batch_size]).contiguous(
+            memory_format=torch.channels_last
+        )

@@ -33,23 +33,36 @@ def _train_params(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     return {**cfg.model_dump(), **extra}
 
 
-def _schedule(cfg: TrainConfig, unlabelled_ratio: float = 1.0) -> engine.Schedule:
+def _schedule(cfg: TrainConfig) -> engine.Schedule:
+    student = isinstance(cfg, StudentConfig)
     return engine.Schedule(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        lr_decay_epochs=cfg.lr_decay_epochs,
+        lr_decay_rate=cfg.lr_decay_rate,
         warmup_epochs=cfg.warmup_epochs,
+        weight_averaging=cfg.weight_averaging,
         ema_decay=cfg.ema_decay,
-        unlabelled_ratio=unlabelled_ratio,
+        swa_start=cfg.swa_start,
+        loss=cfg.loss if student else "soft_target",
+        distillation_temperature=cfg.distillation_temperature if student else 1.0,
+        unlabelled_ratio=cfg.unlabelled_ratio if student else 1.0,
         eval_every=cfg.eval_every,
         precision=cfg.precision,
     )
 
 
 def _noise(cfg: TrainConfig) -> engine.Noise:
+    ra = cfg.rand_augment
     return engine.Noise(
-        hflip=cfg.hflip, crop_padding=cfg.crop_padding, rand_augment=cfg.rand_augment
+        hflip=cfg.hflip,
+        crop_padding=cfg.crop_padding,
+        rand_augment_ops=ra.num_ops if ra else 0,
+        rand_augment_magnitude=ra.magnitude if ra else 0.0,
+        rand_augment_magnitude_std=ra.magnitude_std if ra else 0.0,
     )
 
 
@@ -219,7 +232,7 @@ def train_student(
             model,
             labelled.images,
             targets,
-            _schedule(cfg, cfg.unlabelled_ratio),
+            _schedule(cfg),
             _noise(cfg),
             seed + iteration,
             pseudo_images=pseudo_images,
