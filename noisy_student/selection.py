@@ -1,9 +1,18 @@
 """Filter and balance pseudo labels: drop what the teacher is unsure of, even out classes.
 
-As in the paper's code: images below `min_confidence` are dropped; each class is then
-brought to a quota, over-quota classes keeping their most confident images and
-under-quota classes duplicated with stochastic rounding (every image of the class is
-repeated floor(q/n) times, plus once more with probability frac(q/n)).
+As the paper's code does it (google-research/noisystudent, filter_unlabel.py), in two passes
+over the shards so that no pass holds every prediction at once:
+
+1. `class_histogram` per shard, summed: how many images of each predicted class reach each
+   confidence, counting only those at or above `min_confidence`.
+2. `plan` turns the summed histograms into a per-class rule, and `select_shard` applies it
+   to one shard at a time. A class over its quota keeps its most confident images: every
+   image above a threshold bin, and a random share of the threshold bin itself. A class
+   under its quota keeps all its images, each repeated floor(q/n) times plus once more with
+   probability frac(q/n) (stochastic rounding).
+
+Confidence bins are fine where softmax confidence piles up, near 1: a bin is 1/256 of a
+decade of (1 - confidence), so 0.9990 and 0.9995 fall in different bins.
 """
 
 from __future__ import annotations
@@ -15,13 +24,72 @@ import pandas as pd
 
 from noisy_student.errors import UserError
 
+BINS_PER_DECADE = 256
+DECADES = 8  # float32 confidences stop 6e-8 short of 1: 7.2 decades
+NUM_BINS = BINS_PER_DECADE * DECADES
+
+
+def confidence_bin(confidence: np.ndarray) -> np.ndarray:
+    """Histogram bin of each confidence; higher confidence, higher bin."""
+    decades = -np.log10(np.clip(1.0 - confidence.astype(np.float64), 1e-12, 1.0))
+    return np.minimum((decades * BINS_PER_DECADE).astype(np.int64), NUM_BINS - 1)
+
+
+def class_histogram(
+    predicted: np.ndarray, confidence: np.ndarray, num_classes: int, min_confidence: float
+) -> np.ndarray:
+    """num_classes x NUM_BINS counts of the images that pass `min_confidence`."""
+    keep = confidence >= min_confidence
+    flat = predicted[keep].astype(np.int64) * NUM_BINS + confidence_bin(confidence[keep])
+    return np.bincount(flat, minlength=num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
+
 
 @dataclass(frozen=True)
-class Selection:
-    rows: pd.DataFrame  # id, target (per-class probabilities), confidence, predicted
-    per_class: pd.DataFrame  # class, predicted, dropped, trimmed, kept, duplicated, final
-    total: int
-    kept_unique: int
+class Plan:
+    """Per class: images in bins above `threshold_bin` are kept, `boundary_keep` of those in
+    it; every kept image gets `copies` copies in expectation."""
+
+    min_confidence: float
+    quota: int | None  # None: no balancing
+    candidates: np.ndarray  # images per class at or above min_confidence
+    threshold_bin: np.ndarray
+    boundary_keep: np.ndarray
+    copies: np.ndarray
+
+
+def plan(
+    histogram: np.ndarray,
+    min_confidence: float,
+    balance: bool = True,
+    per_class_quota: int | None = None,
+) -> Plan:
+    num_classes = histogram.shape[0]
+    candidates = histogram.sum(1)
+    if candidates.sum() == 0:
+        raise UserError(
+            f"selection.min_confidence: nothing left after filtering (no image reaches "
+            f"{min_confidence})"
+        )
+    threshold = np.full(num_classes, -1)  # every bin kept
+    boundary = np.ones(num_classes)
+    copies = np.ones(num_classes)
+    quota = None
+    if balance:
+        quota = per_class_quota or max(1, int(round(candidates.sum() / num_classes)))
+        for c in range(num_classes):
+            n = candidates[c]
+            if n == 0:
+                continue
+            if n > quota:
+                # from the most confident bin down, until the quota is reached
+                from_top = np.cumsum(histogram[c, ::-1])
+                b = NUM_BINS - 1 - int(np.searchsorted(from_top, quota))
+                above = int(histogram[c, b + 1 :].sum())
+                threshold[c] = b
+                boundary[c] = (quota - above) / histogram[c, b]
+            else:
+                copies[c] = quota / n
+    return Plan(min_confidence, quota, candidates, threshold, boundary, copies)
 
 
 def targets_from_probs(
@@ -38,6 +106,77 @@ def targets_from_probs(
     return (tempered / tempered.sum(1, keepdims=True)).astype(np.float32)
 
 
+COUNTS = ("predicted", "dropped", "trimmed", "kept", "duplicated", "final")
+
+
+def select_shard(
+    ids: np.ndarray,
+    probs: np.ndarray,
+    rule: Plan,
+    rng: np.random.Generator,
+    labels: str = "soft",
+    temperature: float = 1.0,
+    hard_label_smoothing: float = 0.1,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The selected rows of one shard (id, target, confidence, predicted, copies) and its
+    per-class counts (num_classes x len(COUNTS)): predicted = dropped (unsure) + trimmed
+    (over quota) + kept; final = kept + duplicated."""
+    num_classes = len(rule.candidates)
+    confidence = probs.max(1)
+    predicted = probs.argmax(1)
+    # both draws are made for every row, so a row's fate does not depend on the others
+    boundary_draw = rng.random(len(ids))
+    copy_draw = rng.random(len(ids))
+    candidate = confidence >= rule.min_confidence
+    b, tb = confidence_bin(confidence), rule.threshold_bin[predicted]
+    keep = candidate & ((b > tb) | ((b == tb) & (boundary_draw < rule.boundary_keep[predicted])))
+    factor = rule.copies[predicted]
+    copies = (np.floor(factor) + (copy_draw < factor - np.floor(factor))).astype(np.int32)
+    copies = np.where(keep, copies, 0)
+
+    def per_class(mask: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(predicted[mask], weights=weights, minlength=num_classes)
+
+    kept = per_class(keep)
+    final = per_class(keep, copies[keep]).astype(np.int64)
+    counts = np.stack(
+        [
+            per_class(np.ones(len(ids), bool)),
+            per_class(~candidate),
+            per_class(candidate & ~keep),
+            kept,
+            final - kept,
+            final,
+        ],
+        axis=1,
+    ).astype(np.int64)
+    targets = targets_from_probs(probs[keep], labels, temperature, hard_label_smoothing)
+    rows = pd.DataFrame(
+        {
+            "id": ids[keep],
+            "target": list(targets.astype(np.float32)),
+            "confidence": confidence[keep].astype(np.float32),
+            "predicted": predicted[keep].astype(np.int32),
+            "copies": copies[keep],
+        }
+    )
+    return rows, counts
+
+
+def counts_frame(counts: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(counts, columns=list(COUNTS))
+    frame.insert(0, "class", np.arange(len(counts)))
+    return frame
+
+
+@dataclass(frozen=True)
+class Selection:
+    rows: pd.DataFrame  # id, target (per-class probabilities), confidence, predicted, copies
+    per_class: pd.DataFrame  # class, predicted, dropped, trimmed, kept, duplicated, final
+    total: int
+    kept_unique: int
+
+
 def select(
     ids: np.ndarray,
     probs: np.ndarray,
@@ -50,59 +189,14 @@ def select(
     hard_label_smoothing: float = 0.1,
     seed: int = 0,
 ) -> Selection:
-    confidence = probs.max(1)
-    predicted = probs.argmax(1)
-    keep = confidence >= min_confidence
-    if not keep.any():
-        raise UserError(
-            f"selection.min_confidence: nothing left after filtering ({len(ids)} images, "
-            f"highest confidence {confidence.max() if len(ids) else 0:.3f} < {min_confidence})"
-        )
-    counts = np.bincount(predicted[keep], minlength=num_classes)
-    quota = per_class_quota or int(round(counts.sum() / num_classes))
-    rng = np.random.default_rng(seed)
+    """Both passes over a single shard; shard index 0 of `seed`'s draws."""
+    hist = class_histogram(probs.argmax(1), probs.max(1), num_classes, min_confidence)
+    rule = plan(hist, min_confidence, balance, per_class_quota)
+    rows, counts = select_shard(
+        ids, probs, rule, shard_rng(seed, 0), labels, temperature, hard_label_smoothing
+    )
+    return Selection(rows, counts_frame(counts), len(ids), len(rows))
 
-    chosen: list[np.ndarray] = []
-    stats = []
-    for c in range(num_classes):
-        members = np.flatnonzero(keep & (predicted == c))
-        # most confident first, so trimming keeps the best and ties break by position
-        members = members[np.argsort(-confidence[members], kind="stable")]
-        n = len(members)
-        dropped = int((predicted == c).sum()) - n
-        if not balance or n == 0:
-            take, duplicated = members, 0
-        elif n >= quota:
-            take, duplicated = members[:quota], 0
-        else:
-            factor = quota / n
-            repeats = np.floor(factor).astype(int) + (rng.random(n) < factor - np.floor(factor))
-            take = np.repeat(members, repeats)
-            duplicated = len(take) - n
-        chosen.append(take)
-        kept = int(min(n, len(take)))
-        stats.append(
-            {
-                # predicted = dropped (unsure) + trimmed (over quota) + kept
-                "class": c,
-                "predicted": int((predicted == c).sum()),
-                "dropped": dropped,
-                "trimmed": n - kept,
-                "kept": kept,
-                "duplicated": int(duplicated),
-                "final": len(take),
-            }
-        )
-    index = np.concatenate(chosen)
-    targets = targets_from_probs(probs[index], labels, temperature, hard_label_smoothing)
-    rows = pd.DataFrame(
-        {
-            "id": ids[index],
-            "target": list(targets.astype(np.float32)),
-            "confidence": confidence[index].astype(np.float32),
-            "predicted": predicted[index].astype(np.int32),
-        }
-    )
-    return Selection(
-        rows, pd.DataFrame(stats), total=len(ids), kept_unique=int(len(np.unique(index)))
-    )
+
+def shard_rng(seed: int, shard_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, shard_index])

@@ -7,6 +7,7 @@ stores), so a reader never sees half a file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -77,10 +78,13 @@ def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=2, sort_keys=False).encode())
 
 
-def write_parquet(url: str, table: pa.Table, row_group_size: int) -> None:
+def write_parquet(url: str, table: pa.Table, row_group_size: int) -> str:
+    """Write one Parquet file in a single atomic put; returns its SHA-256 for a manifest."""
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
-    write_bytes(url, buf.getvalue())
+    data = buf.getvalue()
+    write_bytes(url, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:

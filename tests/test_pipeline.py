@@ -75,9 +75,16 @@ def test_smoke_run_writes_pseudo_labels_and_selection_behind_manifests(smoke_run
     assert sum(s["rows"] for s in pseudo["shards"]) == 2000
     assert pseudo["teacher_run_id"] == it["teacher"]["mlflow_run_id"]
     selected = storage.read_json(storage.join(it["pseudo_labels"]["url"], dataset.MANIFEST))
-    table = pq.read_table(storage.join(it["pseudo_labels"]["url"], selected["files"][0]))
-    assert table.num_rows == selected["rows"] == it["pseudo_labels"]["selected"]
-    assert table.column("target").type.list_size == 10
+    # one selected file per pseudo-label shard; duplicated images carry a copy count
+    tables = [
+        pq.read_table(storage.join(it["pseudo_labels"]["url"], f["file"]))
+        for f in selected["shards"]
+    ]
+    assert [t.num_rows for t in tables] == [f["rows"] for f in selected["shards"]]
+    assert sum(t.num_rows for t in tables) == selected["rows"] == it["pseudo_labels"]["kept"]
+    assert sum(sum(t.column("copies").to_pylist()) for t in tables) == selected["selected"]
+    assert selected["selected"] == it["pseudo_labels"]["selected"]
+    assert tables[0].column("target").type.list_size == 10
     robustness = pq.read_table(storage.join(it["robustness_url"], "robustness.parquet"))
     assert set(robustness.column("role").to_pylist()) == {"teacher", "student"}
 

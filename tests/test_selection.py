@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from noisy_student import selection
 from noisy_student.errors import UserError
 from noisy_student.selection import select, targets_from_probs
 
@@ -35,7 +36,7 @@ def test_selection_keeps_most_confident_images_of_over_quota_classes():
     probs = _probs([0] * 5 + [1], confidence + [0.9])
     sel = select(_ids(6), probs, 3, min_confidence=0.3, per_class_quota=2)
     class0 = sel.rows[sel.rows["predicted"] == 0]
-    assert list(class0["id"]) == ["u3", "u1"]  # 0.95 and 0.9, most confident first
+    assert sorted(class0["id"]) == ["u1", "u3"]  # 0.9 and 0.95, the most confident
     stats = sel.per_class.set_index("class")
     assert stats.loc[0, "final"] == 2 and stats.loc[0, "duplicated"] == 0
 
@@ -44,11 +45,11 @@ def test_selection_duplicates_under_quota_class_to_about_the_quota():
     # class 1 has 3 images for a quota of 10: each appears 3 or 4 times (10/3 = 3.33)
     probs = _probs([0] * 10 + [1] * 3, [0.9] * 13)
     sel = select(_ids(13), probs, 3, min_confidence=0.3, per_class_quota=10)
-    counts = sel.rows[sel.rows["predicted"] == 1]["id"].value_counts()
+    counts = sel.rows[sel.rows["predicted"] == 1].set_index("id")["copies"]
     assert set(counts.index) == {"u10", "u11", "u12"}
     assert set(counts) <= {3, 4}
     assert 9 <= counts.sum() <= 12
-    assert (sel.rows["predicted"] == 0).sum() == 10
+    assert sel.rows[sel.rows["predicted"] == 0]["copies"].sum() == 10
 
 
 def test_stochastic_rounding_hits_the_quota_in_expectation():
@@ -59,7 +60,7 @@ def test_stochastic_rounding_hits_the_quota_in_expectation():
     totals = []
     for seed in range(3):
         sel = select(_ids(n + quota), probs, 3, 0.3, per_class_quota=quota, seed=seed)
-        copies = sel.rows[sel.rows["predicted"] == 1]["id"].value_counts()
+        copies = sel.rows[sel.rows["predicted"] == 1].set_index("id")["copies"]
         assert len(copies) == n and set(copies) == {2, 3}
         totals.append(int(copies.sum()))
     assert all(abs(t - quota) < 80 for t in totals)
@@ -72,8 +73,12 @@ def test_selection_is_deterministic_for_a_seed():
     a = select(_ids(400), probs, 4, 0.3, seed=7)
     b = select(_ids(400), probs, 4, 0.3, seed=7)
     c = select(_ids(400), probs, 4, 0.3, seed=8)
-    assert list(a.rows["id"]) == list(b.rows["id"])
-    assert list(a.rows["id"]) != list(c.rows["id"])
+
+    def chosen(sel):
+        return list(zip(sel.rows["id"], sel.rows["copies"], strict=True))
+
+    assert chosen(a) == chosen(b)
+    assert chosen(a) != chosen(c)
 
 
 def test_default_quota_is_the_mean_kept_per_class():
@@ -137,12 +142,68 @@ def test_per_class_stats_agree_with_the_selected_rows():
         rows_c = sel.rows[sel.rows["predicted"] == c]
         assert row["predicted"] == (predicted == c).sum()
         assert row["dropped"] == ((predicted == c) & ~confident).sum()
-        assert row["final"] == len(rows_c)
-        assert row["kept"] == rows_c["id"].nunique()
-        assert row["duplicated"] == len(rows_c) - rows_c["id"].nunique()
+        assert row["final"] == rows_c["copies"].sum()
+        assert row["kept"] == len(rows_c) == rows_c["id"].nunique()
+        assert row["duplicated"] == rows_c["copies"].sum() - len(rows_c)
         assert row["predicted"] == row["dropped"] + row["trimmed"] + row["kept"]
     assert stats["kept"].sum() == sel.kept_unique
     # the classes were unequal before balancing, and the test must see both kinds
     assert (stats["duplicated"] > 0).any()
     assert (stats["final"] < stats["predicted"] - stats["dropped"]).any()
     assert (stats["trimmed"] > 0).any()
+
+
+def test_confidence_bins_rise_with_confidence_and_separate_values_near_one():
+    conf = np.array([0.0, 0.3, 0.9, 0.99, 0.999, 0.9995, 0.99999, 1.0], dtype=np.float32)
+    bins = selection.confidence_bin(conf)
+    assert list(bins) == sorted(bins) and len(set(bins)) == len(bins)
+    assert bins[-1] == selection.NUM_BINS - 1
+
+
+def test_class_histogram_counts_only_images_at_or_above_min_confidence():
+    predicted = np.array([0, 0, 1, 2, 2])
+    confidence = np.array([0.9, 0.2, 0.5, 0.3, 0.29], dtype=np.float32)
+    hist = selection.class_histogram(predicted, confidence, 3, min_confidence=0.3)
+    assert hist.shape == (3, selection.NUM_BINS)
+    assert list(hist.sum(1)) == [1, 1, 1]
+
+
+def test_over_quota_class_keeps_the_quota_from_its_most_confident_bins():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, size=5000).astype(np.float32)  # class 0 is the argmax
+    hist = selection.class_histogram(np.zeros(5000, int), conf, 2, 0.3)
+    rule = selection.plan(hist, 0.3, per_class_quota=1000)
+    rows, counts = selection.select_shard(
+        np.array([f"u{i}" for i in range(5000)]),
+        np.stack([conf, 1 - conf], 1),
+        rule,
+        selection.shard_rng(0, 0),
+    )
+    kept = rows["confidence"].to_numpy()
+    # about the quota (the boundary bin is shared at random), and nothing kept is less
+    # confident than anything trimmed, up to one bin
+    assert abs(len(kept) - 1000) < 15
+    trimmed = np.setdiff1d(conf, kept)
+    assert selection.confidence_bin(kept).min() >= selection.confidence_bin(trimmed).max()
+    assert counts[0, list(selection.COUNTS).index("trimmed")] == 5000 - len(kept)
+
+
+def test_selecting_shard_by_shard_follows_one_plan_from_the_summed_histograms():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.array([2.0, 0.5, 0.5, 0.2]) * 0.5, size=900).astype(np.float32)
+    ids = np.array([f"u{i}" for i in range(900)])
+    shards = [slice(0, 300), slice(300, 600), slice(600, 900)]
+    hist = sum(
+        selection.class_histogram(probs[s].argmax(1), probs[s].max(1), 4, 0.4) for s in shards
+    )
+    whole = selection.class_histogram(probs.argmax(1), probs.max(1), 4, 0.4)
+    assert np.array_equal(hist, whole)
+    rule = selection.plan(hist, 0.4)
+    counts = sum(
+        selection.select_shard(ids[s], probs[s], rule, selection.shard_rng(0, i))[1]
+        for i, s in enumerate(shards)
+    )
+    final = counts[:, list(selection.COUNTS).index("final")]
+    # every class ends near the quota, the mean candidate count per class
+    assert rule.quota == round(whole.sum() / 4)
+    assert np.all(np.abs(final - rule.quota) < 0.15 * rule.quota)

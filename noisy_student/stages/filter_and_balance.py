@@ -11,10 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from noisy_student import dataset, storage, tracking
+from noisy_student import dataset, selection, storage, tracking
 from noisy_student.config import SelectionConfig
 from noisy_student.errors import UserError
-from noisy_student.selection import select
 from noisy_student.stages.records import (
     Log,
     PseudoLabelShard,
@@ -23,25 +22,23 @@ from noisy_student.stages.records import (
 )
 
 
-def _read_pseudo_labels(shards: list[PseudoLabelShard]) -> tuple[np.ndarray, np.ndarray]:
-    ids, probs = [], []
-    for s in sorted(shards, key=lambda s: s.index):
-        data = storage.read_bytes(s.url)
-        if hashlib.sha256(data).hexdigest() != s.sha256:
-            raise UserError(f"{s.url}: pseudo-label shard changed since it was written")
-        table = pq.read_table(io.BytesIO(data))
-        ids.append(np.asarray(table.column("id").to_pylist(), dtype=object))
-        column = table.column("probs").combine_chunks()
-        probs.append(column.values.to_numpy().reshape(len(column), -1))
-    return np.concatenate(ids), np.concatenate(probs)
+def _read_shard(shard: PseudoLabelShard, columns: list[str]) -> pa.Table:
+    data = storage.read_bytes(shard.url)
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise UserError(f"{shard.url}: pseudo-label shard changed since it was written")
+    return pq.read_table(io.BytesIO(data), columns=columns)
 
 
-def _truth(data_root: str, ids: np.ndarray) -> np.ndarray | None:
+def _truth(data_root: str) -> pd.Series | None:
+    """True labels of the unlabelled images by id, when known: only to score pseudo labels."""
     url = storage.join(data_root, dataset.UNLABELLED_TRUTH)
     if not storage.exists(url):
         return None
-    truth = storage.read_parquet(url).to_pandas().set_index("id")["label"]
-    return truth.reindex(ids).to_numpy()
+    return storage.read_parquet(url).to_pandas().set_index("id")["label"]
+
+
+def _right(truth: pd.Series | None, ids: list[str], predicted: np.ndarray) -> int:
+    return 0 if truth is None else int((truth.reindex(ids).to_numpy() == predicted).sum())
 
 
 def filter_and_balance(
@@ -56,8 +53,10 @@ def filter_and_balance(
     seed: int,
     log: Log = print,
 ) -> SelectedPseudoLabels:
-    """Drop unsure images, balance classes, and write the student's pseudo-labelled set."""
+    """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
+    in two passes over the shards (selection.py says how)."""
     start = time.perf_counter()
+    shards = sorted(shards, key=lambda s: s.index)
     lineage = {
         f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
         f"{tracking.TAG}teacher_url": teacher.url,
@@ -85,7 +84,7 @@ def filter_and_balance(
             "teacher_run_id": teacher.mlflow_run_id,
             "shards": [
                 {"file": s.url.rsplit("/", 1)[-1], "rows": s.rows, "sha256": s.sha256}
-                for s in sorted(shards, key=lambda s: s.index)
+                for s in shards
             ],
         },
     )
@@ -95,72 +94,90 @@ def filter_and_balance(
     )
     with tracking.failed_on_error(run_id, inference_run):
         manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-        ids, probs = _read_pseudo_labels(shards)
-        if len(ids) == 0:
+        k = manifest.num_classes
+        truth = _truth(data_root)
+        total = sum(s.rows for s in shards)
+        if total == 0:
             raise UserError(f"{manifest.url}: the unlabelled set is empty")
-        truth = _truth(data_root, ids)
-        accuracy_all = float((probs.argmax(1) == truth).mean()) if truth is not None else None
+
+        # pass 1: per-class confidence histograms, two small columns per shard
+        histogram = np.zeros((k, selection.NUM_BINS), dtype=np.int64)
+        confidence_sum, right_all = 0.0, 0
+        for s in shards:
+            table = _read_shard(s, ["id", "predicted", "confidence"])
+            predicted = table.column("predicted").to_numpy()
+            confidence = table.column("confidence").to_numpy()
+            histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
+            confidence_sum += float(confidence.sum())
+            right_all += _right(truth, table.column("id").to_pylist(), predicted)
+        accuracy_all = right_all / total if truth is not None else None
         tracking.log_metrics(
             inference_run,
             {
-                "images": len(ids),
+                "images": total,
                 "seconds": inference_seconds,
-                "mean_confidence": float(probs.max(1).mean()),
-                **({"pseudo_label_accuracy": accuracy_all} if accuracy_all is not None else {}),
+                "mean_confidence": confidence_sum / total,
+                **({"pseudo_label_accuracy": accuracy_all} if truth is not None else {}),
             },
         )
         tracking.end_run(inference_run)
+        rule = selection.plan(histogram, cfg.min_confidence, cfg.balance, cfg.per_class_quota)
 
-        sel = select(
-            ids,
-            probs,
-            manifest.num_classes,
-            cfg.min_confidence,
-            cfg.balance,
-            cfg.per_class_quota,
-            cfg.labels,
-            cfg.temperature,
-            cfg.hard_label_smoothing,
-            seed,
-        )
-        accuracy = None
-        if truth is not None:
-            # hash-based: np.isin on object (string) arrays compares all pairs, 80 s here
-            kept = pd.Index(ids).isin(sel.rows["id"])
-            accuracy = float((probs.argmax(1)[kept] == truth[kept]).mean())
+        # pass 2: apply the plan shard by shard, one selected file per pseudo-label shard
+        counts = np.zeros((k, len(selection.COUNTS)), dtype=np.int64)
+        files, right_kept = [], 0
+        for s in shards:
+            table = _read_shard(s, ["id", "probs"])
+            ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+            column = table.column("probs").combine_chunks()
+            probs = column.values.to_numpy().reshape(len(column), k)
+            rows, shard_counts = selection.select_shard(
+                ids,
+                probs,
+                rule,
+                selection.shard_rng(seed, s.index),
+                cfg.labels,
+                cfg.temperature,
+                cfg.hard_label_smoothing,
+            )
+            counts += shard_counts
+            right_kept += _right(truth, list(rows["id"]), rows["predicted"].to_numpy())
+            targets = np.stack(rows["target"].to_numpy()) if len(rows) else np.zeros((0, k))
+            name = f"part-{s.index:05d}.parquet"
+            sha256 = storage.write_parquet(
+                storage.join(out_url, name),
+                pa.table(
+                    {
+                        "id": rows["id"].astype(str).tolist(),
+                        "target": pa.FixedSizeListArray.from_arrays(
+                            pa.array(targets.reshape(-1).astype(np.float32)), k
+                        ),
+                        "confidence": rows["confidence"].to_numpy(),
+                        "predicted": rows["predicted"].to_numpy(),
+                        "copies": rows["copies"].to_numpy(),
+                    }
+                ),
+                row_group_size=65536,
+            )
+            files.append({"file": name, "rows": len(rows), "sha256": sha256})
 
-        k = manifest.num_classes
-        targets = np.stack(sel.rows["target"].to_numpy()).astype(np.float32)
-        table = pa.table(
-            {
-                "id": sel.rows["id"].astype(str).tolist(),
-                "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.reshape(-1)), k),
-                "confidence": sel.rows["confidence"].to_numpy(),
-                "predicted": sel.rows["predicted"].to_numpy(),
-            }
-        )
-        storage.write_parquet(
-            storage.join(out_url, "part-00000.parquet"), table, row_group_size=65536
-        )
-        per_class = sel.per_class.assign(
-            name=[manifest.class_names[c] for c in sel.per_class["class"]]
-        )
+        per_class = selection.counts_frame(counts)
+        per_class["name"] = [manifest.class_names[c] for c in per_class["class"]]
+        kept, selected = int(per_class["kept"].sum()), int(per_class["final"].sum())
+        accuracy = right_kept / kept if truth is not None and kept else None
         storage.write_json(
             storage.join(out_url, dataset.MANIFEST),
             {
                 "format": "noisy-student-selection",
-                "rows": len(sel.rows),
-                "files": ["part-00000.parquet"],
+                "rows": kept,
+                "selected": selected,
+                "quota": rule.quota,
+                "shards": files,
                 "pseudo_labels_url": pseudo_url,
                 "per_class": per_class.to_dict(orient="records"),
             },
         )
-        metrics = {
-            "total": sel.total,
-            "kept": sel.kept_unique,
-            "selected": len(sel.rows),
-            "dropped": sel.total - sel.kept_unique,
-        }
+        metrics = {"total": total, "kept": kept, "selected": selected, "dropped": total - kept}
         if accuracy is not None:
             metrics |= {
                 "pseudo_label_accuracy": accuracy,
@@ -178,17 +195,17 @@ def filter_and_balance(
         )
         tracking.end_run(run_id)
         log(
-            f"pseudo labels: {sel.total} images, {sel.kept_unique} kept, {len(sel.rows)} after "
-            f"balancing" + (f", {accuracy:.2%} right" if accuracy is not None else "")
+            f"pseudo labels: {total} images, {kept} kept, {selected} after balancing"
+            + (f", {accuracy:.2%} right" if accuracy is not None else "")
         )
         return SelectedPseudoLabels(
             out_url,
             pseudo_url,
             run_id,
             inference_run,
-            sel.total,
-            sel.kept_unique,
-            len(sel.rows),
+            total,
+            kept,
+            selected,
             accuracy,
             accuracy_all,
             inference_seconds,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from noisy_student import dataset, engine, models, storage
 from noisy_student.stages.records import PseudoLabelShard
@@ -30,22 +27,16 @@ def infer_pseudo_labels(
     teacher.to(engine.device())
     probs = engine.predict_probs(teacher, shard.images, batch_size, precision).numpy()
     k = probs.shape[1] if probs.ndim == 2 else manifest.num_classes
+    probs = probs.reshape(-1, k)
     table = pa.table(
         {
             "id": shard.ids,
-            "probs": pa.FixedSizeListArray.from_arrays(
-                pa.array(probs.reshape(-1), pa.float32()), k
-            ),
+            # the selection's first pass reads only these two columns
+            "predicted": pa.array(probs.argmax(1), pa.int32()),
+            "confidence": pa.array(probs.max(1), pa.float32()),
+            "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), k),
         }
     )
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=dataset.ROW_GROUP_SIZE * 8)
     url = storage.join(out_url, f"part-{shard_index:05d}.parquet")
-    storage.write_bytes(url, buf.getvalue())
-    return PseudoLabelShard(
-        shard_index,
-        url,
-        len(shard.ids),
-        hashlib.sha256(buf.getvalue()).hexdigest(),
-        time.perf_counter() - start,
-    )
+    sha256 = storage.write_parquet(url, table, row_group_size=dataset.ROW_GROUP_SIZE * 8)
+    return PseudoLabelShard(shard_index, url, len(shard.ids), sha256, time.perf_counter() - start)

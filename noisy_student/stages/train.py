@@ -151,20 +151,27 @@ def train_teacher(
 def _load_selected(
     selected_url: str, unlabelled: dataset.ImageSet
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected images and their targets, each repeated as often as balancing said."""
     info = storage.read_json(storage.join(selected_url, dataset.MANIFEST))
-    table = storage.read_parquet(storage.join(selected_url, info["files"][0]))
-    if table.num_rows != info["rows"]:
-        raise UserError(f"{selected_url}: {table.num_rows} rows, manifest says {info['rows']}")
     position = pd.Series(np.arange(len(unlabelled)), index=unlabelled.ids)
-    ids = table.column("id").to_pylist()
-    index = position.reindex(ids)
-    if index.isna().any():
-        raise UserError(
-            f"{selected_url}: id {ids[int(index.isna().argmax())]!r} is not in the unlabelled set"
-        )
-    target = table.column("target").combine_chunks()
-    targets = torch.from_numpy(target.values.to_numpy().reshape(len(target), -1).copy())
-    return unlabelled.images[torch.from_numpy(index.to_numpy(dtype=np.int64, copy=True))], targets
+    index, targets = [], []
+    for entry in info["shards"]:
+        url = storage.join(selected_url, entry["file"])
+        table = storage.read_parquet(url)
+        if table.num_rows != entry["rows"]:
+            raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
+        ids = table.column("id").to_pylist()
+        found = position.reindex(ids)
+        if found.isna().any():
+            raise UserError(
+                f"{url}: id {ids[int(found.isna().argmax())]!r} is not in the unlabelled set"
+            )
+        copies = table.column("copies").to_numpy()
+        target = table.column("target").combine_chunks()
+        index.append(np.repeat(found.to_numpy(dtype=np.int64), copies))
+        targets.append(np.repeat(target.values.to_numpy().reshape(len(target), -1), copies, 0))
+    index = torch.from_numpy(np.concatenate(index))
+    return unlabelled.images[index], torch.from_numpy(np.concatenate(targets))
 
 
 def train_student(
