@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= pipeline_config/fashion_mnist.yaml
 
-.PHONY: setup demo smoke test lint
+.PHONY: setup demo smoke test lint bench-accuracy
 
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
@@ -22,6 +22,10 @@ demo: setup  ## the default pipeline on Fashion-MNIST (about 10 minutes on 2 CPU
 
 smoke: setup  ## the same pipeline on a slice of the data with tiny models (about a minute)
 	$(UV) run noisy-student run -c pipeline_config/smoke.yaml
+
+REFERENCE_EPOCHS ?= 10
+bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 1.5 hours on 2 CPU cores)
+	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
 test: setup
 	$(UV) run pytest -q
