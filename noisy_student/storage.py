@@ -2,24 +2,164 @@
 
 Nothing else in the project touches paths or file systems directly. Writes go to a
 temporary name first and are moved into place (a rename locally, a single PUT on object
-stores), so a reader never sees half a file.
+stores), so a reader never sees half a file, and writing the same bytes again is harmless.
+
+Every request is retried with exponential backoff and jitter when it fails for a reason
+that may pass (an S3 5xx or SlowDown, a timeout, a reset connection); never when the
+answer will not change (no such key, access denied). What still fails becomes a one-line
+`StorageError` naming the URL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import io
 import json
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from noisy_student.errors import StorageError, StorageUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 5  # tries in all, the first included
+    base_delay: float = 0.5  # seconds before the second try; doubled for each further one
+    max_delay: float = 10.0
+
+
+RETRY = RetryPolicy()
+
+# Error codes S3-compatible stores answer when the request may succeed if repeated.
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
+# Network failures by class name, so that botocore and aiohttp need not be imported here.
+_TRANSIENT_CLASSES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ClientConnectionError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+    "FSTimeoutError",
+}
+# ... and by errno, as s3fs reports a 500 (EREMOTEIO) or a 503 SlowDown (EBUSY)
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EREMOTEIO,
+    errno.EBUSY,
+}
+_AUTH_CLASSES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what caused it: s3fs turns a botocore 5xx into a plain OSError."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether repeating the request may succeed."""
+    for e in _chain(exc):
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+            return False
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _AUTH_CLASSES:
+            return False
+        if isinstance(e, ConnectionError | TimeoutError) or names & _TRANSIENT_CLASSES:
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        response = getattr(e, "response", None)  # botocore's ClientError
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return code in _TRANSIENT_CODES or int(status) >= 500 or code[:1] == "5"
+    return False
+
+
+def _is_auth(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, PermissionError) or {c.__name__ for c in type(e).__mro__} & _AUTH_CLASSES
+        for e in _chain(exc)
+    )
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def backoff(attempt: int, policy: RetryPolicy) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential, with jitter so that
+    many workers failing together do not retry together."""
+    delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def call(url: str, fn: Callable[[], T]) -> T:
+    """Run one storage request on `url`, retrying transient failures with backoff.
+
+    A refusal (credentials) or a failure outlasting the retries becomes a one-line
+    StorageError naming the URL; other errors (FileNotFoundError, ...) pass unchanged.
+    """
+    policy = RETRY
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:
+            if is_transient(e):
+                if attempt < policy.attempts:
+                    time.sleep(backoff(attempt, policy))
+                    continue
+                raise StorageUnavailable(
+                    f"{url}: storage unreachable after {attempt} attempts: {_one_line(e)}"
+                ) from e
+            if _is_auth(e):
+                raise StorageError(
+                    f"{url}: access denied ({_one_line(e)}); check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+                ) from e
+            raise
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def resolve(url: str) -> str:
@@ -42,32 +182,60 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    fs.invalidate_cache()  # s3fs caches listings per instance; another writer may have added it
-    return fs.exists(path)
+
+    def check() -> bool:
+        fs.invalidate_cache()  # s3fs caches listings per instance; another writer may have added it
+        return fs.exists(path)
+
+    return call(url, check)
 
 
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
-    fs.makedirs(path, exist_ok=True)
+    call(url, lambda: fs.makedirs(path, exist_ok=True))
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return call(url, read)
+
+
+TMP_SUFFIX = ".tmp-"
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # What a killed attempt left behind: never read (the name differs), removed here.
+    for stale in glob.glob(glob.escape(path) + TMP_SUFFIX + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    tmp = f"{path}{TMP_SUFFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_bytes(url: str, data: bytes) -> None:
+    """Write the whole object at once; repeating the call with the same bytes is harmless."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        call(url, lambda: _write_local(path, data))
     else:
-        # One PUT of the whole object: atomic on S3-compatible stores.
-        fs.pipe_file(path, data)
+        # One PUT of the whole object (or one completed multipart upload for very large
+        # ones): atomic on S3-compatible stores, so a retry simply replaces it.
+        call(url, lambda: fs.pipe_file(path, data))
 
 
 def read_json(url: str) -> Any:
@@ -89,11 +257,40 @@ def write_parquet(url: str, table: pa.Table, row_group_size: int) -> str:
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return call(url, read)
 
 
 def remove(url: str) -> None:
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+
+    def rm() -> None:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    call(url, rm)
+
+
+def find(url: str) -> list[str]:
+    """URLs of every file under a folder, sorted."""
+    fs, path = filesystem(url)
+    found = call(url, lambda: fs.find(path))
+    return [join(url, posixpath.relpath(p, path)) for p in sorted(found)]
+
+
+def isdir(url: str) -> bool:
+    fs, path = filesystem(url)
+    return call(url, lambda: fs.isdir(path))
+
+
+def subfolders(url: str) -> list[str]:
+    """Names of the folders directly under a folder, sorted."""
+    fs, path = filesystem(url)
+    entries = call(url, lambda: fs.ls(path, detail=True))
+    return sorted(
+        posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"
+    )
