@@ -65,6 +65,8 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
         args.image_size,
         args.mode,
         args.rows_per_shard,
+        args.on_bad_image,
+        args.on_mismatch,
     )
     _print_dataset(out)
 
@@ -72,12 +74,18 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
 def _print_dataset(root: str) -> None:
     from noisy_student import dataset, storage
 
+    skipped = []
     for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
         m = dataset.read_manifest(storage.join(root, split))
+        skipped += storage.read_json(storage.join(m.url, dataset.MANIFEST)).get("skipped", [])
         print(
             f"{split:<10} {m.num_rows:>7} images in {len(m.shards)} shard(s), "
             f"{m.mode} {m.width}x{m.height}, {m.num_classes} classes"
         )
+    if skipped:
+        print(f"skipped {len(skipped)} bad image(s) (listed in the manifests under 'skipped'):")
+        for s in skipped:
+            print(f"  {s['file']}: {s['reason']}")
     print(f"dataset: {root}")
 
 
@@ -135,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     imf.add_argument("--image-size", type=int, required=True, help="resize every image to NxN")
     imf.add_argument("--mode", choices=["L", "RGB"], default="RGB", help="grayscale or colour")
     imf.add_argument("--rows-per-shard", type=int, default=8192)
+    imf.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="a corrupt or non-image file stops the ingest (error), or is left out and "
+        "listed (skip)",
+    )
+    imf.add_argument(
+        "--on-mismatch",
+        choices=["convert", "error"],
+        default="convert",
+        help="an image of another size or mode is converted and resized (convert), or is "
+        "a bad image (error)",
+    )
     imf.set_defaults(func=_cmd_ingest_image_folder)
 
     pred = sub.add_parser("predict", help="top-k classes for images")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,9 @@ def encode_png(array: np.ndarray) -> bytes:
 class DatasetWriter:
     """Writes shards as rows arrive, then the manifest; use as a context manager.
 
-    If the block raises, no manifest is written, so the folder stays unreadable.
+    If the block raises, no manifest is written and the shards written so far are
+    removed. `commit=False` leaves the manifest to a later `commit()`, so that several
+    splits become visible together, once all of them are complete.
     """
 
     def __init__(
@@ -90,21 +92,28 @@ class DatasetWriter:
         width: int,
         mode: str,
         rows_per_shard: int = 8192,
+        extra: dict[str, Any] | None = None,
     ):
         self.url = storage.resolve(url)
         self.split = split
         self.class_names = class_names
         self.height, self.width, self.mode = height, width, mode
         self.rows_per_shard = rows_per_shard
+        self.extra = dict(extra or {})  # more manifest fields, e.g. the images skipped
         self._pending: list[tuple[str, bytes, int | None]] = []
         self._shards: list[dict[str, Any]] = []
         self._ids: set[str] = set()
+        self.labels_seen: set[int] = set()
 
     def __enter__(self) -> DatasetWriter:
         # A manifest from an earlier write would vouch for shards we are about to replace.
         storage.remove(storage.join(self.url, MANIFEST))
         storage.makedirs(self.url)
         return self
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s["rows"] for s in self._shards) + len(self._pending)
 
     def add(self, id: str, image: bytes, label: int | None) -> None:
         if id in self._ids:
@@ -114,6 +123,8 @@ class DatasetWriter:
                 f"{self.url}: id {id!r}: label {label} outside [0, {len(self.class_names)})"
             )
         self._ids.add(id)
+        if label is not None:
+            self.labels_seen.add(label)
         self._pending.append((id, image, label))
         if len(self._pending) >= self.rows_per_shard:
             self._flush()
@@ -135,9 +146,13 @@ class DatasetWriter:
         )
         self._pending = []
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            return
+    def abort(self) -> None:
+        """Remove the shards written so far: without a manifest nobody reads them anyway."""
+        for s in self._shards:
+            storage.remove(storage.join(self.url, s["file"]))
+        self._shards, self._pending = [], []
+
+    def commit(self) -> None:
         self._flush()
         digest = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode())
         storage.write_json(
@@ -156,8 +171,15 @@ class DatasetWriter:
                 },
                 "shards": self._shards,
                 "digest": digest.hexdigest(),
+                **self.extra,
             },
         )
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        self.commit()
 
 
 def read_manifest(url: str) -> Manifest:
@@ -275,6 +297,37 @@ def require_labels(manifest: Manifest, images: ImageSet) -> None:
         raise UserError(f"{manifest.url}: no labelled image for class {absent[0]!r}")
 
 
+def stage_rows(
+    url: str,
+    split: str,
+    class_names: list[str],
+    rows: Iterable[tuple[str, np.ndarray, int | None]],
+    rows_per_shard: int = 8192,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> DatasetWriter:
+    """Encode arrays (H x W or H x W x 3, uint8) as PNG and write the shards of a dataset;
+    its manifest waits for the writer's `commit()`. On an error the shards written so far
+    are removed. `extra` gives more manifest fields once the rows are consumed."""
+    writer: DatasetWriter | None = None
+    try:
+        for id, array, label in rows:
+            if writer is None:
+                mode = "L" if array.ndim == 2 else "RGB"
+                writer = DatasetWriter(
+                    url, split, class_names, array.shape[0], array.shape[1], mode, rows_per_shard
+                ).__enter__()
+            writer.add(id, encode_png(array), label)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        raise UserError(f"{storage.resolve(url)}: no images to write for split {split!r}")
+    if extra is not None:
+        writer.extra.update(extra())
+    return writer
+
+
 def write_rows(
     url: str,
     split: str,
@@ -282,16 +335,6 @@ def write_rows(
     rows: Iterable[tuple[str, np.ndarray, int | None]],
     rows_per_shard: int = 8192,
 ) -> Manifest:
-    """Encode arrays (H x W or H x W x 3, uint8) as PNG and write a dataset."""
-    writer: DatasetWriter | None = None
-    for id, array, label in rows:
-        if writer is None:
-            mode = "L" if array.ndim == 2 else "RGB"
-            writer = DatasetWriter(
-                url, split, class_names, array.shape[0], array.shape[1], mode, rows_per_shard
-            ).__enter__()
-        writer.add(id, encode_png(array), label)
-    if writer is None:
-        raise UserError(f"{url}: no images to write for split {split!r}")
-    writer.__exit__(None, None, None)
+    """Encode arrays as PNG and write a dataset, manifest included."""
+    stage_rows(url, split, class_names, rows, rows_per_shard).commit()
     return read_manifest(url)

@@ -3,6 +3,9 @@
 Both write a dataset root with the splits `labelled/`, `unlabelled/` and `test/`, and,
 when the true labels of the unlabelled images are known, `unlabelled_truth.parquet`
 beside them. Those labels never reach training: they only score the pseudo labels.
+
+All or nothing: the shards of every split are written first, the manifests last and
+only when every split is complete; on an error the shards written are removed.
 """
 
 from __future__ import annotations
@@ -11,13 +14,23 @@ import gzip
 import io
 import posixpath
 import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from noisy_student import storage
-from noisy_student.dataset import LABELLED, TEST, UNLABELLED, UNLABELLED_TRUTH, write_rows
+from noisy_student.dataset import (
+    LABELLED,
+    TEST,
+    UNLABELLED,
+    UNLABELLED_TRUTH,
+    DatasetWriter,
+    stage_rows,
+)
 from noisy_student.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -62,6 +75,42 @@ def write_truth(root: str, ids: list[str], labels: list[int]) -> None:
     storage.write_parquet(storage.join(root, UNLABELLED_TRUTH), table, row_group_size=65536)
 
 
+Rows = Iterable[tuple[str, np.ndarray, int | None]]
+
+
+def _write_splits(
+    out: str,
+    class_names: list[str],
+    splits: list[tuple[str, Rows, Callable[[], dict] | None]],
+    rows_per_shard: int,
+    truth: tuple[list[str], list[int]] | None = None,
+    every_class_labelled: bool = False,
+) -> None:
+    """Every split's shards, then the truth file, then the manifests: a failure anywhere
+    leaves no manifest, so no split of a half-ingested root can be read."""
+    writers: list[DatasetWriter] = []
+    try:
+        for split, rows, extra in splits:
+            writers.append(
+                stage_rows(
+                    storage.join(out, split), split, class_names, rows, rows_per_shard, extra
+                )
+            )
+        labelled = next((w for w in writers if w.split == LABELLED), None)
+        if every_class_labelled and labelled is not None:
+            absent = [n for c, n in enumerate(class_names) if c not in labelled.labels_seen]
+            if absent:
+                raise UserError(f"{labelled.url}: no labelled image for class {absent[0]!r}")
+        if truth is not None:
+            write_truth(out, *truth)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in writers:
+        w.commit()
+
+
 def fashion_mnist(
     out: str,
     source: str = FASHION_MNIST_DIR,
@@ -90,32 +139,66 @@ def fashion_mnist(
     if test_limit is not None:
         test = np.sort(np.random.default_rng(seed + 2).permutation(test)[:test_limit])
 
-    classes = FASHION_MNIST_CLASSES
-    write_truth(out, [f"train-{i:05d}" for i in rest], [int(y_train[i]) for i in rest])
-    for split, x, y, idx, prefix, keep_label in [
-        (LABELLED, x_train, y_train, labelled, "train", True),
-        (UNLABELLED, x_train, y_train, rest, "train", False),
-        (TEST, x_test, y_test, test, "test", True),
-    ]:
-        rows = ((f"{prefix}-{i:05d}", x[i], int(y[i]) if keep_label else None) for i in idx)
-        write_rows(storage.join(out, split), split, classes, rows, rows_per_shard)
+    def rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray, prefix: str, keep_label: bool) -> Rows:
+        return ((f"{prefix}-{i:05d}", x[i], int(y[i]) if keep_label else None) for i in idx)
+
+    _write_splits(
+        out,
+        FASHION_MNIST_CLASSES,
+        [
+            (LABELLED, rows(x_train, y_train, labelled, "train", True), None),
+            (UNLABELLED, rows(x_train, y_train, rest, "train", False), None),
+            (TEST, rows(x_test, y_test, test, "test", True), None),
+        ],
+        rows_per_shard,
+        truth=([f"train-{i:05d}" for i in rest], [int(y_train[i]) for i in rest]),
+    )
     return out
 
 
-def _list_images(fs, folder: str) -> list[str]:
-    files = sorted(p for p in fs.find(folder) if not posixpath.basename(p).startswith("."))
-    return files
+@dataclass
+class BadImages:
+    """Images left out under `on_bad_image="skip"`: (URL, reason) pairs."""
+
+    policy: Literal["error", "skip"] = "error"
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def reject(self, url: str, reason: str) -> None:
+        if self.policy == "error":
+            raise UserError(f"{url}: {reason}")
+        self.skipped.append((url, reason))
+
+    def of(self, folder: str) -> list[dict[str, str]]:
+        prefix = folder.rstrip("/") + "/"
+        return [{"file": u, "reason": r} for u, r in self.skipped if u.startswith(prefix)]
 
 
-def _load_image(fs, path: str, url: str, size: int, mode: str) -> np.ndarray:
-    if posixpath.splitext(path)[1].lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"{url}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
+def _relative(url: str, root: str) -> str:
+    return url[len(root) :].lstrip("/")
+
+
+def _list_images(folder: str) -> list[str]:
+    return [u for u in storage.find(folder) if not posixpath.basename(u).startswith(".")]
+
+
+def _load_image(
+    url: str, size: int, mode: str, on_mismatch: str, bad: BadImages
+) -> np.ndarray | None:
+    """The image at `url` as `mode` at size x size, or None when `bad` skips it."""
+    if posixpath.splitext(url)[1].lower() not in IMAGE_SUFFIXES:
+        bad.reject(url, f"not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
+        return None
     try:
-        with fs.open(path, "rb") as f:
-            img = Image.open(io.BytesIO(f.read()))
-            img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{url}: corrupt image: {e}") from None
+        img = Image.open(io.BytesIO(storage.read_bytes(url)))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        bad.reject(url, f"corrupt image: {' '.join(str(e).split())}")
+        return None
+    if on_mismatch == "error" and (img.mode != mode or img.size != (size, size)):
+        bad.reject(
+            url, f"image is {img.mode} {img.size[0]}x{img.size[1]}, expected {mode} {size}x{size}"
+        )
+        return None
     img = img.convert(mode)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -130,56 +213,56 @@ def image_folder(
     image_size: int,
     mode: str = "RGB",
     rows_per_shard: int = 8192,
+    on_bad_image: Literal["error", "skip"] = "error",
+    on_mismatch: Literal["convert", "error"] = "convert",
 ) -> str:
     """`labelled` and `test` hold one sub-folder per class; `unlabelled` holds images only.
 
-    Every image is converted to `mode` ("L" or "RGB") and resized to image_size^2.
+    Every image is converted to `mode` ("L" or "RGB") and resized to image_size^2, or,
+    with `on_mismatch="error"`, one of another mode or size is a bad image. A bad image
+    (not an image, corrupt, mismatched) stops the ingest naming it, or with
+    `on_bad_image="skip"` is left out and listed in its split's manifest under `skipped`.
     """
     if mode not in ("L", "RGB"):
         raise UserError(f"mode must be 'L' or 'RGB', not {mode!r}")
     out = storage.resolve(out)
-    fs, lab_root = storage.filesystem(storage.resolve(labelled))
-    if not fs.isdir(lab_root):
-        raise UserError(f"{labelled}: folder not found")
-    classes = sorted(
-        posixpath.basename(p.rstrip("/")) for p in fs.ls(lab_root, detail=False) if fs.isdir(p)
-    )
+    bad = BadImages(on_bad_image)
+    labelled, unlabelled, test = (storage.resolve(u) for u in (labelled, unlabelled, test))
+    for folder in (labelled, unlabelled, test):
+        if not storage.isdir(folder):
+            raise UserError(f"{folder}: folder not found")
+    classes = storage.subfolders(labelled)
     if not classes:
         raise UserError(f"{labelled}: no class sub-folders")
 
-    def class_rows(url: str, split: str):
-        fs, root = storage.filesystem(storage.resolve(url))
-        if not fs.isdir(root):
-            raise UserError(f"{url}: folder not found")
-        for p in _list_images(fs, root):
-            rel = posixpath.relpath(p, root)
+    def class_rows(root: str, split: str) -> Rows:
+        for url in _list_images(root):
+            rel = _relative(url, root)
             cls = rel.split("/")[0]
             if cls not in classes:
-                raise UserError(f"{storage.join(url, rel)}: class {cls!r} not among {classes}")
-            img = _load_image(fs, p, storage.join(url, rel), image_size, mode)
-            yield f"{split}/{rel}", img, classes.index(cls)
+                raise UserError(f"{url}: class {cls!r} not among {classes}")
+            img = _load_image(url, image_size, mode, on_mismatch, bad)
+            if img is not None:
+                yield f"{split}/{rel}", img, classes.index(cls)
 
-    def plain_rows(url: str):
-        fs, root = storage.filesystem(storage.resolve(url))
-        if not fs.isdir(root):
-            raise UserError(f"{url}: folder not found")
-        for p in _list_images(fs, root):
-            rel = posixpath.relpath(p, root)
-            yield (
-                f"unlabelled/{rel}",
-                _load_image(fs, p, storage.join(url, rel), image_size, mode),
-                None,
-            )
+    def plain_rows(root: str) -> Rows:
+        for url in _list_images(root):
+            img = _load_image(url, image_size, mode, on_mismatch, bad)
+            if img is not None:
+                yield f"unlabelled/{_relative(url, root)}", img, None
 
-    write_rows(
-        storage.join(out, LABELLED),
-        LABELLED,
+    def skipped(root: str) -> Callable[[], dict]:
+        return lambda: {"skipped": bad.of(root)} if bad.of(root) else {}
+
+    _write_splits(
+        out,
         classes,
-        class_rows(labelled, LABELLED),
+        [
+            (LABELLED, class_rows(labelled, LABELLED), skipped(labelled)),
+            (UNLABELLED, plain_rows(unlabelled), skipped(unlabelled)),
+            (TEST, class_rows(test, TEST), skipped(test)),
+        ],
         rows_per_shard,
+        every_class_labelled=True,
     )
-    write_rows(
-        storage.join(out, UNLABELLED), UNLABELLED, classes, plain_rows(unlabelled), rows_per_shard
-    )
-    write_rows(storage.join(out, TEST), TEST, classes, class_rows(test, TEST), rows_per_shard)
     return out

@@ -63,8 +63,9 @@ def test_manifest_is_not_written_when_the_writing_block_raises(tmp_path):
         for i, a in enumerate(_images(5)):
             w.add(f"img-{i}", dataset.encode_png(a), 0)
         raise RuntimeError("crash mid-write")
-    # shards were flushed, but without a manifest the folder is not a dataset
-    assert storage.exists(storage.join(url, "part-00000.parquet"))
+    # the shards flushed before the crash are removed, and without a manifest the folder
+    # is not a dataset
+    assert not storage.exists(storage.join(url, "part-00000.parquet"))
     with pytest.raises(UserError, match=re.escape(url) + ".*no dataset here"):
         dataset.read_manifest(url)
 

@@ -202,3 +202,89 @@ def test_cli_ingest_with_missing_source_exits_2_with_one_line_error(tmp_path, ca
     assert err.startswith("error: ")
     assert err.count("\n") == 1  # one line, no traceback
     assert str(missing) in err
+
+
+# --- bad input: all or nothing, or skipped and reported
+
+
+def _no_split_readable(out) -> None:
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        assert not (out / split / dataset.MANIFEST).exists()
+        assert not list((out / split).glob("part-*.parquet"))
+
+
+def test_a_bad_image_in_the_last_split_leaves_no_split_readable(image_tree, tmp_path):
+    (image_tree / "test" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"test/dog/broken\.png: corrupt image"):
+        _ingest(image_tree, out)
+    _no_split_readable(out)  # labelled and unlabelled were written first, then removed
+
+
+def test_skip_policy_leaves_bad_images_out_and_lists_them(image_tree, tmp_path, capsys):
+    (image_tree / "unlabelled" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (image_tree / "unlabelled" / "notes.txt").write_text("not a picture")
+    (image_tree / "labelled" / "cat" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    cli.main(
+        [
+            "ingest",
+            "image-folder",
+            "--out",
+            str(out),
+            "--labelled",
+            str(image_tree / "labelled"),
+            "--unlabelled",
+            str(image_tree / "unlabelled"),
+            "--test",
+            str(image_tree / "test"),
+            "--image-size",
+            "16",
+            "--on-bad-image",
+            "skip",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "skipped 3 bad image(s)" in printed
+    assert re.search(r"unlabelled/broken\.png: corrupt image", printed)
+    assert re.search(r"unlabelled/notes\.txt: not an image file", printed)
+    _, unlabelled = _split(str(out), dataset.UNLABELLED)
+    assert unlabelled.ids == ["unlabelled/nested/u2.bmp", "unlabelled/u1.png"]
+    _, labelled = _split(str(out), dataset.LABELLED)
+    assert len(labelled) == 3
+    listed = storage.read_json(storage.join(str(out), dataset.UNLABELLED, dataset.MANIFEST))
+    assert sorted(s["file"].rsplit("/", 1)[1] for s in listed["skipped"]) == [
+        "broken.png",
+        "notes.txt",
+    ]
+
+
+def test_mismatched_sizes_and_modes_are_converted_or_refused_as_configured(image_tree, tmp_path):
+    # image_tree mixes RGB and L images of five sizes: converted by default (see above) ...
+    with pytest.raises(
+        UserError, match=r"labelled/cat/c1\.png: image is RGB 20x30, expected RGB 16x16"
+    ):
+        ingest.image_folder(
+            str(tmp_path / "out"),
+            str(image_tree / "labelled"),
+            str(image_tree / "unlabelled"),
+            str(image_tree / "test"),
+            image_size=16,
+            on_mismatch="error",
+        )
+    _no_split_readable(tmp_path / "out")
+
+
+def test_a_class_without_labelled_images_is_refused_naming_it(image_tree, tmp_path):
+    (image_tree / "labelled" / "bird").mkdir()
+    with pytest.raises(UserError, match="no labelled image for class 'bird'"):
+        _ingest(image_tree, tmp_path / "out")
+    _no_split_readable(tmp_path / "out")
+
+
+def test_an_empty_unlabelled_folder_is_refused_naming_it(image_tree, tmp_path):
+    for p in (image_tree / "unlabelled").rglob("*.*"):
+        p.unlink()
+    with pytest.raises(UserError, match="unlabelled: no images to write for split 'unlabelled'"):
+        _ingest(image_tree, tmp_path / "out")
+    _no_split_readable(tmp_path / "out")
