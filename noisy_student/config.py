@@ -103,6 +103,12 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Save the training state every N steps too (it is saved after every "
+        "epoch); a killed run resumes from the last save",
+    )
 
     @field_validator("model")
     @classmethod

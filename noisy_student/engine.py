@@ -20,6 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from noisy_student import augment
+from noisy_student.training_state import TrainingState
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -164,6 +165,7 @@ class FitResult:
     final_accuracy: float | None = None
     steps: int = 0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # 0: trained from the start
 
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -190,6 +192,13 @@ def distillation_loss(
 class _Averager:
     """The weights that get evaluated and returned: an EMA (updated every step), SWA (a plain
     mean of the last steps' weights, batch-norm statistics recomputed at the end) or none."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.averaged is None else self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state)
 
     def __init__(self, model: nn.Module, schedule: Schedule, total_steps: int):
         self.kind = schedule.weight_averaging
@@ -230,12 +239,18 @@ def fit(
     eval_images: torch.Tensor | None = None,
     eval_labels: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
+    state: TrainingState | None = None,
 ) -> FitResult:
     """Train on labelled (images, targets), plus pseudo-labelled ones when given.
 
     An epoch is one pass over the pseudo-labelled images when there are any (the
     labelled ones are cycled beside them, `unlabelled_ratio` pseudo per labelled image in
     every batch), otherwise one pass over the labelled images.
+
+    With a `state`, everything that decides the next step (weights, optimizer, averaged
+    weights, scheduler, index streams, random generators) is saved after every epoch (and
+    every `state.every_steps` steps), and a saved state is picked up first: on the same
+    device, a run resumed from it ends with the same weights as one never stopped.
     """
     torch.manual_seed(seed)  # dropout and stochastic depth draw from the global generator
     gen = torch.Generator().manual_seed(seed)  # every input-noise draw
@@ -282,11 +297,47 @@ def fit(
     averager = _Averager(model, schedule, total_steps)
     result = FitResult(model=averager.module)
     start = time.perf_counter()
-    step = 0
-    for epoch in range(1, schedule.epochs + 1):
+    step, loss_sum, seen = 0, 0.0, 0
+    streams = {"labelled": labelled_stream, "pseudo": pseudo_stream}
+
+    def snapshot() -> dict:
+        return {
+            "step": step,
+            "epoch_loss_sum": loss_sum,
+            "epoch_seen": seen,
+            "history": result.history,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "averaged": averager.state_dict(),
+            "streams": {k: v.state_dict() for k, v in streams.items() if v is not None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "noise": gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
+            },
+        }
+
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        step, loss_sum, seen = saved["step"], saved["epoch_loss_sum"], saved["epoch_seen"]
+        result.history = saved["history"]
+        result.resumed_from_step = step
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        averager.load_state_dict(saved["averaged"])
+        for k, v in saved["streams"].items():
+            streams[k].load_state_dict(v)
+        torch.set_rng_state(saved["rng"]["torch"])
+        gen.set_state(saved["rng"]["noise"])
+        if saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    for epoch in range(step // steps_per_epoch + 1, schedule.epochs + 1):
         model.train()
-        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for _ in range(steps_per_epoch):
+        epoch_start = time.perf_counter()
+        for _ in range(step - (epoch - 1) * steps_per_epoch, steps_per_epoch):
             idx = labelled_stream.take(labelled_batch).to(dev)
             x, y = images[idx], targets[idx]
             if pseudo_stream is not None:
@@ -309,6 +360,10 @@ def fit(
             averager.update(step)
             loss_sum += loss.item() * len(x)
             seen += len(x)
+            if state is not None:
+                if state.every_steps and step % state.every_steps == 0 and step % steps_per_epoch:
+                    state.save(snapshot(), step)
+                state.kill_point(f"step={step}")
 
         metrics = {
             "train_loss": loss_sum / seen,
@@ -331,6 +386,13 @@ def fit(
         result.history.append({"epoch": epoch, **metrics})
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        loss_sum, seen = 0.0, 0
+        if state is not None:
+            state.save(snapshot(), step)
+            state.kill_point(f"epoch={epoch}")
+    if result.history and result.final_accuracy is None:
+        # resumed from the state saved after the last epoch: nothing left to train
+        result.final_accuracy = result.history[-1].get("test_accuracy")
     result.steps = step
     result.seconds = time.perf_counter() - start
     result.model = averager.module.eval().cpu().to(memory_format=torch.contiguous_format)

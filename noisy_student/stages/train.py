@@ -15,6 +15,9 @@ from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.prepare_data import load_labelled, load_test
 from noisy_student.stages.records import Log, SelectedPseudoLabels, TrainedModel
+from noisy_student.training_state import TrainingState
+
+STATE_FOLDER = "_training_state"  # beside the model files, inside the stage's folder
 
 
 def _meta(cfg: TrainConfig, manifest: dataset.Manifest) -> models.ModelMeta:
@@ -64,6 +67,24 @@ def _noise(cfg: TrainConfig) -> engine.Noise:
         rand_augment_magnitude=ra.magnitude if ra else 0.0,
         rand_augment_magnitude_std=ra.magnitude_std if ra else 0.0,
     )
+
+
+def _training_state(
+    cfg: TrainConfig, out_url: str, label: str, seed: int, **identity: Any
+) -> TrainingState:
+    """The state of this training run: the same config, seed and data find it again."""
+    return TrainingState(
+        storage.join(out_url, STATE_FOLDER),
+        {"config": cfg.model_dump(), "seed": seed, **identity},
+        cfg.checkpoint_every_steps,
+        label,
+    )
+
+
+def _report_resume(fit: engine.FitResult, label: str, run_id: str, log: Log) -> None:
+    if fit.resumed_from_step:
+        log(f"{label}: resumed from its saved state at step {fit.resumed_from_step} of {fit.steps}")
+        tracking.log_metrics(run_id, {"resumed_from_step": fit.resumed_from_step})
 
 
 def _epoch_logger(run_id: str, role: str, log: Log) -> engine.EpochCallback:
@@ -122,6 +143,7 @@ def train_teacher(
         {f"{tracking.TAG}role": "teacher", f"{tracking.TAG}data_root": data_root},
     )
     with tracking.failed_on_error(run_id):
+        torch.manual_seed(seed)  # the initial weights, so that a seed repeats a run
         model = models.create(
             cfg.model,
             manifest.num_classes,
@@ -142,7 +164,11 @@ def train_teacher(
             eval_images=test.images,
             eval_labels=test.labels,
             on_epoch=_epoch_logger(run_id, "teacher", log),
+            state=_training_state(
+                cfg, out_url, "teacher", seed, labelled=len(labelled), data_root=data_root
+            ),
         )
+        _report_resume(fit, "teacher", run_id, log)
         return _finish_training(
             "teacher", 1, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
         )
@@ -217,6 +243,7 @@ def train_student(
             f"selected-{iteration}",
             "training",
         )
+        torch.manual_seed(seed + iteration)  # the initial weights, so that a seed repeats a run
         model = models.create(
             cfg.model,
             manifest.num_classes,
@@ -247,7 +274,18 @@ def train_student(
             eval_images=test.images,
             eval_labels=test.labels,
             on_epoch=_epoch_logger(run_id, f"student {iteration}", log),
+            state=_training_state(
+                cfg,
+                out_url,
+                f"student-{iteration}",
+                seed + iteration,
+                labelled=len(labelled),
+                pseudo_labelled=len(pseudo_images),
+                selected_url=selected.url,
+                teacher_url=teacher.url,
+            ),
         )
+        _report_resume(fit, f"student {iteration}", run_id, log)
         student = _finish_training(
             "student", iteration, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
         )
