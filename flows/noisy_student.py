@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import time
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from noisy_student import report, storage, tracking
+import tasks
+from noisy_student import report, runs, storage, tracking
 from noisy_student.config import PipelineConfig
-from tasks import (
-    evaluate_robustness,
-    filter_and_balance,
-    infer_pseudo_labels,
-    prepare_data,
-    train_student,
-    train_teacher,
-)
-
-
-def new_run_id() -> str:
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+from tasks import prepare_data
 
 
 @flow(name="noisy-student", log_prints=True)
@@ -31,24 +19,38 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
     """Train a teacher, then for every configured student: label the unlabelled images,
     keep the confident ones with classes balanced, train the noised student on labelled
     plus pseudo-labelled images, compare robustness, and make the student the next teacher.
-    Returns summary.json's content."""
+    Returns summary.json's content.
+
+    The run id defaults to one derived from the config and the data, so running the same
+    command again after a crash resumes the run: finished stages and shards are reused,
+    training continues from its last saved state."""
     start = time.perf_counter()
-    run_id = run_id or new_run_id()
+    data_root, shard_indices = prepare_data(config.data.root, config.data.fashion_mnist)
+    run_id = run_id or runs.run_identity(config, data_root)
     run_url = storage.join(storage.resolve(config.artifacts), "runs", run_id)
-    parent = tracking.start_run(
+    parent = tracking.start_pipeline_run(
         config.name,
         run_id,
         config.model_dump(),
         {
-            f"{tracking.TAG}pipeline_run_id": run_id,
             f"{tracking.TAG}artifacts_url": run_url,
             "prefect.flow_run_id": str(flow_run.id or ""),
         },
     )
-    print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.tracking_uri()}")
+    print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.display_uri()}")
+    # finished tasks' results live in the run folder: found again by a resumed run
+    results = runs.task_results_folder(run_url)
+    train_teacher, infer_pseudo_labels, filter_and_balance, train_student, evaluate_robustness = (
+        t.with_options(result_storage=results)
+        for t in (
+            tasks.train_teacher,
+            tasks.infer_pseudo_labels,
+            tasks.filter_and_balance,
+            tasks.train_student,
+            tasks.evaluate_robustness,
+        )
+    )
     try:
-        data_root, shard_indices = prepare_data(config.data.root, config.data.fashion_mnist)
-
         teacher = train_teacher(
             config.teacher,
             data_root,

@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (YAML syntax), e.g. students.0.epochs=1; repeatable",
     )
-    run.add_argument("--run-id", help="name of this run (default: timestamp + random suffix)")
+    run.add_argument(
+        "--run-id",
+        help="name of this run (default: derived from the config and the data, so that "
+        "running the same command again after a crash resumes the run)",
+    )
     run.set_defaults(func=_cmd_run)
 
     ingest = sub.add_parser("ingest", help="write raw images in the dataset format")

@@ -72,7 +72,7 @@ def summary(
         "artifacts_url": run_url,
         "data_root": data_root,
         "mlflow": {
-            "tracking_uri": tracking.tracking_uri(),
+            "tracking_uri": tracking.display_uri(),
             "experiment": config.name,
             "parent_run_id": parent_run_id,
         },

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -33,6 +34,19 @@ TAG = "noisy_student."  # prefix of every lineage tag
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+_CREDENTIALS_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.I)
+
+
+def redact(text: str) -> str:
+    """Hide credentials written into a URL (https://user:secret@host -> https://***@host)."""
+    return _CREDENTIALS_IN_URL.sub(r"\g<scheme>***@", text)
+
+
+def display_uri() -> str:
+    """The tracking URI as it may be printed or recorded."""
+    return redact(tracking_uri())
 
 
 def client() -> MlflowClient:
@@ -73,15 +87,47 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> str:
     c = client()
-    all_tags = dict(tags or {})
+    all_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
     if params:
-        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, redact(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             c.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def _continue(run_id: str, params: dict[str, Any] | None, tags: dict[str, str]) -> str:
+    """Mark an interrupted run as running again; a param logged twice must keep its value,
+    which holds here since a resumed stage has the same inputs."""
+    c = client()
+    c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    logged = c.get_run(run_id).data.params
+    items = [
+        Param(k, redact(v)[:6000]) for k, v in flatten(params or {}).items() if k not in logged
+    ]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+    set_tags(run_id, tags)
+    return run_id
+
+
+def start_pipeline_run(
+    experiment: str, pipeline_run_id: str, params: dict[str, Any], tags: dict[str, str]
+) -> str:
+    """The parent run of a pipeline run: the one started earlier under the same pipeline
+    run id when there is one (a resumed run continues it), else a new one."""
+    found = client().search_runs(
+        [experiment_id(experiment)],
+        f"tags.`{TAG}pipeline_run_id` = '{pipeline_run_id}'",
+    )
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    if parents:
+        return _continue(parents[0].info.run_id, params, tags)
+    return start_run(
+        experiment, pipeline_run_id, params, {**tags, f"{TAG}pipeline_run_id": pipeline_run_id}
+    )
 
 
 def start_stage_run(
@@ -91,6 +137,9 @@ def start_stage_run(
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
+    """A child run of the pipeline run for one stage of one iteration. If an earlier
+    attempt of the same stage was interrupted, its run is continued instead: its metrics
+    (the epochs trained before a crash) stay with the stage."""
     c = client()
     parent = c.get_run(parent_run_id)
     experiment = c.get_experiment(parent.info.experiment_id).name
@@ -98,6 +147,14 @@ def start_stage_run(
     pipeline = parent.data.tags.get(f"{TAG}pipeline_run_id")
     if pipeline:
         all_tags[f"{TAG}pipeline_run_id"] = pipeline
+    earlier = c.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG}stage` = '{stage}' "
+        f"and tags.`{TAG}iteration` = '{iteration}'",
+    )
+    unfinished = [r for r in earlier if r.info.status != "FINISHED"]
+    if unfinished:
+        return _continue(unfinished[0].info.run_id, params, all_tags)
     return start_run(experiment, f"{stage}-{iteration}", params, all_tags, parent_run_id)
 
 
@@ -108,7 +165,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client().log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
 def log_dict(run_id: str, obj: Any, artifact_file: str) -> None:

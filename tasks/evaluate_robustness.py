@@ -4,9 +4,10 @@ from prefect import get_run_logger, task
 
 from noisy_student import stages
 from noisy_student.config import EvaluationConfig
+from tasks.policies import CACHED, IO_RETRIES
 
 
-@task(name="evaluate_robustness")
+@task(name="evaluate_robustness", **CACHED, **IO_RETRIES)
 def evaluate_robustness(
     trained: list[stages.TrainedModel],
     cfg: EvaluationConfig,

@@ -4,9 +4,10 @@ from prefect import get_run_logger, task
 
 from noisy_student import stages
 from noisy_student.config import SelectionConfig
+from tasks.policies import CACHED, IO_RETRIES
 
 
-@task(name="filter_and_balance")
+@task(name="filter_and_balance", **CACHED, **IO_RETRIES)
 def filter_and_balance(
     shards: list[stages.PseudoLabelShard],
     cfg: SelectionConfig,

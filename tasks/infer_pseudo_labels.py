@@ -3,9 +3,10 @@
 from prefect import task
 
 from noisy_student import stages
+from tasks.policies import CACHED, IO_RETRIES
 
 
-@task(name="infer_pseudo_labels", retries=2, retry_delay_seconds=[2, 10])
+@task(name="infer_pseudo_labels", **CACHED, **IO_RETRIES)
 def infer_pseudo_labels(
     shard_index: int,
     data_root: str,
@@ -14,7 +15,8 @@ def infer_pseudo_labels(
     batch_size: int,
     precision: str,
 ) -> stages.PseudoLabelShard:
-    # Retried: the work is a pure function of its inputs and the write is one atomic put.
+    # Retried on transient storage errors: the work is a pure function of its inputs and
+    # the write is one atomic put. Cached per shard: a resumed run redoes only missing ones.
     return stages.infer_pseudo_labels(
         data_root, shard_index, teacher_url, out_url, batch_size, precision
     )

@@ -4,9 +4,12 @@ from prefect import get_run_logger, task
 
 from noisy_student import stages
 from noisy_student.config import StudentConfig
+from tasks.policies import CACHED
 
 
-@task(name="train_student")
+# No retries: a failure here is a bug or bad input, and a killed run resumes from the
+# training state saved after every epoch instead of starting over.
+@task(name="train_student", **CACHED)
 def train_student(
     cfg: StudentConfig,
     data_root: str,

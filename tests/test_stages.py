@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import s3fs
 
 from noisy_student import config, dataset, ingest, stages, storage
@@ -99,3 +101,52 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
         [tracking.experiment_id("empty-test")], "tags.noisy_student.stage = 'filter_and_balance'"
     )
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypatch, capsys, caplog):
+    """S3 credentials come from the environment and stay there: a stage reading and writing
+    s3:// logs nothing of them, in its messages, MLflow params, tags or artifacts."""
+    import logging
+
+    from noisy_student import tracking
+
+    key_id, secret = "AKIAKEEPTHISPRIVATE7", "s3cr3t-that-must-not-leak-4242"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    s3fs.S3FileSystem.clear_instance_cache()
+    caplog.set_level(logging.DEBUG, logger="noisy_student")
+    root = "s3://ns-test/creds/data"
+    from tests.conftest import FASHION_MNIST
+
+    ingest.fashion_mnist(
+        root, FASHION_MNIST, labelled_per_class=2, unlabelled_limit=20, test_limit=100
+    )
+    cfg = config.load(
+        REPO / "pipeline_config/smoke.yaml",
+        [f"data.root={root}", "artifacts=s3://ns-test/creds/artifacts", "teacher.epochs=1"],
+    )
+    logs: list[str] = []
+    parent = tracking.start_pipeline_run(
+        "creds-test",
+        "run-1",
+        {**cfg.model_dump(), "note": f"https://user:{secret}@example.com/x"},
+        {"source": f"s3://{key_id}:{secret}@bucket/key"},
+    )
+    stages.train_teacher(
+        cfg.teacher, root, "s3://ns-test/creds/run/teacher", parent, 0, logs.append
+    )
+
+    client = tracking.client()
+    recorded = []
+    for run in client.search_runs([tracking.experiment_id("creds-test")]):
+        recorded += list(run.data.params.values()) + list(run.data.tags.values())
+        for f in client.list_artifacts(run.info.run_id):
+            if f.path.endswith(".json"):
+                local = client.download_artifacts(run.info.run_id, f.path)
+                recorded.append(Path(local).read_text())
+    out = capsys.readouterr()
+    everything = "\n".join(recorded + logs + [out.out, out.err, caplog.text])
+    assert root in everything  # the URLs are recorded ...
+    assert secret not in everything and key_id not in everything  # ... the credentials not
+    assert "https://***@example.com/x" in everything
+    s3fs.S3FileSystem.clear_instance_cache()

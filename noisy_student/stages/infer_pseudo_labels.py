@@ -6,7 +6,7 @@ import time
 
 import pyarrow as pa
 
-from noisy_student import dataset, engine, models, storage
+from noisy_student import dataset, engine, faults, models, storage
 from noisy_student.stages.records import PseudoLabelShard
 
 
@@ -21,6 +21,7 @@ def infer_pseudo_labels(
     """Class probabilities for one shard of unlabelled images: the teacher in eval mode on
     clean images (no augmentation, no dropout, no stochastic depth)."""
     start = time.perf_counter()
+    faults.kill_point(f"pseudo-labels:shard={shard_index}")
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     shard = dataset.load_shard(manifest, shard_index)
     teacher, _ = models.load(teacher_url)

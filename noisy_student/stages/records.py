@@ -45,7 +45,7 @@ class SelectedPseudoLabels:
     accuracy_all: float | None
     inference_seconds: float
     seconds: float
-    per_class: list[dict[str, int]] = field(default_factory=list)
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # counts and the name
 
 
 @dataclass

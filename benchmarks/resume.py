@@ -1,0 +1,208 @@
+"""How much work does a killed and resumed run redo? Measured against an uninterrupted run.
+
+Runs the real command three ways on one dataset, each in a fresh artifacts folder:
+1. uninterrupted: `noisy-student run -c CONFIG`;
+2. killed: the same command with NOISY_STUDENT_KILL_AT set, once per `--kill-at` point
+   (the process kills itself with SIGKILL there, as `kill -9` would; see
+   noisy_student/faults.py), each attempt resuming what the previous one left;
+3. resumed: the same command once more, which must finish.
+
+Then prints, and writes as JSON with `--out`: wall times; per task, how many runs
+finished, were reused from cache, or were lost to a kill; training steps per model and
+how many were redone after resuming; and whether the resumed run's figures and weights
+are identical to the uninterrupted run's (they should be, on CPU with the same seed).
+
+    uv run python -m benchmarks.resume -c pipeline_config/smoke.yaml \\
+        --kill-at pseudo-labels:shard=1 --kill-at student-1:step=40
+    uv run python -m benchmarks.resume -c pipeline_config/fashion_mnist.yaml \\
+        --kill-at student-1:epoch=2 --out benchmarks/results/resume-demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from noisy_student import config as config_mod
+from noisy_student import models, stages, storage
+
+FINISHED = re.compile(r"Task run '(?P<task>[a-z_]+)-[^']*' - Finished in state (?P<state>\w+)\(")
+RESUMED = re.compile(
+    r"(?P<model>teacher|student \d+): resumed from its saved state at step (?P<step>\d+)"
+)
+KILL_STEP = re.compile(r"(?P<model>teacher|student-\d+):(?P<unit>step|epoch)=(?P<n>\d+)")
+
+
+def run(cfg_path: str, overrides: list[str], folder: Path, env: dict[str, str]) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "noisy_student.cli", "run", "-c", cfg_path]
+    for o in [*overrides, f"artifacts={folder / 'artifacts'}"]:
+        command += ["--set", o]
+    start = time.perf_counter()
+    done = subprocess.run(
+        command,
+        env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"},
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
+    output = done.stdout + done.stderr
+    kill = env.get("NOISY_STUDENT_KILL_AT")
+    (folder / f"log-{kill or 'finish'}.txt".replace(":", "_")).write_text(output)
+    return {
+        "kill_at": kill,
+        "returncode": done.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "tasks": dict(Counter(f"{m['task']}:{m['state']}" for m in FINISHED.finditer(output))),
+        "resumed_from": {m["model"]: int(m["step"]) for m in RESUMED.finditer(output)},
+        "summary": output.strip().splitlines()[-1].removeprefix("summary: ")
+        if done.returncode == 0
+        else None,
+        "tail": output[-1500:] if done.returncode not in (0, -9) else "",
+    }
+
+
+def training_steps(folder: Path) -> dict[str, int]:
+    """Steps of every training run, from its MLflow run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    out = {}
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id]):
+            tags = r.data.tags
+            if tags.get("noisy_student.stage") in ("train_teacher", "train_student"):
+                role = "teacher" if tags["noisy_student.stage"] == "train_teacher" else "student"
+                name = role if role == "teacher" else f"student {tags['noisy_student.iteration']}"
+                out[name] = int(r.data.metrics.get("steps", 0))
+    return out
+
+
+def weights_digest(url: str) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(url, models.WEIGHTS))).hexdigest()
+
+
+def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for it in summary["iterations"]:
+        out.append(
+            {
+                "iteration": it["iteration"],
+                "teacher_accuracy": it["teacher"]["test_accuracy"],
+                "student_accuracy": it["student"]["test_accuracy"],
+                "student_corruption_accuracy": it["student"]["corruption_accuracy"],
+                "pseudo_labels": {
+                    k: it["pseudo_labels"][k] for k in ("total", "kept", "selected", "accuracy")
+                },
+                "teacher_weights": weights_digest(it["teacher"]["url"]),
+                "student_weights": weights_digest(it["student"]["url"]),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--kill-at", action="append", required=True, help="a kill point; repeat for more kills"
+    )
+    parser.add_argument("--workdir", default=f"./artifacts/resume-bench-{int(time.time())}")
+    parser.add_argument(
+        "--shard-workers",
+        type=int,
+        help="inference shards run at once (PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS); "
+        "default: Prefect's (all at once)",
+    )
+    parser.add_argument("--out", help="write the figures as JSON here too")
+    args = parser.parse_args()
+
+    work = Path(args.workdir).resolve()
+    cfg = config_mod.load(args.config, args.set)
+    # the dataset is ingested once, outside the measurement, and shared by both runs
+    stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if args.shard_workers:
+        env["PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS"] = str(args.shard_workers)
+    env.pop("NOISY_STUDENT_KILL_AT", None)
+
+    print(f"uninterrupted run in {work / 'uninterrupted'} ...", flush=True)
+    whole = run(args.config, args.set, work / "uninterrupted", env)
+    if whole["returncode"] != 0:
+        sys.exit(f"the uninterrupted run failed:\n{whole['tail']}")
+    attempts = []
+    for point in args.kill_at:
+        print(f"run killed at {point} ...", flush=True)
+        attempts.append(
+            run(args.config, args.set, work / "resumed", {**env, "NOISY_STUDENT_KILL_AT": point})
+        )
+        if attempts[-1]["returncode"] != -9:
+            print(f"  not killed (exit {attempts[-1]['returncode']}): the point was not reached")
+    print("resumed run ...", flush=True)
+    final = run(args.config, args.set, work / "resumed", env)
+    if final["returncode"] != 0:
+        sys.exit(f"the resumed run failed:\n{final['tail']}")
+
+    steps = training_steps(work / "uninterrupted")
+    redone: dict[str, int] = {}
+    for attempt, point in zip(attempts, args.kill_at, strict=True):
+        m = KILL_STEP.fullmatch(point)
+        if m is None or attempt["returncode"] != -9:
+            continue
+        model = m["model"].replace("-", " ")
+        later = next((a for a in [*attempts, final] if model in a["resumed_from"]), None)
+        resumed_from = later["resumed_from"][model] if later else 0
+        done_before_kill = int(m["n"]) if m["unit"] == "step" else resumed_from
+        redone[model] = redone.get(model, 0) + done_before_kill - resumed_from
+
+    a, b = (
+        figures(storage.read_json(whole["summary"])),
+        figures(storage.read_json(final["summary"])),
+    )
+    report = {
+        "config": args.config,
+        "overrides": args.set,
+        "kill_at": args.kill_at,
+        "uninterrupted": whole,
+        "killed_attempts": attempts,
+        "resumed": final,
+        "seconds": {
+            "uninterrupted": whole["seconds"],
+            "killed_and_resumed": round(sum(x["seconds"] for x in [*attempts, final]), 1),
+        },
+        "training_steps": steps,
+        "training_steps_redone": redone,
+        "identical_figures_and_weights": a == b,
+        "figures": {"uninterrupted": a, "resumed": b},
+    }
+    print()
+    print(f"uninterrupted: {whole['seconds']} s")
+    for x in attempts:
+        print(f"killed at {x['kill_at']}: {x['seconds']} s, exit {x['returncode']}")
+        print(f"  tasks: {x['tasks']}")
+    print(f"resumed to the end: {final['seconds']} s")
+    print(f"  tasks: {final['tasks']}")
+    print(
+        f"wall time killed + resumed / uninterrupted: "
+        f"{report['seconds']['killed_and_resumed'] / whole['seconds']:.2f}"
+    )
+    print(f"training steps per model: {steps}; redone after resuming: {redone or 'none'}")
+    print(f"resumed run's figures and weights identical to the uninterrupted run's: {a == b}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

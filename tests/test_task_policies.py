@@ -1,0 +1,44 @@
+"""The tasks' cache and retry policies."""
+
+from __future__ import annotations
+
+from prefect.serializers import JSONSerializer
+
+from noisy_student.stages.records import (
+    PseudoLabelShard,
+    Robustness,
+    SelectedPseudoLabels,
+    TrainedModel,
+)
+from tasks import policies
+
+
+def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
+    """A cached result that fails to read back is silently a cache miss: the work redone."""
+    records = [
+        TrainedModel("teacher", 1, "resnet18", "/r/teacher", "abc", 0.81, 12.5),
+        PseudoLabelShard(3, "/r/pseudo/part-00003.parquet", 8192, "f" * 64, 4.25),
+        SelectedPseudoLabels(
+            "/r/selected",
+            "/r/pseudo",
+            "run1",
+            "run2",
+            100,
+            80,
+            90,
+            0.9,
+            None,
+            1.5,
+            2.5,
+            [{"class": 0, "kept": 8, "final": 9, "name": "T-shirt/top"}],
+        ),
+        Robustness("/r/rob", "run3", 3.0, [{"role": "student", "per_corruption": {"fog": 0.5}}]),
+    ]
+    serializer = JSONSerializer()
+    for record in records:
+        assert serializer.loads(serializer.dumps(record)) == record
+
+
+def test_the_core_source_is_part_of_the_cache_key_and_stable():
+    key = policies.CoreSource().compute_key(None, {}, {})
+    assert key == policies.CoreSource().compute_key(None, {}, {}) and len(key) == 64
