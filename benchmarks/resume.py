@@ -25,10 +25,14 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ FINISHED = re.compile(r"Task run '(?P<task>[a-z_]+)-[^']*' - Finished in state (
 RESUMED = re.compile(
     r"(?P<model>teacher|student \d+): resumed from its saved state at step (?P<step>\d+)"
 )
+SUMMARY = re.compile(r"^summary: (\S+)$", re.M)
 KILL_STEP = re.compile(r"(?P<model>teacher|student-\d+):(?P<unit>step|epoch)=(?P<n>\d+)")
 
 
@@ -47,28 +52,68 @@ def run(cfg_path: str, overrides: list[str], folder: Path, env: dict[str, str]) 
     command = [sys.executable, "-m", "noisy_student.cli", "run", "-c", cfg_path]
     for o in [*overrides, f"artifacts={folder / 'artifacts'}"]:
         command += ["--set", o]
-    start = time.perf_counter()
-    done = subprocess.run(
-        command,
-        env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"},
-        cwd=folder,
-        capture_output=True,
-        text=True,
-    )
-    output = done.stdout + done.stderr
     kill = env.get("NOISY_STUDENT_KILL_AT")
-    (folder / f"log-{kill or 'finish'}.txt".replace(":", "_")).write_text(output)
+    log = folder / f"log-{kill or 'finish'}.txt".replace(":", "_").replace("=", "-")
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(
+            command,
+            env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"},
+            cwd=folder,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    output = log.read_text()
     return {
         "kill_at": kill,
         "returncode": done.returncode,
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": dict(Counter(f"{m['task']}:{m['state']}" for m in FINISHED.finditer(output))),
         "resumed_from": {m["model"]: int(m["step"]) for m in RESUMED.finditer(output)},
-        "summary": output.strip().splitlines()[-1].removeprefix("summary: ")
-        if done.returncode == 0
-        else None,
+        "summary": SUMMARY.findall(output)[-1] if done.returncode == 0 else None,
         "tail": output[-1500:] if done.returncode not in (0, -9) else "",
     }
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """One Prefect server on 127.0.0.1 for every run: none of them pays for starting its
+    own temporary one, and none leaves one behind when it is killed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=open(home / "server.log", "w"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit(f"prefect server failed; see {home / 'server.log'}")
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def training_steps(folder: Path) -> dict[str, int]:
@@ -129,29 +174,33 @@ def main() -> None:
 
     work = Path(args.workdir).resolve()
     cfg = config_mod.load(args.config, args.set)
-    # the dataset is ingested once, outside the measurement, and shared by both runs
-    stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
+    # the dataset is ingested once, outside the measurement, and shared by both runs, which
+    # run in folders of their own: paths made absolute
+    data_root = stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
+    args.config = str(Path(args.config).resolve())
+    args.set = [*args.set, f"data.root={data_root}"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if args.shard_workers:
         env["PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS"] = str(args.shard_workers)
     env.pop("NOISY_STUDENT_KILL_AT", None)
 
-    print(f"uninterrupted run in {work / 'uninterrupted'} ...", flush=True)
-    whole = run(args.config, args.set, work / "uninterrupted", env)
-    if whole["returncode"] != 0:
-        sys.exit(f"the uninterrupted run failed:\n{whole['tail']}")
-    attempts = []
-    for point in args.kill_at:
-        print(f"run killed at {point} ...", flush=True)
-        attempts.append(
-            run(args.config, args.set, work / "resumed", {**env, "NOISY_STUDENT_KILL_AT": point})
-        )
-        if attempts[-1]["returncode"] != -9:
-            print(f"  not killed (exit {attempts[-1]['returncode']}): the point was not reached")
-    print("resumed run ...", flush=True)
-    final = run(args.config, args.set, work / "resumed", env)
-    if final["returncode"] != 0:
-        sys.exit(f"the resumed run failed:\n{final['tail']}")
+    with prefect_server(work / "prefect-home") as api_url:
+        env["PREFECT_API_URL"] = api_url
+        print(f"uninterrupted run in {work / 'uninterrupted'} ...", flush=True)
+        whole = run(args.config, args.set, work / "uninterrupted", env)
+        if whole["returncode"] != 0:
+            sys.exit(f"the uninterrupted run failed:\n{whole['tail']}")
+        attempts = []
+        for point in args.kill_at:
+            print(f"run killed at {point} ...", flush=True)
+            killed_env = {**env, "NOISY_STUDENT_KILL_AT": point}
+            attempts.append(run(args.config, args.set, work / "resumed", killed_env))
+            if attempts[-1]["returncode"] != -9:
+                print(f"  not killed (exit {attempts[-1]['returncode']}): point not reached")
+        print("resumed run ...", flush=True)
+        final = run(args.config, args.set, work / "resumed", env)
+        if final["returncode"] != 0:
+            sys.exit(f"the resumed run failed:\n{final['tail']}")
 
     steps = training_steps(work / "uninterrupted")
     redone: dict[str, int] = {}

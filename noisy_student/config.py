@@ -106,8 +106,14 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(
         None,
         gt=0,
-        description="Save the training state every N steps too (it is saved after every "
-        "epoch); a killed run resumes from the last save",
+        description="Save the training state every N steps; a killed run resumes from the "
+        "last save",
+    )
+    checkpoint_min_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Save the training state at the end of an epoch when this many seconds "
+        "have passed since the last save (0: after every epoch)",
     )
 
     @field_validator("model")

@@ -248,8 +248,8 @@ def fit(
     every batch), otherwise one pass over the labelled images.
 
     With a `state`, everything that decides the next step (weights, optimizer, averaged
-    weights, scheduler, index streams, random generators) is saved after every epoch (and
-    every `state.every_steps` steps), and a saved state is picked up first: on the same
+    weights, scheduler, index streams, random generators) is saved as `state` says (after
+    epochs, every N steps, at the end), and a saved state is picked up first: on the same
     device, a run resumed from it ends with the same weights as one never stopped.
     """
     torch.manual_seed(seed)  # dropout and stochastic depth draw from the global generator
@@ -361,8 +361,8 @@ def fit(
             loss_sum += loss.item() * len(x)
             seen += len(x)
             if state is not None:
-                if state.every_steps and step % state.every_steps == 0 and step % steps_per_epoch:
-                    state.save(snapshot(), step)
+                if step % steps_per_epoch:  # the end of an epoch is saved below
+                    state.maybe_save(snapshot, step, epoch_end=False, last=False)
                 state.kill_point(f"step={step}")
 
         metrics = {
@@ -388,7 +388,7 @@ def fit(
             on_epoch(epoch, metrics)
         loss_sum, seen = 0.0, 0
         if state is not None:
-            state.save(snapshot(), step)
+            state.maybe_save(snapshot, step, epoch_end=True, last=last)
             state.kill_point(f"epoch={epoch}")
     if result.history and result.final_accuracy is None:
         # resumed from the state saved after the last epoch: nothing left to train

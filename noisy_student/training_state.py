@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,16 +66,39 @@ class TrainingState:
 
     `fingerprint` says what the run is (schedule, seed, data sizes): a state saved by a
     run with another fingerprint is ignored, so a changed config starts afresh.
-    `every_steps` adds saves within an epoch; `label` names the run's kill points.
+    The state is saved at the end of an epoch when `min_seconds` have passed since the
+    last save (so that a hundred short epochs do not write a hundred states), every
+    `every_steps` steps when set, and after the last step. `label` names the kill points.
     """
 
     def __init__(
-        self, url: str, fingerprint: dict[str, Any], every_steps: int | None = None, label: str = ""
+        self,
+        url: str,
+        fingerprint: dict[str, Any],
+        every_steps: int | None = None,
+        label: str = "",
+        min_seconds: float = 0.0,
     ):
         self.url = url
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back
         self.every_steps = every_steps
         self.label = label
+        self.min_seconds = min_seconds
+        self._last_save = time.monotonic()
+
+    def maybe_save(
+        self, snapshot: Callable[[], dict[str, Any]], step: int, epoch_end: bool, last: bool
+    ) -> bool:
+        """Save when one of the rules above says so; returns whether it did."""
+        due = (
+            last
+            or (bool(self.every_steps) and step % self.every_steps == 0)
+            or (epoch_end and time.monotonic() - self._last_save >= self.min_seconds)
+        )
+        if due:
+            self.save(snapshot(), step)
+            self._last_save = time.monotonic()
+        return due
 
     def load(self) -> dict[str, Any] | None:
         state_url = storage.join(self.url, STATE)

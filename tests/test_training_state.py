@@ -109,14 +109,14 @@ def test_a_finished_run_resumed_again_trains_nothing_and_returns_the_same_model(
 def test_a_state_saved_by_another_config_is_ignored(tmp_path):
     url = str(tmp_path / "state")
     with pytest.raises(Interrupted):
-        _fit("ema", StopsAt(url, {"lr": 0.05}, stop_at="epoch=1"))
+        _fit("ema", StopsAt(url, {"lr": 0.05}, stop_at="epoch=1", min_seconds=0))
     assert _fit("ema", TrainingState(url, {"lr": 0.1})).resumed_from_step == 0
 
 
 def test_state_is_json_and_safetensors_only_and_keeps_one_tensor_file(tmp_path):
     url = str(tmp_path / "state")
     with pytest.raises(Interrupted):
-        _fit("ema", StopsAt(url, {"run": 1}, stop_at="epoch=2"))
+        _fit("ema", StopsAt(url, {"run": 1}, stop_at="epoch=2", min_seconds=0))
     files = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert files == ["state-000000010.safetensors", STATE]
     head = json.loads((tmp_path / "state" / STATE).read_text())
@@ -159,3 +159,12 @@ def test_pack_keeps_nested_structure_and_integer_keys():
 
 def test_nothing_saved_yet_means_training_from_the_start(tmp_path):
     assert TrainingState(storage.join(str(tmp_path), "a", "b"), {}).load() is None
+
+
+def test_epoch_end_saves_wait_for_min_seconds_but_the_last_step_is_always_saved(tmp_path):
+    url = str(tmp_path / "state")
+    with pytest.raises(Interrupted):
+        _fit("ema", StopsAt(url, {"run": 1}, stop_at="epoch=2", min_seconds=1e9))
+    assert TrainingState(url, {"run": 1}).load() is None  # two short epochs: nothing saved
+    _fit("ema", TrainingState(url, {"run": 1}, min_seconds=1e9))
+    assert TrainingState(url, {"run": 1}).load()["step"] == 15

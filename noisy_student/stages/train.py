@@ -78,6 +78,7 @@ def _training_state(
         {"config": cfg.model_dump(), "seed": seed, **identity},
         cfg.checkpoint_every_steps,
         label,
+        cfg.checkpoint_min_seconds,
     )
 
 
