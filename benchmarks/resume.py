@@ -43,6 +43,7 @@ FINISHED = re.compile(r"Task run '(?P<task>[a-z_]+)-[^']*' - Finished in state (
 RESUMED = re.compile(
     r"(?P<model>teacher|student \d+): resumed from its saved state at step (?P<step>\d+)"
 )
+STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \|", re.M)
 SUMMARY = re.compile(r"^summary: (\S+)$", re.M)
 KILL_STEP = re.compile(r"(?P<model>teacher|student-\d+):(?P<unit>step|epoch)=(?P<n>\d+)")
 
@@ -64,10 +65,13 @@ def run(cfg_path: str, overrides: list[str], folder: Path, env: dict[str, str]) 
             stderr=subprocess.STDOUT,
         )
     output = log.read_text()
+    stamps = [int(h) * 3600 + int(m) * 60 + float(sec) for h, m, sec in STAMP.findall(output)]
     return {
         "kill_at": kill,
         "returncode": done.returncode,
         "seconds": round(time.perf_counter() - start, 1),
+        # from the flow's first log line to its last: without the process's start-up
+        "flow_seconds": round((stamps[-1] - stamps[0]) % 86400, 1) if stamps else None,
         "tasks": dict(Counter(f"{m['task']}:{m['state']}" for m in FINISHED.finditer(output))),
         "resumed_from": {m["model"]: int(m["step"]) for m in RESUMED.finditer(output)},
         "summary": SUMMARY.findall(output)[-1] if done.returncode == 0 else None,
@@ -228,6 +232,10 @@ def main() -> None:
         "seconds": {
             "uninterrupted": whole["seconds"],
             "killed_and_resumed": round(sum(x["seconds"] for x in [*attempts, final]), 1),
+            "uninterrupted_flow": whole["flow_seconds"],
+            "killed_and_resumed_flow": round(
+                sum(x["flow_seconds"] or 0 for x in [*attempts, final]), 1
+            ),
         },
         "training_steps": steps,
         "training_steps_redone": redone,
@@ -235,15 +243,20 @@ def main() -> None:
         "figures": {"uninterrupted": a, "resumed": b},
     }
     print()
-    print(f"uninterrupted: {whole['seconds']} s")
+    print(f"uninterrupted: {whole['seconds']} s ({whole['flow_seconds']} s in the flow)")
     for x in attempts:
-        print(f"killed at {x['kill_at']}: {x['seconds']} s, exit {x['returncode']}")
+        print(
+            f"killed at {x['kill_at']}: {x['seconds']} s ({x['flow_seconds']} s in the flow), "
+            f"exit {x['returncode']}"
+        )
         print(f"  tasks: {x['tasks']}")
-    print(f"resumed to the end: {final['seconds']} s")
+    print(f"resumed to the end: {final['seconds']} s ({final['flow_seconds']} s in the flow)")
     print(f"  tasks: {final['tasks']}")
+    t = report["seconds"]
     print(
         f"wall time killed + resumed / uninterrupted: "
-        f"{report['seconds']['killed_and_resumed'] / whole['seconds']:.2f}"
+        f"{t['killed_and_resumed'] / t['uninterrupted']:.2f} for the processes, "
+        f"{t['killed_and_resumed_flow'] / t['uninterrupted_flow']:.2f} for the flows"
     )
     print(f"training steps per model: {steps}; redone after resuming: {redone or 'none'}")
     print(f"resumed run's figures and weights identical to the uninterrupted run's: {a == b}")

@@ -193,13 +193,6 @@ class _Averager:
     """The weights that get evaluated and returned: an EMA (updated every step), SWA (a plain
     mean of the last steps' weights, batch-norm statistics recomputed at the end) or none."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.averaged is None else self.averaged.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.averaged is not None:
-            self.averaged.load_state_dict(state)
-
     def __init__(self, model: nn.Module, schedule: Schedule, total_steps: int):
         self.kind = schedule.weight_averaging
         self.swa_from = int(schedule.swa_start * total_steps)
@@ -214,6 +207,13 @@ class _Averager:
     @property
     def module(self) -> nn.Module:
         return self.model if self.averaged is None else self.averaged.module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.averaged is None else self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state)
 
     def update(self, step: int) -> None:
         if self.kind == "ema":
