@@ -54,6 +54,7 @@ def checkpoint(root: str, url: str, seed: int) -> stages.TrainedModel:
 
 def main() -> None:
     flush_denormals()
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="ns-robustness-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     root = str(tmp / "data")
@@ -69,12 +70,13 @@ def main() -> None:
         ("previous", config.load(DEMO, [f"data.root={root}", *PREVIOUS]).evaluation),
     ):
         lines: list[str] = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = stages.evaluate_robustness(
             trained, evaluation, root, str(tmp / name), parent, 1, log=lines.append
         )
         rows[name] = {
             "seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1),
             "corruptions": len(evaluation.corruptions),
             "severities": len(evaluation.severities),
             "images_per_set": evaluation.corruption_images,
@@ -82,11 +84,12 @@ def main() -> None:
             "log": lines,
             "mce": {m["role"]: m["mce"] for m in result.models},
         }
-        print(name, rows[name]["seconds"], "s", lines[0])
+        print(name, rows[name]["seconds"], "s wall", rows[name]["cpu_seconds"], "s CPU", lines)
     out = {
         "command": "OMP_NUM_THREADS=2 uv run python -m benchmarks.robustness",
         "added_seconds_cold": round(rows["cold"]["seconds"] - rows["previous"]["seconds"], 1),
         "added_seconds_warm": round(rows["warm"]["seconds"] - rows["previous"]["seconds"], 1),
+        "load_average_before": load_before,
         "rows": rows,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

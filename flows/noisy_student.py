@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,7 +91,8 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
                 config.name,
             )
             robustness = evaluate_robustness(
-                [teacher, student],
+                # a teacher after iteration 1 is the last student: it is judged as the teacher
+                [replace(teacher, role="teacher"), student],
                 config.evaluation,
                 data_root,
                 storage.join(here, "robustness"),

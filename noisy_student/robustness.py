@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,7 @@ def load_suite(
     ids = [test.ids[i] for i in subset.tolist()]
     labels = test.labels[subset].tolist()
     clean = test.images[subset]
+    started = time.perf_counter()
     cells, built = [], 0
     for name in names:
         for severity in severities:
@@ -157,7 +159,8 @@ def load_suite(
         )
     log(
         f"corruption suite {url}: {len(cells)} sets of {len(subset)} images "
-        f"({built} generated, {len(cells) - built} reused)"
+        f"({built} generated, {len(cells) - built} read back) in "
+        f"{time.perf_counter() - started:.1f} s"
     )
     return Suite(url, test, manifest.digest, subset, cells, built, seed)
 
@@ -282,6 +285,52 @@ def evaluate_model(
                 }
             )
     return rows
+
+
+MEASUREMENT_COLUMNS = [
+    "corruption",
+    "group",
+    "severity",
+    "epsilon",
+    "images",
+    "accuracy",
+    "error",
+    "ece",
+    "mean_confidence",
+    "images_digest",
+]
+
+
+def earlier_rows(
+    table: pd.DataFrame,
+    mlflow_run_id: str,
+    suite: Suite,
+    fgsm_epsilons: list[int],
+    adversarial_images: int | None,
+) -> list[dict[str, Any]] | None:
+    """A model's measurements from an earlier iteration (a student is the next teacher),
+    if they were made on exactly these images with these settings; else None."""
+    own = table[table["mlflow_run_id"] == mlflow_run_id]
+    if own.empty:
+        return None
+    own = own[own["iteration"] == own["iteration"].min()]
+    wanted = {(CLEAN, 0): suite.test_digest}
+    wanted |= {(c.corruption, c.severity): c.digest for c in suite.cells}
+    have = {
+        (c, int(s)): d
+        for c, s, d in zip(own["corruption"], own["severity"], own["images_digest"], strict=True)
+    }
+    if any(have.get(k) != d for k, d in wanted.items()):
+        return None
+    fgsm = own[own["corruption"] == FGSM]
+    attacked = len(suite.adversarial(adversarial_images))
+    if (
+        sorted(fgsm["severity"].astype(int)) != sorted(fgsm_epsilons)
+        or (fgsm["images"] != attacked).any()
+    ):
+        return None
+    keep = own.apply(lambda r: (r["corruption"], int(r["severity"])) in wanted, axis=1)
+    return pd.concat([own[keep], fgsm])[MEASUREMENT_COLUMNS].to_dict("records")
 
 
 # ------------------------------------------------------------------------- scores

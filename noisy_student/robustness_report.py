@@ -124,13 +124,15 @@ def markdown(
         f"Clean: the {suite['test_images']} test images. Corrupted: {suite['images']} of them "
         f"(seed {suite['seed']}) under {len(names)} corruptions at severities "
         f"{', '.join(map(str, severities))}, generated once into `{suite['url']}` and reused "
-        "by every model. CE and mCE are the model's corruption errors (summed over "
-        f"severities) as a percentage of the baseline's, **{baseline['label']}** "
+        "by every model. All figures are percentages. CE and mCE are the model's "
+        "corruption errors (summed over severities) as a percentage of the baseline's, "
+        f"**{baseline['label']}** "
         f"({baseline['model']}, MLflow run `{baseline['mlflow_run_id']}`"
         f"{', from ' + baseline['source'] if baseline.get('source') else ''}); relative mCE "
         "counts only the rise above clean error. Lower is better; the baseline scores 100. "
-        "ECE: expected calibration error, 15 confidence bins. FGSM: accuracy after one "
-        f"signed-gradient step on {suite['adversarial_images']} test images.",
+        f"ECE: expected calibration error, {suite['calibration_bins']} confidence bins. "
+        f"FGSM: accuracy after one signed-gradient step on {suite['adversarial_images']} "
+        "test images.",
         "",
         "## Headline",
         "",

@@ -163,6 +163,7 @@ def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures
         for t in tables
     ]
     assert all(len(d) == 1 for d in digests[0]) and digests[0].equals(digests[1])
+    assert all(set(t["role"]) == {"teacher", "student"} for t in tables)
     # the report beside summary.json covers all three models of the run
     report = Path(summary["robustness"]["report_url"]).read_text()
     assert Path(summary["robustness"]["report_url"]).parent == Path(summary["summary_url"]).parent
@@ -186,6 +187,8 @@ def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures
 def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
     from prefect.artifacts import Artifact
 
-    artifact = Artifact.get("robustness-iteration-2")
+    summary, _ = smoke_run
+    artifact = Artifact.get("robustness-iteration-2")  # the latest of that key: this run's
     assert artifact is not None and artifact.type == "markdown"
     assert "# Robustness after iteration 2" in artifact.data
+    assert summary["iterations"][1]["student"]["mlflow_run_id"] in artifact.data

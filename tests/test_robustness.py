@@ -269,6 +269,35 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     assert "student_fgsm_4_accuracy" in run.data.metrics
     assert [m.step for m in client.get_metric_history(parent, "student_mce")] == [1]
 
+    # iteration 2: its teacher is iteration 1's student, whose measurements are reused
+    lines: list[str] = []
+    third_id = tracking.start_run("robustness-test", "student 2")
+    second = stages.evaluate_robustness(
+        [
+            _trained("teacher", 2, student.url, student_id),
+            _trained("student", 2, _checkpoint(tiny_dataset, str(tmp_path / "s2"), 2), third_id),
+        ],
+        cfg,
+        tiny_dataset,
+        str(tmp_path / "it2"),
+        parent,
+        2,
+        earlier=[first.table_url],
+        log=lines.append,
+    )
+    assert "teacher test_resnet: measured in an earlier iteration, not again" in lines
+    table2 = pd.read_parquet(second.table_url)
+    reused = table2[table2["role"] == "teacher"].reset_index(drop=True)
+    measured = table[table["role"] == "student"].reset_index(drop=True)
+    assert reused["accuracy"].tolist() == measured["accuracy"].tolist()
+    assert (reused["iteration"] == 2).all() and (reused["mlflow_run_id"] == student_id).all()
+    assert second.baseline["mlflow_run_id"] == teacher_id  # still the run's first teacher
+    for label in ("teacher 1", "student 1", "student 2"):
+        assert f"### {label}" in second.report
+    assert {m["mlflow_run_id"]: m["mce"] for m in second.models}[student_id] == pytest.approx(
+        by_role["student"]["mce"]
+    )
+
     # a later run names this one's student as its baseline: that model now scores 100
     again = stages.evaluate_robustness(
         [teacher, student],

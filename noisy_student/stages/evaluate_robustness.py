@@ -55,31 +55,49 @@ def evaluate_robustness(
         {f"{tracking.TAG}{t.role}_run_id": t.mlflow_run_id for t in trained},
     )
     with tracking.failed_on_error(run_id):
+        before = pd.concat([_read_table(u) for u in earlier or []] or [pd.DataFrame()])
         rows = []
         for t in trained:
-            model, _ = models.load(t.url)
-            model.to(engine.device())
             identity = {
                 "model": t.model,
                 "mlflow_run_id": t.mlflow_run_id,
                 "iteration": iteration,
                 "role": t.role,
             }
-            measured = robustness.evaluate_model(
-                model,
-                suite,
-                cfg.batch_size,
-                cfg.precision,
-                cfg.fgsm_epsilons,
-                cfg.adversarial_images,
-                cfg.calibration_bins,
+            # this iteration's teacher was the last one's student, judged on the same images
+            measured = (
+                robustness.earlier_rows(
+                    before, t.mlflow_run_id, suite, cfg.fgsm_epsilons, cfg.adversarial_images
+                )
+                if len(before)
+                else None
             )
+            if measured is not None:
+                log(f"{t.role} {t.model}: measured in an earlier iteration, not again")
+            else:
+                started = time.perf_counter()
+                model, _ = models.load(t.url)
+                model.to(engine.device())
+                measured = robustness.evaluate_model(
+                    model,
+                    suite,
+                    cfg.batch_size,
+                    cfg.precision,
+                    cfg.fgsm_epsilons,
+                    cfg.adversarial_images,
+                    cfg.calibration_bins,
+                )
+                images = sum(r["images"] for r in measured)
+                log(
+                    f"{t.role} {t.model}: {images} images judged in "
+                    f"{time.perf_counter() - started:.1f} s"
+                )
             rows += [{**identity, **r} for r in measured]
         table = pd.DataFrame(rows)
         table_url = storage.join(out_url, TABLE)
         storage.write_parquet(table_url, pa.Table.from_pandas(table, preserve_index=False), 65536)
 
-        history = pd.concat([*(_read_table(u) for u in earlier or []), table], ignore_index=True)
+        history = pd.concat([before, table], ignore_index=True) if len(before) else table
         if cfg.baseline:
             source = _table_url(cfg.baseline)
             base_rows, base = robustness.pick_baseline(
@@ -109,7 +127,12 @@ def evaluate_robustness(
                 }
             )
         by_id = {m["mlflow_run_id"]: m for m in run}
-        current = [{**by_id[t.mlflow_run_id], "role": t.role} for t in trained]
+        current = []
+        for t in trained:
+            m, label = by_id[t.mlflow_run_id], f"{t.role} {iteration}"
+            if m["label"] != label:  # a teacher after iteration 1: an earlier student
+                label = f"{label} (= {m['label']})"
+            current.append({**m, "role": t.role, "label": label})
         baseline = {
             "label": by_id[base["mlflow_run_id"]]["label"]
             if base["mlflow_run_id"] in by_id
@@ -134,6 +157,7 @@ def evaluate_robustness(
                 "images": len(suite.subset),
                 "test_images": len(suite.test),
                 "seed": cfg.seed,
+                "calibration_bins": cfg.calibration_bins,
                 "adversarial_images": len(suite.adversarial(cfg.adversarial_images)),
             },
             baseline,
