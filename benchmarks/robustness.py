@@ -13,7 +13,8 @@ resnet10t checkpoints stand in for them. Rows, in one process:
 
     OMP_NUM_THREADS=2 uv run python -m benchmarks.robustness
 
-Writes benchmarks/results/robustness.json with the hardware and the load average.
+Writes benchmarks/results/robustness.json with wall and CPU seconds per row, the thread
+count and the load average: on a shared machine the CPU seconds are the steadier figure.
 """
 
 from __future__ import annotations
@@ -86,9 +87,16 @@ def main() -> None:
         }
         print(name, rows[name]["seconds"], "s wall", rows[name]["cpu_seconds"], "s CPU", lines)
     out = {
-        "command": "OMP_NUM_THREADS=2 uv run python -m benchmarks.robustness",
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
+        "uv run python -m benchmarks.robustness",
         "added_seconds_cold": round(rows["cold"]["seconds"] - rows["previous"]["seconds"], 1),
         "added_seconds_warm": round(rows["warm"]["seconds"] - rows["previous"]["seconds"], 1),
+        "added_cpu_seconds_cold": round(
+            rows["cold"]["cpu_seconds"] - rows["previous"]["cpu_seconds"], 1
+        ),
+        "added_cpu_seconds_warm": round(
+            rows["warm"]["cpu_seconds"] - rows["previous"]["cpu_seconds"], 1
+        ),
         "load_average_before": load_before,
         "rows": rows,
         "cpu_cores": os.cpu_count(),
