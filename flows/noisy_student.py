@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, unmapped
@@ -58,7 +59,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             parent,
             config.seed,
         )
-        iterations = []
+        iterations, tables = [], []
         for k, student_cfg in enumerate(config.students, start=1):
             here = storage.join(run_url, f"iteration-{k}")
             shards = infer_pseudo_labels.map(
@@ -92,22 +93,29 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
                 config.name,
             )
             robustness = evaluate_robustness(
-                [teacher, student],
+                # a teacher after iteration 1 is the last student: it is judged as the teacher
+                [replace(teacher, role="teacher"), student],
                 config.evaluation,
                 data_root,
                 storage.join(here, "robustness"),
                 parent,
                 k,
+                tables,  # earlier iterations': the baseline and the mCE per iteration
             )
+            tables = [*tables, robustness.table_url]
             iterations.append(report.iteration_summary(k, teacher, selected, student, robustness))
             teacher = student  # the student labels the next round
 
         summary = report.summary(
             run_id, run_url, config, data_root, parent, iterations, time.perf_counter() - start
         )
+        summary["robustness"] = report.robustness_summary(run_url, robustness)
+        # the last report covers every model of the run; it goes beside summary.json
+        storage.write_bytes(summary["robustness"]["report_url"], robustness.report.encode())
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
         tracking.log_dict(parent, report.lineage(iterations), "lineage.json")
+        tracking.log_text(parent, robustness.report, "robustness.md")
         final = iterations[-1]
         tracking.log_metrics(
             parent,

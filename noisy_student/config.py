@@ -14,6 +14,7 @@ import timm
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
 
 
@@ -173,16 +174,43 @@ class SelectionConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    """The robustness benchmark of evaluate_robustness (see noisy_student/robustness.py)."""
+
     corruptions: list[str] = Field(
-        default_factory=lambda: ["gaussian_noise", "gaussian_blur", "contrast", "rotate"],
-        description="Any of gaussian_noise, shot_noise, gaussian_blur, contrast, brightness, "
-        "pixelate, rotate",
+        default_factory=lambda: list(BENCHMARK),
+        min_length=1,
+        description="Corruptions to judge on: by default ImageNet-C's 15, then MNIST-C's "
+        "geometric 4; ImageNet-C's held-out gaussian_blur may be added",
     )
     severities: list[int] = Field(
-        default_factory=lambda: [1, 2, 3, 4, 5], description="Levels 1 (mild) to 5 (severe)"
+        default_factory=lambda: [1, 2, 3, 4, 5],
+        min_length=1,
+        description="Levels 1 (mild) to 5 (severe)",
     )
     corruption_images: int | None = Field(
-        2000, gt=0, description="Fixed seeded subset of the test set for corruptions"
+        1000,
+        gt=0,
+        description="Test images per corruption and severity (a fixed seeded subset, "
+        "generated once beside the test set and reused); null = all",
+    )
+    fgsm_epsilons: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8],
+        description="FGSM step sizes, in 1/255 of the pixel range; [] switches FGSM off",
+    )
+    adversarial_images: int | None = Field(
+        1000, gt=0, description="Test images FGSM attacks (of the corrupted subset); null = all"
+    )
+    calibration_bins: int = Field(15, gt=0, description="Confidence bins of the ECE")
+    baseline: str | None = Field(
+        None,
+        description="URL of an earlier run's robustness table (a robustness.parquet or its "
+        "folder) holding the model CE and mCE are relative to; default: this run's first "
+        "teacher",
+    )
+    baseline_mlflow_run_id: str | None = Field(
+        None,
+        description="Which model of that table (or of this run) is the baseline; default: "
+        "its first teacher",
     )
     batch_size: int = Field(1024, gt=0, description="Images per forward pass")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -193,11 +221,11 @@ class EvaluationConfig(Strict):
     @field_validator("corruptions")
     @classmethod
     def _known_corruptions(cls, names: list[str]) -> list[str]:
-        from noisy_student.corruptions import CORRUPTIONS
-
         for n in names:
             if n not in CORRUPTIONS:
                 raise ValueError(f"unknown corruption {n!r} (known: {', '.join(CORRUPTIONS)})")
+        if len(set(names)) != len(names):
+            raise ValueError("a corruption is listed twice")
         return names
 
     @field_validator("severities")
@@ -206,7 +234,17 @@ class EvaluationConfig(Strict):
         for s in levels:
             if not 1 <= s <= 5:
                 raise ValueError(f"severity {s} outside 1..5")
-        return levels
+        if len(set(levels)) != len(levels):
+            raise ValueError("a severity is listed twice")
+        return sorted(levels)
+
+    @field_validator("fgsm_epsilons")
+    @classmethod
+    def _epsilon_range(cls, steps: list[int]) -> list[int]:
+        for e in steps:
+            if not 1 <= e <= 255:
+                raise ValueError(f"epsilon {e} outside 1..255 (it counts 1/255 steps)")
+        return sorted(set(steps))
 
 
 class PipelineConfig(Strict):

@@ -51,20 +51,22 @@ def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> t
     return targets * (1.0 - smoothing) + smoothing / num_classes
 
 
-@torch.inference_mode()
 def predict_probs(
     model: nn.Module, images: torch.Tensor, batch_size: int, precision: str = "auto"
 ) -> torch.Tensor:
     """Class probabilities for uint8 images, in eval mode: no dropout, no stochastic depth."""
     model.eval()
     dev = next(model.parameters()).device
+    # outside inference mode: weights converted inside it would become inference tensors,
+    # and the model could no longer be differentiated (FGSM) or trained afterwards
     model.to(memory_format=torch.channels_last)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = augment.to_float(images[i : i + batch_size].to(dev))
-        with autocast(dev, precision):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(logits.float().softmax(1).cpu())
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = augment.to_float(images[i : i + batch_size].to(dev))
+            with autocast(dev, precision):
+                logits = model(x.contiguous(memory_format=torch.channels_last))
+            out.append(logits.float().softmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

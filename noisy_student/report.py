@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from noisy_student import storage, tracking
@@ -11,13 +12,43 @@ from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
     figures = next(m for m in robustness.models if m["mlflow_run_id"] == t.mlflow_run_id)
+    return _no_nan(
+        {
+            "model": t.model,
+            "url": t.url,
+            "mlflow_run_id": t.mlflow_run_id,
+            "test_accuracy": figures["test_accuracy"],
+            "corruption_accuracy": figures["corruption_accuracy"],
+            "per_corruption_accuracy": figures["per_corruption"],
+            "per_severity_accuracy": figures["per_severity"],
+            "mce": figures["mce"],
+            "relative_mce": figures["relative_mce"],
+            "corruption_error": figures["ce"],
+            "relative_corruption_error": figures["relative_ce"],
+            "ece_clean": figures["ece_clean"],
+            "ece_corrupted": figures["ece_corrupted"],
+            "fgsm_accuracy": figures["fgsm_accuracy"],
+        }
+    )
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a CE whose baseline made no error) as null, so summary.json stays strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def robustness_summary(run_url: str, last: Robustness) -> dict[str, Any]:
+    """Where the benchmark's images and the run's report are, and what CE is relative to."""
     return {
-        "model": t.model,
-        "url": t.url,
-        "mlflow_run_id": t.mlflow_run_id,
-        "test_accuracy": figures["test_accuracy"],
-        "corruption_accuracy": figures["corruption_accuracy"],
-        "per_corruption_accuracy": figures["per_corruption"],
+        "report_url": storage.join(run_url, "robustness.md"),
+        "suite_url": last.suite_url,
+        "baseline": last.baseline,
     }
 
 
@@ -45,6 +76,7 @@ def iteration_summary(
             "per_class": selected.per_class,
         },
         "robustness_url": robustness.url,
+        "robustness_report_url": robustness.report_url,
         "evaluation_mlflow_run_id": robustness.mlflow_run_id,
         "stage_seconds": {
             # the first teacher is trained once, before iteration 1
@@ -100,10 +132,44 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _score(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def robustness_table(summary: dict[str, Any]) -> list[str]:
+    """Every model of the run once (the first teacher, then each student): the headline
+    robustness figures."""
+    its = summary["iterations"]
+    models = [("teacher 1", its[0]["teacher"])] + [
+        (f"student {it['iteration']}", it["student"]) for it in its
+    ]
+    eps = list(models[0][1]["fgsm_accuracy"])
+    baseline = summary.get("robustness", {}).get("baseline", {})
+    head = (
+        f"{'model':<11}{'':<14}{'clean':>8}  {'corrupted':>9}  {'mCE':>6}  {'rel mCE':>7}  "
+        f"{'ECE clean':>9}  {'ECE corr':>8}" + "".join(f"  {'FGSM ' + e:>10}" for e in eps)
+    )
+    lines = [
+        f"robustness: mCE and relative mCE in % of the baseline ({baseline.get('label', '?')} "
+        f"{baseline.get('model', '')}); FGSM accuracy at epsilon/255",
+        head,
+        "-" * len(head),
+    ]
+    for label, m in models:
+        lines.append(
+            f"{label:<11}{m['model']:<14}{_pct(m['test_accuracy']):>8}  "
+            f"{_pct(m['corruption_accuracy']):>9}  {_score(m['mce']):>6}  "
+            f"{_score(m['relative_mce']):>7}  {_pct(m['ece_clean']):>9}  "
+            f"{_pct(m['ece_corrupted']):>8}"
+            + "".join(f"  {_pct(m['fgsm_accuracy'][e]):>10}" for e in eps)
+        )
+    return lines
+
+
 def table(summary: dict[str, Any]) -> str:
     head = (
         f"{'iter':>4}  {'teacher':<14}{'acc':>8}  {'student':<14}{'acc':>8}  {'gain':>6}  "
-        f"{'pseudo kept':>13}  {'pl acc':>7}  {'corrupted T -> S':>17}  stage times (s): "
+        f"{'pseudo kept':>13}  {'pl acc':>7}  {'mCE T -> S':>14}  stage times (s): "
         "teacher/infer/filter/student/eval"
     )
     lines = [head, "-" * len(head)]
@@ -124,10 +190,13 @@ def table(summary: dict[str, Any]) -> str:
             f"{it['iteration']:>4}  {t['model']:<14}{_pct(t['test_accuracy']):>8}  "
             f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}  "
             f"{p['kept']:>6}/{p['total']:<6}  {_pct(p['accuracy']):>7}  "
-            f"{_pct(t['corruption_accuracy']):>7} -> {_pct(s['corruption_accuracy']):<7}  {times}"
+            f"{_score(t['mce']):>5} -> {_score(s['mce']):<5}  {times}"
         )
+    lines += ["", *robustness_table(summary), ""]
     lines.append(
         f"total {summary['seconds']:.0f} s; MLflow parent run "
         f"{summary['mlflow']['parent_run_id']} ({summary['mlflow']['tracking_uri']})"
     )
+    if "robustness" in summary:
+        lines.append(f"robustness report: {summary['robustness']['report_url']}")
     return "\n".join(lines)

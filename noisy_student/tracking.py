@@ -176,6 +176,15 @@ def log_text(run_id: str, text: str, artifact_file: str) -> None:
     client().log_text(run_id, text, artifact_file)
 
 
+def log_bytes(run_id: str, data: bytes, artifact_file: str) -> None:
+    """A file's bytes (a PNG figure, say) as an artifact of the run."""
+    folder, name = os.path.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+        client().log_artifact(run_id, os.path.join(tmp, name), folder or None)
+
+
 def log_checkpoint(run_id: str, checkpoint_url: str, artifact_path: str = "model") -> None:
     """Copy a checkpoint folder (weights + timm config) into the run's artifacts."""
     from noisy_student.models import META, WEIGHTS

@@ -1,6 +1,8 @@
-"""Stage 5: clean and corrupted test accuracy, teacher and student side by side."""
+"""Stage 5: clean, corrupted and adversarial accuracy, teacher and student side by side;
+the Markdown report becomes a Prefect artifact of the task run."""
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from noisy_student import stages
 from noisy_student.config import EvaluationConfig
@@ -15,7 +17,22 @@ def evaluate_robustness(
     out_url: str,
     parent_run_id: str,
     iteration: int,
+    earlier: list[str] | None = None,
 ) -> stages.Robustness:
-    return stages.evaluate_robustness(
-        trained, cfg, data_root, out_url, parent_run_id, iteration, get_run_logger().info
+    result = stages.evaluate_robustness(
+        trained,
+        cfg,
+        data_root,
+        out_url,
+        parent_run_id,
+        iteration,
+        earlier,
+        get_run_logger().info,
     )
+    # the same key every run, so the Artifacts page shows each iteration's report history
+    create_markdown_artifact(
+        markdown=result.report,
+        key=f"robustness-iteration-{iteration}",
+        description=f"Robustness after iteration {iteration}: {result.report_url}",
+    )
+    return result

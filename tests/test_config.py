@@ -68,8 +68,8 @@ def test_override_without_equals_sign_fails():
 
 
 def test_unknown_corruption_is_rejected():
-    with pytest.raises(UserError, match=r"evaluation\.corruptions: .*unknown corruption 'fog'"):
-        config.load(SMOKE, ["evaluation.corruptions=[gaussian_noise, fog]"])
+    with pytest.raises(UserError, match=r"evaluation\.corruptions: .*unknown corruption 'smog'"):
+        config.load(SMOKE, ["evaluation.corruptions=[gaussian_noise, smog]"])
 
 
 def test_severity_outside_one_to_five_is_rejected():

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from noisy_student import config, dataset, storage, tracking
+from noisy_student import config, corruptions, dataset, storage, tracking
 from tests.conftest import REPO
 
 SMOKE = REPO / "pipeline_config" / "smoke.yaml"
@@ -40,12 +40,10 @@ def test_smoke_run_writes_summary_with_every_iteration(smoke_run):
         for role in ("teacher", "student"):
             assert 0.0 <= it[role]["test_accuracy"] <= 1.0
             assert it[role]["mlflow_run_id"]
-            assert set(it[role]["per_corruption_accuracy"]) == {
-                "gaussian_noise",
-                "gaussian_blur",
-                "contrast",
-                "rotate",
-            }
+            assert list(it[role]["per_corruption_accuracy"]) == corruptions.BENCHMARK
+            assert it[role]["mce"] > 0 and it[role]["relative_mce"] is not None
+            assert set(it[role]["fgsm_accuracy"]) == {"2/255", "8/255"}
+            assert 0.0 <= it[role]["ece_clean"] <= 1.0 and 0.0 <= it[role]["ece_corrupted"] <= 1.0
         p = it["pseudo_labels"]
         assert p["total"] == 2000 and 0 < p["kept"] <= p["total"]
         assert 0.0 <= p["accuracy"] <= 1.0
@@ -144,3 +142,53 @@ def test_smoke_run_records_lineage_in_mlflow(smoke_run):
     assert [x["student_run_id"] for x in lineage] == [
         it["student"]["mlflow_run_id"] for it in summary["iterations"]
     ]
+
+
+def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures(smoke_run):
+    summary, tmp = smoke_run
+    first, second = summary["iterations"]
+    # the first teacher is the baseline of the run's mCE
+    assert first["teacher"]["mce"] == pytest.approx(1.0)
+    assert summary["robustness"]["baseline"]["mlflow_run_id"] == first["teacher"]["mlflow_run_id"]
+    # one suite, generated once beside the test set, judged by every model
+    suite = storage.read_json(storage.join(summary["robustness"]["suite_url"], "_suite.json"))
+    assert len(suite["cells"]) == 19 * 3 and suite["images"] == 100
+    assert summary["robustness"]["suite_url"].startswith(summary["data_root"])
+    tables = [
+        pq.read_table(storage.join(it["robustness_url"], "robustness.parquet")).to_pandas()
+        for it in summary["iterations"]
+    ]
+    digests = [
+        t[t["corruption"] != "fgsm"].groupby(["corruption", "severity"])["images_digest"].agg(set)
+        for t in tables
+    ]
+    assert all(len(d) == 1 for d in digests[0]) and digests[0].equals(digests[1])
+    assert all(set(t["role"]) == {"teacher", "student"} for t in tables)
+    # the report beside summary.json covers all three models of the run
+    report = Path(summary["robustness"]["report_url"]).read_text()
+    assert Path(summary["robustness"]["report_url"]).parent == Path(summary["summary_url"]).parent
+    for label in ("teacher 1", "student 1", "student 2"):
+        assert f"### {label}" in report
+    assert all(name in report for name in corruptions.BENCHMARK)
+    # the figures, beside the table and in each evaluation run in MLflow
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    for it in summary["iterations"]:
+        for name in ("accuracy_vs_severity.png", "mce_per_iteration.png", "fgsm_accuracy.png"):
+            assert Path(it["robustness_url"], "figures", name).stat().st_size > 1000
+        logged = {f.path for f in client.list_artifacts(it["evaluation_mlflow_run_id"], "figures")}
+        assert "figures/mce_per_iteration.png" in logged
+        assert "robustness.md" in {
+            f.path for f in client.list_artifacts(it["evaluation_mlflow_run_id"])
+        }
+    history = client.get_metric_history(summary["mlflow"]["parent_run_id"], "student_mce")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
+    from prefect.artifacts import Artifact
+
+    summary, _ = smoke_run
+    artifact = Artifact.get("robustness-iteration-2")  # the latest of that key: this run's
+    assert artifact is not None and artifact.type == "markdown"
+    assert "# Robustness after iteration 2" in artifact.data
+    assert summary["iterations"][1]["student"]["mlflow_run_id"] in artifact.data

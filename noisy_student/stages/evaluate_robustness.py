@@ -1,17 +1,32 @@
-"""Stage 5: clean and corrupted test accuracy, models side by side."""
+"""Stage 5: clean, corrupted and adversarial test accuracy, models side by side, scored
+against a pinned baseline (mCE), with figures and a Markdown report."""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
+import pandas as pd
 import pyarrow as pa
-import torch
 
-from noisy_student import corruptions, engine, models, storage, tracking
+from noisy_student import corruptions, engine, models, robustness, storage, tracking
+from noisy_student import robustness_report as report
 from noisy_student.config import EvaluationConfig
-from noisy_student.stages.prepare_data import load_test
+from noisy_student.errors import UserError
 from noisy_student.stages.records import Log, Robustness, TrainedModel
+
+TABLE = "robustness.parquet"
+REPORT = "robustness.md"
+
+
+def _table_url(url: str) -> str:
+    return url if url.endswith(".parquet") else storage.join(url, TABLE)
+
+
+def _read_table(url: str) -> pd.DataFrame:
+    try:
+        return storage.read_parquet(_table_url(url)).to_pandas()
+    except FileNotFoundError:
+        raise UserError(f"{_table_url(url)}: robustness table not found") from None
 
 
 def evaluate_robustness(
@@ -21,81 +36,177 @@ def evaluate_robustness(
     out_url: str,
     parent_run_id: str,
     iteration: int,
+    earlier: list[str] | None = None,
     log: Log = print,
 ) -> Robustness:
-    """Clean test accuracy and accuracy under common corruptions, models side by side."""
+    """Judge the models on the clean test set, the corruption suite and FGSM; score them
+    against the baseline (`cfg.baseline`, else the run's first teacher, found among
+    `trained` or in the `earlier` iterations' tables); write the table, figures and report.
+    """
     start = time.perf_counter()
-    _, test = load_test(data_root)
-    subset = torch.arange(len(test))
-    if cfg.corruption_images and cfg.corruption_images < len(test):
-        subset = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
-        subset = subset[: cfg.corruption_images].sort().values
-    images, labels = test.images[subset], test.labels[subset]
-    corrupted = {
-        (name, s): corruptions.corrupt(images, name, s, cfg.seed)
-        for name in cfg.corruptions
-        for s in cfg.severities
-    }
+    suite = robustness.load_suite(
+        data_root, cfg.corruptions, cfg.severities, cfg.corruption_images, cfg.seed, log
+    )
     run_id = tracking.start_stage_run(
         parent_run_id,
         "evaluate_robustness",
         iteration,
-        {**cfg.model_dump(), "models": [t.mlflow_run_id for t in trained]},
+        {**cfg.model_dump(), "models": [t.mlflow_run_id for t in trained], "suite": suite.url},
         {f"{tracking.TAG}{t.role}_run_id": t.mlflow_run_id for t in trained},
     )
     with tracking.failed_on_error(run_id):
-        rows, results = [], []
+        before = pd.concat([_read_table(u) for u in earlier or []] or [pd.DataFrame()])
+        rows = []
         for t in trained:
-            model, _ = models.load(t.url)
-            model.to(engine.device())
-            clean = engine.accuracy(model, test.images, test.labels, cfg.batch_size, cfg.precision)
-            rows.append(
-                {
-                    "model": t.model,
-                    "mlflow_run_id": t.mlflow_run_id,
-                    "iteration": iteration,
-                    "role": t.role,
-                    "corruption": "none",
-                    "severity": 0,
-                    "accuracy": clean,
-                }
-            )
-            per_corruption: dict[str, list[float]] = {}
-            for (name, s), x in corrupted.items():
-                acc = engine.accuracy(model, x, labels, cfg.batch_size, cfg.precision)
-                per_corruption.setdefault(name, []).append(acc)
-                rows.append(
-                    {
-                        "model": t.model,
-                        "mlflow_run_id": t.mlflow_run_id,
-                        "iteration": iteration,
-                        "role": t.role,
-                        "corruption": name,
-                        "severity": s,
-                        "accuracy": acc,
-                    }
-                )
-            mean_corrupt = float(np.mean([a for accs in per_corruption.values() for a in accs]))
-            results.append(
-                {
-                    "role": t.role,
-                    "model": t.model,
-                    "mlflow_run_id": t.mlflow_run_id,
-                    "test_accuracy": clean,
-                    "corruption_accuracy": mean_corrupt,
-                    "per_corruption": {k: float(np.mean(v)) for k, v in per_corruption.items()},
-                }
-            )
-            metrics = {
-                f"{t.role}_test_accuracy": clean,
-                f"{t.role}_corruption_accuracy": mean_corrupt,
+            identity = {
+                "model": t.model,
+                "mlflow_run_id": t.mlflow_run_id,
+                "iteration": iteration,
+                "role": t.role,
             }
+            # this iteration's teacher was the last one's student, judged on the same images
+            measured = (
+                robustness.earlier_rows(
+                    before, t.mlflow_run_id, suite, cfg.fgsm_epsilons, cfg.adversarial_images
+                )
+                if len(before)
+                else None
+            )
+            if measured is not None:
+                log(f"{t.role} {t.model}: measured in an earlier iteration, not again")
+            else:
+                started = time.perf_counter()
+                model, _ = models.load(t.url)
+                model.to(engine.device())
+                measured = robustness.evaluate_model(
+                    model,
+                    suite,
+                    cfg.batch_size,
+                    cfg.precision,
+                    cfg.fgsm_epsilons,
+                    cfg.adversarial_images,
+                    cfg.calibration_bins,
+                )
+                images = sum(r["images"] for r in measured)
+                log(
+                    f"{t.role} {t.model}: {images} images judged in "
+                    f"{time.perf_counter() - started:.1f} s"
+                )
+            rows += [{**identity, **r} for r in measured]
+        table = pd.DataFrame(rows)
+        table_url = storage.join(out_url, TABLE)
+        storage.write_parquet(table_url, pa.Table.from_pandas(table, preserve_index=False), 65536)
+
+        history = pd.concat([before, table], ignore_index=True) if len(before) else table
+        if cfg.baseline:
+            source = _table_url(cfg.baseline)
+            base_rows, base = robustness.pick_baseline(
+                _read_table(cfg.baseline), cfg.baseline_mlflow_run_id, source
+            )
+        else:
+            source = None
+            base_rows, base = robustness.pick_baseline(
+                history, cfg.baseline_mlflow_run_id, "this run (evaluation.baseline unset)"
+            )
+        robustness.check_baseline(table, base_rows, source or "the run's first teacher")
+
+        run: list[dict] = []
+        for m in robustness.chain(history):
+            own = history[
+                (history["mlflow_run_id"] == m["mlflow_run_id"])
+                & (history["iteration"] == m["iteration"])
+            ]
+            run.append(
+                {
+                    "label": f"{m['role']} {m['iteration']}",
+                    "role": m["role"],
+                    "iteration": int(m["iteration"]),
+                    "model": m["model"],
+                    "mlflow_run_id": m["mlflow_run_id"],
+                    **robustness.score(own, base_rows, cfg.corruptions, cfg.severities),
+                }
+            )
+        by_id = {m["mlflow_run_id"]: m for m in run}
+        current = []
+        for t in trained:
+            m, label = by_id[t.mlflow_run_id], f"{t.role} {iteration}"
+            if m["label"] != label:  # a teacher after iteration 1: an earlier student
+                label = f"{label} (= {m['label']})"
+            current.append({**m, "role": t.role, "label": label})
+        baseline = {
+            "label": by_id[base["mlflow_run_id"]]["label"]
+            if base["mlflow_run_id"] in by_id
+            else f"{base['role']} {base['iteration']}",
+            "model": base["model"],
+            "mlflow_run_id": base["mlflow_run_id"],
+            "source": source,
+        }
+
+        figures = report.figures(current, run, cfg.corruptions, cfg.severities)
+        for name, png in figures.items():
+            storage.write_bytes(storage.join(out_url, "figures", name), png)
+            tracking.log_bytes(run_id, png, f"figures/{name}")
+        text = report.markdown(
+            iteration,
+            run,
+            cfg.corruptions,
+            cfg.severities,
+            {n: corruptions.group_of(n) for n in cfg.corruptions},
+            {
+                "url": suite.url,
+                "images": len(suite.subset),
+                "test_images": len(suite.test),
+                "seed": cfg.seed,
+                "calibration_bins": cfg.calibration_bins,
+                "adversarial_images": len(suite.adversarial(cfg.adversarial_images)),
+            },
+            baseline,
+            list(figures),
+        )
+        report_url = storage.join(out_url, REPORT)
+        storage.write_bytes(report_url, text.encode())
+        tracking.log_text(run_id, text, REPORT)
+
+        for m in current:
+            metrics = {
+                f"{m['role']}_{k}": m[k]
+                for k in (
+                    "test_accuracy",
+                    "corruption_accuracy",
+                    "mce",
+                    "relative_mce",
+                    "ece_clean",
+                    "ece_corrupted",
+                )
+            }
+            metrics |= {f"{m['role']}_{k}_accuracy": v for k, v in m["per_corruption"].items()}
             metrics |= {
-                f"{t.role}_{k}_accuracy": float(np.mean(v)) for k, v in per_corruption.items()
+                f"{m['role']}_fgsm_{e.split('/')[0]}_accuracy": v
+                for e, v in m["fgsm_accuracy"].items()
             }
             tracking.log_metrics(run_id, metrics)
-            log(f"{t.role} {t.model}: clean {clean:.2%}, corrupted {mean_corrupt:.2%}")
-        table = pa.Table.from_pylist(rows)
-        storage.write_parquet(storage.join(out_url, "robustness.parquet"), table, 65536)
+            # and on the pipeline run, by iteration: the MLflow UI charts them over the run
+            tracking.log_metrics(
+                parent_run_id,
+                {f"{m['role']}_mce": m["mce"], f"{m['role']}_relative_mce": m["relative_mce"]},
+                step=iteration,
+            )
+            fgsm = ", ".join(f"{e} {v:.1%}" for e, v in m["fgsm_accuracy"].items())
+            log(
+                f"{m['role']} {m['model']}: clean {m['test_accuracy']:.2%}, corrupted "
+                f"{m['corruption_accuracy']:.2%}, mCE {100 * m['mce']:.1f}, relative mCE "
+                f"{100 * m['relative_mce']:.1f}, ECE {m['ece_clean']:.3f} clean / "
+                f"{m['ece_corrupted']:.3f} corrupted, FGSM {fgsm}"
+            )
         tracking.end_run(run_id)
-        return Robustness(out_url, run_id, time.perf_counter() - start, results)
+        return Robustness(
+            url=out_url,
+            mlflow_run_id=run_id,
+            seconds=time.perf_counter() - start,
+            models=current,
+            table_url=table_url,
+            report_url=report_url,
+            report=text,
+            suite_url=suite.url,
+            baseline=baseline,
+        )

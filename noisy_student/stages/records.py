@@ -53,4 +53,9 @@ class Robustness:
     url: str
     mlflow_run_id: str
     seconds: float
-    models: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)  # this stage's, with scores
+    table_url: str = ""  # robustness.parquet: one row per model and measurement
+    report_url: str = ""  # robustness.md
+    report: str = ""  # its Markdown, for a Prefect artifact
+    suite_url: str = ""  # the corrupted test images every model is judged on
+    baseline: dict[str, Any] = field(default_factory=dict)  # the model CE is relative to

@@ -1,0 +1,458 @@
+"""The robustness benchmark: a fixed corrupted copy of the test set, and what models score
+on it (clean error, error per corruption and severity, CE and mCE against a baseline
+model, relative mCE, calibration, FGSM accuracy).
+
+The corrupted images are generated once per test set and kept beside it, in the dataset
+format, under `<data root>/test-corrupted/<key>/<corruption>-<severity>/`; the key covers
+the test set's digest, the number of images, the seed and the corruption code's version,
+so every model of every run that shares them is judged on the very same images. Each
+result row carries the digest of the images it was measured on, and a baseline from
+another run is refused unless its digests match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisy_student import augment, corruptions, dataset, engine, storage
+from noisy_student.errors import UserError
+
+SUITE_DIR = "test-corrupted"
+SUITE_MANIFEST = "_suite.json"
+CLEAN, FGSM = "clean", "fgsm"  # the `corruption` of clean and adversarial rows
+Log = Callable[[str], None]
+
+
+@dataclass
+class Cell:
+    corruption: str
+    severity: int
+    images: torch.Tensor  # uint8 N x C x H x W
+    digest: str  # the cell dataset's manifest digest
+
+
+@dataclass
+class Suite:
+    url: str
+    test: dataset.ImageSet  # the whole clean test set
+    test_digest: str
+    subset: torch.Tensor  # indices of the test images that are corrupted, ascending
+    cells: list[Cell]
+    built: int  # cells generated now; the others were read from the cache
+    seed: int
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.test.labels[self.subset]
+
+    def adversarial(self, images: int | None) -> torch.Tensor:
+        """The test images FGSM attacks: the first `images` of the corrupted ones' seeded
+        draw (all of those if None)."""
+        if images is None or images >= len(self.subset):
+            return self.subset
+        return subset_indices(len(self.test), images, self.seed)
+
+
+def subset_indices(n: int, images: int | None, seed: int) -> torch.Tensor:
+    """A fixed, seeded choice of `images` of the n test images (all of them if None)."""
+    if images is None or images >= n:
+        return torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:images].sort().values
+
+
+def suite_key(test_digest: str, images: int, seed: int) -> str:
+    blob = json.dumps(
+        {"test": test_digest, "images": images, "seed": seed, "version": corruptions.VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_cell(
+    url: str, manifest: dataset.Manifest, ids: list[str], images: torch.Tensor, labels: list[int]
+) -> dataset.Manifest:
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    if manifest.mode == "L":
+        arrays = arrays[..., 0]
+    with dataset.DatasetWriter(
+        url,
+        dataset.TEST,
+        manifest.class_names,
+        manifest.height,
+        manifest.width,
+        manifest.mode,
+        rows_per_shard=max(1, len(ids)),
+    ) as writer:
+        for id, array, label in zip(ids, arrays, labels, strict=True):
+            writer.add(id, dataset.encode_png(np.ascontiguousarray(array)), label)
+    return dataset.read_manifest(url)
+
+
+def load_suite(
+    data_root: str,
+    names: list[str],
+    severities: list[int],
+    images: int | None,
+    seed: int,
+    log: Log = print,
+) -> Suite:
+    """The corrupted test set: read from its cache, generating (and caching) missing cells."""
+    test_url = storage.join(data_root, dataset.TEST)
+    manifest, test = dataset.load(test_url)
+    dataset.require_labels(manifest, test)
+    subset = subset_indices(len(test), images, seed)
+    url = storage.join(data_root, SUITE_DIR, suite_key(manifest.digest, len(subset), seed))
+    ids = [test.ids[i] for i in subset.tolist()]
+    labels = test.labels[subset].tolist()
+    clean = test.images[subset]
+    started = time.perf_counter()
+    cells, built = [], 0
+    for name in names:
+        for severity in severities:
+            cell_url = storage.join(url, f"{name}-{severity}")
+            if storage.exists(storage.join(cell_url, dataset.MANIFEST)):
+                cell_manifest, cell = dataset.load(cell_url)
+                if cell.ids != ids:
+                    raise UserError(f"{cell_url}: cached corrupted images are not of {test_url}")
+                x = cell.images
+            else:
+                x = corruptions.corrupt(clean, name, severity, seed)
+                cell_manifest = _write_cell(cell_url, manifest, ids, x, labels)
+                built += 1
+            cells.append(Cell(name, severity, x, cell_manifest.digest))
+    # The suite's own manifest, last: what is there, for people and tools browsing it.
+    manifest_url = storage.join(url, SUITE_MANIFEST)
+    known = storage.read_json(manifest_url)["cells"] if storage.exists(manifest_url) else []
+    listed = {(c["corruption"], c["severity"]): c for c in known}
+    for c in cells:
+        listed[(c.corruption, c.severity)] = {
+            "corruption": c.corruption,
+            "severity": c.severity,
+            "path": f"{c.corruption}-{c.severity}",
+            "digest": c.digest,
+        }
+    if built or len(listed) != len(known):
+        storage.write_json(
+            manifest_url,
+            {
+                "format": "noisy-student-corruption-suite",
+                "corruptions_version": corruptions.VERSION,
+                "test_url": test_url,
+                "test_digest": manifest.digest,
+                "images": len(subset),
+                "seed": seed,
+                "cells": [listed[k] for k in sorted(listed)],
+            },
+        )
+    log(
+        f"corruption suite {url}: {len(cells)} sets of {len(subset)} images "
+        f"({built} generated, {len(cells) - built} read back) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return Suite(url, test, manifest.digest, subset, cells, built, seed)
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence|,
+    the confidence being the top class probability (Guo et al., 2017)."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    # bins are (i/B, (i+1)/B]; a confidence of exactly 0 joins the first
+    index = (confidence.double() * bins).ceil().long().sub(1).clamp(0, bins - 1)
+    gap = torch.zeros(bins, dtype=torch.float64)
+    gap.index_add_(0, index, correct - confidence.double())
+    return (gap.abs().sum() / max(len(labels), 1)).item()
+
+
+def fgsm_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epsilons: list[int],
+    batch_size: int,
+    precision: str = "auto",
+) -> dict[int, float]:
+    """Accuracy under FGSM (Goodfellow et al., 2015): every image moved by epsilon/255 per
+    pixel in the direction that raises the model's loss on its true label.
+
+    Epsilons are whole steps of 1/255, so the attacked images are exact uint8 images: the
+    attack is on what the model would really be given."""
+    model.eval()
+    dev = next(model.parameters()).device
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only the input's gradient is needed
+    correct = dict.fromkeys(epsilons, 0)
+    try:
+        for i in range(0, len(images), batch_size):
+            clean = images[i : i + batch_size].to(dev)
+            y = labels[i : i + batch_size].to(dev)
+            x = augment.to_float(clean).requires_grad_(True)
+            with torch.enable_grad(), engine.autocast(dev, precision):
+                loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+            step = grad.sign().to(torch.int16)
+            for eps in epsilons:
+                attacked = (clean.to(torch.int16) + eps * step).clamp(0, 255).to(torch.uint8)
+                probs = engine.predict_probs(model, attacked, batch_size, precision)
+                correct[eps] += (probs.argmax(1) == y.cpu()).sum().item()
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    return {eps: correct[eps] / max(len(images), 1) for eps in epsilons}
+
+
+def _row(
+    corruption: str,
+    severity: int,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    digest: str,
+    bins: int,
+) -> dict[str, Any]:
+    accuracy = (probs.argmax(1) == labels).double().mean().item()
+    return {
+        "corruption": corruption,
+        "group": CLEAN if corruption == CLEAN else corruptions.group_of(corruption),
+        "severity": severity,
+        "epsilon": 0.0,
+        "images": len(labels),
+        "accuracy": accuracy,
+        "error": 1.0 - accuracy,
+        "ece": expected_calibration_error(probs, labels, bins),
+        "mean_confidence": probs.max(1).values.double().mean().item(),
+        "images_digest": digest,
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    suite: Suite,
+    batch_size: int,
+    precision: str,
+    fgsm_epsilons: list[int],
+    adversarial_images: int | None,
+    calibration_bins: int = 15,
+) -> list[dict[str, Any]]:
+    """One row per measurement: the clean test set, every corrupted set, every epsilon."""
+    clean = engine.predict_probs(model, suite.test.images, batch_size, precision)
+    rows = [_row(CLEAN, 0, clean, suite.test.labels, suite.test_digest, calibration_bins)]
+    labels = suite.labels
+    for cell in suite.cells:
+        probs = engine.predict_probs(model, cell.images, batch_size, precision)
+        rows.append(
+            _row(cell.corruption, cell.severity, probs, labels, cell.digest, calibration_bins)
+        )
+    if fgsm_epsilons:
+        attacked = suite.adversarial(adversarial_images)
+        accuracy = fgsm_accuracy(
+            model,
+            suite.test.images[attacked],
+            suite.test.labels[attacked],
+            fgsm_epsilons,
+            batch_size,
+            precision,
+        )
+        for eps, acc in accuracy.items():
+            rows.append(
+                {
+                    "corruption": FGSM,
+                    "group": FGSM,
+                    "severity": eps,
+                    "epsilon": eps / 255.0,
+                    "images": len(attacked),
+                    "accuracy": acc,
+                    "error": 1.0 - acc,
+                    "ece": math.nan,
+                    "mean_confidence": math.nan,
+                    "images_digest": suite.test_digest,
+                }
+            )
+    return rows
+
+
+MEASUREMENT_COLUMNS = [
+    "corruption",
+    "group",
+    "severity",
+    "epsilon",
+    "images",
+    "accuracy",
+    "error",
+    "ece",
+    "mean_confidence",
+    "images_digest",
+]
+
+
+def earlier_rows(
+    table: pd.DataFrame,
+    mlflow_run_id: str,
+    suite: Suite,
+    fgsm_epsilons: list[int],
+    adversarial_images: int | None,
+) -> list[dict[str, Any]] | None:
+    """A model's measurements from an earlier iteration (a student is the next teacher),
+    if they were made on exactly these images with these settings; else None."""
+    own = table[table["mlflow_run_id"] == mlflow_run_id]
+    if own.empty:
+        return None
+    own = own[own["iteration"] == own["iteration"].min()]
+    wanted = {(CLEAN, 0): suite.test_digest}
+    wanted |= {(c.corruption, c.severity): c.digest for c in suite.cells}
+    have = {
+        (c, int(s)): d
+        for c, s, d in zip(own["corruption"], own["severity"], own["images_digest"], strict=True)
+    }
+    if any(have.get(k) != d for k, d in wanted.items()):
+        return None
+    fgsm = own[own["corruption"] == FGSM]
+    attacked = len(suite.adversarial(adversarial_images))
+    if (
+        sorted(fgsm["severity"].astype(int)) != sorted(fgsm_epsilons)
+        or (fgsm["images"] != attacked).any()
+    ):
+        return None
+    keep = own.apply(lambda r: (r["corruption"], int(r["severity"])) in wanted, axis=1)
+    return pd.concat([own[keep], fgsm])[MEASUREMENT_COLUMNS].to_dict("records")
+
+
+# ------------------------------------------------------------------------- scores
+
+
+def corruption_errors(
+    errors: dict[tuple[str, int], float],
+    baseline: dict[tuple[str, int], float],
+    names: list[str],
+    severities: list[int],
+    clean_error: float | None = None,
+    baseline_clean_error: float | None = None,
+) -> dict[str, float]:
+    """CE per corruption: the model's errors summed over severities over the baseline's
+    (Hendrycks & Dietterich, 2019). With clean errors given, the relative CE: the same
+    ratio of the errors' rises above clean error. NaN where the baseline's sum is not
+    positive (it made no error, or got no worse under the corruption)."""
+    out = {}
+    for name in names:
+        num = sum(errors[(name, s)] - (clean_error or 0.0) for s in severities)
+        den = sum(baseline[(name, s)] - (baseline_clean_error or 0.0) for s in severities)
+        out[name] = num / den if den > 0 else math.nan
+    return out
+
+
+def mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _errors(rows: pd.DataFrame) -> dict[tuple[str, int], float]:
+    cells = rows[~rows["corruption"].isin([CLEAN, FGSM])]
+    return {
+        (c, int(s)): float(e)
+        for c, s, e in zip(cells["corruption"], cells["severity"], cells["error"], strict=True)
+    }
+
+
+def _clean(rows: pd.DataFrame) -> pd.Series:
+    return rows[rows["corruption"] == CLEAN].iloc[0]
+
+
+def check_baseline(rows: pd.DataFrame, baseline: pd.DataFrame, source: str) -> None:
+    """The baseline must have been judged on the same images, cell by cell."""
+    theirs = {
+        (c, int(s)): d
+        for c, s, d in zip(
+            baseline["corruption"], baseline["severity"], baseline["images_digest"], strict=True
+        )
+    }
+    for c, s, d in zip(rows["corruption"], rows["severity"], rows["images_digest"], strict=True):
+        if c == FGSM:
+            continue
+        if (c, int(s)) not in theirs:
+            raise UserError(f"{source}: the baseline has no result for {c} severity {s}")
+        if theirs[(c, int(s))] != d:
+            raise UserError(
+                f"{source}: the baseline saw other images for {c} severity {s} (another test "
+                "set, evaluation.seed or evaluation.corruption_images)"
+            )
+
+
+def pick_baseline(
+    table: pd.DataFrame, mlflow_run_id: str | None, source: str
+) -> tuple[pd.DataFrame, pd.Series]:
+    """The baseline's rows and a row naming it: the given model, else the table's first
+    teacher (its lowest iteration's)."""
+    if mlflow_run_id is None:
+        teachers = table[table["role"] == "teacher"].sort_values("iteration", kind="stable")
+        if teachers.empty:
+            raise UserError(f"{source}: no teacher to serve as the baseline")
+        mlflow_run_id = teachers.iloc[0]["mlflow_run_id"]
+    rows = table[table["mlflow_run_id"] == mlflow_run_id]
+    if rows.empty:
+        raise UserError(
+            f"{source}: no model with MLflow run id {mlflow_run_id!r} "
+            "(evaluation.baseline_mlflow_run_id)"
+        )
+    rows = rows[rows["iteration"] == rows["iteration"].min()]
+    return rows, rows.iloc[0]
+
+
+def chain(table: pd.DataFrame) -> list[pd.Series]:
+    """Each model once, in the order the run made them: the first teacher, then the
+    students (a student teaches the next iteration, so it appears twice in the table)."""
+    order = table.assign(_r=(table["role"] != "teacher").astype(int)).sort_values(
+        ["iteration", "_r"], kind="stable"
+    )
+    firsts = order.drop_duplicates("mlflow_run_id")
+    return [row for _, row in firsts.iterrows()]
+
+
+def score(
+    rows: pd.DataFrame,
+    baseline: pd.DataFrame,
+    names: list[str],
+    severities: list[int],
+) -> dict[str, Any]:
+    """Every headline figure of one model, from its rows and the baseline's."""
+    errors, base_errors = _errors(rows), _errors(baseline)
+    clean, base_clean = _clean(rows), _clean(baseline)
+    ce = corruption_errors(errors, base_errors, names, severities)
+    relative = corruption_errors(
+        errors, base_errors, names, severities, clean["error"], base_clean["error"]
+    )
+    cells = rows[rows["corruption"].isin(names) & rows["severity"].isin(severities)]
+    fgsm = rows[rows["corruption"] == FGSM].sort_values("severity")
+    per_severity = {name: [1.0 - errors[(name, s)] for s in severities] for name in names}
+    return {
+        "test_accuracy": float(clean["accuracy"]),
+        "clean_error": float(clean["error"]),
+        "corruption_accuracy": float(cells["accuracy"].mean()),
+        "per_corruption": {n: float(np.mean(v)) for n, v in per_severity.items()},
+        "per_severity": per_severity,
+        "ce": ce,
+        "relative_ce": relative,
+        "mce": mean(list(ce.values())),
+        "relative_mce": mean(list(relative.values())),
+        "ece_clean": float(clean["ece"]),
+        "ece_corrupted": float(cells["ece"].mean()),
+        "fgsm_accuracy": {
+            f"{int(s)}/255": float(a)
+            for s, a in zip(fgsm["severity"], fgsm["accuracy"], strict=True)
+        },
+    }
