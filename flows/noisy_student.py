@@ -7,15 +7,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.labelling import label_unlabelled
 from noisy_student import report, storage, tracking
 from noisy_student.config import PipelineConfig
 from tasks import (
     evaluate_robustness,
     filter_and_balance,
-    infer_pseudo_labels,
     prepare_data,
     train_student,
     train_teacher,
@@ -46,6 +46,8 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
         },
     )
     print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.tracking_uri()}")
+    # several training processes: the training stages run under torchrun, from this config
+    torchrun = config if config.distributed.nproc_per_node > 1 else None
     try:
         data_root, shard_indices = prepare_data(config.data.root, config.data.fashion_mnist)
 
@@ -55,18 +57,18 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             storage.join(run_url, "iteration-1", "teacher"),
             parent,
             config.seed,
+            torchrun,
         )
         iterations = []
         for k, student_cfg in enumerate(config.students, start=1):
             here = storage.join(run_url, f"iteration-{k}")
-            shards = infer_pseudo_labels.map(
+            shards = label_unlabelled(
+                config.inference,
                 shard_indices,
-                unmapped(data_root),
-                unmapped(teacher.url),
-                unmapped(storage.join(here, "pseudo_labels")),
-                unmapped(config.inference.batch_size),
-                unmapped(config.inference.precision),
-            ).result()
+                data_root,
+                teacher.url,
+                storage.join(here, "pseudo_labels"),
+            )
             selected = filter_and_balance(
                 shards,
                 config.selection,
@@ -88,6 +90,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
                 k,
                 config.seed,
                 config.name,
+                torchrun,
             )
             robustness = evaluate_robustness(
                 [teacher, student],
