@@ -12,7 +12,6 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from noisy_student import stages
 from noisy_student.config import InferenceConfig
-from noisy_student.errors import UserError
 from tasks import infer_pseudo_labels
 
 
@@ -35,12 +34,8 @@ def task_runner(cfg: InferenceConfig) -> TaskRunner:
             }
         )
     if cfg.runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError:
-            raise UserError(
-                "inference.runner: ray needs the 'ray' extra (uv sync --extra ray)"
-            ) from None
+        from prefect_ray import RayTaskRunner  # the config checked that it is installed
+
         if cfg.address:
             return RayTaskRunner(address=cfg.address)
         return RayTaskRunner(

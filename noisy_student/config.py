@@ -7,6 +7,7 @@ PREFECT_API_URL) and are read by the libraries themselves.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,9 +168,11 @@ class InferenceConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _address_needs_a_cluster(self) -> InferenceConfig:
+    def _runner_is_usable(self) -> InferenceConfig:
         if self.address and self.runner == "local":
             raise ValueError("address is for runner dask or ray, not local")
+        if self.runner == "ray" and importlib.util.find_spec("prefect_ray") is None:
+            raise ValueError("runner ray needs the 'ray' extra (uv sync --extra ray)")
         return self
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.labelling import label_unlabelled, task_runner
-from noisy_student import dataset, models, stages, storage
+from noisy_student import config, dataset, models, stages, storage
 from noisy_student.config import InferenceConfig, PipelineConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.infer_pseudo_labels import cached_teacher
@@ -110,20 +110,19 @@ def test_runner_settings_build_prefects_task_runners(prefect_harness):
     assert local.cluster_kwargs["env"]["PREFECT_API_URL"].startswith("http")
 
 
-def test_ray_runner_needs_the_extra_or_builds_prefects_ray_runner():
-    cfg = InferenceConfig(runner="ray", address="ray://head:10001")
+def test_the_ray_runner_needs_the_extra_or_builds_prefects_ray_runner():
+    overrides = ["inference.runner=ray", "inference.address=ray://head:10001"]
     try:
         import prefect_ray  # noqa: F401
     except ImportError:
-        with pytest.raises(UserError, match="uv sync --extra ray"):
-            task_runner(cfg)
+        with pytest.raises(UserError, match="inference: .*runner ray needs the 'ray' extra"):
+            config.load(REPO / "pipeline_config/smoke.yaml", overrides)
     else:
-        assert task_runner(cfg).address == "ray://head:10001"
+        cfg = config.load(REPO / "pipeline_config/smoke.yaml", overrides)
+        assert task_runner(cfg.inference).address == "ray://head:10001"
 
 
 def test_an_address_without_a_cluster_runner_is_a_config_error():
     with pytest.raises(UserError, match="inference: .*address is for runner dask or ray"):
-        from noisy_student import config
-
         config.load(REPO / "pipeline_config/smoke.yaml", ["inference.address=tcp://head:8786"])
     assert PipelineConfig.model_fields["inference"].default.runner == "local"
