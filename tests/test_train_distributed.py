@@ -43,7 +43,7 @@ def _stage_runs(parent: str) -> list:
     return c.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
 
 
-@pytest.mark.slow  # ~25 s on 2 idle cores, 77-106 s at load 8-14: 3 processes import torch
+@pytest.mark.slow  # 77-106 s on 2 cores at load 8-14, nearly all of it 3 processes importing torch
 def test_two_torchrun_processes_follow_the_single_process_loss_trajectory(
     tiny_dataset, mlflow_uri, tmp_path, torch_one_thread
 ):
