@@ -6,10 +6,11 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.runtime import flow_run
 
 import tasks
+from flows.labelling import label_unlabelled
 from noisy_student import report, runs, storage, tracking
 from noisy_student.config import PipelineConfig
 from tasks import prepare_data
@@ -41,16 +42,17 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
     print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.display_uri()}")
     # finished tasks' results live in the run folder: found again by a resumed run
     results = runs.task_results_folder(run_url)
-    train_teacher, infer_pseudo_labels, filter_and_balance, train_student, evaluate_robustness = (
+    train_teacher, filter_and_balance, train_student, evaluate_robustness = (
         t.with_options(result_storage=results)
         for t in (
             tasks.train_teacher,
-            tasks.infer_pseudo_labels,
             tasks.filter_and_balance,
             tasks.train_student,
             tasks.evaluate_robustness,
         )
     )
+    # several training processes: the training stages run under torchrun, from this config
+    torchrun = config if config.distributed.nproc_per_node > 1 else None
     try:
         teacher = train_teacher(
             config.teacher,
@@ -58,18 +60,19 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             storage.join(run_url, "iteration-1", "teacher"),
             parent,
             config.seed,
+            torchrun,
         )
         iterations, tables = [], []
         for k, student_cfg in enumerate(config.students, start=1):
             here = storage.join(run_url, f"iteration-{k}")
-            shards = infer_pseudo_labels.map(
+            shards = label_unlabelled(
+                config.inference,
                 shard_indices,
-                unmapped(data_root),
-                unmapped(teacher.url),
-                unmapped(storage.join(here, "pseudo_labels")),
-                unmapped(config.inference.batch_size),
-                unmapped(config.inference.precision),
-            ).result()
+                data_root,
+                teacher.url,
+                storage.join(here, "pseudo_labels"),
+                results,
+            )
             selected = filter_and_balance(
                 shards,
                 config.selection,
@@ -91,6 +94,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
                 k,
                 config.seed,
                 config.name,
+                torchrun,
             )
             robustness = evaluate_robustness(
                 # a teacher after iteration 1 is the last student: it is judged as the teacher

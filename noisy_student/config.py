@@ -7,12 +7,20 @@ PREFECT_API_URL) and are read by the libraries themselves.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
@@ -158,6 +166,36 @@ class InferenceConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
+    runner: Literal["local", "dask", "ray"] = Field(
+        "local",
+        description="Where the shards are labelled: threads of the flow's process, a Dask "
+        "cluster or a Ray cluster (`uv sync --extra ray`)",
+    )
+    address: str | None = Field(
+        None,
+        description="dask/ray: the running cluster's scheduler, e.g. tcp://head:8786 or "
+        "ray://head:10001; null starts a temporary local one",
+    )
+    local_workers: int = Field(
+        2, gt=0, description="dask/ray without an address: worker processes of the local cluster"
+    )
+
+    @model_validator(mode="after")
+    def _runner_is_usable(self) -> InferenceConfig:
+        if self.address and self.runner == "local":
+            raise ValueError("address is for runner dask or ray, not local")
+        if self.runner == "ray" and importlib.util.find_spec("prefect_ray") is None:
+            raise ValueError("runner ray needs the 'ray' extra (uv sync --extra ray)")
+        return self
+
+
+class DistributedConfig(Strict):
+    nproc_per_node: int = Field(
+        1,
+        gt=0,
+        description="train_teacher/train_student: processes under torchrun on the flow's "
+        "machine, one per GPU (DistributedDataParallel); 1 trains in the flow's process",
+    )
 
 
 class SelectionConfig(Strict):
@@ -259,6 +297,9 @@ class PipelineConfig(Strict):
         min_length=1, description="One per iteration; each becomes the next teacher"
     )
     evaluation: EvaluationConfig = Field(EvaluationConfig(), description="Robustness")
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="Data-parallel training (noisy_student.train_distributed)"
+    )
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -18,8 +18,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from noisy_student import augment
+from noisy_student import augment, distributed
+from noisy_student.errors import UserError
 from noisy_student.training_state import TrainingState
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -253,9 +255,17 @@ def fit(
     weights, scheduler, index streams, random generators) is saved as `state` says (after
     epochs, every N steps, at the end), and a saved state is picked up first: on the same
     device, a run resumed from it ends with the same weights as one never stopped.
+
+    Under torchrun every rank draws the same global batches and trains on its own slice
+    of each (DistributedDataParallel averages the gradients), so N ranks take the steps
+    one process would with the same batch size. Only rank 0 evaluates and reports.
     """
-    torch.manual_seed(seed)  # dropout and stochastic depth draw from the global generator
-    gen = torch.Generator().manual_seed(seed)  # every input-noise draw
+    ranks, main = distributed.world_size(), distributed.is_main()
+    # Noise differs between ranks (rank 0 draws what a single process would); the order of
+    # the data does not: the index streams below share the seed on every rank.
+    noise_seed = seed + 1_000_003 * distributed.rank()
+    torch.manual_seed(noise_seed)  # dropout and stochastic depth draw from the global generator
+    gen = torch.Generator().manual_seed(noise_seed)  # every input-noise draw
 
     dev = device()
     # Small image sets live on the device for the whole run: a batch is one index away.
@@ -272,6 +282,12 @@ def fit(
         steps_per_epoch = math.ceil(len(images) / labelled_batch)
     labelled_stream = IndexStream(len(images), seed)
     total_steps = steps_per_epoch * schedule.epochs
+    if labelled_batch % ranks or pseudo_batch % ranks:
+        # an uneven split would weigh the smaller slices' images more in the averaged gradient
+        raise UserError(
+            f"batch_size {labelled_batch} (+{pseudo_batch} pseudo-labelled) does not split "
+            f"evenly over {ranks} processes"
+        )
 
     # channels_last: +22% training images/s for resnet18 at 28 px on this CPU, and the
     # layout tensor cores want on GPUs
@@ -296,7 +312,9 @@ def fit(
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    averager = _Averager(model, schedule, total_steps)
+    # DDP copies rank 0's weights to every rank, then all-reduces gradients in backward.
+    trained = DistributedDataParallel(model) if ranks > 1 else model
+    averager = _Averager(model, schedule, total_steps)  # of the plain module's weights
     result = FitResult(model=averager.module)
     start = time.perf_counter()
     step, loss_sum, seen = 0, 0.0, 0
@@ -337,18 +355,18 @@ def fit(
         if saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     for epoch in range(step // steps_per_epoch + 1, schedule.epochs + 1):
-        model.train()
+        trained.train()
         epoch_start = time.perf_counter()
         for _ in range(step - (epoch - 1) * steps_per_epoch, steps_per_epoch):
-            idx = labelled_stream.take(labelled_batch).to(dev)
+            idx = distributed.local_part(labelled_stream.take(labelled_batch)).to(dev)
             x, y = images[idx], targets[idx]
             if pseudo_stream is not None:
-                pidx = pseudo_stream.take(pseudo_batch).to(dev)
+                pidx = distributed.local_part(pseudo_stream.take(pseudo_batch)).to(dev)
                 x = torch.cat([x, pseudo_images[pidx]])
                 y = torch.cat([y, pseudo_targets[pidx]])
             x = noise.apply(x, gen).contiguous(memory_format=torch.channels_last)
             with autocast(dev, schedule.precision):
-                logits = model(x).float()
+                logits = trained(x).float()
             if schedule.loss == "distillation":
                 loss = distillation_loss(logits, y, len(idx), schedule.distillation_temperature)
             else:
@@ -362,11 +380,13 @@ def fit(
             averager.update(step)
             loss_sum += loss.item() * len(x)
             seen += len(x)
-            if state is not None:
+            if state is not None and main:  # rank 0 alone writes
                 if step % steps_per_epoch:  # the end of an epoch is saved below
                     state.maybe_save(snapshot, step, epoch_end=False, last=False)
                 state.kill_point(f"step={step}")
 
+        if ranks > 1:  # the epoch's figures over the global batches
+            loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen)
         metrics = {
             "train_loss": loss_sum / seen,
             "lr": optimizer.param_groups[0]["lr"],
@@ -375,7 +395,7 @@ def fit(
         last = epoch == schedule.epochs
         if last:
             averager.finish(_clean_batches(images, pseudo_images, schedule.batch_size * 4))
-        if eval_images is not None and (epoch % schedule.eval_every == 0 or last):
+        if eval_images is not None and main and (epoch % schedule.eval_every == 0 or last):
             metrics["test_accuracy"] = accuracy(
                 averager.module,
                 eval_images,
@@ -386,10 +406,10 @@ def fit(
             if last:
                 result.final_accuracy = metrics["test_accuracy"]
         result.history.append({"epoch": epoch, **metrics})
-        if on_epoch is not None:
+        if on_epoch is not None and main:
             on_epoch(epoch, metrics)
         loss_sum, seen = 0.0, 0
-        if state is not None:
+        if state is not None and main:
             state.maybe_save(snapshot, step, epoch_end=True, last=last)
             state.kill_point(f"epoch={epoch}")
     if result.history and result.final_accuracy is None:

@@ -195,6 +195,15 @@ def makedirs(url: str) -> None:
     call(url, lambda: fs.makedirs(path, exist_ok=True))
 
 
+def checksum(url: str) -> str:
+    """The store's fingerprint of a file, without reading it: the ETag (the content's MD5
+    for a single PUT) on S3-compatible stores, a hash of size and modification time locally.
+    A file rewritten in place gets a new one."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    return str(fs.checksum(path))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
 

@@ -214,12 +214,13 @@ def end_run(run_id: str, failed: bool = False) -> None:
 
 
 @contextmanager
-def failed_on_error(*run_ids: str) -> Iterator[None]:
-    """Mark the runs FAILED if the block raises, so that none is left showing as running."""
+def failed_on_error(*run_ids: str | None) -> Iterator[None]:
+    """Mark the runs FAILED if the block raises, so that none is left showing as running
+    (None stands for no run, as on torchrun ranks other than 0)."""
     try:
         yield
     except BaseException:
-        for run_id in run_ids:
+        for run_id in filter(None, run_ids):
             end_run(run_id, failed=True)
         raise
 

@@ -2,8 +2,8 @@
 
 from prefect import get_run_logger, task
 
-from noisy_student import stages
-from noisy_student.config import StudentConfig
+from noisy_student import stages, train_distributed
+from noisy_student.config import PipelineConfig, StudentConfig
 from tasks.policies import CACHED
 
 
@@ -20,7 +20,23 @@ def train_student(
     iteration: int,
     seed: int,
     registered_model: str,
+    torchrun: PipelineConfig | None = None,
 ) -> stages.TrainedModel:
+    """With `torchrun` (the whole config), the stage runs data-parallel in
+    `torchrun.distributed.nproc_per_node` processes instead of this one."""
+    log = get_run_logger().info
+    if torchrun is not None:
+        return train_distributed.launch(
+            torchrun,
+            "student",
+            data_root,
+            out_url,
+            parent_run_id,
+            iteration,
+            teacher,
+            selected,
+            log=log,
+        )
     return stages.train_student(
         cfg,
         data_root,
@@ -31,5 +47,5 @@ def train_student(
         iteration,
         seed,
         registered_model,
-        get_run_logger().info,
+        log,
     )

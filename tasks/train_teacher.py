@@ -2,13 +2,25 @@
 
 from prefect import get_run_logger, task
 
-from noisy_student import stages
-from noisy_student.config import TeacherConfig
+from noisy_student import stages, train_distributed
+from noisy_student.config import PipelineConfig, TeacherConfig
 from tasks.policies import CACHED
 
 
 @task(name="train_teacher", **CACHED)  # no retries: see train_student
 def train_teacher(
-    cfg: TeacherConfig, data_root: str, out_url: str, parent_run_id: str, seed: int
+    cfg: TeacherConfig,
+    data_root: str,
+    out_url: str,
+    parent_run_id: str,
+    seed: int,
+    torchrun: PipelineConfig | None = None,
 ) -> stages.TrainedModel:
-    return stages.train_teacher(cfg, data_root, out_url, parent_run_id, seed, get_run_logger().info)
+    """With `torchrun` (the whole config), the stage runs data-parallel in
+    `torchrun.distributed.nproc_per_node` processes instead of this one."""
+    log = get_run_logger().info
+    if torchrun is not None:
+        return train_distributed.launch(
+            torchrun, "teacher", data_root, out_url, parent_run_id, log=log
+        )
+    return stages.train_teacher(cfg, data_root, out_url, parent_run_id, seed, log)

@@ -1,5 +1,9 @@
 """Stages 1 and 4: the teacher on labelled images; the noised student on labelled plus
-pseudo-labelled images. Both run the same training loop (`engine.fit`)."""
+pseudo-labelled images. Both run the same training loop (`engine.fit`).
+
+Under torchrun (`noisy_student.train_distributed`) every rank runs these functions; only
+rank 0 has an MLflow run and writes the checkpoint, the others just train their slices.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from noisy_student import dataset, engine, models, storage, tracking
+from noisy_student import dataset, distributed, engine, models, storage, tracking
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.prepare_data import load_labelled, load_test
@@ -97,6 +101,15 @@ def _epoch_logger(run_id: str, role: str, log: Log) -> engine.EpochCallback:
     return on_epoch
 
 
+def _start_stage_run(
+    parent_run_id: str, stage: str, iteration: int, params: dict, tags: dict
+) -> str | None:
+    """The stage's MLflow run, on rank 0 only (None on the other torchrun ranks)."""
+    if not distributed.is_main():
+        return None
+    return tracking.start_stage_run(parent_run_id, stage, iteration, params, tags)
+
+
 def _finish_training(
     role: str,
     iteration: int,
@@ -104,9 +117,12 @@ def _finish_training(
     fit: engine.FitResult,
     meta: models.ModelMeta,
     out_url: str,
-    run_id: str,
+    run_id: str | None,
     start: float,
 ) -> TrainedModel:
+    seconds = time.perf_counter() - start
+    if run_id is None:  # a torchrun rank other than 0: rank 0 saves and logs
+        return TrainedModel(role, iteration, cfg.model, out_url, "", None, seconds)
     models.save(fit.model, meta, out_url)
     tracking.log_checkpoint(run_id, out_url)
     tracking.log_metrics(
@@ -119,9 +135,7 @@ def _finish_training(
     )
     tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": out_url})
     tracking.end_run(run_id)
-    return TrainedModel(
-        role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, time.perf_counter() - start
-    )
+    return TrainedModel(role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, seconds)
 
 
 def train_teacher(
@@ -136,7 +150,7 @@ def train_teacher(
     start = time.perf_counter()
     manifest, labelled = load_labelled(data_root)
     _, test = load_test(data_root)
-    run_id = tracking.start_stage_run(
+    run_id = _start_stage_run(
         parent_run_id,
         "train_teacher",
         1,
@@ -221,7 +235,7 @@ def train_student(
     _, unlabelled = dataset.load(storage.join(data_root, dataset.UNLABELLED))
     _, test = load_test(data_root)
     pseudo_images, pseudo_targets = _load_selected(selected.url, unlabelled)
-    run_id = tracking.start_stage_run(
+    run_id = _start_stage_run(
         parent_run_id,
         "train_student",
         iteration,
@@ -237,13 +251,14 @@ def train_student(
         },
     )
     with tracking.failed_on_error(run_id):
-        tracking.log_dataset(
-            run_id,
-            pd.DataFrame(selected.per_class),
-            selected.url,
-            f"selected-{iteration}",
-            "training",
-        )
+        if run_id is not None:
+            tracking.log_dataset(
+                run_id,
+                pd.DataFrame(selected.per_class),
+                selected.url,
+                f"selected-{iteration}",
+                "training",
+            )
         torch.manual_seed(seed + iteration)  # the initial weights, so that a seed repeats a run
         model = models.create(
             cfg.model,
@@ -290,7 +305,7 @@ def train_student(
         student = _finish_training(
             "student", iteration, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
         )
-        if registered_model:
+        if registered_model and run_id is not None:
             version = tracking.register(run_id, registered_model)
             log(f"student {iteration} registered as models:/{registered_model}/{version}")
         return student
