@@ -333,6 +333,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def override_pairs(overrides: list[str] | dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """`--set key=value` strings (values in YAML) or a {dotted key: value} mapping, as a
+    deployment's `overrides` parameter gives them."""
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    return parse_overrides(list(overrides))
+
+
 def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
@@ -344,17 +354,97 @@ def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
         raise UserError(f"{source}: {path}: {msg}{more}") from None
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: config file not found")
+def read_yaml(source: str | Path) -> dict[str, Any]:
+    """A YAML file from a local path or any fsspec URL (s3://…, https://…)."""
+    from noisy_student import storage
+
+    source = str(source)
+    url = storage.resolve(source)
+    if not storage.exists(url):
+        raise UserError(f"{source}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(storage.read_bytes(url)) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    for key, value in parse_overrides(list(overrides)):
+        raise UserError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{source}: expected a mapping of config keys")
+    return tree
+
+
+def load(source: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    tree = read_yaml(source)
+    for key, value in override_pairs(overrides):
         _set_path(tree, key, value)
-    return validate(tree, str(path))
+    return validate(tree, str(source))
+
+
+def resolve(
+    config: str | Path | PipelineConfig, overrides: list[str] | dict[str, Any] | None = None
+) -> PipelineConfig:
+    """A config from a YAML path or URL, or an already validated one, with overrides."""
+    if not isinstance(config, PipelineConfig):
+        return load(config, overrides)
+    pairs = override_pairs(overrides)
+    if not pairs:
+        return config
+    tree = config.model_dump()
+    for key, value in pairs:
+        _set_path(tree, key, value)
+    return validate(tree, "overrides")
+
+
+# Deployments name list items by index in their overrides (`students.0.epochs`); the
+# schema spells out this many, and `students` itself replaces the whole list.
+LISTED_ITEMS = 5
+
+
+def overrides_json_schema() -> dict[str, Any]:
+    """JSON schema of a {dotted key: value} mapping of overrides, one property per key of
+    the config, nothing else allowed. Prefect's server validates a deployment's
+    parameters against it, so `-p overrides='{"teacher.epochz": 3}'` is refused before a
+    run is created, naming the key."""
+    root = PipelineConfig.model_json_schema()
+    defs = root.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        # no $ref (a parameter schema has its own definitions) and no defaults: an override
+        # has none, and a form filled with defaults would override the YAML
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            target = inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
+        return {k: inline(v) for k, v in node.items() if k not in ("default", "title")}
+
+    def section(schema: dict[str, Any]) -> dict[str, Any] | None:
+        for option in [schema, *schema.get("anyOf", [])]:
+            if "properties" in option:
+                return option
+        return None
+
+    properties: dict[str, Any] = {}
+
+    def walk(schema: dict[str, Any], prefix: str) -> None:
+        for name, sub in schema["properties"].items():
+            key = f"{prefix}{name}"
+            properties[key] = sub
+            if (inner := section(sub)) is not None:
+                walk(inner, f"{key}.")
+            elif sub.get("type") == "array" and "properties" in sub.get("items", {}):
+                for i in range(LISTED_ITEMS):
+                    properties[f"{key}.{i}"] = sub["items"]
+                    walk(sub["items"], f"{key}.{i}.")
+
+    walk(inline(root), "")
+    return {
+        "type": "object",
+        "description": "Config values to change, by dotted key as with `--set`, e.g. "
+        '{"teacher.epochs": 3, "students.0.model": "resnet18"}',
+        "properties": properties,
+        "additionalProperties": False,
+    }
 
 
 def _type_name(annotation: Any) -> str:
