@@ -4,6 +4,10 @@ A dataset is a folder at any fsspec URL holding `part-*.parquet` shards (columns
 `image` as PNG bytes, `label` as int or null) and `_manifest.json`. Readers trust the
 manifest, never a listing, so a half-written folder is never read: if the manifest is
 missing the dataset does not exist yet.
+
+New images are appended as new shards under a new manifest version; earlier shards are
+never rewritten, so shard i means the same images in every version, and every version's
+manifest stays readable under `_manifests/`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,7 @@ from noisy_student.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
+HISTORY = "_manifests"  # every version's manifest, as written: 00001.json, 00002.json, …
 ROW_GROUP_SIZE = 1024  # rows, not bytes: small images, so ~1 MB groups
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
 
@@ -44,6 +50,7 @@ class Manifest:
     mode: str
     shards: list[dict[str, Any]]
     digest: str
+    version: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +62,15 @@ class Manifest:
 
     def shard_urls(self) -> list[str]:
         return [storage.join(self.url, s["file"]) for s in self.shards]
+
+    def state(self) -> dict[str, Any]:
+        """What tells one version from another, small enough for an event payload."""
+        return {
+            "version": self.version,
+            "rows": self.num_rows,
+            "shards": len(self.shards),
+            "digest": self.digest,
+        }
 
 
 @dataclass
@@ -81,6 +97,9 @@ class DatasetWriter:
     If the block raises, no manifest is written and the shards written so far are
     removed. `commit=False` leaves the manifest to a later `commit()`, so that several
     splits become visible together, once all of them are complete.
+    With `base` (the current manifest) it appends: new shards after the existing ones,
+    then the next manifest version; if the block raises, only the new shards are removed
+    and the current version stays in force.
     """
 
     def __init__(
@@ -93,6 +112,8 @@ class DatasetWriter:
         mode: str,
         rows_per_shard: int = 8192,
         extra: dict[str, Any] | None = None,
+        base: Manifest | None = None,
+        existing_ids: set[str] | None = None,
     ):
         self.url = storage.resolve(url)
         self.split = split
@@ -100,14 +121,24 @@ class DatasetWriter:
         self.height, self.width, self.mode = height, width, mode
         self.rows_per_shard = rows_per_shard
         self.extra = dict(extra or {})  # more manifest fields, e.g. the images skipped
+        self.base = base
+        self.version = base.version + 1 if base else 1
         self._pending: list[tuple[str, bytes, int | None]] = []
-        self._shards: list[dict[str, Any]] = []
+        self._shards: list[dict[str, Any]] = list(base.shards) if base else []
+        self._first_new = len(self._shards)  # shards before this are the base's: never removed
+        self._existing: set[str] = existing_ids or set()
         self._ids: set[str] = set()
         self.labels_seen: set[int] = set()
 
+    @property
+    def added_rows(self) -> int:
+        return len(self._ids)
+
     def __enter__(self) -> DatasetWriter:
-        # A manifest from an earlier write would vouch for shards we are about to replace.
-        storage.remove(storage.join(self.url, MANIFEST))
+        if self.base is None:
+            # A manifest from an earlier write would vouch for shards we are about to
+            # replace.
+            storage.remove(storage.join(self.url, MANIFEST))
         storage.makedirs(self.url)
         return self
 
@@ -116,6 +147,8 @@ class DatasetWriter:
         return sum(s["rows"] for s in self._shards) + len(self._pending)
 
     def add(self, id: str, image: bytes, label: int | None) -> None:
+        if id in self._existing:
+            raise UserError(f"{self.url}: id {id!r} is already in the dataset")
         if id in self._ids:
             raise UserError(f"{self.url}: duplicate id {id!r}")
         if label is not None and not 0 <= label < len(self.class_names):
@@ -148,32 +181,34 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Remove the shards written so far: without a manifest nobody reads them anyway."""
-        for s in self._shards:
+        for s in self._shards[self._first_new :]:
             storage.remove(storage.join(self.url, s["file"]))
-        self._shards, self._pending = [], []
+        self._shards, self._pending = self._shards[: self._first_new], []
 
     def commit(self) -> None:
         self._flush()
         digest = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode())
-        storage.write_json(
-            storage.join(self.url, MANIFEST),
-            {
-                "format": "noisy-student-dataset",
-                "schema_version": SCHEMA_VERSION,
-                "split": self.split,
-                "num_rows": sum(s["rows"] for s in self._shards),
-                "class_names": self.class_names,
-                "image": {
-                    "height": self.height,
-                    "width": self.width,
-                    "mode": self.mode,
-                    "encoding": "png",
-                },
-                "shards": self._shards,
-                "digest": digest.hexdigest(),
-                **self.extra,
+        manifest = {
+            "format": "noisy-student-dataset",
+            "schema_version": SCHEMA_VERSION,
+            "version": self.version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "split": self.split,
+            "num_rows": sum(s["rows"] for s in self._shards),
+            "class_names": self.class_names,
+            "image": {
+                "height": self.height,
+                "width": self.width,
+                "mode": self.mode,
+                "encoding": "png",
             },
-        )
+            "shards": self._shards,
+            "digest": digest.hexdigest(),
+            **self.extra,
+        }
+        # The version's own copy first, the manifest readers trust last.
+        storage.write_json(storage.join(self.url, HISTORY, f"{self.version:05d}.json"), manifest)
+        storage.write_json(storage.join(self.url, MANIFEST), manifest)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -201,6 +236,7 @@ def read_manifest(url: str) -> Manifest:
         mode=img["mode"],
         shards=m["shards"],
         digest=m["digest"],
+        version=m.get("version", 1),
     )
 
 
@@ -337,4 +373,45 @@ def write_rows(
 ) -> Manifest:
     """Encode arrays as PNG and write a dataset, manifest included."""
     stage_rows(url, split, class_names, rows, rows_per_shard).commit()
+    return read_manifest(url)
+
+
+def read_ids(manifest: Manifest) -> set[str]:
+    return {
+        i
+        for url in manifest.shard_urls()
+        for i in storage.read_parquet(url, columns=["id"]).column("id").to_pylist()
+    }
+
+
+def append_rows(
+    url: str, rows: Iterable[tuple[str, np.ndarray, int | None]], rows_per_shard: int = 8192
+) -> Manifest:
+    """Add images to an existing dataset as new shards and a new manifest version.
+
+    Earlier shards are not touched. Every image must match the dataset's size and mode,
+    and every id must be new: appending the same batch twice is refused.
+    """
+    base = read_manifest(url)
+    shape = (base.height, base.width) if base.channels == 1 else (base.height, base.width, 3)
+    writer = DatasetWriter(
+        url,
+        base.split,
+        base.class_names,
+        base.height,
+        base.width,
+        base.mode,
+        rows_per_shard,
+        base=base,
+        existing_ids=read_ids(base),
+    )
+    with writer:
+        for id, array, label in rows:
+            if array.shape != shape:
+                raise UserError(
+                    f"{url}: id {id!r}: image of shape {array.shape}, the dataset holds {shape}"
+                )
+            writer.add(id, encode_png(array), label)
+        if writer.added_rows == 0:
+            raise UserError(f"{url}: no images to append")
     return read_manifest(url)

@@ -6,6 +6,7 @@ beside them. Those labels never reach training: they only score the pseudo label
 
 All or nothing: the shards of every split are written first, the manifests last and
 only when every split is complete; on an error the shards written are removed.
+`append_unlabelled` adds a new batch of unlabelled images to an existing dataset.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from noisy_student.dataset import (
     UNLABELLED,
     UNLABELLED_TRUTH,
     DatasetWriter,
+    Manifest,
+    append_rows,
+    read_manifest,
     stage_rows,
 )
 from noisy_student.errors import UserError
@@ -266,3 +270,32 @@ def image_folder(
         every_class_labelled=True,
     )
     return out
+
+
+def append_unlabelled(
+    root: str, images: str, id_prefix: str | None = None, rows_per_shard: int = 8192
+) -> tuple[Manifest, Manifest]:
+    """Add a folder of images (any fsspec URL, sub-folders included) to the unlabelled
+    split of the dataset at `root`, converted and resized to the dataset's mode and size.
+
+    Ids are `<id_prefix>/<path in the folder>`, the prefix defaulting to the folder's
+    name, so appending the same batch twice is refused. A bad image stops the append and
+    leaves the dataset as it was. Returns the manifests before and after.
+    """
+    url = storage.join(storage.resolve(root), UNLABELLED)
+    before = read_manifest(url)
+    folder = storage.resolve(images)
+    if not storage.isdir(folder):
+        raise UserError(f"{images}: folder not found")
+    if before.width != before.height:
+        raise UserError(f"{url}: images are {before.width}x{before.height}, not square")
+    prefix = id_prefix or posixpath.basename(folder.rstrip("/"))
+    bad = BadImages("error")
+
+    def rows() -> Rows:
+        for image_url in _list_images(folder):
+            img = _load_image(image_url, before.height, before.mode, "convert", bad)
+            yield f"{prefix}/{_relative(image_url, folder)}", img, None
+
+    after = append_rows(url, rows(), rows_per_shard)
+    return before, after
