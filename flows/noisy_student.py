@@ -4,31 +4,69 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from pydantic import WithJsonSchema
 
 import tasks
 from flows.labelling import label_unlabelled
+from noisy_student import config as config_mod
 from noisy_student import report, runs, storage, tracking
 from noisy_student.config import PipelineConfig
-from tasks import prepare_data
+from noisy_student.engine import flush_denormals
+from tasks import existing_teacher, prepare_data, promote
+
+# What a deployment's parameters look like to Prefect, which validates them before a run
+# is created: a YAML path or URL, and {dotted key: value} overrides, every key checked.
+# From Python, `config` may also be a validated PipelineConfig.
+ConfigSource = Annotated[
+    str | PipelineConfig,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "The pipeline config: a YAML path (relative to the working "
+            "folder) or URL, e.g. pipeline_config/fashion_mnist.yaml or s3://bucket/ns.yaml",
+        }
+    ),
+]
+Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(config_mod.overrides_json_schema())]
 
 
 @flow(name="noisy-student", log_prints=True)
-def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
-    """Train a teacher, then for every configured student: label the unlabelled images,
-    keep the confident ones with classes balanced, train the noised student on labelled
-    plus pseudo-labelled images, compare robustness, and make the student the next teacher.
-    Returns summary.json's content.
+def noisy_student(
+    config: ConfigSource,
+    overrides: Overrides = None,
+    teacher: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train a teacher (or start from an existing model), then for every configured
+    student: label the unlabelled images, keep the confident ones with classes balanced,
+    train the noised student on labelled plus pseudo-labelled images, compare robustness,
+    and make the student the next teacher. The final student goes through the promotion
+    gate. Returns summary.json's content.
 
-    The run id defaults to one derived from the config and the data, so running the same
-    command again after a crash resumes the run: finished stages and shards are reused,
-    training continues from its last saved state."""
+    Args:
+        config: The pipeline config: a YAML path or URL.
+        overrides: Config values to change, by dotted key, e.g. {"teacher.epochs": 3}.
+        teacher: Start from this model instead of training a teacher: "champion" (the
+            registered model's champion, when there is one), models:/NAME@ALIAS, an MLflow
+            run id or a checkpoint URL. None trains one.
+        run_id: Name of this run. The default is derived from the config and the data,
+            so running the same command again after a crash resumes the run: finished
+            stages and shards are reused, training continues from its last saved state.
+    """
+    # A deployment's run starts in a fresh process that `noisy-student` did not set up.
+    flush_denormals()
     start = time.perf_counter()
+    config = config_mod.resolve(config, overrides)
     data_root, shard_indices = prepare_data(config.data.root, config.data.fashion_mnist)
-    run_id = run_id or runs.run_identity(config, data_root)
+    first = existing_teacher(teacher, config.name) if teacher else None
+    # a run from an existing teacher is another run than one that trains its own
+    run_id = run_id or runs.run_identity(config, data_root) + (
+        f"-from-{(first.mlflow_run_id or first.url)[-8:]}" if first else ""
+    )
     run_url = storage.join(storage.resolve(config.artifacts), "runs", run_id)
     parent = tracking.start_pipeline_run(
         config.name,
@@ -36,6 +74,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
         config.model_dump(),
         {
             f"{tracking.TAG}artifacts_url": run_url,
+            f"{tracking.TAG}teacher_source": teacher or "trained",
             "prefect.flow_run_id": str(flow_run.id or ""),
         },
     )
@@ -54,7 +93,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
     # several training processes: the training stages run under torchrun, from this config
     torchrun = config if config.distributed.nproc_per_node > 1 else None
     try:
-        teacher = train_teacher(
+        teacher = first or train_teacher(
             config.teacher,
             data_root,
             storage.join(run_url, "iteration-1", "teacher"),
@@ -62,7 +101,7 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             config.seed,
             torchrun,
         )
-        iterations, tables = [], []
+        iterations, tables, evaluations = [], [], []
         for k, student_cfg in enumerate(config.students, start=1):
             here = storage.join(run_url, f"iteration-{k}")
             shards = label_unlabelled(
@@ -108,14 +147,26 @@ def noisy_student(config: PipelineConfig, run_id: str | None = None) -> dict[str
             )
             tables = [*tables, robustness.table_url]
             iterations.append(report.iteration_summary(k, teacher, selected, student, robustness))
+            evaluations.append(robustness)
             teacher = student  # the student labels the next round
 
+        promotion = promote(
+            student,
+            evaluations,
+            config.name,
+            config.evaluation,
+            data_root,
+            run_url,
+            parent,
+            len(config.students),
+        )
         summary = report.summary(
             run_id, run_url, config, data_root, parent, iterations, time.perf_counter() - start
         )
         summary["robustness"] = report.robustness_summary(run_url, robustness)
         # the last report covers every model of the run; it goes beside summary.json
         storage.write_bytes(summary["robustness"]["report_url"], robustness.report.encode())
+        summary["promotion"] = promotion
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
         tracking.log_dict(parent, report.lineage(iterations), "lineage.json")

@@ -255,3 +255,35 @@ def resolve_registered(uri: str) -> str:
     if not versions:
         raise MlflowException(f"registered model {ref!r} has no versions")
     return max(versions, key=lambda v: int(v.version)).run_id
+
+
+def model_version_by_alias(model_name: str, alias: str):
+    """The registered model's version under `alias`, or None (no such model or alias)."""
+    try:
+        return client().get_model_version_by_alias(model_name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def model_version_of_run(model_name: str, run_id: str):
+    versions = client().search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    if not versions:
+        raise MlflowException(f"run {run_id} has no version of registered model {model_name!r}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def set_alias(model_name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(model_name, alias, version)
+
+
+def set_version_tags(model_name: str, version: str, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, version, k, str(v))
+
+
+def run_data(run_id: str):
+    """Tags, metrics and params of a run."""
+    return client().get_run(run_id).data

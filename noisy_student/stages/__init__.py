@@ -17,9 +17,12 @@ from noisy_student.stages.records import (
     SelectedPseudoLabels,
     TrainedModel,
 )
+from noisy_student.stages.registry import CHALLENGER, CHAMPION, existing_teacher, promote
 from noisy_student.stages.train import train_student, train_teacher
 
 __all__ = [
+    "CHALLENGER",
+    "CHAMPION",
     "Log",
     "PseudoLabelShard",
     "Robustness",
@@ -27,9 +30,11 @@ __all__ = [
     "TrainedModel",
     "check_data",
     "evaluate_robustness",
+    "existing_teacher",
     "filter_and_balance",
     "infer_pseudo_labels",
     "prepare_data",
+    "promote",
     "train_student",
     "train_teacher",
     "unlabelled_shards",
