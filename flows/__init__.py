@@ -1,5 +1,6 @@
-"""Prefect flows: the order of the stages, and nothing else."""
+"""Prefect flows: the order of the stages, and nothing else.
 
-from flows.noisy_student import noisy_student
-
-__all__ = ["noisy_student"]
+`flows.noisy_student` holds the flow `noisy-student`; `flows.deployments` its deployments
+and the flow `noisy-student-watch`; `flows.events` the new-data event. Nothing is imported
+here, so that light commands (`noisy-student ingest append`) need not load torch.
+"""

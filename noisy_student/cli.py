@@ -1,4 +1,4 @@
-"""`noisy-student`: run the pipeline, ingest data, predict with a trained model."""
+"""`noisy-student`: run or serve the pipeline, ingest data, predict with a trained model."""
 
 from __future__ import annotations
 
@@ -18,22 +18,26 @@ def _one_line_user_errors(record: logging.LogRecord) -> bool:
     return True
 
 
+def _prefect_defaults() -> None:
+    # Prefect's server (temporary or not) needs no network; don't let it try.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary one starts in ~20 s on an idle 2-core machine; give a busy one more time.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_one_line_user_errors)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from noisy_student import config as config_mod
     from noisy_student import stages
 
     cfg = config_mod.load(args.config, args.set or [])
     stages.check_data(cfg.data.root, cfg.data.fashion_mnist)
-    # Prefect's temporary local server needs no network; don't let it try.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # It starts in ~20 s on an idle 2-core machine; give a busy one more time.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    _prefect_defaults()
     from flows.noisy_student import noisy_student
     from noisy_student import report
 
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_one_line_user_errors)
-    summary = noisy_student(cfg, run_id=args.run_id)
+    summary = noisy_student(cfg, teacher=args.teacher, run_id=args.run_id)
     print()
     print(report.table(summary))
     print(f"summary: {summary['summary_url']}")
@@ -69,6 +73,64 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
         args.on_mismatch,
     )
     _print_dataset(out)
+
+
+def _cmd_ingest_append(args: argparse.Namespace) -> None:
+    from noisy_student import ingest, storage
+
+    root = storage.resolve(args.dataset)
+    before, after = ingest.append_unlabelled(root, args.images, args.id_prefix, args.rows_per_shard)
+    print(
+        f"unlabelled: version {before.version} -> {after.version}: "
+        f"{after.num_rows - before.num_rows} images added in "
+        f"{len(after.shards) - len(before.shards)} shard(s), {after.num_rows} in all"
+    )
+    if args.no_event:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        print("PREFECT_API_URL is not set: no event emitted (a `watch` deployment will notice)")
+        return
+    from flows.events import EVENT, announce
+
+    _prefect_defaults()
+    event = announce(root, after.state(), before.state(), source="ingest")
+    print(f"event {EVENT} emitted for {event.resource.id}")
+
+
+def _cmd_results_storage(args: argparse.Namespace) -> None:
+    from flows.events import use_result_storage
+
+    _prefect_defaults()
+    slug = use_result_storage(args.url)
+    print(f"block {slug} saved; give workers these variables:")
+    print(f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={slug}")
+    print("PREFECT_RESULTS_PERSIST_BY_DEFAULT=true")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from noisy_student import config as config_mod
+
+    overrides = dict(config_mod.override_pairs(args.set or []))
+    config_mod.load(args.config, overrides)  # one-line error before anything starts
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "PREFECT_API_URL is not set: start `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    _prefect_defaults()
+    from flows.deployments import serve
+
+    serve(
+        args.config,
+        overrides,
+        teacher=None if args.teacher == "none" else args.teacher,
+        cron=args.cron,
+        window=timedelta(seconds=args.batch_window),
+        watch_every=args.watch_every or None,
+        results=args.results,
+    )
 
 
 def _print_dataset(root: str) -> None:
@@ -122,7 +184,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of this run (default: derived from the config and the data, so that "
         "running the same command again after a crash resumes the run)",
     )
+    run.add_argument(
+        "--teacher",
+        help="start from this model instead of training a teacher: champion (the registered "
+        "model's champion, if any), models:/NAME@ALIAS, an MLflow run id or a checkpoint URL",
+    )
     run.set_defaults(func=_cmd_run)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the deployments noisy-student/iterate and noisy-student-watch/watch "
+        "on the Prefect server at PREFECT_API_URL (runs until stopped)",
+    )
+    srv.add_argument("-c", "--config", required=True, help="YAML config path or URL")
+    srv.add_argument(
+        "--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value"
+    )
+    srv.add_argument(
+        "--teacher",
+        default="champion",
+        help="first teacher of each run: champion (default; trains one while there is "
+        "none), none (always train), or a model reference as for `run --teacher`",
+    )
+    srv.add_argument("--cron", help='also run on this schedule (UTC), e.g. "0 3 * * *"')
+    srv.add_argument(
+        "--batch-window",
+        type=float,
+        default=600,
+        metavar="SECONDS",
+        help="a retrain starts this long after new data first lands; data landing "
+        "meanwhile joins it (default 600)",
+    )
+    srv.add_argument(
+        "--watch-every",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="look for data that landed by other means this often; 0: never (default 300)",
+    )
+    srv.add_argument(
+        "--results",
+        metavar="URL",
+        help="keep Prefect's results there, e.g. s3://bucket/prefect-results",
+    )
+    srv.set_defaults(func=_cmd_serve)
+
+    res = sub.add_parser(
+        "results-storage",
+        help="save a Prefect block that keeps results at URL, for workers of prefect.yaml",
+    )
+    res.add_argument("url", help="e.g. s3://bucket/prefect-results")
+    res.set_defaults(func=_cmd_results_storage)
 
     ingest = sub.add_parser("ingest", help="write raw images in the dataset format")
     isub = ingest.add_subparsers(dest="source_kind", required=True)
@@ -162,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         "a bad image (error)",
     )
     imf.set_defaults(func=_cmd_ingest_image_folder)
+    app = isub.add_parser(
+        "append",
+        help="add a batch of unlabelled images to a dataset (new manifest version), then "
+        "emit the new-data event that starts a retrain",
+    )
+    app.add_argument("--dataset", required=True, help="dataset root URL to append to")
+    app.add_argument("--images", required=True, help="folder of images (any fsspec URL)")
+    app.add_argument(
+        "--id-prefix", help="prefix of the new ids (default: the folder's name); ids are unique"
+    )
+    app.add_argument("--rows-per-shard", type=int, default=8192)
+    app.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
+    app.set_defaults(func=_cmd_ingest_append)
 
     pred = sub.add_parser("predict", help="top-k classes for images")
     pred.add_argument("images", nargs="+", help="image files")

@@ -1,0 +1,138 @@
+"""The pipeline as a service: the deployment `iterate` of the flow `noisy-student`, and
+`watch` of the flow `noisy-student-watch`.
+
+- `iterate` retrains from the current champion: on demand (`prefect deployment run
+  noisy-student/iterate`), on an optional cron schedule, and when new unlabelled data
+  lands. Never two runs at once (a concurrency limit of one; later runs wait).
+- New data announces itself with the event `noisy-student.unlabelled-data.landed`:
+  `noisy-student ingest append` emits it, and `watch` emits it for data that landed by
+  other means (it compares the unlabelled manifest with the last version announced).
+- The trigger on that event fires on the first arrival and schedules the run one
+  window later; arrivals within the window fold into that run, which labels everything
+  in the manifest by then.
+
+Served by one long-lived process (`noisy-student serve`, which calls `serve` below) or
+deployed to a process work pool from `prefect.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from prefect import flow
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.variables import Variable
+
+from flows.events import (
+    EVENT,
+    RESOURCE_PREFIX,
+    announce,
+    announced_variable,
+    dataset_resource,
+    use_result_storage,
+)
+from flows.noisy_student import ConfigSource, Overrides, noisy_student
+from noisy_student import config as config_mod
+from noisy_student import dataset, storage
+
+
+@flow(name="noisy-student-watch", log_prints=True)
+def watch_data(config: ConfigSource, overrides: Overrides = None) -> dict[str, Any] | None:
+    """Announce unlabelled data that landed without `noisy-student ingest append`: compare
+    the dataset's unlabelled manifest with the version last announced and emit the
+    new-data event when it changed. The first look only records the version.
+
+    Args:
+        config: The pipeline config (YAML path or URL) whose data.root is watched.
+        overrides: Config values to change, by dotted key.
+    """
+    cfg = config_mod.resolve(config, overrides)
+    root = storage.resolve(cfg.data.root)
+    url = storage.join(root, dataset.UNLABELLED)
+    if not storage.exists(storage.join(url, dataset.MANIFEST)):
+        print(f"{url}: no dataset yet")
+        return None
+    manifest = dataset.read_manifest(url)
+    seen = Variable.get(announced_variable(root), default=None)
+    if seen is None:
+        Variable.set(announced_variable(root), manifest.state(), overwrite=True)
+        print(f"{url}: version {manifest.version}, {manifest.num_rows} images; first look")
+        return None
+    if seen.get("digest") == manifest.digest:
+        print(f"{url}: unchanged since version {seen.get('version')}")
+        return None
+    event = announce(root, manifest.state(), seen, source="watch")
+    print(f"{url}: version {seen.get('version')} -> {manifest.version}; announced")
+    return event.payload
+
+
+def retrain_trigger(window: timedelta, root: str | None = None) -> DeploymentEventTrigger:
+    """Fires on the first new-data event and schedules the run `window` later; further
+    events within the window are absorbed by it. With `root`, only that dataset counts."""
+    resource = dataset_resource(root)["prefect.resource.id"] if root else f"{RESOURCE_PREFIX}*"
+    return DeploymentEventTrigger(
+        name="noisy-student retrain on new unlabelled data",
+        expect={EVENT},
+        match={"prefect.resource.id": resource},
+        posture="Reactive",
+        threshold=1,
+        within=window,
+        schedule_after=window,
+    )
+
+
+def iterate_deployment(
+    config: str,
+    overrides: dict[str, Any],
+    teacher: str | None,
+    cron: str | None,
+    window: timedelta,
+    root: str | None,
+) -> RunnerDeployment:
+    return noisy_student.to_deployment(
+        name="iterate",
+        description="Retrain from the champion on all unlabelled data; promote if better.",
+        parameters={"config": config, "overrides": overrides, "teacher": teacher},
+        cron=cron,
+        concurrency_limit=1,
+        triggers=[retrain_trigger(window, root)],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def watch_deployment(config: str, overrides: dict[str, Any], every: float) -> RunnerDeployment:
+    return watch_data.to_deployment(
+        name="watch",
+        description="Announce unlabelled data that landed by other means.",
+        parameters={"config": config, "overrides": overrides},
+        interval=every,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def serve(
+    config: str,
+    overrides: dict[str, Any],
+    teacher: str | None = "champion",
+    cron: str | None = None,
+    window: timedelta = timedelta(minutes=10),
+    watch_every: float | None = 300,
+    results: str | None = None,
+) -> None:
+    """Register `iterate` (and `watch`) with the Prefect server and run their flow runs
+    until stopped."""
+    from prefect import serve as prefect_serve
+
+    cfg = config_mod.resolve(config, overrides)  # a bad config fails now, not at 3 am
+    source = config if "://" in config else os.path.abspath(config)
+    if results:
+        use_result_storage(results)
+    deployments = [
+        iterate_deployment(source, overrides, teacher, cron, window, storage.resolve(cfg.data.root))
+    ]
+    if watch_every:
+        deployments.append(watch_deployment(source, overrides, watch_every))
+    prefect_serve(*deployments)

@@ -1,0 +1,81 @@
+"""The new-data event and the little state around it, kept light: `noisy-student ingest
+append` and `noisy-student results-storage` import this without torch or the flow."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from prefect.events import Event
+from prefect.variables import Variable
+
+from noisy_student import storage
+
+EVENT = "noisy-student.unlabelled-data.landed"
+RESOURCE_PREFIX = "noisy-student.dataset."
+RESULTS_BLOCK = "noisy-student-results"
+
+
+def _key(root: str) -> str:
+    return hashlib.sha256(storage.resolve(root).encode()).hexdigest()[:16]
+
+
+def dataset_resource(root: str) -> dict[str, str]:
+    """The Prefect resource standing for a dataset: its id is derived from the resolved URL
+    (so a relative path means the same dataset only from the same working folder)."""
+    return {
+        "prefect.resource.id": f"{RESOURCE_PREFIX}{_key(root)}",
+        "prefect.resource.name": storage.resolve(root),
+    }
+
+
+def announced_variable(root: str) -> str:
+    """The Prefect variable holding the last unlabelled-manifest version announced."""
+    return f"noisy-student-data-{_key(root)}"
+
+
+def announce(
+    root: str, state: dict[str, Any], previous: dict[str, Any] | None, source: str
+) -> Event:
+    """Emit the new-data event for the dataset at `root` (its unlabelled manifest is now
+    `state`, see `Manifest.state`), then remember that version as announced. Needs
+    PREFECT_API_URL."""
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    previous = previous or {}
+    event = Event(
+        event=EVENT,
+        resource=dataset_resource(root),
+        payload={
+            "dataset": storage.resolve(root),
+            **state,
+            "new_rows": state["rows"] - previous.get("rows", 0),
+            "previous_version": previous.get("version"),
+            "source": source,
+        },
+    )
+
+    async def send() -> None:
+        # A client of our own, opened and closed here: a short-lived command must not
+        # exit before a background worker has sent the event.
+        async with get_events_client() as client:
+            await client.emit(event)
+
+    run_coro_as_sync(send())
+    Variable.set(announced_variable(root), state, overwrite=True)
+    return event
+
+
+def use_result_storage(url: str) -> str:
+    """Keep Prefect's task and flow results under `url` (e.g. s3://bucket/prefect-results):
+    save a block without credentials (runs read them from their environment) and make it
+    the default for runs started from this process."""
+    from prefect.filesystems import RemoteFileSystem
+
+    RemoteFileSystem(basepath=url).save(RESULTS_BLOCK, overwrite=True)
+    slug = f"remote-file-system/{RESULTS_BLOCK}"
+    os.environ["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = slug
+    os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+    return slug
