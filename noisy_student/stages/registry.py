@@ -126,10 +126,11 @@ def promote(
     if current is not None:
         champion = figures(robustness, current.run_id)
         if champion is None:
-            # The champion was not part of this run: measure both on the same images.
-            log(f"evaluating the champion (version {current.version}) beside the student")
-            side_by_side = evaluate_robustness(
-                [_from_run(current.run_id, log), student],
+            # The champion was not evaluated in this run: measure it on the same test images
+            # and the same seeded corruptions as the student.
+            log(f"evaluating the champion (version {current.version}) as the student was")
+            measured = evaluate_robustness(
+                [_from_run(current.run_id, log)],
                 evaluation,
                 data_root,
                 storage.join(run_url, "promotion", "robustness"),
@@ -138,8 +139,7 @@ def promote(
                 earlier=[r.table_url for r in robustness if r.table_url],
                 log=log,
             )
-            candidate = figures([side_by_side], student.mlflow_run_id)
-            champion = figures([side_by_side], current.run_id)
+            champion = figures([measured], current.run_id)
     promoted, reasons = decide(candidate, champion)
     alias = CHAMPION if promoted else CHALLENGER
     record = {

@@ -1,0 +1,432 @@
+"""Operations without servers: deployment parameters as Prefect validates them, appending
+unlabelled data, the promotion gate and the champion as teacher, the Docker files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from noisy_student import config, dataset, ingest, models, stages, storage, tracking
+from noisy_student.errors import UserError
+from noisy_student.stages import Robustness, TrainedModel
+from tests.conftest import FASHION_MNIST, REPO
+
+SMOKE = REPO / "pipeline_config" / "smoke.yaml"
+
+
+# --- deployment parameters ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def iterate_schema() -> dict:
+    """The parameter schema `prefect deploy` and `serve` send to the server."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.noisy_student import noisy_student
+
+    return parameter_schema(noisy_student).model_dump_for_openapi()
+
+
+def server_check(schema: dict, parameters: dict) -> str | None:
+    """What Prefect's server answers when a run is created with these parameters."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    try:
+        validate(parameters, schema, raise_on_error=True)
+    except ValidationError as e:
+        return str(e)
+    return None
+
+
+def test_deployment_parameters_accept_a_config_path_and_dotted_overrides(iterate_schema):
+    assert set(iterate_schema["properties"]) == {"config", "overrides", "teacher", "run_id"}
+    good = {
+        "config": "pipeline_config/smoke.yaml",
+        "overrides": {
+            "teacher.epochs": 3,
+            "students.0.model": "resnet18",
+            "students.1.rand_augment.magnitude": 12.5,
+            "data.fashion_mnist.unlabelled_limit": 500,
+            "evaluation.corruptions": ["contrast"],
+            "students": [{"model": "test_resnet", "epochs": 1}],
+        },
+        "teacher": "champion",
+    }
+    assert server_check(iterate_schema, good) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"teacher.epochz": 3}, "teacher.epochz"),
+        ({"teacher.epochs": "many"}, "teacher.epochs"),
+        ({"selection.min_confidence": 2}, "selection.min_confidence"),
+        ({"students.0.loss": "mse"}, "students.0.loss"),
+    ],
+)
+def test_a_bad_override_is_refused_before_a_run_exists_naming_the_key(
+    iterate_schema, overrides, named
+):
+    message = server_check(iterate_schema, {"config": "x.yaml", "overrides": overrides})
+    assert message is not None and named in message
+
+
+def test_the_parameters_build_the_same_config_as_the_command_line(tmp_path):
+    as_cli = config.load(SMOKE, ["teacher.epochs=2", "students.1.model=resnet18"])
+    as_deployment = config.load(SMOKE, {"teacher.epochs": 2, "students.1.model": "resnet18"})
+    assert as_cli == as_deployment
+    # a config at a URL reads the same
+    url = "memory://ops-test/smoke.yaml"
+    storage.write_bytes(url, SMOKE.read_bytes())
+    assert config.load(url, {"teacher.epochs": 2, "students.1.model": "resnet18"}) == as_cli
+    with pytest.raises(UserError, match="teacher.epochz"):
+        config.resolve(as_cli, {"teacher.epochz": 1})
+    with pytest.raises(UserError, match="memory://ops-test/nope.yaml"):
+        config.load("memory://ops-test/nope.yaml")
+
+
+# --- appending unlabelled data ----------------------------------------------------------
+
+
+@pytest.fixture()
+def small_dataset(tmp_path, fashion_mnist_source) -> str:
+    return ingest.fashion_mnist(
+        str(tmp_path / "data"),
+        fashion_mnist_source,
+        labelled_per_class=2,
+        unlabelled_limit=60,
+        test_limit=20,
+        rows_per_shard=30,
+    )
+
+
+def image_folder(folder, first: int, count: int) -> str:
+    """`count` Fashion-MNIST test images as PNG files, enlarged to 32x32 so that ingest has
+    to resize them back to the dataset's 28x28."""
+    images = ingest.read_idx(f"{FASHION_MNIST}/t10k-images-idx3-ubyte.gz")
+    folder.mkdir(parents=True)
+    for i in range(first, first + count):
+        Image.fromarray(images[i]).resize((32, 32)).save(folder / f"img-{i:05d}.png")
+    return str(folder)
+
+
+def test_append_adds_a_manifest_version_and_leaves_earlier_shards_untouched(
+    small_dataset, tmp_path
+):
+    url = storage.join(small_dataset, dataset.UNLABELLED)
+    v1 = dataset.read_manifest(url)
+    old_bytes = {s["file"]: storage.read_bytes(storage.join(url, s["file"])) for s in v1.shards}
+
+    before, after = ingest.append_unlabelled(
+        small_dataset, image_folder(tmp_path / "batch-a", 0, 25), rows_per_shard=10
+    )
+    assert (before.version, after.version) == (1, 2)
+    assert after.num_rows == v1.num_rows + 25
+    assert after.shards[: len(v1.shards)] == v1.shards
+    assert [s["rows"] for s in after.shards[len(v1.shards) :]] == [10, 10, 5]
+    assert after.digest != v1.digest
+    for name, data in old_bytes.items():
+        assert storage.read_bytes(storage.join(url, name)) == data
+    # every version's manifest stays readable
+    assert storage.read_json(storage.join(url, dataset.HISTORY, "00001.json"))["version"] == 1
+    assert storage.read_json(storage.join(url, dataset.HISTORY, "00002.json")) == storage.read_json(
+        storage.join(url, dataset.MANIFEST)
+    )
+    _, images = dataset.load(url)
+    assert len(images) == after.num_rows and images.images.shape[-2:] == (28, 28)
+    assert "batch-a/img-00003.png" in images.ids
+    assert (images.labels[-25:] == -1).all()
+
+
+def test_appending_the_same_batch_twice_or_a_corrupt_image_changes_nothing(small_dataset, tmp_path):
+    batch = image_folder(tmp_path / "batch-a", 0, 5)
+    _, v2 = ingest.append_unlabelled(small_dataset, batch)
+    with pytest.raises(UserError, match="already in the dataset"):
+        ingest.append_unlabelled(small_dataset, batch)
+    broken = tmp_path / "batch-b"
+    shutil.copytree(batch, broken)
+    (broken / "img-00002.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="img-00002.png"):
+        ingest.append_unlabelled(small_dataset, str(broken))
+    current = dataset.read_manifest(storage.join(small_dataset, dataset.UNLABELLED))
+    assert current == v2
+
+
+def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
+    small_dataset, tmp_path, capsys, monkeypatch
+):
+    from noisy_student import cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    batch = image_folder(tmp_path / "batch-c", 0, 4)
+    cli.main(["ingest", "append", "--dataset", small_dataset, "--images", batch])
+    out = capsys.readouterr().out
+    assert "version 1 -> 2: 4 images added" in out and "no event emitted" in out
+
+
+def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path, prefect_harness):
+    from prefect.variables import Variable
+
+    from flows.deployments import watch_data
+    from flows.events import announced_variable
+
+    overrides = {"data.root": small_dataset}
+    assert watch_data(str(SMOKE), overrides) is None  # the first look only records
+    assert Variable.get(announced_variable(small_dataset))["version"] == 1
+    assert watch_data(str(SMOKE), overrides) is None  # unchanged
+    ingest.append_unlabelled(small_dataset, image_folder(tmp_path / "batch", 0, 3))
+    payload = watch_data(str(SMOKE), overrides)
+    assert payload["version"] == 2 and payload["previous_version"] == 1
+    assert payload["new_rows"] == 3 and payload["source"] == "watch"
+    assert payload["dataset"] == small_dataset
+    assert Variable.get(announced_variable(small_dataset))["version"] == 2
+    assert watch_data(str(SMOKE), overrides) is None
+
+
+# --- the promotion gate -----------------------------------------------------------------
+
+
+def test_gate_promotes_only_when_as_accurate_and_no_less_robust():
+    champion = {"test_accuracy": 0.80, "corruption_accuracy": 0.60, "mce": None}
+    assert stages.registry.decide({**champion}, None) == (True, ["there is no champion yet"])
+    same, reasons = stages.registry.decide(dict(champion), champion)
+    assert same and "test accuracy 0.8000 >= champion's 0.8000" in reasons[0]
+    assert not stages.registry.decide({**champion, "test_accuracy": 0.79}, champion)[0]
+    less_robust, reasons = stages.registry.decide(
+        {**champion, "test_accuracy": 0.9, "corruption_accuracy": 0.59}, champion
+    )
+    assert not less_robust and "accuracy under corruption 0.5900 < champion's 0.6000" in reasons[1]
+    # mCE (lower is better) decides robustness where both have one
+    with_mce = {**champion, "mce": 0.9}
+    ok, reasons = stages.registry.decide(
+        {**with_mce, "corruption_accuracy": 0.5, "mce": 0.85}, with_mce
+    )
+    assert ok and reasons[1] == "mCE 0.8500 <= champion's 0.9000"
+    assert not stages.registry.decide({**with_mce, "mce": 0.95}, with_mce)[0]
+
+
+def make_model_run(tmp_path, name: str, experiment: str, accuracy: float) -> TrainedModel:
+    """A tiny trained-looking model: a checkpoint, a finished MLflow run, a registered
+    version. The weights are the same every time (seeded)."""
+    import torch
+
+    torch.manual_seed(0)
+    meta = models.ModelMeta("test_resnet", 10, 1, [str(i) for i in range(10)], 28, 28, "L")
+    url = models.save(models.create("test_resnet", 10, 1), meta, str(tmp_path / name))
+    run_id = tracking.start_run(experiment, name)
+    tracking.log_checkpoint(run_id, url)
+    tracking.log_metrics(run_id, {"final_test_accuracy": accuracy})
+    tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": url})
+    tracking.end_run(run_id)
+    tracking.register(run_id, experiment)
+    return TrainedModel("student", 1, "test_resnet", url, run_id, accuracy, 1.0)
+
+
+def figures_of(*entries: tuple[TrainedModel, float, float]) -> list[Robustness]:
+    return [
+        Robustness(
+            "unused",
+            "unused",
+            0.0,
+            [
+                {"mlflow_run_id": m.mlflow_run_id, "test_accuracy": a, "corruption_accuracy": c}
+                for m, a, c in entries
+            ],
+        )
+    ]
+
+
+def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
+    tmp_path, mlflow_uri, tiny_dataset
+):
+    from mlflow import MlflowClient
+
+    experiment = "ns-gate"
+    parent = tracking.start_run(experiment, "pipeline")
+    evaluation = config.EvaluationConfig(
+        corruptions=["contrast"], severities=[1], corruption_images=20
+    )
+    assert stages.existing_teacher("champion", experiment) is None
+
+    first = make_model_run(tmp_path, "first", experiment, 0.5)
+    record = stages.promote(
+        first, figures_of((first, 0.5, 0.4)), experiment, evaluation, tiny_dataset,
+        str(tmp_path / "run1"), parent, 1,
+    )  # fmt: skip
+    assert record["decision"] == "champion" and record["champion"] is None
+
+    # the champion comes back as a teacher, from its checkpoint
+    teacher = stages.existing_teacher("champion", experiment)
+    assert (teacher.mlflow_run_id, teacher.url, teacher.test_accuracy) == (
+        first.mlflow_run_id,
+        first.url,
+        0.5,
+    )
+
+    worse = make_model_run(tmp_path, "worse", experiment, 0.45)
+    record = stages.promote(
+        worse, figures_of((teacher, 0.5, 0.4), (worse, 0.45, 0.41)), experiment, evaluation,
+        tiny_dataset, str(tmp_path / "run2"), parent, 1,
+    )  # fmt: skip
+    assert record["decision"] == "challenger"
+    assert record["champion"]["run_id"] == first.mlflow_run_id
+    client = MlflowClient(mlflow_uri)
+    assert client.get_model_version_by_alias(experiment, "champion").run_id == first.mlflow_run_id
+    challenger = client.get_model_version_by_alias(experiment, "challenger")
+    assert challenger.run_id == worse.mlflow_run_id
+    assert challenger.tags[f"{tracking.TAG}promotion"] == "challenger"
+    assert (
+        "test accuracy 0.4500 < champion's 0.5000"
+        in (challenger.tags[f"{tracking.TAG}promotion_reasons"])
+    )
+    assert client.get_run(worse.mlflow_run_id).data.tags[f"{tracking.TAG}promotion"] == (
+        "challenger"
+    )
+    assert storage.read_json(str(tmp_path / "run2" / "promotion.json")) == record
+    logged = client.download_artifacts(parent, "promotion.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["decision"] == "challenger"
+
+
+def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
+    tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
+):
+    """A champion this run did not evaluate is evaluated on the same test images and seeded
+    corruptions as the student, so that the two are compared like for like."""
+    experiment = "ns-gate-side-by-side"
+    parent = tracking.start_run(experiment, "pipeline")
+    evaluation = config.EvaluationConfig(
+        corruptions=["contrast"], severities=[1], corruption_images=20
+    )
+    champion = make_model_run(tmp_path, "champion", experiment, 0.3)
+    tracking.set_alias(experiment, "champion", "1")
+    student = make_model_run(tmp_path, "student", experiment, 0.3)
+    # the student as this run's evaluation measured it
+    this_run = stages.evaluate_robustness(
+        [student], evaluation, tiny_dataset, str(tmp_path / "eval"), parent, 1
+    )
+    record = stages.promote(
+        student, [this_run], experiment, evaluation, tiny_dataset, str(tmp_path / "run"),
+        parent, 1,
+    )  # fmt: skip
+    measured = storage.read_parquet(str(tmp_path / "run/promotion/robustness/robustness.parquet"))
+    assert set(measured.column("mlflow_run_id").to_pylist()) == {champion.mlflow_run_id}
+    clean = [r["accuracy"] for r in measured.to_pylist() if r["corruption"] == "none"]
+    assert record["champion"]["test_accuracy"] == clean[0]
+    assert record["candidate"]["test_accuracy"] == this_run.models[0]["test_accuracy"]
+    # the same weights measured the same way give the same figures
+    same = storage.read_parquet(str(tmp_path / "eval/robustness.parquet")).to_pylist()
+    assert [r["accuracy"] for r in same] == [r["accuracy"] for r in measured.to_pylist()]
+    assert record["decision"] == "champion"
+
+
+def test_tracking_uri_is_shown_without_credentials():
+    assert tracking.shown_uri("http://alice:s3cret@mlflow:5000") == "http://mlflow:5000"
+    assert tracking.shown_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+# --- Docker -------------------------------------------------------------------------------
+
+COMPOSE = REPO / "docker" / "compose.yaml"
+
+
+def test_compose_file_has_the_services_and_takes_secrets_from_the_environment():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    assert {"postgres", "prefect-server", "mlflow", "minio", "worker"} <= set(services)
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "sqlite:" in " ".join(services["mlflow"]["command"])
+    assert "s3://noisy-student/mlflow" in services["mlflow"]["command"]
+    worker_env = services["worker"]["environment"]
+    assert worker_env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile"
+    # every secret is a ${VARIABLE}, never a literal
+    for name, service in services.items():
+        env = service.get("environment", {})
+        for key in ("AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD"):
+            if key in env:
+                assert str(env[key]).startswith("${"), (name, key)
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "ARG TORCH_BACKEND=cpu" in dockerfile and "uv export --locked" in dockerfile
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and (
+        subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither docker compose nor docker-compose")
+def test_compose_config_validates(tmp_path):
+    no_env_file = tmp_path / "empty.env"  # not a developer's docker/.env
+    no_env_file.write_text("")
+    command = [*compose_command(), "--env-file", str(no_env_file), "-f", str(COMPOSE)]
+    env = {**os.environ, "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"}
+    done = subprocess.run(
+        [*command, "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={**env, "POSTGRES_PASSWORD": "q"},
+    )
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*command, "config", "-q"], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "POSTGRES_PASSWORD" in done.stderr
+
+
+def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron():
+    from flows.events import EVENT, RESOURCE_PREFIX
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    iterate = by_name["iterate"]
+    assert iterate["entrypoint"] == "flows.noisy_student.noisy_student"
+    assert iterate["concurrency_limit"] == 1
+    assert iterate["parameters"]["teacher"] == "champion"
+    (trigger,) = iterate["triggers"]
+    assert trigger["expect"] == [EVENT]
+    assert trigger["match"]["prefect.resource.id"] == f"{RESOURCE_PREFIX}*"
+    assert trigger["within"] == trigger["schedule_after"] > 0
+    assert iterate["schedules"][0]["cron"]
+    assert by_name["watch"]["entrypoint"] == "flows.deployments.watch_data"
+    # what `prefect deploy` and the worker load: the real flows, with the real schema
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+
+    for d in by_name.values():
+        flow = load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False)
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        assert schema["properties"]["overrides"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["ingest", "append"], ["results-storage"]])
+def test_the_operations_commands_have_help(argv):
+    from noisy_student import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--help"])
+    assert done.value.code == 0
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatch):
+    from noisy_student import cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["serve", "-c", str(SMOKE)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "PREFECT_API_URL" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "-c", str(SMOKE), "--set", "teacher.epochz=1"])
+    assert "teacher.epochz" in capsys.readouterr().err
