@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= pipeline_config/fashion_mnist.yaml
 
-.PHONY: setup demo smoke test lint bench-accuracy
+.PHONY: setup demo smoke test lint bench-accuracy bench bench-quick
 
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
@@ -32,3 +32,9 @@ test: setup
 
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check .
+
+bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (~10 min)
+	$(UV) run python -m benchmarks.perf $(if $(SUMMARY),--summary $(SUMMARY))
+
+bench-quick: setup  ## the same measurements on a slice, to check the harness (< 3 min)
+	$(UV) run python -m benchmarks.perf --quick $(if $(SUMMARY),--summary $(SUMMARY))

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -256,8 +259,11 @@ def read_shard(manifest: Manifest, index: int) -> pa.Table:
     return table
 
 
-def decode_images(manifest: Manifest, shard_url: str, table: pa.Table) -> torch.Tensor:
-    """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest."""
+def decode_images(
+    manifest: Manifest, shard_url: str, table: pa.Table | pa.RecordBatch, first_row: int = 0
+) -> torch.Tensor:
+    """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest.
+    `first_row` is the table's offset in the shard, for error messages."""
     ids = table.column("id").to_pylist()
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
@@ -267,27 +273,147 @@ def decode_images(manifest: Manifest, shard_url: str, table: pa.Table) -> torch.
             img = Image.open(io.BytesIO(blob))
             img.load()
         except (UnidentifiedImageError, OSError, TypeError) as e:
-            raise UserError(f"{shard_url}: row {i} (id {ids[i]!r}): corrupt image: {e}") from None
+            raise UserError(
+                f"{shard_url}: row {first_row + i} (id {ids[i]!r}): corrupt image: {e}"
+            ) from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
             raise UserError(
-                f"{shard_url}: row {i} (id {ids[i]!r}): image is {img.mode} {img.size[0]}x"
-                f"{img.size[1]}, manifest says {manifest.mode} {manifest.width}x{manifest.height}"
+                f"{shard_url}: row {first_row + i} (id {ids[i]!r}): image is {img.mode} "
+                f"{img.size[0]}x{img.size[1]}, manifest says {manifest.mode} "
+                f"{manifest.width}x{manifest.height}"
             )
         arr = np.asarray(img)
         out[i] = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def labels_of(manifest: Manifest, shard_url: str, table: pa.Table) -> torch.Tensor:
+def labels_of(
+    manifest: Manifest, shard_url: str, table: pa.Table | pa.RecordBatch, first_row: int = 0
+) -> torch.Tensor:
     labels = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     bad = np.flatnonzero((labels < -1) | (labels >= manifest.num_classes))
     if len(bad):
         i = int(bad[0])
         raise UserError(
-            f"{shard_url}: row {i} (id {table.column('id')[i].as_py()!r}): label {labels[i]} "
-            f"outside [0, {manifest.num_classes})"
+            f"{shard_url}: row {first_row + i} (id {table.column('id')[i].as_py()!r}): label "
+            f"{labels[i]} outside [0, {manifest.num_classes})"
         )
     return torch.from_numpy(labels)
+
+
+def iter_shard_batches(
+    manifest: Manifest, index: int, batch_size: int, pin_memory: bool = False
+) -> Iterator[ImageSet]:
+    """One shard as decoded batches of `batch_size` rows (the last may be smaller), in
+    constant memory whatever the shard's size: the file is checksummed in one chunked pass
+    (remote files are spooled to a local temporary file as they are hashed), then read
+    row group by row group. `pin_memory` pins each batch for asynchronous copies to a GPU."""
+    entry = manifest.shards[index]
+    url = storage.join(manifest.url, entry["file"])
+    with ExitStack() as stack:
+        try:
+            path, sha256 = stack.enter_context(storage.local_copy(url))
+        except FileNotFoundError:
+            raise UserError(f"{url}: shard listed in the manifest is missing") from None
+        if sha256 != entry["sha256"]:
+            raise UserError(f"{url}: checksum does not match the manifest")
+        # no pre-buffering (it would read far ahead) and no reader threads (row groups are
+        # small, and decoding already runs beside the consumer): memory stays a few row groups
+        parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
+        if parquet.metadata.num_rows != entry["rows"]:
+            raise UserError(
+                f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
+            )
+        pending: list[pa.RecordBatch] = []
+        buffered, row = 0, 0
+
+        def emit(table: pa.Table) -> ImageSet:
+            images = decode_images(manifest, url, table, row)
+            return ImageSet(
+                ids=table.column("id").to_pylist(),
+                images=images.pin_memory() if pin_memory else images,
+                labels=labels_of(manifest, url, table, row),
+            )
+
+        # row groups need not line up with batches: regroup them into batch_size rows
+        columns = SCHEMA.names
+        for batch in parquet.iter_batches(batch_size, columns=columns, use_threads=False):
+            pending.append(batch)
+            buffered += batch.num_rows
+            while buffered >= batch_size:
+                table = pa.Table.from_batches(pending)
+                yield emit(table.slice(0, batch_size))
+                rest = table.slice(batch_size)
+                pending, buffered, row = rest.to_batches(), rest.num_rows, row + batch_size
+        if buffered:
+            yield emit(pa.Table.from_batches(pending))
+
+
+T = TypeVar("T")
+_END = object()
+
+
+class prefetch(Iterator[T]):  # noqa: N801 - used like a function: `for x in prefetch(items)`
+    """Iterate over `items` produced up to `depth` ahead in a background thread, which starts
+    at once: producing them (reading and decoding, mostly in C) overlaps whatever the caller
+    does meanwhile (loading a model, a forward pass; both release the GIL). Errors surface in
+    the consumer; `close()` (or leaving a `with` block) stops and closes the producer."""
+
+    def __init__(self, items: Iterable[T], depth: int = 2):
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(
+            target=self._produce, args=(items,), name="prefetch", daemon=True
+        )
+        self._worker.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, items: Iterable[T]) -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not self._put((item, None)):
+                    return
+            self._put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((_END, e))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __next__(self) -> T:
+        if self._stop.is_set():
+            raise StopIteration
+        item, error = self._ready.get()
+        if item is _END:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+
+    def __enter__(self) -> prefetch[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def iter_shards(manifest: Manifest) -> Iterator[ImageSet]:

@@ -53,22 +53,33 @@ def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> t
     return targets * (1.0 - smoothing) + smoothing / num_classes
 
 
+def for_inference(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout, no stochastic depth) and channels_last, once before a loop of
+    `batch_probs` calls."""
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def batch_probs(model: nn.Module, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    """Class probabilities (on the CPU) for one batch of uint8 images, from a model made
+    ready by `for_inference`. The images travel as uint8, a quarter of the bytes of floats,
+    asynchronously when they are in pinned memory."""
+    dev = next(model.parameters()).device
+    x = augment.to_float(images.to(dev, non_blocking=True))
+    with autocast(dev, precision):
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+    return logits.float().softmax(1).cpu()
+
+
 def predict_probs(
     model: nn.Module, images: torch.Tensor, batch_size: int, precision: str = "auto"
 ) -> torch.Tensor:
     """Class probabilities for uint8 images, in eval mode: no dropout, no stochastic depth."""
-    model.eval()
-    dev = next(model.parameters()).device
-    # outside inference mode: weights converted inside it would become inference tensors,
-    # and the model could no longer be differentiated (FGSM) or trained afterwards
-    model.to(memory_format=torch.channels_last)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = augment.to_float(images[i : i + batch_size].to(dev))
-            with autocast(dev, precision):
-                logits = model(x.contiguous(memory_format=torch.channels_last))
-            out.append(logits.float().softmax(1).cpu())
+    for_inference(model)
+    out = [
+        batch_probs(model, images[i : i + batch_size], precision)
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0)
 
 

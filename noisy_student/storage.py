@@ -21,9 +21,11 @@ import json
 import os
 import posixpath
 import random
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -245,6 +247,40 @@ def write_bytes(url: str, data: bytes) -> None:
         # One PUT of the whole object (or one completed multipart upload for very large
         # ones): atomic on S3-compatible stores, so a retry simply replaces it.
         call(url, lambda: fs.pipe_file(path, data))
+
+
+@contextmanager
+def local_copy(url: str, chunk_size: int = 1 << 20) -> Iterator[tuple[str, str]]:
+    """A local path holding the file at `url` and the file's SHA-256, read once in chunks
+    (constant memory): the file itself when it is local, else a temporary copy (downloaded
+    with retries, as every request here), removed on exit. Raises FileNotFoundError when
+    the file is missing."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+
+        def digest_local() -> str:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(chunk_size):
+                    digest.update(block)
+            return digest.hexdigest()
+
+        yield path, call(url, digest_local)
+        return
+    with tempfile.NamedTemporaryFile(suffix=posixpath.splitext(path)[1]) as tmp:
+
+        def download() -> str:
+            digest = hashlib.sha256()
+            tmp.seek(0)
+            tmp.truncate()
+            with fs.open(path, "rb") as f:
+                while block := f.read(chunk_size):
+                    digest.update(block)
+                    tmp.write(block)
+            tmp.flush()
+            return digest.hexdigest()
+
+        yield tmp.name, call(url, download)
 
 
 def read_json(url: str) -> Any:

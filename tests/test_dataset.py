@@ -180,3 +180,95 @@ def test_require_labels_names_an_unlabelled_id_and_a_class_without_images(tmp_pa
     manifest, images = dataset.load(url2)
     with pytest.raises(UserError, match="no labelled image for class 'c'"):
         dataset.require_labels(manifest, images)
+
+
+# ---------------------------------------------------------------- streaming reads
+
+
+def _one_shard(url: str, n: int) -> dataset.Manifest:
+    with DatasetWriter(url, "unlabelled", CLASSES, 8, 6, "L", rows_per_shard=n) as w:
+        for i, a in enumerate(_images(n)):
+            w.add(f"img-{i}", dataset.encode_png(a), None)
+    return dataset.read_manifest(url)
+
+
+@pytest.mark.parametrize("batch_size", [7, 1024, 2000])
+def test_shard_batches_regroup_row_groups_and_match_the_whole_shard(tmp_path, batch_size):
+    # 2,058 rows in row groups of 1,024: batches cross row-group boundaries
+    n = 2 * dataset.ROW_GROUP_SIZE + 10
+    manifest = _one_shard(str(tmp_path / "ds"), n)
+    whole = dataset.load_shard(manifest, 0)
+    batches = list(dataset.iter_shard_batches(manifest, 0, batch_size))
+    assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+    assert 0 < len(batches[-1]) <= batch_size
+    assert [i for b in batches for i in b.ids] == whole.ids
+    assert torch.equal(torch.cat([b.images for b in batches]), whole.images)
+    assert torch.cat([b.labels for b in batches]).tolist() == [-1] * n
+
+
+def test_shard_batches_check_the_checksum_before_yielding_anything(tmp_path):
+    url = str(tmp_path / "ds")
+    manifest = _one_shard(url, 10)
+    shard = manifest.shard_urls()[0]
+    data = bytearray(storage.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(shard, bytes(data))
+    with pytest.raises(UserError, match=re.escape(f"{shard}: checksum")):
+        next(dataset.iter_shard_batches(manifest, 0, 4))
+    storage.remove(shard)
+    with pytest.raises(UserError, match="shard listed in the manifest is missing"):
+        next(dataset.iter_shard_batches(manifest, 0, 4))
+
+
+def test_shard_batches_name_the_row_of_a_corrupt_image_in_a_later_batch(tmp_path):
+    url = str(tmp_path / "ds")
+    with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard=100) as w:
+        for i, a in enumerate(_images(5)):
+            w.add(f"ok-{i}", dataset.encode_png(a), 0)
+        w.add("garbage", b"not a png", 1)
+    manifest = dataset.read_manifest(url)
+    batches = dataset.iter_shard_batches(manifest, 0, 4)
+    assert len(next(batches)) == 4
+    with pytest.raises(UserError, match=re.escape("row 5 (id 'garbage'): corrupt image")):
+        next(batches)
+
+
+def test_shard_batches_stream_from_s3(s3_endpoint):
+    url = "s3://ns-test/datasets/stream"
+    manifest = _one_shard(url, 9)
+    batches = list(dataset.iter_shard_batches(manifest, 0, 4))
+    assert [len(b) for b in batches] == [4, 4, 1]
+    assert torch.equal(
+        torch.cat([b.images for b in batches]), dataset.load_shard(manifest, 0).images
+    )
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error_in_the_consumer():
+    assert list(dataset.prefetch(range(10), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("decoding failed")
+
+    stream = dataset.prefetch(failing())
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="decoding failed"):
+        next(stream)
+
+
+def test_prefetch_stops_and_closes_the_producer_when_the_consumer_stops():
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    stream = dataset.prefetch(endless(), depth=1)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # joins the producer thread
+    assert closed == [True]

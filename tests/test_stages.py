@@ -150,3 +150,26 @@ def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypat
     assert secret not in everything and key_id not in everything  # ... the credentials not
     assert "https://***@example.com/x" in everything
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_dataset, tmp_path):
+    import numpy as np
+    import torch
+
+    from noisy_student import engine, models
+
+    manifest = dataset.read_manifest(f"{tiny_dataset}/{dataset.UNLABELLED}")
+    model = models.create("test_resnet", manifest.num_classes, manifest.channels)
+    meta = models.ModelMeta(
+        "test_resnet", manifest.num_classes, 1, manifest.class_names, 28, 28, "L"
+    )
+    teacher_url = models.save(model, meta, str(tmp_path / "teacher"))
+    # batches of 32 over a 100-row shard: three full batches and a short one
+    record = stages.infer_pseudo_labels(tiny_dataset, 1, teacher_url, str(tmp_path / "p"), 32)
+    table = storage.read_parquet(record.url)
+    shard = dataset.load_shard(manifest, 1)
+    expected = engine.predict_probs(models.load(teacher_url)[0], shard.images, 100)
+    assert record.rows == 100 and table.column("id").to_pylist() == shard.ids
+    probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))
+    torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
+    assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 
+import numpy as np
 import pyarrow as pa
-import torch
 from torch import nn
 
 from noisy_student import dataset, engine, faults, models, storage
@@ -26,14 +27,14 @@ def infer_pseudo_labels(
     start = time.perf_counter()
     faults.kill_point(f"pseudo-labels:shard={shard_index}")
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    shard = dataset.load_shard(manifest, shard_index)
-    teacher = cached_teacher(teacher_url)
-    probs = engine.predict_probs(teacher, shard.images, batch_size, precision).numpy()
-    k = probs.shape[1] if probs.ndim == 2 else manifest.num_classes
-    probs = probs.reshape(-1, k)
+    # reading and decoding start now, in a background thread, while the teacher loads
+    with read_ahead(manifest, shard_index, batch_size) as batches:
+        teacher = cached_teacher(teacher_url)
+        ids, probs = label_batches(teacher, batches, manifest.num_classes, precision)
+    k = probs.shape[1]
     table = pa.table(
         {
-            "id": shard.ids,
+            "id": ids,
             # the selection's first pass reads only these two columns
             "predicted": pa.array(probs.argmax(1), pa.int32()),
             "confidence": pa.array(probs.max(1), pa.float32()),
@@ -42,7 +43,7 @@ def infer_pseudo_labels(
     )
     url = storage.join(out_url, f"part-{shard_index:05d}.parquet")
     sha256 = storage.write_parquet(url, table, row_group_size=dataset.ROW_GROUP_SIZE * 8)
-    return PseudoLabelShard(shard_index, url, len(shard.ids), sha256, time.perf_counter() - start)
+    return PseudoLabelShard(shard_index, url, len(ids), sha256, time.perf_counter() - start)
 
 
 _teacher_lock = threading.Lock()
@@ -59,7 +60,32 @@ def cached_teacher(url: str) -> nn.Module:
         if key not in _teacher_cache:
             _teacher_cache.clear()
             teacher, _ = models.load(url)
-            # in the layout predict_probs wants, so threads sharing it never convert it
-            teacher.to(engine.device(), memory_format=torch.channels_last)
-            _teacher_cache[key] = teacher.eval()
+            # eval mode and channels_last now, so threads sharing it never convert it
+            _teacher_cache[key] = engine.for_inference(teacher.to(engine.device()))
         return _teacher_cache[key]
+
+
+def read_ahead(manifest: dataset.Manifest, shard_index: int, batch_size: int) -> dataset.prefetch:
+    """The shard's decoded batches, read two ahead in a background thread, in memory that
+    holds a few batches whatever the shard's size; pinned for asynchronous copies on a GPU."""
+    pin = engine.device().type == "cuda"
+    return dataset.prefetch(dataset.iter_shard_batches(manifest, shard_index, batch_size, pin))
+
+
+def label_batches(
+    model: nn.Module,
+    batches: Iterable[dataset.ImageSet],
+    num_classes: int,
+    precision: str = "auto",
+) -> tuple[list[str], np.ndarray]:
+    """Ids and class probabilities (rows x classes) of every batch, from a model made ready
+    by `engine.for_inference` (as `cached_teacher` is), one batch on the device at a time;
+    only the ids and probabilities accumulate."""
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for batch in batches:
+        ids.extend(batch.ids)
+        parts.append(engine.batch_probs(model, batch.images, precision).numpy())
+    if not parts:
+        return ids, np.empty((0, num_classes), np.float32)
+    return ids, np.concatenate(parts)

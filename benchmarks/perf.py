@@ -1,0 +1,789 @@
+"""How close each stage runs to what the model itself allows on this machine, and how it
+compares with what a timm user would run, measured side by side in one run:
+
+- inference efficiency: `infer_pseudo_labels` end to end (Parquet shards in, probabilities
+  written) / the same model's forward pass on tensors already in memory, same batches and
+  precision;
+- training efficiency: `train_student` end to end (reading, RandAugment with per-image
+  operations, dropout, stochastic depth, EMA, evaluation, checkpoint) / the same training
+  step on synthetic tensors already on the device;
+- against timm: the student's training loop / timm's own pipeline as its train.py builds it
+  (`create_dataset` on the same images exported as an ImageFolder, `create_loader` with
+  `create_transform(auto_augment=...)`, worker processes and prefetcher), same model, batch,
+  RandAugment setting and precision;
+- memory: peak resident memory of `infer_pseudo_labels` on a shard 10x larger / 1x, each in
+  a fresh process;
+- end to end: wall time per stage of a demo run, read from its summary.json.
+
+    uv run python -m benchmarks.perf              # the table (about 10 minutes on 2 CPU cores)
+    uv run python -m benchmarks.perf --quick      # the same on a slice (under 3 minutes)
+    uv run python -m benchmarks.perf --summary artifacts/runs/RUN/summary.json
+
+Writes benchmarks/results/perf-cpu.json and perf-cpu.md (perf-gpu.* on a CUDA machine,
+*-quick.* with --quick). Models, batch sizes and precision come from the demo preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noisy_student import config, dataset, engine, ingest, models, storage, tracking
+from noisy_student.config import PipelineConfig, StudentConfig
+from noisy_student.engine import flush_denormals
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+PRESET = REPO / "pipeline_config" / "fashion_mnist.yaml"
+GOALS = {
+    "inference_efficiency": (">=", 0.90),
+    "training_efficiency": (">=", 0.85),  # the goal is set for a GPU
+    "against_timm": (">=", 1.0),  # >= 2.0 on a GPU
+    "memory_10x": ("<=", 1.25),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    unlabelled: int | None  # unlabelled images (None: all of Fashion-MNIST's other 59,000)
+    rows_per_shard: int
+    test: int | None
+    memory_rows: int  # rows of the 1x shard of the memory ratio; the 10x shard has ten times
+    teacher_epochs: int
+    student_epochs: int
+    repeats: int  # interleaved repetitions of the inference pair; the median counts
+    synthetic_steps: int
+    timm_batches: int  # timed batches of timm's pipeline, after its warm-up batches
+    timm_workers: tuple[int, ...]  # DataLoader workers tried; the fastest counts
+
+
+# Shards of the demo's 8,192 rows; two of them rather than the demo's 59,000 images, so that
+# the whole benchmark fits in about 10 minutes on 2 CPU cores.
+# timm with 4 workers ran at 0.74x of 2 workers on 2 cores (first full run), so it is left out.
+FULL = Sizes(16384, 8192, None, 8192, 3, 1, 2, 30, 40, (1, 2))
+QUICK = Sizes(2048, 1024, 500, 1024, 1, 1, 1, 6, 6, (2,))
+
+
+def hardware() -> dict[str, Any]:
+    import pyarrow
+    import timm
+    import torchvision
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- data and teacher
+
+
+def prepare(workdir: Path, source: str, sizes: Sizes) -> str:
+    """The benchmark's dataset root (the demo's split: 100 labels per class), ingested once."""
+    root = workdir / f"data-u{sizes.unlabelled or 'all'}-s{sizes.rows_per_shard}-t{sizes.test}"
+    if not (root / dataset.TEST / dataset.MANIFEST).exists():
+        ingest.fashion_mnist(
+            str(root),
+            source,
+            labelled_per_class=100,
+            unlabelled_limit=sizes.unlabelled,
+            test_limit=sizes.test,
+            seed=0,
+            rows_per_shard=sizes.rows_per_shard,
+        )
+    return str(root)
+
+
+def one_shard_root(workdir: Path, source: str, rows: int) -> str:
+    """A dataset root whose unlabelled split is one shard of `rows` images (Fashion-MNIST's
+    training images, repeated under new ids when more are asked for)."""
+    root = workdir / f"one-shard-{rows}"
+    url = storage.join(str(root), dataset.UNLABELLED)
+    if not (Path(url) / dataset.MANIFEST).exists():
+        images = ingest.read_idx(storage.join(source, "train-images-idx3-ubyte.gz"))
+        rows_iter = ((f"u{i:07d}", images[i % len(images)], None) for i in range(rows))
+        dataset.write_rows(url, dataset.UNLABELLED, ingest.FASHION_MNIST_CLASSES, rows_iter, rows)
+    return str(root)
+
+
+# ---------------------------------------------------------------- inference
+
+
+def forward_rate(
+    model: torch.nn.Module,
+    batch_sizes: list[int],
+    in_chans: int,
+    height: int,
+    width: int,
+    precision: str,
+) -> float:
+    """Images/s of the model's forward pass alone, on float tensors already on the device,
+    in the given sequence of batch sizes (eval mode, channels_last, inference mode)."""
+    dev = next(model.parameters()).device
+    engine.for_inference(model)
+    x = torch.rand(max(batch_sizes), in_chans, height, width, device=dev) * 2 - 1
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), engine.autocast(dev, precision):
+        model(x[: batch_sizes[0]])  # warm-up
+        _sync()
+        start = time.perf_counter()
+        for n in batch_sizes:
+            model(x[:n])
+        _sync()
+    return sum(batch_sizes) / (time.perf_counter() - start)
+
+
+def _batch_plan(manifest: dataset.Manifest, batch_size: int) -> list[int]:
+    plan = []
+    for shard in manifest.shards:
+        full, rest = divmod(shard["rows"], batch_size)
+        plan += [batch_size] * full + ([rest] if rest else [])
+    return plan
+
+
+def read_decode_rate(data_root: str, batch_size: int) -> float:
+    """Images/s of reading and decoding the unlabelled shards alone, in this thread."""
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    start = time.perf_counter()
+    for i in range(len(manifest.shards)):
+        for _ in dataset.iter_shard_batches(manifest, i, batch_size):
+            pass
+    return manifest.num_rows / (time.perf_counter() - start)
+
+
+def inference_efficiency(
+    data_root: str,
+    teacher_url: str,
+    out_url: str,
+    batch_size: int,
+    precision: str,
+    repeats: int,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The ratio, and the records of the stage's last pass (its pseudo-label shards)."""
+    from noisy_student import stages
+
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    model, meta = models.load(teacher_url)
+    model.to(engine.device())
+    plan = _batch_plan(manifest, batch_size)
+    stage_rates, forward_rates = [], []
+    for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both
+        start = time.perf_counter()
+        records = [
+            stages.infer_pseudo_labels(data_root, i, teacher_url, out_url, batch_size, precision)
+            for i in range(len(manifest.shards))
+        ]
+        stage_rates.append(manifest.num_rows / (time.perf_counter() - start))
+        forward_rates.append(
+            forward_rate(model, plan, meta.in_chans, meta.height, meta.width, precision)
+        )
+    ratios = [s / f for s, f in zip(stage_rates, forward_rates, strict=True)]
+    return {
+        "images": manifest.num_rows,
+        "shards": len(manifest.shards),
+        "batch_size": batch_size,
+        "stage_images_per_s": statistics.median(stage_rates),
+        "forward_images_per_s": statistics.median(forward_rates),
+        "read_decode_images_per_s": read_decode_rate(data_root, batch_size),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+    }, records
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux's VmHWM belongs to the process's
+    own address space; ru_maxrss would also count the parent's peak from before exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _child_peak(data_root: str, teacher_url: str, out_url: str, batch: int, precision: str):
+    """Run in a fresh process: the stage on shard 0, its peak resident memory in bytes."""
+    import psutil
+
+    from noisy_student import stages
+
+    before = psutil.Process().memory_info().rss
+    stages.infer_pseudo_labels(data_root, 0, teacher_url, out_url, batch, precision)
+    return {"rss_before_stage": before, "peak_rss": _peak_rss()}
+
+
+def peak_memory(data_root: str, teacher_url: str, out_url: str, batch: int, precision: str):
+    args = json.dumps([data_root, teacher_url, out_url, batch, precision])
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.perf", "--memory-child", args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_ratio(
+    workdir: Path, source: str, rows: int, teacher_url: str, batch: int, precision: str
+) -> dict[str, Any]:
+    runs = {}
+    for scale in (1, 10):
+        root = one_shard_root(workdir, source, rows * scale)
+        out = storage.join(str(workdir), "memory-out", f"x{scale}")
+        runs[scale] = peak_memory(root, teacher_url, out, batch, precision)
+    one, ten = runs[1], runs[10]
+    growth_1 = one["peak_rss"] - one["rss_before_stage"]
+    growth_10 = ten["peak_rss"] - ten["rss_before_stage"]
+    return {
+        "rows_1x": rows,
+        "rows_10x": rows * 10,
+        "peak_rss_1x_mb": one["peak_rss"] / 2**20,
+        "peak_rss_10x_mb": ten["peak_rss"] / 2**20,
+        "stage_growth_1x_mb": growth_1 / 2**20,
+        "stage_growth_10x_mb": growth_10 / 2**20,
+        "ratio": ten["peak_rss"] / one["peak_rss"],
+    }
+
+
+# ---------------------------------------------------------------- training
+
+
+def student_batch(cfg: StudentConfig) -> int:
+    return cfg.batch_size + max(1, round(cfg.batch_size * cfg.unlabelled_ratio))
+
+
+def synthetic_train_rate(
+    cfg: StudentConfig, num_classes: int, in_chans: int, height: int, width: int, steps: int
+) -> float:
+    """Images/s of the student's training step alone (forward, soft-target loss, backward,
+    SGD), with its dropout and stochastic depth, on synthetic tensors already on the device."""
+    from timm.optim import create_optimizer_v2
+
+    dev = engine.device()
+    model = models.create(cfg.model, num_classes, in_chans, cfg.drop_rate, cfg.drop_path_rate)
+    model.to(dev, memory_format=torch.channels_last).train()
+    optimizer = create_optimizer_v2(
+        model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9, foreach=True
+    )
+    n = student_batch(cfg)
+    x = (torch.rand(n, in_chans, height, width, device=dev) * 2 - 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = torch.randn(n, num_classes, device=dev).softmax(1)
+
+    def step() -> None:
+        with engine.autocast(dev, cfg.precision):
+            logits = model(x).float()
+        loss = engine.soft_target_loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # as the training loop does every step
+
+    for _ in range(2):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return steps * n / (time.perf_counter() - start)
+
+
+def training_efficiency(
+    cfg: StudentConfig,
+    data_root: str,
+    selected: Any,
+    teacher: Any,
+    out_url: str,
+    parent_run_id: str,
+    seed: int,
+    synthetic_steps: int,
+) -> dict[str, Any]:
+    from noisy_student import stages
+
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
+    shape = (manifest.num_classes, manifest.channels, manifest.height, manifest.width)
+    # the synthetic step before and after: a drift in the machine's load hits both sides
+    before = synthetic_train_rate(cfg, *shape, synthetic_steps)
+    start = time.perf_counter()
+    student = stages.train_student(
+        cfg, data_root, selected, teacher, out_url, parent_run_id, 1, seed, log=_quiet
+    )
+    seconds = time.perf_counter() - start
+    after = synthetic_train_rate(cfg, *shape, synthetic_steps)
+    c = tracking.client()
+    steps = int(c.get_run(student.mlflow_run_id).data.metrics["steps"])
+    loop = [m.value for m in c.get_metric_history(student.mlflow_run_id, "images_per_second")]
+    images = steps * student_batch(cfg)
+    synthetic = (before + after) / 2
+    return {
+        "model": cfg.model,
+        "batch_size": student_batch(cfg),
+        "epochs": cfg.epochs,
+        "steps": steps,
+        "images": images,
+        "stage_seconds": seconds,
+        "stage_images_per_s": images / seconds,
+        "loop_images_per_s": statistics.mean(loop),
+        "synthetic_images_per_s": synthetic,
+        "synthetic_before_after": [before, after],
+        "ratio": images / seconds / synthetic,
+        "loop_ratio": statistics.mean(loop) / synthetic,
+    }
+
+
+# ---------------------------------------------------------------- timm's pipeline
+
+
+def export_image_folder(data_root: str, probabilities_url: str, out: Path) -> int:
+    """The labelled images (true labels) and the unlabelled ones (the teacher's argmax) as an
+    ImageFolder tree of the same PNG files, class folders named by index."""
+    done = out / "_count"
+    if done.exists():
+        return int(done.read_text())
+    count = 0
+    pseudo = {}
+    info = storage.read_json(storage.join(probabilities_url, dataset.MANIFEST))
+    for entry in info["shards"]:
+        table = storage.read_parquet(
+            storage.join(probabilities_url, entry["file"]), ["id", "predicted"]
+        )
+        ids, predicted = table.column("id").to_pylist(), table.column("predicted").to_pylist()
+        pseudo.update(zip(ids, predicted, strict=True))
+    for split in (dataset.LABELLED, dataset.UNLABELLED):
+        manifest = dataset.read_manifest(storage.join(data_root, split))
+        for i in range(len(manifest.shards)):
+            table = dataset.read_shard(manifest, i)
+            ids = table.column("id").to_pylist()
+            labels = table.column("label").to_pylist()
+            for id_, blob, label in zip(
+                ids, table.column("image").to_pylist(), labels, strict=True
+            ):
+                folder = out / "train" / f"{pseudo[id_] if label is None else label:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{id_}.png").write_bytes(blob)
+                count += 1
+    done.write_text(str(count))
+    return count
+
+
+def timm_train_rate(
+    folder: Path,
+    cfg: StudentConfig,
+    num_classes: int,
+    in_chans: int,
+    height: int,
+    width: int,
+    workers: int,
+    batches: int,
+    warmup: int = 3,
+) -> float:
+    """Images/s of the loop timm's train.py runs: its dataset, loader (workers, prefetcher,
+    RandAugment on PIL images) and training step, with the student's model, noise, batch,
+    precision, channels_last and weight EMA. The first `warmup` batches are not timed."""
+    from timm.data import create_dataset, create_loader
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    dev = engine.device()
+    ra = cfg.rand_augment
+    # every image gets both operations, as ours do (timm's default applies each with p=0.5)
+    auto_augment = f"rand-m{ra.magnitude:g}-n{ra.num_ops}-p1.0" if ra else None
+    if ra and ra.magnitude_std:
+        auto_augment += f"-mstd{ra.magnitude_std:g}"
+    ds = create_dataset(
+        "", root=str(folder), split="train", is_training=True,
+        input_img_mode="L" if in_chans == 1 else "RGB",
+    )  # fmt: skip
+    loader = create_loader(
+        ds,
+        input_size=(in_chans, height, width),
+        batch_size=student_batch(cfg),
+        is_training=True,
+        hflip=0.5 if cfg.hflip else 0.0,
+        auto_augment=auto_augment,
+        interpolation="random",  # train.py's default --train-interpolation
+        mean=(0.5,) * in_chans,  # the same [-1, 1] scaling as ours
+        std=(0.5,) * in_chans,
+        num_workers=workers,
+        device=dev,
+        use_prefetcher=True,
+        pin_memory=dev.type == "cuda",
+    )
+    model = models.create(cfg.model, num_classes, in_chans, cfg.drop_rate, cfg.drop_path_rate)
+    model.to(dev, memory_format=torch.channels_last).train()
+    optimizer = create_optimizer_v2(
+        model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9, foreach=True
+    )
+    ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    criterion = LabelSmoothingCrossEntropy(0.1)  # train.py's default --smoothing
+    seen, start = 0, 0.0
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            _sync()
+            start, seen = time.perf_counter(), 0
+        elif i == warmup + batches:
+            break
+        with engine.autocast(dev, cfg.precision):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step=i)
+        loss.item()
+        seen += len(x)
+    _sync()
+    rate = seen / (time.perf_counter() - start)
+    del loader  # stops its worker processes
+    return rate
+
+
+def loop_rate(cfg: StudentConfig, data_root: str, steps: int, seed: int = 0) -> float:
+    """Images/s of our training loop alone (`engine.fit`: batches indexed on the device,
+    crop, flip and per-image RandAugment, dropout, stochastic depth, SGD, EMA) for `steps`
+    steps on the real labelled and unlabelled images; targets are uniform soft labels (the
+    loss costs the same whatever they hold); no evaluation."""
+    from noisy_student.stages.train import _noise, _schedule
+
+    manifest, labelled = dataset.load(storage.join(data_root, dataset.LABELLED))
+    pseudo_batch = student_batch(cfg) - cfg.batch_size
+    unlabelled = dataset.load(storage.join(data_root, dataset.UNLABELLED))[1]
+    pseudo = unlabelled.images[: steps * pseudo_batch]
+    k = manifest.num_classes
+    model = models.create(cfg.model, k, manifest.channels, cfg.drop_rate, cfg.drop_path_rate)
+    fit = engine.fit(
+        model,
+        labelled.images,
+        engine.one_hot(labelled.labels, k),
+        _schedule(cfg.model_copy(update={"epochs": 1})),
+        _noise(cfg),
+        seed,
+        pseudo_images=pseudo,
+        pseudo_targets=torch.full((len(pseudo), k), 1.0 / k),
+    )
+    return fit.history[0]["images_per_second"]
+
+
+def against_timm(
+    folder: Path,
+    cfg: StudentConfig,
+    data_root: str,
+    shape: tuple[int, int, int, int],
+    sizes: Sizes,
+) -> dict[str, Any]:
+    """Rounds of: the synthetic step, our training loop, timm's pipeline at each worker
+    count, back to back, so that each round's ratios share the machine's load."""
+    rounds = []
+    for _ in range(sizes.repeats):
+        synthetic = synthetic_train_rate(cfg, *shape, sizes.synthetic_steps)
+        ours = loop_rate(cfg, data_root, sizes.timm_batches)
+        timm = {
+            w: timm_train_rate(folder, cfg, *shape, w, sizes.timm_batches)
+            for w in sizes.timm_workers
+        }
+        rounds.append({"synthetic": synthetic, "ours": ours, "timm": timm})
+    best = max(sizes.timm_workers, key=lambda w: statistics.median(r["timm"][w] for r in rounds))
+    ratios = [r["ours"] / r["timm"][best] for r in rounds]
+    return {
+        "ours_loop_images_per_s": statistics.median(r["ours"] for r in rounds),
+        "synthetic_images_per_s": statistics.median(r["synthetic"] for r in rounds),
+        "loop_ratio": statistics.median(r["ours"] / r["synthetic"] for r in rounds),
+        "timm_images_per_s_by_workers": {
+            w: statistics.median(r["timm"][w] for r in rounds) for w in sizes.timm_workers
+        },
+        "timm_best_workers": best,
+        "timm_images_per_s": statistics.median(r["timm"][best] for r in rounds),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "rounds": rounds,
+    }
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def newest_summary() -> Path | None:
+    found = sorted((REPO / "artifacts" / "runs").glob("*/summary.json"), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def end_to_end(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    stages_ = {}
+    for it in summary["iterations"]:
+        for stage, seconds in it["stage_seconds"].items():
+            stages_[stage] = stages_.get(stage, 0.0) + seconds
+    return {
+        "summary": str(path),
+        "run_id": summary["run_id"],
+        "config": summary["config"]["name"],
+        "iterations": len(summary["iterations"]),
+        "stage_seconds": stages_,
+        "total_seconds": summary["seconds"],
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(cfg: PipelineConfig, sizes: Sizes, workdir: Path, summary: Path | None) -> dict[str, Any]:
+    from noisy_student import stages
+
+    started = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = cfg.data.fashion_mnist.source
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    seed = cfg.seed
+    student_cfg = cfg.students[0].model_copy(update={"epochs": sizes.student_epochs})
+    teacher_cfg = cfg.teacher.model_copy(
+        update={"epochs": sizes.teacher_epochs, "eval_every": sizes.teacher_epochs}
+    )
+    batch, precision = cfg.inference.batch_size, cfg.inference.precision
+
+    clock = time.perf_counter()
+
+    def done(what: str) -> float:
+        nonlocal clock
+        seconds, clock = time.perf_counter() - clock, time.perf_counter()
+        print(f"{what}: {seconds:.0f} s", flush=True)
+        return seconds
+
+    data_root = prepare(workdir, source, sizes)
+    run_url = str(workdir / "runs" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    parent = tracking.start_run("perf-benchmark", Path(run_url).name)
+    teacher = stages.train_teacher(
+        teacher_cfg, data_root, f"{run_url}/teacher", parent, seed, log=_quiet
+    )
+    results: dict[str, Any] = {}
+    seconds = {"data and teacher": done("data and teacher")}
+
+    pseudo_url = f"{run_url}/pseudo_labels"
+    results["inference_efficiency"], shard_records = inference_efficiency(
+        data_root, teacher.url, pseudo_url, batch, precision, sizes.repeats
+    )
+    seconds["inference_efficiency"] = done("inference efficiency")
+
+    results["memory_10x"] = memory_ratio(
+        workdir, source, sizes.memory_rows, teacher.url, batch, precision
+    )
+    seconds["memory_10x"] = done("memory")
+
+    # every image kept, none duplicated: the student learns a fixed number of images
+    selection = cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False})
+    selected = stages.filter_and_balance(
+        shard_records, selection, data_root, pseudo_url, f"{run_url}/selected",
+        teacher, parent, 1, seed, log=_quiet,
+    )  # fmt: skip
+    results["training_efficiency"] = training_efficiency(
+        student_cfg, data_root, selected, teacher, f"{run_url}/student", parent, seed,
+        sizes.synthetic_steps,
+    )  # fmt: skip
+    seconds["training_efficiency"] = done("training efficiency")
+
+    folder = workdir / f"image-folder-{Path(data_root).name}"
+    export_image_folder(data_root, pseudo_url, folder)
+    m = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
+    shape = (m.num_classes, m.channels, m.height, m.width)
+    results["against_timm"] = against_timm(folder, student_cfg, data_root, shape, sizes)
+    results["against_timm"]["rand_augment"] = student_cfg.rand_augment.model_dump()
+    seconds["against_timm"] = done("against timm")
+
+    results["end_to_end"] = end_to_end(summary)
+    tracking.end_run(parent)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "sizes": asdict(sizes),
+        "teacher_model": cfg.teacher.model,
+        "student_model": student_cfg.model,
+        "precision": precision,
+        "results": results,
+        "section_seconds": seconds,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _goal(name: str, ratio: float) -> str:
+    op, target = GOALS[name]
+    met = ratio >= target if op == ">=" else ratio <= target
+    return f"{op} {target:g}", "met" if met else "not met"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    hw, r = result["hardware"], result["results"]
+    device = hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
+    inf, tr, tm, mem = (
+        r["inference_efficiency"],
+        r["training_efficiency"],
+        r["against_timm"],
+        r["memory_10x"],
+    )
+    rows = [
+        (
+            "inference_efficiency",
+            "inference efficiency: `infer_pseudo_labels` / forward pass",
+            f"{inf['stage_images_per_s']:.0f} img/s",
+            f"{inf['forward_images_per_s']:.0f} img/s",
+            inf["ratio"],
+        ),
+        (
+            "training_efficiency",
+            "training efficiency: `train_student` end to end / synthetic step",
+            f"{tr['stage_images_per_s']:.0f} img/s",
+            f"{tr['synthetic_images_per_s']:.0f} img/s",
+            tr["ratio"],
+        ),
+        (
+            "against_timm",
+            f"against timm: our training loop / timm pipeline "
+            f"({tm['timm_best_workers']} workers, fastest)",
+            f"{tm['ours_loop_images_per_s']:.0f} img/s",
+            f"{tm['timm_images_per_s']:.0f} img/s",
+            tm["ratio"],
+        ),
+        (
+            "memory_10x",
+            f"memory: peak RSS of `infer_pseudo_labels`, {mem['rows_10x']:,} / "
+            f"{mem['rows_1x']:,} images",
+            f"{mem['peak_rss_10x_mb']:.0f} MB",
+            f"{mem['peak_rss_1x_mb']:.0f} MB",
+            mem["ratio"],
+        ),
+    ]
+    lines = [
+        "# Performance: side by side on one machine",
+        "",
+        f"Measured {result['date']} on {device}; torch {hw['torch']} ({hw['torch_threads']} "
+        f"threads), torchvision {hw['torchvision']}, timm {hw['timm']}, pyarrow "
+        f"{hw['pyarrow']}, Python {hw['python']}; 1-minute load average at the end "
+        f"{hw['load_average_1min']:.1f}. Teacher {result['teacher_model']}, student "
+        f"{result['student_model']}, precision `{result['precision']}`; whole benchmark "
+        f"{result['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| measure | ours | reference | ratio | goal | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, what, ours, ref, ratio in rows:
+        goal, met = _goal(name, ratio)
+        lines.append(f"| {what} | {ours} | {ref} | {ratio:.2f} | {goal} | {met} |")
+    lines += [
+        "",
+        f"- Inference: {inf['images']:,} images in {inf['shards']} shards, batch "
+        f"{inf['batch_size']}; ratio per repetition {', '.join(f'{x:.2f}' for x in inf['ratios'])}"
+        f"; reading and decoding alone run at {inf['read_decode_images_per_s']:.0f} img/s on one "
+        "thread.",
+        f"- Training: {tr['images']:,} images ({tr['steps']} steps of {tr['batch_size']}, "
+        f"{tr['epochs']} epoch(s)) in {tr['stage_seconds']:.1f} s end to end (loading, "
+        "pseudo-label join, MLflow, evaluation every epoch, checkpoint); the training loop "
+        f"alone ran at {tr['loop_images_per_s']:.0f} img/s in the stage; synthetic step "
+        f"before/after the stage: "
+        f"{', '.join(f'{x:.0f}' for x in tr['synthetic_before_after'])} img/s. In the timm "
+        f"rounds below, our loop ran at {tm['loop_ratio']:.2f} of the synthetic step "
+        f"({tm['ours_loop_images_per_s']:.0f} / {tm['synthetic_images_per_s']:.0f} img/s).",
+        f"- timm: `create_dataset` + `create_loader(auto_augment='rand-m"
+        f"{tm['rand_augment']['magnitude']:g}-n{tm['rand_augment']['num_ops']}-p1.0')`, "
+        "prefetcher, label-smoothing CE, SGD, ModelEmaV3, channels_last; img/s by workers: "
+        + ", ".join(f"{w}: {v:.0f}" for w, v in tm["timm_images_per_s_by_workers"].items())
+        + f"; ratio per round {', '.join(f'{x:.2f}' for x in tm['ratios'])}; our end-to-end "
+        f"stage / timm: {tr['stage_images_per_s'] / tm['timm_images_per_s']:.2f}.",
+        f"- Memory: the stage's own growth above the process after imports: "
+        f"{mem['stage_growth_1x_mb']:.0f} MB (1x) and {mem['stage_growth_10x_mb']:.0f} MB (10x).",
+    ]
+    e2e = r["end_to_end"]
+    lines += ["", "## End to end", ""]
+    if e2e is None:
+        lines.append("No summary.json given or found (`--summary PATH`).")
+    else:
+        lines += [
+            f"Run `{e2e['run_id']}` ({e2e['config']}, {e2e['iterations']} iteration(s)), "
+            f"from `{e2e['summary']}`:",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v:.1f} |" for k, v in e2e["stage_seconds"].items()]
+        lines.append(f"| whole run | {e2e['total_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a slice, in under 3 minutes")
+    parser.add_argument("--summary", type=Path, help="a demo run's summary.json (end to end)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "artifacts" / "bench-perf")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    flush_denormals()
+    if args.memory_child:
+        print(json.dumps(_child_peak(*json.loads(args.memory_child))))
+        return
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    cfg = config.load(PRESET, args.set)
+    sizes = QUICK if args.quick else FULL
+    summary = args.summary or newest_summary()
+    command = " ".join(["uv run python -m benchmarks.perf", *(argv or sys.argv[1:])])
+    result = run(cfg, sizes, args.workdir, summary)
+    result["command"] = command
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"perf-{'gpu' if torch.cuda.is_available() else 'cpu'}"
+    stem += "-quick" if args.quick else ""
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result, command))
+    print(markdown(result, command))
+    print(f"written: {RESULTS / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

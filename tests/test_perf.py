@@ -1,0 +1,136 @@
+"""The performance benchmark's measurements, run on a few images (no timing assertions:
+speed is reported by `make bench`, never asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import perf
+from noisy_student import config, dataset, stages, storage, tracking
+from tests.conftest import REPO
+
+
+def _rate(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+@pytest.fixture()
+def smoke_cfg():
+    return config.load(REPO / "pipeline_config/smoke.yaml")
+
+
+def test_every_measurement_runs_on_a_tiny_dataset(
+    tiny_dataset, mlflow_uri, tmp_path, fashion_mnist_source, smoke_cfg, torch_one_thread
+):
+    manifest = dataset.read_manifest(storage.join(tiny_dataset, dataset.UNLABELLED))
+    parent = tracking.start_run("perf-test", "run")
+    teacher = stages.train_teacher(
+        smoke_cfg.teacher.model_copy(update={"epochs": 1}), tiny_dataset,
+        str(tmp_path / "teacher"), parent, 0, log=perf._quiet,
+    )  # fmt: skip
+    pseudo = str(tmp_path / "pseudo")
+
+    inference, shards = perf.inference_efficiency(tiny_dataset, teacher.url, pseudo, 64, "auto", 1)
+    assert [s.rows for s in shards] == [100, 100, 100]
+    assert inference["images"] == manifest.num_rows == 300 and inference["shards"] == 3
+    assert _rate(inference["stage_images_per_s"]) and _rate(inference["forward_images_per_s"])
+    assert inference["ratio"] == pytest.approx(
+        inference["stage_images_per_s"] / inference["forward_images_per_s"]
+    )
+    # 100-row shards in batches of 64: 64 + 36 each
+    assert perf._batch_plan(manifest, 64) == [64, 36] * 3
+
+    memory = perf.memory_ratio(tmp_path, fashion_mnist_source, 20, teacher.url, 64, "auto")
+    assert memory["rows_10x"] == 200
+    assert memory["peak_rss_10x_mb"] > 0 and memory["peak_rss_1x_mb"] > 0
+    assert len(dataset.read_manifest(f"{tmp_path}/one-shard-200/unlabelled").shards) == 1
+
+    selected = stages.filter_and_balance(
+        shards, smoke_cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
+        tiny_dataset, pseudo, str(tmp_path / "selected"), teacher, parent, 1, 0, log=perf._quiet,
+    )  # fmt: skip
+    student_cfg = smoke_cfg.students[0].model_copy(
+        update={"rand_augment": config.RandAugmentConfig(num_ops=2, magnitude=9)}
+    )
+    training = perf.training_efficiency(
+        student_cfg, tiny_dataset, selected, teacher, str(tmp_path / "student"), parent, 0, 2
+    )
+    batch = perf.student_batch(student_cfg)  # 16 labelled + 48 pseudo-labelled
+    assert batch == 64
+    assert training["steps"] == math.ceil(300 / 48) and training["images"] == 7 * 64
+    assert _rate(training["stage_images_per_s"]) and _rate(training["loop_images_per_s"])
+
+    folder = tmp_path / "folder"
+    assert perf.export_image_folder(tiny_dataset, pseudo, folder) == 50 + 300
+    assert len(list((folder / "train").glob("*/*.png"))) == 350
+    assert _rate(perf.loop_rate(student_cfg, tiny_dataset, 2))
+    sizes = perf.Sizes(300, 100, 200, 20, 1, 1, 1, 2, 2, (0,))
+    timm = perf.against_timm(folder, student_cfg, tiny_dataset, (10, 1, 28, 28), sizes)
+    assert _rate(timm["timm_images_per_s"]) and timm["timm_best_workers"] == 0
+    ours, theirs = timm["ours_loop_images_per_s"], timm["timm_images_per_s"]
+    assert timm["ratio"] == pytest.approx(ours / theirs)
+
+
+def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_path):
+    iteration = {
+        "train_teacher": 10.0,
+        "infer_pseudo_labels": 2.0,
+        "filter_and_balance": 1.0,
+        "train_student": 30.0,
+        "evaluate_robustness": 4.0,
+    }
+    summary = {
+        "run_id": "r1",
+        "config": {"name": "demo"},
+        "seconds": 100.0,
+        "iterations": [
+            {"stage_seconds": iteration},
+            {"stage_seconds": {**iteration, "train_teacher": 0.0}},
+        ],
+    }
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    e2e = perf.end_to_end(path)
+    assert e2e["stage_seconds"]["train_student"] == 60.0
+    assert e2e["stage_seconds"]["train_teacher"] == 10.0
+    assert perf.end_to_end(tmp_path / "missing.json") is None
+
+    result = {
+        "date": "2026-12-01T00:00:00+00:00",
+        "hardware": perf.hardware(),
+        "teacher_model": "resnet10t",
+        "student_model": "resnet10t",
+        "precision": "auto",
+        "wall_seconds": 60.0,
+        "results": {
+            "inference_efficiency": {
+                "images": 10, "shards": 1, "batch_size": 4, "stage_images_per_s": 90.0,
+                "forward_images_per_s": 100.0, "read_decode_images_per_s": 1000.0,
+                "ratio": 0.9, "ratios": [0.9],
+            },
+            "training_efficiency": {
+                "images": 64, "steps": 1, "batch_size": 64, "epochs": 1, "stage_seconds": 1.0,
+                "stage_images_per_s": 64.0, "loop_images_per_s": 80.0,
+                "synthetic_images_per_s": 100.0, "synthetic_before_after": [100.0, 100.0],
+                "ratio": 0.64, "loop_ratio": 0.8,
+            },
+            "against_timm": {
+                "ours_loop_images_per_s": 80.0, "timm_images_per_s_by_workers": {"2": 40.0},
+                "synthetic_images_per_s": 100.0, "loop_ratio": 0.8, "ratios": [2.0],
+                "timm_best_workers": "2", "timm_images_per_s": 40.0, "ratio": 2.0,
+                "rand_augment": {"num_ops": 2, "magnitude": 9.0, "magnitude_std": 0.0},
+            },
+            "memory_10x": {
+                "rows_1x": 1, "rows_10x": 10, "peak_rss_1x_mb": 100.0, "peak_rss_10x_mb": 130.0,
+                "stage_growth_1x_mb": 1.0, "stage_growth_10x_mb": 2.0, "ratio": 1.3,
+            },
+            "end_to_end": e2e,
+        },
+    }  # fmt: skip
+    table = perf.markdown(result, "make bench")
+    assert "| 0.90 | >= 0.9 | met |" in table
+    assert "| 1.30 | <= 1.25 | not met |" in table
+    assert "| train_student | 60.0 |" in table
