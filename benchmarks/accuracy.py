@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import cpu_name
 from noisy_student import config, dataset, ingest, storage
 from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
@@ -54,14 +55,7 @@ QUICK = [
 
 
 def hardware() -> dict[str, Any]:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,

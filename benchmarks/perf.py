@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.machine import cpu_name
 from noisy_student import config, dataset, engine, ingest, models, storage, tracking
 from noisy_student.config import PipelineConfig, StudentConfig
 from noisy_student.engine import flush_denormals
@@ -83,14 +84,7 @@ def hardware() -> dict[str, Any]:
     import timm
     import torchvision
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
