@@ -56,16 +56,7 @@ def make_teacher(data_root: str, model: str, out: str) -> str:
     manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
     torch.manual_seed(0)  # throughput does not depend on the weights
     net = models.create(model, manifest.num_classes, manifest.channels)
-    meta = models.ModelMeta(
-        model,
-        manifest.num_classes,
-        manifest.channels,
-        manifest.class_names,
-        manifest.height,
-        manifest.width,
-        manifest.mode,
-    )
-    return models.save(net, meta, out)
+    return models.save(net, models.ModelMeta.for_data(model, manifest), out)
 
 
 def one_worker(data_root: str, teacher: str, out: str, batch_size: int, repeats: int) -> dict:

@@ -44,10 +44,7 @@ def checkpoint(root: str, url: str, seed: int) -> stages.TrainedModel:
     m = dataset.read_manifest(storage.join(root, dataset.TEST))
     torch.manual_seed(seed)
     net = models.create("resnet10t", m.num_classes, m.channels)
-    meta = models.ModelMeta(
-        "resnet10t", m.num_classes, m.channels, m.class_names, m.height, m.width, m.mode
-    )
-    models.save(net, meta, url)
+    models.save(net, models.ModelMeta.for_data("resnet10t", m), url)
     role = "teacher" if seed == 0 else "student"
     run_id = tracking.start_run("robustness-benchmark", role)
     return stages.TrainedModel(role, 1, "resnet10t", url, run_id, None, 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import timm
 import torch
@@ -33,6 +34,12 @@ class ModelMeta:
     height: int
     width: int
     mode: str
+
+    @classmethod
+    def for_data(cls, model: str, manifest: Any) -> ModelMeta:
+        """The metadata of `model` trained on a dataset split (its `dataset.Manifest`)."""
+        m = manifest
+        return cls(model, m.num_classes, m.channels, m.class_names, m.height, m.width, m.mode)
 
 
 def create(

@@ -24,18 +24,6 @@ from noisy_student.training_state import TrainingState
 STATE_FOLDER = "_training_state"  # beside the model files, inside the stage's folder
 
 
-def _meta(cfg: TrainConfig, manifest: dataset.Manifest) -> models.ModelMeta:
-    return models.ModelMeta(
-        cfg.model,
-        manifest.num_classes,
-        manifest.channels,
-        manifest.class_names,
-        manifest.height,
-        manifest.width,
-        manifest.mode,
-    )
-
-
 def _train_params(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     return {**cfg.model_dump(), **extra}
 
@@ -185,7 +173,14 @@ def train_teacher(
         )
         _report_resume(fit, "teacher", run_id, log)
         return _finish_training(
-            "teacher", 1, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
+            "teacher",
+            1,
+            cfg,
+            fit,
+            models.ModelMeta.for_data(cfg.model, manifest),
+            out_url,
+            run_id,
+            start,
         )
 
 
@@ -303,7 +298,14 @@ def train_student(
         )
         _report_resume(fit, f"student {iteration}", run_id, log)
         student = _finish_training(
-            "student", iteration, cfg, fit, _meta(cfg, manifest), out_url, run_id, start
+            "student",
+            iteration,
+            cfg,
+            fit,
+            models.ModelMeta.for_data(cfg.model, manifest),
+            out_url,
+            run_id,
+            start,
         )
         if registered_model and run_id is not None:
             version = tracking.register(run_id, registered_model)
