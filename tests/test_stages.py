@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import s3fs
 
 from noisy_student import config, dataset, ingest, stages, storage
@@ -173,3 +174,51 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))
     torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
     assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()
+
+
+def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
+    tiny_dataset, mlflow_uri, tmp_path
+):
+    """Images appended after ingest have no true label: they are left out of the
+    pseudo-label accuracy, not counted as wrong."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from noisy_student import tracking
+
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_dataset, root)
+    test = dataset.load(storage.join(root, dataset.TEST))[1]
+    new = [(f"new/{i}", test.images[i, 0].numpy(), None) for i in range(40)]
+    dataset.append_rows(storage.join(root, dataset.UNLABELLED), new, rows_per_shard=100)
+
+    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
+    parent = tracking.start_run("truth-test", "run")
+    teacher = stages.train_teacher(cfg.teacher, root, str(tmp_path / "t"), parent, 0)
+    pseudo = str(tmp_path / "p")
+    shards = [
+        stages.infer_pseudo_labels(root, i, teacher.url, pseudo, 64)
+        for i in stages.unlabelled_shards(root)
+    ]
+    selected = stages.filter_and_balance(
+        shards,
+        cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
+        root,
+        pseudo,
+        str(tmp_path / "selected"),
+        teacher,
+        parent,
+        1,
+        0,
+    )
+    predicted = pd.concat(
+        storage.read_parquet(s.url, ["id", "predicted"]).to_pandas() for s in shards
+    ).set_index("id")["predicted"]
+    truth = storage.read_parquet(storage.join(root, dataset.UNLABELLED_TRUTH)).to_pandas()
+    truth = truth.set_index("id")["label"]
+    assert selected.total == 340 and selected.kept == 340 and len(truth) == 300
+    expected = float(np.mean(predicted.loc[truth.index].to_numpy() == truth.to_numpy()))
+    assert selected.accuracy_all == pytest.approx(expected)
+    assert selected.accuracy == pytest.approx(expected)  # everything kept: the same images

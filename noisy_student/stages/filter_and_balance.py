@@ -37,8 +37,14 @@ def _truth(data_root: str) -> pd.Series | None:
     return storage.read_parquet(url).to_pandas().set_index("id")["label"]
 
 
-def _right(truth: pd.Series | None, ids: list[str], predicted: np.ndarray) -> int:
-    return 0 if truth is None else int((truth.reindex(ids).to_numpy() == predicted).sum())
+def _score(truth: pd.Series | None, ids: list[str], predicted: np.ndarray) -> tuple[int, int]:
+    """(right, scored): how many pseudo labels equal the true label, among the images whose
+    true label is known. Images appended later (`ingest append`) have none: not scored."""
+    if truth is None:
+        return 0, 0
+    true = truth.reindex(ids).to_numpy()
+    known = ~pd.isna(true)
+    return int((true[known] == np.asarray(predicted)[known]).sum()), int(known.sum())
 
 
 def filter_and_balance(
@@ -102,22 +108,27 @@ def filter_and_balance(
 
         # pass 1: per-class confidence histograms, two small columns per shard
         histogram = np.zeros((k, selection.NUM_BINS), dtype=np.int64)
-        confidence_sum, right_all = 0.0, 0
+        confidence_sum, right_all, scored_all = 0.0, 0, 0
         for s in shards:
             table = _read_shard(s, ["id", "predicted", "confidence"])
             predicted = table.column("predicted").to_numpy()
             confidence = table.column("confidence").to_numpy()
             histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
             confidence_sum += float(confidence.sum())
-            right_all += _right(truth, table.column("id").to_pylist(), predicted)
-        accuracy_all = right_all / total if truth is not None else None
+            right, scored = _score(truth, table.column("id").to_pylist(), predicted)
+            right_all, scored_all = right_all + right, scored_all + scored
+        accuracy_all = right_all / scored_all if scored_all else None
         tracking.log_metrics(
             inference_run,
             {
                 "images": total,
                 "seconds": inference_seconds,
                 "mean_confidence": confidence_sum / total,
-                **({"pseudo_label_accuracy": accuracy_all} if truth is not None else {}),
+                **(
+                    {"pseudo_label_accuracy": accuracy_all, "scored": scored_all}
+                    if accuracy_all is not None
+                    else {}
+                ),
             },
         )
         tracking.end_run(inference_run)
@@ -125,7 +136,7 @@ def filter_and_balance(
 
         # pass 2: apply the plan shard by shard, one selected file per pseudo-label shard
         counts = np.zeros((k, len(selection.COUNTS)), dtype=np.int64)
-        files, right_kept = [], 0
+        files, right_kept, scored_kept = [], 0, 0
         for s in shards:
             table = _read_shard(s, ["id", "probs"])
             ids = np.asarray(table.column("id").to_pylist(), dtype=object)
@@ -141,7 +152,8 @@ def filter_and_balance(
                 cfg.hard_label_smoothing,
             )
             counts += shard_counts
-            right_kept += _right(truth, list(rows["id"]), rows["predicted"].to_numpy())
+            right, scored = _score(truth, list(rows["id"]), rows["predicted"].to_numpy())
+            right_kept, scored_kept = right_kept + right, scored_kept + scored
             targets = np.stack(rows["target"].to_numpy()) if len(rows) else np.zeros((0, k))
             name = f"part-{s.index:05d}.parquet"
             sha256 = storage.write_parquet(
@@ -164,7 +176,7 @@ def filter_and_balance(
         per_class = selection.counts_frame(counts)
         per_class["name"] = [manifest.class_names[c] for c in per_class["class"]]
         kept, selected = int(per_class["kept"].sum()), int(per_class["final"].sum())
-        accuracy = right_kept / kept if truth is not None and kept else None
+        accuracy = right_kept / scored_kept if scored_kept else None
         storage.write_json(
             storage.join(out_url, dataset.MANIFEST),
             {
@@ -182,6 +194,7 @@ def filter_and_balance(
             metrics |= {
                 "pseudo_label_accuracy": accuracy,
                 "pseudo_label_accuracy_all": accuracy_all,
+                "pseudo_label_scored": scored_kept,
             }
         tracking.log_metrics(run_id, metrics)
         tracking.log_dict(run_id, per_class.to_dict(orient="records"), "per_class.json")
@@ -197,6 +210,11 @@ def filter_and_balance(
         log(
             f"pseudo labels: {total} images, {kept} kept, {selected} after balancing"
             + (f", {accuracy:.2%} right" if accuracy is not None else "")
+            + (
+                f" (of the {scored_kept} whose true label is known)"
+                if accuracy is not None and scored_kept < kept
+                else ""
+            )
         )
         return SelectedPseudoLabels(
             out_url,
