@@ -7,7 +7,10 @@ missing the dataset does not exist yet.
 
 New images are appended as new shards under a new manifest version; earlier shards are
 never rewritten, so shard i means the same images in every version, and every version's
-manifest stays readable under `_manifests/`.
+manifest stays readable under `_manifests/`. Appends may run at once: the version's
+manifest there is created only if that version does not exist yet, so exactly one writer
+gets each version and the others rebase onto it (see `DatasetWriter.commit`). Readers
+start from `_manifest.json` and follow `_manifests/` forward to the newest version.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import io
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -126,6 +130,9 @@ class DatasetWriter:
         self.extra = dict(extra or {})  # more manifest fields, e.g. the images skipped
         self.base = base
         self.version = base.version + 1 if base else 1
+        # appended shards get a name of their own: writers racing from the same base version
+        # must not overwrite each other's files
+        self._suffix = f"-{uuid.uuid4().hex[:8]}" if base else ""
         self._pending: list[tuple[str, bytes, int | None]] = []
         self._shards: list[dict[str, Any]] = list(base.shards) if base else []
         self._first_new = len(self._shards)  # shards before this are the base's: never removed
@@ -140,8 +147,9 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         if self.base is None:
             # A manifest from an earlier write would vouch for shards we are about to
-            # replace.
+            # replace, and its later versions would be followed forward by readers.
             storage.remove(storage.join(self.url, MANIFEST))
+            storage.remove(storage.join(self.url, HISTORY))
         storage.makedirs(self.url)
         return self
 
@@ -172,7 +180,7 @@ class DatasetWriter:
         table = pa.table(
             {"id": list(ids), "image": list(images), "label": list(labels)}, schema=SCHEMA
         )
-        name = f"part-{len(self._shards):05d}.parquet"
+        name = f"part-{len(self._shards):05d}{self._suffix}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="none")
         data = buf.getvalue()
@@ -188,10 +196,9 @@ class DatasetWriter:
             storage.remove(storage.join(self.url, s["file"]))
         self._shards, self._pending = self._shards[: self._first_new], []
 
-    def commit(self) -> None:
-        self._flush()
+    def _manifest(self) -> dict[str, Any]:
         digest = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode())
-        manifest = {
+        return {
             "format": "noisy-student-dataset",
             "schema_version": SCHEMA_VERSION,
             "version": self.version,
@@ -209,9 +216,52 @@ class DatasetWriter:
             "digest": digest.hexdigest(),
             **self.extra,
         }
-        # The version's own copy first, the manifest readers trust last.
-        storage.write_json(storage.join(self.url, HISTORY, f"{self.version:05d}.json"), manifest)
+
+    def commit(self) -> None:
+        """Publish the shards: the version's own manifest under `_manifests/`, then
+        `_manifest.json`.
+
+        A new dataset simply writes version 1. An append creates its version's file only
+        if no other writer has: when another append got there first, this one checks that
+        none of its ids arrived meanwhile, puts its shards after theirs and tries the next
+        version. So concurrent appends all land, in some order, and none is lost.
+        """
+        self._flush()
+        if self.base is None:
+            manifest = self._manifest()
+            storage.write_json(
+                storage.join(self.url, HISTORY, f"{self.version:05d}.json"), manifest
+            )
+        else:
+            while True:
+                manifest = self._manifest()
+                url = storage.join(self.url, HISTORY, f"{self.version:05d}.json")
+                if storage.create_bytes(url, storage.json_bytes(manifest)):
+                    break
+                self._rebase(storage.read_json(url))
+        # a lagging or out-of-order `_manifest.json` loses nothing: readers follow
+        # `_manifests/` forward from it
         storage.write_json(storage.join(self.url, MANIFEST), manifest)
+
+    def _rebase(self, theirs: dict[str, Any]) -> None:
+        """Another append committed version `self.version` first: go after it."""
+        known = self._first_new
+        if theirs["shards"][:known] != self._shards[:known]:
+            self.abort()
+            raise UserError(f"{self.url}: version {theirs['version']} rewrote earlier shards")
+        for shard in theirs["shards"][known:]:
+            ids = storage.read_parquet(storage.join(self.url, shard["file"]), ["id"])
+            clash = self._ids.intersection(ids.column("id").to_pylist())
+            if clash:
+                self.abort()
+                raise UserError(
+                    f"{self.url}: id {min(clash)!r} was appended by another writer meanwhile"
+                    f" (version {theirs['version']}); nothing appended"
+                )
+        ours = self._shards[known:]
+        self._shards = [*theirs["shards"], *ours]
+        self._first_new = len(theirs["shards"])
+        self.version = theirs["version"] + 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -226,6 +276,11 @@ def read_manifest(url: str) -> Manifest:
     if not storage.exists(manifest_url):
         raise UserError(f"{url}: no dataset here ({MANIFEST} missing)")
     m = storage.read_json(manifest_url)
+    # `_manifest.json` may lag behind a concurrent append's version: follow the history
+    while storage.exists(
+        later := storage.join(url, HISTORY, f"{m.get('version', 1) + 1:05d}.json")
+    ):
+        m = storage.read_json(later)
     if m.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{manifest_url}: unsupported schema_version {m.get('schema_version')}")
     img = m["image"]

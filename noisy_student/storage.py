@@ -249,6 +249,59 @@ def write_bytes(url: str, data: bytes) -> None:
         call(url, lambda: fs.pipe_file(path, data))
 
 
+def _create_local(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_SUFFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and refused when the name exists: whole file or none
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """S3's answer to a PUT with `If-None-Match: *` on an existing key. s3fs turns it into
+    FileExistsError when the reply names the condition, else into a generic error."""
+    return isinstance(exc, FileExistsError) or any(
+        "PreconditionFailed" in repr(e) for e in _chain(exc)
+    )
+
+
+def create_bytes(url: str, data: bytes) -> bool:
+    """Write `url` only if nothing is there yet, atomically: the commit point when several
+    writers race for one name, where exactly one wins. True when these bytes are there now
+    (written by this call, or by an attempt of it whose reply was lost before a retry),
+    False when another writer's are.
+
+    Exclusive locally (a hard link) and on S3-compatible stores that honour
+    `If-None-Match: *` (AWS S3, MinIO, moto); elsewhere fsspec checks, then writes.
+    """
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        written = call(url, lambda: _create_local(path, data))
+    else:
+
+        def put() -> bool:
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except Exception as e:
+                if _precondition_failed(e):
+                    return False
+                raise
+            return True
+
+        written = call(url, put)
+    return written or read_bytes(url) == data
+
+
 @contextmanager
 def local_copy(url: str, chunk_size: int = 1 << 20) -> Iterator[tuple[str, str]]:
     """A local path holding the file at `url` and the file's SHA-256, read once in chunks
@@ -287,8 +340,12 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=False).encode()
+
+
 def write_json(url: str, obj: Any) -> None:
-    write_bytes(url, json.dumps(obj, indent=2, sort_keys=False).encode())
+    write_bytes(url, json_bytes(obj))
 
 
 def write_parquet(url: str, table: pa.Table, row_group_size: int) -> str:

@@ -272,3 +272,129 @@ def test_prefetch_stops_and_closes_the_producer_when_the_consumer_stops():
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()  # joins the producer thread
     assert closed == [True]
+
+
+# --- appends racing each other -------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> str:
+    """A fresh folder on the local disk, or on S3 (moto's server, which honours
+    `If-None-Match: *` as AWS S3 and MinIO do)."""
+    if request.param == "local":
+        return str(tmp_path)
+    request.getfixturevalue("s3_endpoint")
+    import uuid
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://ns-test/race-{uuid.uuid4().hex[:8]}"
+
+
+def test_create_bytes_lets_exactly_one_of_many_racing_writers_win(store):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    url = storage.join(store, "_manifests", "00002.json")
+    start = Barrier(8)
+
+    def attempt(i: int) -> bool:
+        start.wait()
+        return storage.create_bytes(url, f"writer {i}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(attempt, range(8)))
+    assert won.count(True) == 1
+    assert storage.read_bytes(url) == f"writer {won.index(True)}".encode()
+    # the winner's retry after a lost reply still counts as its own write
+    assert storage.create_bytes(url, f"writer {won.index(True)}".encode())
+
+
+def _appender(url: str, ids: list[str], seed: int) -> DatasetWriter:
+    """An append that has written its shards and not yet committed."""
+    base = dataset.read_manifest(url)
+    w = DatasetWriter(url, base.split, CLASSES, 8, 6, "L", 4, base=base).__enter__()
+    for i, a in zip(ids, _images(len(ids), seed), strict=True):
+        w.add(i, dataset.encode_png(a), None)
+    w._flush()
+    return w
+
+
+def test_appends_from_the_same_version_all_land_in_order_of_commit(store):
+    url = storage.join(store, "ds")
+    _write(url, _images(10), [0, 1, 2] * 3 + [0])
+    a = _appender(url, [f"a-{i}" for i in range(6)], seed=1)
+    b = _appender(url, [f"b-{i}" for i in range(5)], seed=2)
+    c = _appender(url, [f"c-{i}" for i in range(3)], seed=3)
+    for w in (b, a, c):  # all three read version 1; b commits first
+        w.commit()
+
+    manifest, images = dataset.load(url)  # every shard checked against its checksum
+    assert manifest.version == 4 and manifest.num_rows == 24
+    assert images.ids == (
+        [f"img-{i}" for i in range(10)]
+        + [f"b-{i}" for i in range(5)]
+        + [f"a-{i}" for i in range(6)]
+        + [f"c-{i}" for i in range(3)]
+    )
+    assert torch.equal(images.images[10:15, 0], torch.from_numpy(_images(5, 2)))
+    history = [
+        storage.read_json(storage.join(url, dataset.HISTORY, f"{v:05d}.json")) for v in (1, 2, 3, 4)
+    ]
+    assert [h["num_rows"] for h in history] == [10, 15, 21, 24]
+
+
+def test_racing_appends_in_threads_lose_nothing(store):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    url = storage.join(store, "ds")
+    _write(url, _images(4), [0, 1, 2, 0])
+    start = Barrier(4)
+
+    def append(k: int) -> None:
+        rows = [(f"w{k}-{i}", a, None) for i, a in enumerate(_images(3, seed=10 + k))]
+        start.wait()
+        dataset.append_rows(url, rows, rows_per_shard=2)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(append, range(4)))
+    manifest, images = dataset.load(url)
+    assert manifest.version == 5 and manifest.num_rows == 16
+    assert sorted(images.ids[4:]) == sorted(f"w{k}-{i}" for k in range(4) for i in range(3))
+
+
+def test_an_append_racing_another_with_the_same_id_is_refused_and_removes_its_shards(store):
+    url = storage.join(store, "ds")
+    _write(url, _images(4), [0, 1, 2, 0])
+    a = _appender(url, ["new-0", "same"], seed=1)
+    b = _appender(url, ["same", "new-1"], seed=2)
+    a.commit()
+    with pytest.raises(UserError, match=r"id 'same' was appended by another writer meanwhile"):
+        b.commit()
+    manifest = dataset.read_manifest(url)
+    assert manifest.version == 2 and manifest.num_rows == 6
+    files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
+    assert files == {s["file"] for s in manifest.shards}  # b's shards are gone
+
+
+def test_readers_follow_the_history_past_a_manifest_that_lags(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(4), [0, 1, 2, 0])
+    v1 = storage.read_bytes(storage.join(url, dataset.MANIFEST))
+    dataset.append_rows(url, [("late", _images(1, 5)[0], None)])
+    # as when the writer of version 2 died before updating `_manifest.json`, or when two
+    # appends updated it out of order
+    storage.write_bytes(storage.join(url, dataset.MANIFEST), v1)
+    manifest, images = dataset.load(url)
+    assert manifest.version == 2 and images.ids[-1] == "late"
+
+
+def test_rewriting_a_dataset_drops_the_history_of_the_old_one(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(4), [0, 1, 2, 0])
+    dataset.append_rows(url, [("late", _images(1, 5)[0], None)])
+    _write(url, _images(3, 7), [0, 1, 2])
+    manifest, images = dataset.load(url)
+    assert manifest.version == 1 and len(images) == 3
