@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= pipeline_config/fashion_mnist.yaml
 
-.PHONY: setup demo smoke test lint bench-accuracy bench bench-quick
+.PHONY: setup compose-cli demo smoke test lint bench-accuracy bench bench-quick
 
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
@@ -27,8 +27,16 @@ REFERENCE_EPOCHS ?= 10
 bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 1.5 hours on 2 CPU cores)
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
-test: setup
+test: setup compose-cli
 	$(UV) run pytest -q
+
+# for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
+compose-cli:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
+		($(SUDO) apt-get install -y -qq --no-install-recommends docker-compose >/dev/null || \
+		 ($(SUDO) apt-get update -qq && \
+		  $(SUDO) apt-get install -y -qq --no-install-recommends docker-compose >/dev/null)) || \
+		echo "no docker compose: tests/test_operations.py::test_compose_config_validates will skip"
 
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check .
