@@ -27,6 +27,22 @@ def _prefect_defaults() -> None:
         logging.getLogger(name).addFilter(_one_line_user_errors)
 
 
+def _temporary_server_stops_with_us() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server of its own and stops it
+    at exit. Start it here instead (Prefect then uses this same one) and have a watchdog
+    stop it if this process is killed before it can."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from noisy_student import watchdog
+
+    server = SubprocessASGIServer()
+    server.start()
+    if server.server_process is not None:
+        watchdog.start(server.server_process.pid)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from noisy_student import config as config_mod
     from noisy_student import stages
@@ -34,6 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = config_mod.load(args.config, args.set or [])
     stages.check_data(cfg.data.root, cfg.data.fashion_mnist)
     _prefect_defaults()
+    _temporary_server_stops_with_us()
     from flows.noisy_student import noisy_student
     from noisy_student import report
 

@@ -122,3 +122,49 @@ def test_killed_during_inference_and_training_the_run_resumes_and_redoes_only_th
     student = next(r for r in every if r.data.tags.get("noisy_student.stage") == "train_student")
     assert student.info.status == "FINISHED"
     assert student.data.metrics["resumed_from_step"] == 15
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds `marker` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_killed_run_leaves_no_temporary_prefect_server_behind(tmp_path):
+    """Without PREFECT_API_URL the run starts a temporary Prefect server; a kill -9 of the
+    run gives it no chance to stop it, so a watchdog does."""
+    import time
+
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "OMP_NUM_THREADS": "1",
+        "NOISY_STUDENT_KILL_AT": "pseudo-labels:shard=0",
+    }
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # not a pipe: a server left behind would keep it open
+        killed = subprocess.run(
+            [sys.executable, "-m", "noisy_student.cli", "run", "-c", _config(tmp_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert (home / "prefect.db").exists()  # the temporary server ran, with its data here
+    marker = f"PREFECT_HOME={home}"
+    deadline = time.monotonic() + 30
+    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"still running after the kill: {left}"
