@@ -8,6 +8,7 @@ SIGKILL if it is still there after `grace` seconds. It exits at once if CHILD go
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,12 +39,14 @@ def watch(parent: int, child: int, poll: float = 0.5, grace: float = 10.0) -> No
         time.sleep(poll)
     if not alive(child):
         return
-    os.kill(child, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # it may go by itself meanwhile
+        os.kill(child, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     if alive(child):
-        os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def start(child: int) -> subprocess.Popen[bytes]:
