@@ -59,6 +59,9 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestLimitExceeded",
+    # AWS's answer (409) when two conditional writes to one key overlap; repeated, the
+    # request succeeds or meets the other writer's object (see `create_bytes`)
+    "ConditionalRequestConflict",
 }
 # Network failures by class name, so that botocore and aiohttp need not be imported here.
 _TRANSIENT_CLASSES = {

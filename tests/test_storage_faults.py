@@ -43,6 +43,7 @@ def _client_error(code: str, status: int) -> ClientError:
         _client_error("SlowDown", 503),
         translate_boto_error(_client_error("InternalError", 500)),  # as s3fs raises it
         translate_boto_error(_client_error("503", 503), set_cause=False),
+        translate_boto_error(_client_error("ConditionalRequestConflict", 409)),
     ],
     ids=lambda e: type(e).__name__ + ":" + str(e)[:20],
 )
