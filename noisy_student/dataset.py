@@ -136,6 +136,7 @@ class DatasetWriter:
         self._pending: list[tuple[str, bytes, int | None]] = []
         self._shards: list[dict[str, Any]] = list(base.shards) if base else []
         self._first_new = len(self._shards)  # shards before this are the base's: never removed
+        self._published = False  # whether a manifest version names the new shards
         self._existing: set[str] = existing_ids or set()
         self._ids: set[str] = set()
         self.labels_seen: set[int] = set()
@@ -237,11 +238,14 @@ class DatasetWriter:
                 manifest = self._manifest()
                 url = storage.join(self.url, HISTORY, f"{self.version:05d}.json")
                 if storage.create_bytes(url, storage.json_bytes(manifest)):
+                    # readers follow `_manifests/` forward: the append is in from here
+                    self._published = True
                     break
                 self._rebase(storage.read_json(url))
         # a lagging or out-of-order `_manifest.json` loses nothing: readers follow
         # `_manifests/` forward from it
         storage.write_json(storage.join(self.url, MANIFEST), manifest)
+        self._published = True
 
     def _rebase(self, theirs: dict[str, Any]) -> None:
         """Another append committed version `self.version` first: go after it."""
@@ -267,7 +271,12 @@ class DatasetWriter:
         if exc_type is not None:
             self.abort()
             return
-        self.commit()
+        try:
+            self.commit()
+        except BaseException:
+            if not self._published:  # no manifest names the new shards: remove them
+                self.abort()
+            raise
 
 
 def read_manifest(url: str) -> Manifest:

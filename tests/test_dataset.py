@@ -398,3 +398,21 @@ def test_rewriting_a_dataset_drops_the_history_of_the_old_one(tmp_path):
     _write(url, _images(3, 7), [0, 1, 2])
     manifest, images = dataset.load(url)
     assert manifest.version == 1 and len(images) == 3
+
+
+def test_an_append_whose_commit_fails_leaves_no_shards_behind(tmp_path, monkeypatch):
+    from noisy_student.errors import StorageUnavailable
+
+    url = str(tmp_path / "ds")
+    _write(url, _images(4), [0, 1, 2, 0])
+    before = dataset.read_manifest(url)
+
+    def unreachable(url: str, data: bytes) -> bool:
+        raise StorageUnavailable(f"{url}: storage unreachable after 5 attempts")
+
+    monkeypatch.setattr(storage, "create_bytes", unreachable)
+    with pytest.raises(StorageUnavailable):
+        dataset.append_rows(url, [(f"new-{i}", a, None) for i, a in enumerate(_images(5, 3))])
+    assert dataset.read_manifest(url) == before
+    files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
+    assert files == {s["file"] for s in before.shards}
