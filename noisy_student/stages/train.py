@@ -103,7 +103,7 @@ def _finish_training(
     iteration: int,
     cfg: TrainConfig,
     fit: engine.FitResult,
-    meta: models.ModelMeta,
+    data: dataset.Manifest,
     out_url: str,
     run_id: str | None,
     start: float,
@@ -111,7 +111,7 @@ def _finish_training(
     seconds = time.perf_counter() - start
     if run_id is None:  # a torchrun rank other than 0: rank 0 saves and logs
         return TrainedModel(role, iteration, cfg.model, out_url, "", None, seconds)
-    models.save(fit.model, meta, out_url)
+    models.save(fit.model, models.ModelMeta.for_data(cfg.model, data), out_url)
     tracking.log_checkpoint(run_id, out_url)
     tracking.log_metrics(
         run_id,
@@ -177,7 +177,7 @@ def train_teacher(
             1,
             cfg,
             fit,
-            models.ModelMeta.for_data(cfg.model, manifest),
+            manifest,
             out_url,
             run_id,
             start,
@@ -302,7 +302,7 @@ def train_student(
             iteration,
             cfg,
             fit,
-            models.ModelMeta.for_data(cfg.model, manifest),
+            manifest,
             out_url,
             run_id,
             start,
