@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.machine import cpu_name
-from noisy_student import config, dataset, ingest, storage
+from noisy_student import config, dataset, dataset_writer, ingest, storage
 from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
 
@@ -77,9 +77,9 @@ def reference_dataset(root: str, source: str, limit: int | None = None) -> str:
     yt = ingest.read_idx(storage.join(source, "t10k-labels-idx1-ubyte.gz"))
     classes = ingest.FASHION_MNIST_CLASSES
     rows = ((f"train-{i:05d}", x[i], int(y[i])) for i in range(min(len(y), limit or len(y))))
-    dataset.write_rows(storage.join(root, dataset.LABELLED), dataset.LABELLED, classes, rows)
+    dataset_writer.write_rows(storage.join(root, dataset.LABELLED), dataset.LABELLED, classes, rows)
     test = ((f"test-{i:05d}", xt[i], int(yt[i])) for i in range(len(yt)))
-    dataset.write_rows(storage.join(root, dataset.TEST), dataset.TEST, classes, test)
+    dataset_writer.write_rows(storage.join(root, dataset.TEST), dataset.TEST, classes, test)
     return root
 
 

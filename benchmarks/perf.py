@@ -43,7 +43,16 @@ import numpy as np
 import torch
 
 from benchmarks.machine import cpu_name
-from noisy_student import config, dataset, engine, ingest, models, storage, tracking
+from noisy_student import (
+    config,
+    dataset,
+    dataset_writer,
+    engine,
+    ingest,
+    models,
+    storage,
+    tracking,
+)
 from noisy_student.config import PipelineConfig, StudentConfig
 from noisy_student.engine import flush_denormals
 
@@ -136,7 +145,9 @@ def one_shard_root(workdir: Path, source: str, rows: int) -> str:
     if not (Path(url) / dataset.MANIFEST).exists():
         images = ingest.read_idx(storage.join(source, "train-images-idx3-ubyte.gz"))
         rows_iter = ((f"u{i:07d}", images[i % len(images)], None) for i in range(rows))
-        dataset.write_rows(url, dataset.UNLABELLED, ingest.FASHION_MNIST_CLASSES, rows_iter, rows)
+        dataset_writer.write_rows(
+            url, dataset.UNLABELLED, ingest.FASHION_MNIST_CLASSES, rows_iter, rows
+        )
     return str(root)
 
 

@@ -29,12 +29,10 @@ from noisy_student.dataset import (
     TEST,
     UNLABELLED,
     UNLABELLED_TRUTH,
-    DatasetWriter,
     Manifest,
-    append_rows,
     read_manifest,
-    stage_rows,
 )
+from noisy_student.dataset_writer import DatasetWriter, append_rows, stage_rows
 from noisy_student.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisy_student import augment, corruptions, dataset, engine, storage
+from noisy_student import augment, corruptions, dataset, dataset_writer, engine, storage
 from noisy_student.errors import UserError
 
 SUITE_DIR = "test-corrupted"
@@ -87,7 +87,7 @@ def _write_cell(
     arrays = images.permute(0, 2, 3, 1).numpy()
     if manifest.mode == "L":
         arrays = arrays[..., 0]
-    with dataset.DatasetWriter(
+    with dataset_writer.DatasetWriter(
         url,
         dataset.TEST,
         manifest.class_names,
@@ -97,7 +97,7 @@ def _write_cell(
         rows_per_shard=max(1, len(ids)),
     ) as writer:
         for id, array, label in zip(ids, arrays, labels, strict=True):
-            writer.add(id, dataset.encode_png(np.ascontiguousarray(array)), label)
+            writer.add(id, dataset_writer.encode_png(np.ascontiguousarray(array)), label)
     return dataset.read_manifest(url)
 
 

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from noisy_student import dataset, storage
-from noisy_student.dataset import DatasetWriter
+from noisy_student import dataset, dataset_writer, storage
+from noisy_student.dataset_writer import DatasetWriter
 from noisy_student.errors import UserError
+from noisy_student.prefetch import prefetch
 
 CLASSES = ["a", "b", "c"]
 
@@ -24,7 +25,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 def _write(url: str, arrays: np.ndarray, labels: list[int | None], rows_per_shard: int = 4):
     with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard) as w:
         for i, (a, y) in enumerate(zip(arrays, labels, strict=True)):
-            w.add(f"img-{i}", dataset.encode_png(a), y)
+            w.add(f"img-{i}", dataset_writer.encode_png(a), y)
 
 
 def _round_trip(url: str) -> None:
@@ -61,7 +62,7 @@ def test_manifest_is_not_written_when_the_writing_block_raises(tmp_path):
     url = str(tmp_path / "half")
     with pytest.raises(RuntimeError), DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", 2) as w:
         for i, a in enumerate(_images(5)):
-            w.add(f"img-{i}", dataset.encode_png(a), 0)
+            w.add(f"img-{i}", dataset_writer.encode_png(a), 0)
         raise RuntimeError("crash mid-write")
     # the shards flushed before the crash are removed, and without a manifest the folder
     # is not a dataset
@@ -75,14 +76,14 @@ def test_rewriting_a_dataset_removes_the_old_manifest_before_writing_shards(tmp_
     _write(url, _images(3), [0, 1, 2])
     # a second write that crashes must not leave the first manifest vouching for new shards
     with pytest.raises(RuntimeError), DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", 1) as w:
-        w.add("other", dataset.encode_png(_images(1, seed=1)[0]), 0)
+        w.add("other", dataset_writer.encode_png(_images(1, seed=1)[0]), 0)
         raise RuntimeError("crash")
     with pytest.raises(UserError, match="no dataset here"):
         dataset.read_manifest(url)
 
 
 def test_duplicate_id_is_rejected_naming_the_id(tmp_path):
-    png = dataset.encode_png(_images(1)[0])
+    png = dataset_writer.encode_png(_images(1)[0])
     with DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w:
         w.add("twice", png, 0)
         with pytest.raises(UserError, match="duplicate id 'twice'"):
@@ -91,7 +92,7 @@ def test_duplicate_id_is_rejected_naming_the_id(tmp_path):
 
 @pytest.mark.parametrize("label", [3, -1])
 def test_label_outside_the_classes_is_rejected_naming_the_id(tmp_path, label):
-    png = dataset.encode_png(_images(1)[0])
+    png = dataset_writer.encode_png(_images(1)[0])
     with (
         DatasetWriter(str(tmp_path / "ds"), "labelled", CLASSES, 8, 6, "L") as w,
         pytest.raises(UserError, match=rf"id 'bad-label': label {label} outside \[0, 3\)"),
@@ -125,7 +126,7 @@ def test_missing_shard_is_reported_as_missing(tmp_path):
 def test_corrupt_image_bytes_name_the_shard_row_and_id(tmp_path):
     url = str(tmp_path / "ds")
     with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard=100) as w:
-        w.add("good", dataset.encode_png(_images(1)[0]), 0)
+        w.add("good", dataset_writer.encode_png(_images(1)[0]), 0)
         w.add("garbage", b"definitely not a png", 1)
     manifest = dataset.read_manifest(url)  # the checksum is of the shard, so it passes
     shard = manifest.shard_urls()[0]
@@ -136,7 +137,7 @@ def test_corrupt_image_bytes_name_the_shard_row_and_id(tmp_path):
 def test_image_of_the_wrong_size_is_rejected_against_the_manifest(tmp_path):
     url = str(tmp_path / "ds")
     with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L") as w:
-        w.add("too-big", dataset.encode_png(np.zeros((9, 6), np.uint8)), 0)
+        w.add("too-big", dataset_writer.encode_png(np.zeros((9, 6), np.uint8)), 0)
     with pytest.raises(UserError, match=r"id 'too-big'.*manifest says L 6x8"):
         dataset.load(url)
 
@@ -144,7 +145,7 @@ def test_image_of_the_wrong_size_is_rejected_against_the_manifest(tmp_path):
 def test_shards_use_row_groups_of_at_most_row_group_size(tmp_path):
     url = str(tmp_path / "ds")
     n = 2 * dataset.ROW_GROUP_SIZE + 10
-    png = dataset.encode_png(_images(1)[0])
+    png = dataset_writer.encode_png(_images(1)[0])
     with DatasetWriter(url, "unlabelled", CLASSES, 8, 6, "L", rows_per_shard=n) as w:
         for i in range(n):
             w.add(f"img-{i}", png, None)
@@ -159,14 +160,14 @@ def test_shards_use_row_groups_of_at_most_row_group_size(tmp_path):
 
 def test_write_rows_picks_rgb_mode_for_colour_arrays_and_refuses_an_empty_split(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
-    m = dataset.write_rows(
+    m = dataset_writer.write_rows(
         str(tmp_path / "rgb"), "test", CLASSES, [("x", rgb[0], 0), ("y", rgb[1], 2)]
     )
     assert (m.mode, m.channels, m.height, m.width) == ("RGB", 3, 5, 7)
     _, images = dataset.load(m.url)
     assert torch.equal(images.images, torch.from_numpy(rgb).permute(0, 3, 1, 2))
     with pytest.raises(UserError, match="no images to write for split 'test'"):
-        dataset.write_rows(str(tmp_path / "empty"), "test", CLASSES, [])
+        dataset_writer.write_rows(str(tmp_path / "empty"), "test", CLASSES, [])
 
 
 def test_require_labels_names_an_unlabelled_id_and_a_class_without_images(tmp_path):
@@ -188,7 +189,7 @@ def test_require_labels_names_an_unlabelled_id_and_a_class_without_images(tmp_pa
 def _one_shard(url: str, n: int) -> dataset.Manifest:
     with DatasetWriter(url, "unlabelled", CLASSES, 8, 6, "L", rows_per_shard=n) as w:
         for i, a in enumerate(_images(n)):
-            w.add(f"img-{i}", dataset.encode_png(a), None)
+            w.add(f"img-{i}", dataset_writer.encode_png(a), None)
     return dataset.read_manifest(url)
 
 
@@ -224,7 +225,7 @@ def test_shard_batches_name_the_row_of_a_corrupt_image_in_a_later_batch(tmp_path
     url = str(tmp_path / "ds")
     with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L", rows_per_shard=100) as w:
         for i, a in enumerate(_images(5)):
-            w.add(f"ok-{i}", dataset.encode_png(a), 0)
+            w.add(f"ok-{i}", dataset_writer.encode_png(a), 0)
         w.add("garbage", b"not a png", 1)
     manifest = dataset.read_manifest(url)
     batches = dataset.iter_shard_batches(manifest, 0, 4)
@@ -244,13 +245,13 @@ def test_shard_batches_stream_from_s3(s3_endpoint):
 
 
 def test_prefetch_keeps_order_and_raises_the_producers_error_in_the_consumer():
-    assert list(dataset.prefetch(range(10), depth=2)) == list(range(10))
+    assert list(prefetch(range(10), depth=2)) == list(range(10))
 
     def failing():
         yield 1
         raise ValueError("decoding failed")
 
-    stream = dataset.prefetch(failing())
+    stream = prefetch(failing())
     assert next(stream) == 1
     with pytest.raises(ValueError, match="decoding failed"):
         next(stream)
@@ -268,7 +269,7 @@ def test_prefetch_stops_and_closes_the_producer_when_the_consumer_stops():
         finally:
             closed.append(True)
 
-    stream = dataset.prefetch(endless(), depth=1)
+    stream = prefetch(endless(), depth=1)
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()  # joins the producer thread
     assert closed == [True]
@@ -316,7 +317,7 @@ def _appender(url: str, ids: list[str], seed: int) -> DatasetWriter:
     base = dataset.read_manifest(url)
     w = DatasetWriter(url, base.split, CLASSES, 8, 6, "L", 4, base=base).__enter__()
     for i, a in zip(ids, _images(len(ids), seed), strict=True):
-        w.add(i, dataset.encode_png(a), None)
+        w.add(i, dataset_writer.encode_png(a), None)
     w._flush()
     return w
 
@@ -356,7 +357,7 @@ def test_racing_appends_in_threads_lose_nothing(store):
     def append(k: int) -> None:
         rows = [(f"w{k}-{i}", a, None) for i, a in enumerate(_images(3, seed=10 + k))]
         start.wait()
-        dataset.append_rows(url, rows, rows_per_shard=2)
+        dataset_writer.append_rows(url, rows, rows_per_shard=2)
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(append, range(4)))
@@ -383,7 +384,7 @@ def test_readers_follow_the_history_past_a_manifest_that_lags(tmp_path):
     url = str(tmp_path / "ds")
     _write(url, _images(4), [0, 1, 2, 0])
     v1 = storage.read_bytes(storage.join(url, dataset.MANIFEST))
-    dataset.append_rows(url, [("late", _images(1, 5)[0], None)])
+    dataset_writer.append_rows(url, [("late", _images(1, 5)[0], None)])
     # as when the writer of version 2 died before updating `_manifest.json`, or when two
     # appends updated it out of order
     storage.write_bytes(storage.join(url, dataset.MANIFEST), v1)
@@ -394,7 +395,7 @@ def test_readers_follow_the_history_past_a_manifest_that_lags(tmp_path):
 def test_rewriting_a_dataset_drops_the_history_of_the_old_one(tmp_path):
     url = str(tmp_path / "ds")
     _write(url, _images(4), [0, 1, 2, 0])
-    dataset.append_rows(url, [("late", _images(1, 5)[0], None)])
+    dataset_writer.append_rows(url, [("late", _images(1, 5)[0], None)])
     _write(url, _images(3, 7), [0, 1, 2])
     manifest, images = dataset.load(url)
     assert manifest.version == 1 and len(images) == 3
@@ -412,7 +413,9 @@ def test_an_append_whose_commit_fails_leaves_no_shards_behind(tmp_path, monkeypa
 
     monkeypatch.setattr(storage, "create_bytes", unreachable)
     with pytest.raises(StorageUnavailable):
-        dataset.append_rows(url, [(f"new-{i}", a, None) for i, a in enumerate(_images(5, 3))])
+        dataset_writer.append_rows(
+            url, [(f"new-{i}", a, None) for i, a in enumerate(_images(5, 3))]
+        )
     assert dataset.read_manifest(url) == before
     files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
     assert files == {s["file"] for s in before.shards}

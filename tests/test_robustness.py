@@ -17,6 +17,7 @@ from noisy_student import (
     config,
     corruptions,
     dataset,
+    dataset_writer,
     models,
     robustness,
     stages,
@@ -159,7 +160,7 @@ def test_suite_is_generated_once_into_the_dataset_format_and_reused(tiny_dataset
     # a dataset of its own, so that no other test's suite is in its cache
     m, test = dataset.load(storage.join(tiny_dataset, dataset.TEST))
     rows = zip(test.ids, test.images[:, 0].numpy(), test.labels.tolist(), strict=True)
-    dataset.write_rows(storage.join(root, dataset.TEST), dataset.TEST, m.class_names, rows)
+    dataset_writer.write_rows(storage.join(root, dataset.TEST), dataset.TEST, m.class_names, rows)
     first = robustness.load_suite(root, ["fog", "rotate"], [1, 5], 30, seed=0, log=lambda _: None)
     assert first.built == 4 and len(first.subset) == 30
     assert first.url.startswith(storage.join(root, robustness.SUITE_DIR))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from noisy_student import config, dataset, ingest, stages, storage
+from noisy_student import config, dataset, dataset_writer, ingest, stages, storage
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 
@@ -192,7 +192,7 @@ def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     shutil.copytree(tiny_dataset, root)
     test = dataset.load(storage.join(root, dataset.TEST))[1]
     new = [(f"new/{i}", test.images[i, 0].numpy(), None) for i in range(40)]
-    dataset.append_rows(storage.join(root, dataset.UNLABELLED), new, rows_per_shard=100)
+    dataset_writer.append_rows(storage.join(root, dataset.UNLABELLED), new, rows_per_shard=100)
 
     cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
     parent = tracking.start_run("truth-test", "run")

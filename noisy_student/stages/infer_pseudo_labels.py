@@ -11,6 +11,7 @@ import pyarrow as pa
 from torch import nn
 
 from noisy_student import dataset, engine, faults, models, storage
+from noisy_student.prefetch import prefetch
 from noisy_student.stages.records import PseudoLabelShard
 
 
@@ -65,11 +66,11 @@ def cached_teacher(url: str) -> nn.Module:
         return _teacher_cache[key]
 
 
-def read_ahead(manifest: dataset.Manifest, shard_index: int, batch_size: int) -> dataset.prefetch:
+def read_ahead(manifest: dataset.Manifest, shard_index: int, batch_size: int) -> prefetch:
     """The shard's decoded batches, read two ahead in a background thread, in memory that
     holds a few batches whatever the shard's size; pinned for asynchronous copies on a GPU."""
     pin = engine.device().type == "cuda"
-    return dataset.prefetch(dataset.iter_shard_batches(manifest, shard_index, batch_size, pin))
+    return prefetch(dataset.iter_shard_batches(manifest, shard_index, batch_size, pin))
 
 
 def label_batches(

@@ -1,0 +1,74 @@
+"""Read ahead in a background thread: `for batch in prefetch(batches)`."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+class prefetch(Iterator[T]):  # noqa: N801 - used like a function: `for x in prefetch(items)`
+    """Iterate over `items` produced up to `depth` ahead in a background thread, which starts
+    at once: producing them (reading and decoding, mostly in C) overlaps whatever the caller
+    does meanwhile (loading a model, a forward pass; both release the GIL). Errors surface in
+    the consumer; `close()` (or leaving a `with` block) stops and closes the producer."""
+
+    def __init__(self, items: Iterable[T], depth: int = 2):
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(
+            target=self._produce, args=(items,), name="prefetch", daemon=True
+        )
+        self._worker.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, items: Iterable[T]) -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not self._put((item, None)):
+                    return
+            self._put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((_END, e))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __next__(self) -> T:
+        if self._stop.is_set():
+            raise StopIteration
+        item, error = self._ready.get()
+        if item is _END:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+
+    def __enter__(self) -> prefetch[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()
