@@ -75,6 +75,11 @@ class TrainConfig(Strict):
     checkpoint: str | None = Field(
         None, description="Local/remote weights file for `pretrained` (works offline)"
     )
+    stem: Literal["imagenet", "half", "stride1"] = Field(
+        "imagenet",
+        description="Early downsampling: timm's ImageNet stem, half of it, or none (stride 1); "
+        "see docs/models.md",
+    )
     epochs: int = Field(gt=0)
     batch_size: int = Field(64, gt=0, description="Labelled images per step")
     lr: float = Field(0.1, gt=0, description="Peak SGD learning rate")
@@ -144,6 +149,9 @@ class StudentConfig(TrainConfig):
         3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
     )
     init_from_teacher: bool = Field(False, description="Start from the teacher's weights")
+    stem: Literal["imagenet", "half", "stride1"] | None = Field(
+        None, description="Early downsampling (see teacher.stem); null: the teacher's"
+    )
     loss: Literal["soft_target", "distillation"] = Field(
         "soft_target",
         description="One cross-entropy over all rows, or half CE on labels + half KL to the "

@@ -111,7 +111,7 @@ def _finish_training(
     seconds = time.perf_counter() - start
     if run_id is None:  # a torchrun rank other than 0: rank 0 saves and logs
         return TrainedModel(role, iteration, cfg.model, out_url, "", None, seconds)
-    models.save(fit.model, models.ModelMeta.for_data(cfg.model, data), out_url)
+    models.save(fit.model, models.ModelMeta.for_data(cfg.model, data, fit.model), out_url)
     tracking.log_checkpoint(run_id, out_url)
     tracking.log_metrics(
         run_id,
@@ -155,6 +155,7 @@ def train_teacher(
             cfg.drop_path_rate,
             cfg.pretrained,
             cfg.checkpoint,
+            cfg.stem,
         )
         targets = engine.one_hot(labelled.labels, manifest.num_classes, cfg.label_smoothing)
         fit = engine.fit(
@@ -263,6 +264,9 @@ def train_student(
             cfg.drop_path_rate,
             cfg.pretrained,
             cfg.checkpoint,
+            **models.student_options(
+                f"students.{iteration - 1}", cfg.stem, cfg.init_from_teacher, teacher.url
+            ),
         )
         if cfg.init_from_teacher:
             teacher_meta = models.load_meta(teacher.url)
