@@ -171,7 +171,7 @@ def _print_dataset(root: str) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from noisy_student import predict
 
-    model, meta = predict.load_model(args.model)
+    model, meta = predict.load_model(args.model, args.checkpoint)
     for path in args.images:
         print(path)
         for rank, (name, p) in enumerate(predict.top_k(model, meta, path, args.top_k), start=1):
@@ -312,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="MLflow run id (or runs:/ID), a stage's "
         "checkpoint URL (…/iteration-1/student), or a registered model "
-        "(models:/NAME, models:/NAME/VERSION, models:/NAME@ALIAS)",
+        "(models:/NAME, models:/NAME/VERSION, models:/NAME@ALIAS), or timm:NAME (a timm "
+        "model with its pretrained weights and ImageNet class names, e.g. "
+        "timm:tf_efficientnet_b0.ns_jft_in1k)",
+    )
+    pred.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="timm:NAME: its weights from this file (safetensors, .pth or .bin; any fsspec "
+        "URL) instead of timm's hub, e.g. offline",
     )
     pred.add_argument("--top-k", type=int, default=5)
     pred.set_defaults(func=_cmd_predict)

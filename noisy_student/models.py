@@ -181,7 +181,8 @@ def _normalise(module: nn.Module, args: tuple) -> tuple:
     return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype), *args[1:])
 
 
-def _set_options(model: nn.Module, options: Options) -> nn.Module:
+def set_options(model: nn.Module, options: Options) -> nn.Module:
+    """Record `options` on the network and feed it their mean and std (in place)."""
     model.noisy_student_options = options
     if options.mean == DEFAULT_MEAN * len(options.mean) and options.std == DEFAULT_STD * len(
         options.std
@@ -236,9 +237,15 @@ def create_timm(
         raise
     except (RuntimeError, OSError, ValueError) as e:
         # a hub that cannot be reached, a file of another architecture, a corrupt file
-        where = checkpoint or ("timm's hub" if pretrained else name)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{name}: {where}: {first}") from None
+        if checkpoint and pretrained:
+            raise UserError(f"{name}: {checkpoint}: {first}") from None
+        if pretrained:
+            raise UserError(
+                f"{name}: timm's hub: {first} (offline? name a local weights file as the "
+                "checkpoint)"
+            ) from None
+        raise UserError(f"{name}: {first}") from None
 
 
 def create(
@@ -267,7 +274,7 @@ def create(
     if options is None:
         options = pretrained_options(model, in_chans, stem) if pretrained else Options(stem)
     apply_stem(model, name, options.stem)
-    return _set_options(model, options)
+    return set_options(model, options)
 
 
 def save(model: nn.Module, meta: ModelMeta, url: str) -> str:

@@ -1,19 +1,26 @@
-"""Top-k predictions for image files, from any trained model of the pipeline."""
+"""Top-k predictions for image files, from any trained model of the pipeline or from a
+timm model by name (`timm:NAME`, ImageNet classes), each fed as it was trained."""
 
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
+import timm
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import ImageNetInfo, infer_imagenet_subset
+from timm.data.transforms import str_to_interp_mode
 from torch import nn
+from torchvision.transforms.v2 import functional as tvf
 
 from noisy_student import engine, models, storage, tracking
 from noisy_student.errors import UserError
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+TIMM = "timm:"
 
 
 def checkpoint_url(ref: str) -> str:
@@ -38,12 +45,57 @@ def checkpoint_url(ref: str) -> str:
     return url
 
 
-def load_model(ref: str) -> tuple[nn.Module, models.ModelMeta]:
+def class_names(model: nn.Module) -> list[str]:
+    """The names of a timm model's pretrained classes (timm ships ImageNet's), else their
+    indices."""
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        names = ImageNetInfo(subset).label_descriptions()
+        if len(names) == model.num_classes:
+            # "tench, Tinca tinca": the first of WordNet's names reads best in a list
+            return [n.split(",")[0] for n in names]
+    return [str(i) for i in range(model.num_classes)]
+
+
+def load_timm(name: str, checkpoint: str | None = None) -> tuple[nn.Module, models.ModelMeta]:
+    """A timm model with its pretrained weights, from `checkpoint` (safetensors, .pth or
+    .bin; any fsspec URL) or else timm's hub, with its own input size, interpolation,
+    centre crop, mean and std (timm's data config)."""
+    net = models.create_timm(name, pretrained=True, checkpoint=checkpoint)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    chans, height, width = cfg["input_size"]
+    models.set_options(net, models.pretrained_options(net, chans, "imagenet"))
+    o = models.options_of(net)
+    meta = models.ModelMeta(
+        name,
+        net.num_classes,
+        chans,
+        class_names(net),
+        height,
+        width,
+        "RGB" if chans == 3 else "L",
+        o.stem,
+        o.mean,
+        o.std,
+        o.interpolation,
+        cfg["crop_pct"],
+    )
+    return net.eval(), meta
+
+
+def load_model(ref: str, checkpoint: str | None = None) -> tuple[nn.Module, models.ModelMeta]:
+    if ref.startswith(TIMM):
+        return load_timm(ref.removeprefix(TIMM), checkpoint)
+    if checkpoint:
+        raise UserError(f"--checkpoint is for --model {TIMM}NAME, not {ref}")
     model, meta = models.load(checkpoint_url(ref))
     return model.eval(), meta
 
 
 def load_image(path: str, meta: models.ModelMeta) -> torch.Tensor:
+    """The image as the model's uint8 input (1 x C x H x W): resized whole to the input
+    size as the pipeline's datasets are, or, for a model with timm's eval crop, resized
+    to size / crop_pct and centre-cropped as timm evaluates ImageNet models."""
     try:
         img = Image.open(io.BytesIO(storage.read_bytes(storage.resolve(path))))
         img.load()
@@ -52,8 +104,12 @@ def load_image(path: str, meta: models.ModelMeta) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: corrupt image: {e}") from None
     img = img.convert(meta.mode)
-    if img.size != (meta.width, meta.height):
-        img = img.resize((meta.width, meta.height), Image.Resampling.BILINEAR)
+    mode = str_to_interp_mode(meta.interpolation)
+    if meta.crop_pct is not None:
+        scale = math.floor(min(meta.height, meta.width) / meta.crop_pct)
+        img = tvf.center_crop(tvf.resize(img, scale, mode), [meta.height, meta.width])
+    elif img.size != (meta.width, meta.height):
+        img = tvf.resize(img, [meta.height, meta.width], mode)
     arr = np.asarray(img)
     arr = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)

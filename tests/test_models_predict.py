@@ -256,3 +256,103 @@ def test_a_checkpoint_with_broken_weights_fails_in_one_line(checkpoint, tmp_path
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith(f"error: {broken / models.WEIGHTS}: not a valid safetensors file")
+
+
+# --- predict with a timm model by name, as its model card does
+
+
+@pytest.fixture(scope="module")
+def noisy_student_b0(tmp_path_factory) -> str:
+    """tf_efficientnet_b0.ns_jft_in1k's architecture with random weights, as a file: the
+    hub's weights are out of reach here, and any weights of the right shapes will do."""
+    torch.manual_seed(3)
+    net = timm.create_model("tf_efficientnet_b0.ns_jft_in1k", pretrained=False)
+    path = str(tmp_path_factory.mktemp("b0") / "b0.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture()
+def photo(tmp_path) -> str:
+    """A non-square RGB photo: timm's eval resizes its short side and crops the centre."""
+    path = tmp_path / "dog.jpg"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (300, 400, 3), np.uint8)).save(path)
+    return str(path)
+
+
+def test_predict_a_timm_model_by_name_prints_imagenet_classes(noisy_student_b0, photo, capsys):
+    from timm.data import ImageNetInfo
+
+    cli.main(
+        ["predict", photo, "--model", "timm:tf_efficientnet_b0.ns_jft_in1k"]
+        + ["--checkpoint", noisy_student_b0]
+    )
+    out = capsys.readouterr().out
+    ranked = _ranked(out)
+    assert out.splitlines()[0] == photo and len(ranked) == 5
+    imagenet = {d.split(",")[0] for d in ImageNetInfo().label_descriptions()}
+    assert {n for n, _ in ranked} <= imagenet
+
+
+def test_a_timm_model_sees_the_photo_as_timms_own_eval_transform_gives_it(noisy_student_b0, photo):
+    from noisy_student import predict
+
+    net, meta = predict.load_timm("tf_efficientnet_b0.ns_jft_in1k", noisy_student_b0)
+    assert (meta.height, meta.width, meta.crop_pct, meta.interpolation) == (
+        224,
+        224,
+        0.875,
+        "bicubic",
+    )
+    got = dict(predict.top_k(net, meta, photo, k=1000))
+
+    plain = timm.create_model("tf_efficientnet_b0.ns_jft_in1k", pretrained=False).eval()
+    plain.load_state_dict(load_file(noisy_student_b0))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=plain))
+    with torch.no_grad():
+        expected = plain(transform(Image.open(photo).convert("RGB"))[None]).softmax(1)[0]
+    top = expected.topk(5)
+    for p, i in zip(top.values, top.indices.tolist(), strict=True):
+        assert got[meta.class_names[i]] == pytest.approx(float(p), abs=1e-4)
+
+
+def test_a_timm_model_loads_its_weights_from_a_pytorch_file(tmp_path, photo):
+    from noisy_student import predict
+
+    torch.manual_seed(5)
+    state = timm.create_model("resnet10t", pretrained=False).state_dict()
+    path = str(tmp_path / "resnet10t.pth")
+    torch.save(state, path)
+    net, meta = predict.load_timm("resnet10t", path)
+    torch.testing.assert_close(net.state_dict()["fc.weight"], state["fc.weight"])
+    assert meta.mean == pytest.approx((0.485, 0.456, 0.406)) and len(meta.class_names) == 1000
+    assert len(predict.top_k(net, meta, photo)) == 5
+
+
+def test_a_timm_model_without_reachable_weights_exits_2_saying_what_to_do(
+    photo, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", photo, "--model", "timm:resnet10t.a1_in1k"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: resnet10t.a1_in1k: timm's hub: ") and "checkpoint" in err
+    with pytest.raises(SystemExit):
+        cli.main(["predict", photo, "--model", "timm:resnet9000"])
+    assert "unknown timm model 'resnet9000'" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_exit_2_naming_the_file(noisy_student_b0, photo, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", photo, "--model", "timm:resnet10t", "--checkpoint", noisy_student_b0])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: resnet10t: {noisy_student_b0}: ")
+
+
+def test_checkpoint_is_refused_for_a_pipeline_model(checkpoint, png, capsys):
+    url, _ = checkpoint
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", png, "--model", url, "--checkpoint", "w.pth"])
+    assert exc.value.code == 2
+    assert "--checkpoint is for --model timm:NAME" in capsys.readouterr().err
