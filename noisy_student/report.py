@@ -8,6 +8,7 @@ from typing import Any
 from noisy_student import storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
+from noisy_student.stages.registry import below_teacher_note
 
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
@@ -172,10 +173,18 @@ def table(summary: dict[str, Any]) -> str:
         f"{'pseudo kept':>13}  {'pl acc':>7}  {'mCE T -> S':>14}  stage times (s): "
         "teacher/infer/filter/student/eval"
     )
-    lines = [head, "-" * len(head)]
+    lines, notes = [head, "-" * len(head)], []
     for it in summary["iterations"]:
         t, s, p, sec = it["teacher"], it["student"], it["pseudo_labels"], it["stage_seconds"]
         gain = 100 * (s["test_accuracy"] - t["test_accuracy"])
+        below = s["test_accuracy"] < t["test_accuracy"]
+        if below:
+            notes.append(
+                "! "
+                + below_teacher_note(
+                    it["iteration"], s["model"], s["test_accuracy"], t["model"], t["test_accuracy"]
+                )
+            )
         times = "/".join(
             f"{sec[k]:.0f}"
             for k in (
@@ -188,9 +197,16 @@ def table(summary: dict[str, Any]) -> str:
         )
         lines.append(
             f"{it['iteration']:>4}  {t['model']:<14}{_pct(t['test_accuracy']):>8}  "
-            f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}  "
+            f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}{'!' if below else ' '} "
             f"{p['kept']:>6}/{p['total']:<6}  {_pct(p['accuracy']):>7}  "
             f"{_score(t['mce']):>5} -> {_score(s['mce']):<5}  {times}"
+        )
+    lines += notes
+    promotion = summary.get("promotion") or {}
+    if (best := promotion.get("best_of_run")) and best.get("decision") == "champion":
+        lines.append(
+            f"champion: {best['label']} ({best['model']}, {_pct(best['test_accuracy'])}), "
+            f"models:/{promotion['registered_model']}/{best['version']}, not the final student"
         )
     lines += ["", *robustness_table(summary), ""]
     lines.append(

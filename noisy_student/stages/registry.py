@@ -4,9 +4,13 @@ retraining run, and the promotion gate that decides whether a new student replac
 Every student is a version of the registered model named after the experiment. The alias
 `champion` marks the version in service; a student takes it only when it is at least as
 accurate as the champion and no less robust, measured side by side on the same test
-images and corruptions. Otherwise it gets the alias `challenger`. The decision and its
-reasons are kept as tags on the version and the student's run, and as `promotion.json`
-on the pipeline run and beside the run's artifacts.
+images and corruptions, and when no other model of its own run (its teacher, an earlier
+student) is more accurate on the clean test images. Otherwise it gets the alias
+`challenger`. When a model of the run beats the final student, that model goes through
+the same gate in its place: a first teacher better than its students becomes the
+champion of an empty registry (registered as a version for it), instead of the student
+below it. The decision and its reasons are kept as tags on the version and the student's
+run, and as `promotion.json` on the pipeline run and beside the run's artifacts.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import Any
+
+from mlflow.exceptions import MlflowException
 
 from noisy_student import models, storage, tracking
 from noisy_student.config import EvaluationConfig
@@ -85,6 +91,62 @@ def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
     return None
 
 
+def run_models(robustness: list[Robustness]) -> dict[str, dict[str, Any]]:
+    """Every model this run evaluated, by MLflow run id, with its latest figures ("" is a
+    first teacher given as a checkpoint URL, which has no run)."""
+    return {m["mlflow_run_id"]: m for r in robustness for m in r.models}
+
+
+def best_of_run(robustness: list[Robustness], student_run_id: str) -> dict[str, Any] | None:
+    """The most accurate model of this run on the clean test images when it is more
+    accurate than the student; None when the student is the best (a tie goes to it)."""
+    entries = run_models(robustness)
+    own = entries[student_run_id]["test_accuracy"]
+    better = [
+        m for run_id, m in entries.items() if run_id != student_run_id and m["test_accuracy"] > own
+    ]
+    return max(better, key=lambda m: m["test_accuracy"], default=None)
+
+
+def _label(m: dict[str, Any]) -> str:
+    role, iteration = m.get("role"), m.get("iteration")
+    if role is None:
+        return f"run {m['mlflow_run_id']}"
+    # an iteration's teacher after the first is the previous iteration's student
+    return (
+        f"{role} {iteration}" if role == "student" or iteration == 1 else f"student {iteration - 1}"
+    )
+
+
+def below_teacher_note(
+    iteration: int, student_model: str, student: float, teacher_model: str, teacher: float
+) -> str:
+    """What the results table and the log say of a student that ends below its teacher."""
+    key = f"students.{iteration - 1}"
+    return (
+        f"student {iteration} ({student_model}, {100 * student:.2f}%) ends "
+        f"{100 * (teacher - student):.2f} points below its teacher ({teacher_model}, "
+        f"{100 * teacher:.2f}%): try more {key}.epochs, {key}.init_from_teacher: true (when it "
+        "is the teacher's network), a larger student, or a stem that keeps more of the image "
+        "(teacher.stem: half)"
+    )
+
+
+def students_below_teachers(robustness: list[Robustness]) -> list[str]:
+    """One note per iteration whose student is less accurate than its own teacher."""
+    notes = []
+    for r in robustness:
+        roles = {m.get("role"): m for m in r.models}
+        t, s = roles.get("teacher"), roles.get("student")
+        if t and s and s["test_accuracy"] < t["test_accuracy"]:
+            notes.append(
+                below_teacher_note(
+                    s["iteration"], s["model"], s["test_accuracy"], t["model"], t["test_accuracy"]
+                )
+            )
+    return notes
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
     """Promote when at least as accurate and no less robust: mCE (lower is better) when
     both have one, else mean accuracy under corruption."""
@@ -140,7 +202,18 @@ def promote(
                 log=log,
             )
             champion = figures([measured], current.run_id)
+    for note in students_below_teachers(robustness):
+        log(note)
     promoted, reasons = decide(candidate, champion)
+    best = best_of_run(robustness, student.mlflow_run_id)
+    stand_in = None
+    if best is not None:
+        promoted = False
+        reasons.append(
+            f"test accuracy {candidate['test_accuracy']:.4f} < {_label(best)}'s "
+            f"{best['test_accuracy']:.4f} in this run"
+        )
+        stand_in = _stand_in(best, champion, current, registered_model, reasons, log)
     alias = CHAMPION if promoted else CHALLENGER
     record = {
         "registered_model": registered_model,
@@ -152,6 +225,7 @@ def promote(
         "champion": None
         if current is None
         else {"version": current.version, "run_id": current.run_id, **champion},
+        "best_of_run": stand_in,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tracking.set_alias(registered_model, alias, version.version)
@@ -167,3 +241,43 @@ def promote(
     storage.write_json(storage.join(run_url, "promotion.json"), record)
     log(f"models:/{registered_model}/{version.version} is the {alias}: {'; '.join(reasons)}")
     return record
+
+
+def _stand_in(
+    best: dict[str, Any],
+    champion: dict[str, Any] | None,
+    current: Any,
+    registered_model: str,
+    reasons: list[str],
+    log: Log,
+) -> dict[str, Any]:
+    """The run's best model at the gate in the final student's place: it takes `champion`
+    on the same rule (a first teacher is registered as a version for it). Appends what
+    happened to `reasons`; returns the record of it."""
+    label, run_id = _label(best), best["mlflow_run_id"]
+    entry = {"label": label, "run_id": run_id, "model": best.get("model")}
+    entry["test_accuracy"] = best["test_accuracy"]
+    if current is not None and run_id == current.run_id:
+        reasons.append(f"{label} is the champion (version {current.version}): it stays")
+        return {**entry, "version": str(current.version), "decision": CHAMPION}
+    if not run_id:
+        reasons.append(f"{label} has no MLflow run to register: the champion stays as it is")
+        return {**entry, "version": None, "decision": None}
+    ok, why = decide(best, champion)
+    if not ok:
+        reasons.append(f"{label} does not pass the gate either: {'; '.join(why)}")
+        return {**entry, "version": None, "decision": None}
+    try:
+        version = str(tracking.model_version_of_run(registered_model, run_id).version)
+    except MlflowException:  # a first teacher: only students are registered as they train
+        version = str(tracking.register(run_id, registered_model))
+    tracking.set_alias(registered_model, CHAMPION, version)
+    tags = {
+        f"{tracking.TAG}promotion": CHAMPION,
+        f"{tracking.TAG}promotion_reasons": "the run's best model, above its final student; "
+        + "; ".join(why),
+    }
+    tracking.set_version_tags(registered_model, version, tags)
+    reasons.append(f"{label} (models:/{registered_model}/{version}) is the champion in its place")
+    log(f"models:/{registered_model}/{version} ({label}) is the champion: {'; '.join(why)}")
+    return {**entry, "version": version, "decision": CHAMPION}
