@@ -149,7 +149,7 @@ class StudentConfig(TrainConfig):
         3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
     )
     init_from_teacher: bool = Field(False, description="Start from the teacher's weights")
-    stem: Literal["imagenet", "half", "stride1"] | None = Field(
+    stem: Literal["imagenet", "half", "stride1", None] = Field(
         None, description="Early downsampling (see teacher.stem); null: the teacher's"
     )
     loss: Literal["soft_target", "distillation"] = Field(
