@@ -6,7 +6,7 @@ Fashion-MNIST's 28 px images, measured side by side in one run on the demo's net
   every setting at the same epochs, then the slower ones at the imagenet stem's wall time;
 - the feature map's size before pooling.
 
-    uv run python -m benchmarks.stems                # about 13 minutes on a shared 2-core CPU
+    uv run python -m benchmarks.stems                # about 10 minutes of CPU time (2 cores)
     uv run python -m benchmarks.stems --quick        # a smoke run, about 4 minutes
 
 Writes benchmarks/results/stems.json and stems.md (stems-quick.* with --quick).
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run on slices")
     p.add_argument("--model", default="resnet10t", help="timm model (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10, help="the imagenet stem's epochs")
+    p.add_argument("--epochs", type=int, default=5, help="the imagenet stem's epochs")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 holds up best on a shared CPU)"
     )
