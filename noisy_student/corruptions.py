@@ -485,14 +485,20 @@ def group_of(name: str) -> str:
     return next(g for g, names in GROUPS.items() if name in names)
 
 
-def corrupt(images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
+def corrupt(
+    images: torch.Tensor, name: str, severity: int, seed: int, first: int = 0
+) -> torch.Tensor:
     """The same images, name, severity and seed always give the same corrupted images.
 
     The random draws depend on the seed, the corruption and the image's position, not on
     the severity: an image meets the same noise field, streak angle or frost texture at
     every severity, only stronger, so the levels differ in strength alone. Works through
     the batch CHUNK images at a time, each chunk with its own generator, so memory stays
-    bounded whatever the image size."""
+    bounded whatever the image size. `first` is the position of `images[0]` in a larger
+    set corrupted part by part (a multiple of CHUNK): the parts come out exactly as the
+    whole set would, so a caller can stream a set through in pieces."""
+    if first % CHUNK:
+        raise ValueError(f"first must be a multiple of {CHUNK}, not {first}")
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
             f"expected uint8 N x 1|3 x H x W images, got {images.dtype} {tuple(images.shape)}"
@@ -501,7 +507,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int) -> torch.
     out = []
     for i, start in enumerate(range(0, len(images), CHUNK)):
         # crc32, not hash(): Python salts str hashes per process
-        key = f"{seed}/{name}/{i}".encode()
+        key = f"{seed}/{name}/{first // CHUNK + i}".encode()
         gen = torch.Generator().manual_seed(zlib.crc32(key))
         out.append(fn(images[start : start + CHUNK], severity, gen))
     return torch.cat(out) if out else images.clone()

@@ -16,18 +16,21 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from noisy_student import augment, corruptions, dataset, dataset_writer, engine, storage
 from noisy_student.errors import UserError
+from noisy_student.prefetch import prefetch
 
 SUITE_DIR = "test-corrupted"
 SUITE_MANIFEST = "_suite.json"
@@ -39,30 +42,37 @@ Log = Callable[[str], None]
 class Cell:
     corruption: str
     severity: int
-    images: torch.Tensor  # uint8 N x C x H x W
+    url: str  # the corrupted images, in the dataset format
     digest: str  # the cell dataset's manifest digest
+
+    def manifest(self) -> dataset.Manifest:
+        return dataset.read_manifest(self.url)
 
 
 @dataclass
 class Suite:
     url: str
-    test: dataset.ImageSet  # the whole clean test set
-    test_digest: str
+    test: dataset.Manifest  # the clean test set, read a batch at a time
+    test_labels: torch.Tensor  # of every test image (labels are small; images are not held)
     subset: torch.Tensor  # indices of the test images that are corrupted, ascending
     cells: list[Cell]
     built: int  # cells generated now; the others were read from the cache
     seed: int
 
     @property
+    def test_digest(self) -> str:
+        return self.test.digest
+
+    @property
     def labels(self) -> torch.Tensor:
-        return self.test.labels[self.subset]
+        return self.test_labels[self.subset]
 
     def adversarial(self, images: int | None) -> torch.Tensor:
         """The test images FGSM attacks: the first `images` of the corrupted ones' seeded
         draw (all of those if None)."""
         if images is None or images >= len(self.subset):
             return self.subset
-        return subset_indices(len(self.test), images, self.seed)
+        return subset_indices(self.test.num_rows, images, self.seed)
 
 
 def subset_indices(n: int, images: int | None, seed: int) -> torch.Tensor:
@@ -81,12 +91,124 @@ def suite_key(test_digest: str, images: int, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------- reading
+
+
+def _cat(parts: list[dataset.ImageSet]) -> dataset.ImageSet:
+    if len(parts) == 1:
+        return parts[0]
+    return dataset.ImageSet(
+        [i for p in parts for i in p.ids],
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.labels for p in parts]),
+    )
+
+
+def _shard_rows(
+    manifest: dataset.Manifest, index: int, rows: np.ndarray, batch_size: int
+) -> Iterator[dataset.ImageSet]:
+    """Rows `rows` (ascending, within the shard) of one shard, decoding only those: the
+    file is checksummed as `dataset.iter_shard_batches` does, then read a record batch at
+    a time, each run of consecutive wanted rows decoded with its own row numbers."""
+    entry = manifest.shards[index]
+    url = storage.join(manifest.url, entry["file"])
+    with ExitStack() as stack:
+        try:
+            path, sha256 = stack.enter_context(storage.local_copy(url))
+        except FileNotFoundError:
+            raise UserError(f"{url}: shard listed in the manifest is missing") from None
+        if sha256 != entry["sha256"]:
+            raise UserError(f"{url}: checksum does not match the manifest")
+        parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
+        if parquet.metadata.num_rows != entry["rows"]:
+            raise UserError(
+                f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
+            )
+        first = 0
+        for batch in parquet.iter_batches(batch_size, columns=dataset.SCHEMA.names):
+            local = rows[(rows >= first) & (rows < first + batch.num_rows)] - first
+            # runs of consecutive rows: [start, end) pairs
+            breaks = np.flatnonzero(np.diff(local) != 1) + 1
+            parts = []
+            for run in np.split(local, breaks) if len(local) else []:
+                a, n = int(run[0]), len(run)
+                piece = batch.slice(a, n)
+                parts.append(
+                    dataset.ImageSet(
+                        piece.column("id").to_pylist(),
+                        dataset.decode_images(manifest, url, piece, first + a),
+                        dataset.labels_of(manifest, url, piece, first + a),
+                    )
+                )
+            if parts:
+                yield _cat(parts)
+            first += batch.num_rows
+
+
+def read_batches(
+    manifest: dataset.Manifest, batch_size: int, rows: torch.Tensor | None = None
+) -> Iterator[dataset.ImageSet]:
+    """The split's images in order (only `rows`, ascending indices over the whole split,
+    when given), decoded `batch_size` at a time and regrouped across shard boundaries, so
+    that every batch but the last holds exactly `batch_size` images: the batches, and so
+    the results, are those of the whole split sliced in memory, while memory holds a batch
+    or two whatever the split's size."""
+    wanted = None if rows is None else rows.numpy()
+
+    def parts() -> Iterator[dataset.ImageSet]:
+        start = 0
+        for index, entry in enumerate(manifest.shards):
+            if wanted is None:
+                yield from dataset.iter_shard_batches(manifest, index, batch_size)
+            else:
+                local = wanted[(wanted >= start) & (wanted < start + entry["rows"])] - start
+                if len(local):
+                    yield from _shard_rows(manifest, index, local, batch_size)
+            start += entry["rows"]
+
+    held: list[dataset.ImageSet] = []
+    count = 0
+    for part in parts():
+        held.append(part)
+        count += len(part)
+        while count >= batch_size:
+            whole = _cat(held)
+            yield dataset.ImageSet(
+                whole.ids[:batch_size], whole.images[:batch_size], whole.labels[:batch_size]
+            )
+            count -= batch_size
+            rest = dataset.ImageSet(
+                whole.ids[batch_size:], whole.images[batch_size:], whole.labels[batch_size:]
+            )
+            held = [rest] if count else []
+    if count:
+        yield _cat(held)
+
+
+def _ids_and_labels(manifest: dataset.Manifest) -> tuple[list[str], torch.Tensor]:
+    """Every row's id and label, without touching the images."""
+    ids, labels = [], []
+    for url in manifest.shard_urls():
+        try:
+            table = storage.read_parquet(url, columns=["id", "label"])
+        except FileNotFoundError:
+            raise UserError(f"{url}: shard listed in the manifest is missing") from None
+        ids += table.column("id").to_pylist()
+        labels.append(dataset.labels_of(manifest, url, table))
+    return ids, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------- the suite
+
+
 def _write_cell(
-    url: str, manifest: dataset.Manifest, ids: list[str], images: torch.Tensor, labels: list[int]
+    url: str, manifest: dataset.Manifest, subset: torch.Tensor, name: str, severity: int, seed: int
 ) -> dataset.Manifest:
-    arrays = images.permute(0, 2, 3, 1).numpy()
-    if manifest.mode == "L":
-        arrays = arrays[..., 0]
+    """One corrupted set, streamed: the clean subset is read, corrupted and written a few
+    corruption chunks at a time, each chunk seeded by its position (so the images are
+    exactly those of corrupting the whole subset at once). Cells are stored as the test
+    set is: PNG keeps small images' corrupted pixels exact; a JPEG test set of photos gets
+    JPEG cells at its quality, as ImageNet-C's are, at a fifth of PNG's size."""
     with dataset_writer.DatasetWriter(
         url,
         dataset.TEST,
@@ -94,10 +216,18 @@ def _write_cell(
         manifest.height,
         manifest.width,
         manifest.mode,
-        rows_per_shard=max(1, len(ids)),
+        encoding=manifest.encoding,
+        quality=manifest.quality,
     ) as writer:
-        for id, array, label in zip(ids, arrays, labels, strict=True):
-            writer.add(id, dataset_writer.encode_png(np.ascontiguousarray(array)), label)
+        first = 0
+        for batch in read_batches(manifest, corruptions.CHUNK, subset):
+            arrays = corruptions.corrupt(batch.images, name, severity, seed, first)
+            arrays = arrays.permute(0, 2, 3, 1).numpy()
+            if manifest.mode == "L":
+                arrays = arrays[..., 0]
+            for id, array, label in zip(batch.ids, arrays, batch.labels.tolist(), strict=True):
+                writer.add_array(id, np.ascontiguousarray(array), label)
+            first += len(batch)
     return dataset.read_manifest(url)
 
 
@@ -109,30 +239,29 @@ def load_suite(
     seed: int,
     log: Log = print,
 ) -> Suite:
-    """The corrupted test set: read from its cache, generating (and caching) missing cells."""
+    """The corrupted test set: found in its cache, generating (and caching) missing cells.
+    Nothing is held decoded: cells are generated a chunk at a time and judged later, a
+    batch at a time, by `evaluate_model`."""
     test_url = storage.join(data_root, dataset.TEST)
-    manifest, test = dataset.load(test_url)
-    dataset.require_labels(manifest, test)
-    subset = subset_indices(len(test), images, seed)
+    manifest = dataset.read_manifest(test_url)
+    test_ids, test_labels = _ids_and_labels(manifest)
+    dataset.require_labels(manifest, dataset.ImageSet(test_ids, torch.empty(0), test_labels))
+    subset = subset_indices(len(test_ids), images, seed)
     url = storage.join(data_root, SUITE_DIR, suite_key(manifest.digest, len(subset), seed))
-    ids = [test.ids[i] for i in subset.tolist()]
-    labels = test.labels[subset].tolist()
-    clean = test.images[subset]
+    ids = [test_ids[i] for i in subset.tolist()]
     started = time.perf_counter()
     cells, built = [], 0
     for name in names:
         for severity in severities:
             cell_url = storage.join(url, f"{name}-{severity}")
             if storage.exists(storage.join(cell_url, dataset.MANIFEST)):
-                cell_manifest, cell = dataset.load(cell_url)
-                if cell.ids != ids:
+                cell_manifest = dataset.read_manifest(cell_url)
+                if _ids_and_labels(cell_manifest)[0] != ids:
                     raise UserError(f"{cell_url}: cached corrupted images are not of {test_url}")
-                x = cell.images
             else:
-                x = corruptions.corrupt(clean, name, severity, seed)
-                cell_manifest = _write_cell(cell_url, manifest, ids, x, labels)
+                cell_manifest = _write_cell(cell_url, manifest, subset, name, severity, seed)
                 built += 1
-            cells.append(Cell(name, severity, x, cell_manifest.digest))
+            cells.append(Cell(name, severity, cell_url, cell_manifest.digest))
     # The suite's own manifest, last: what is there, for people and tools browsing it.
     manifest_url = storage.join(url, SUITE_MANIFEST)
     known = storage.read_json(manifest_url)["cells"] if storage.exists(manifest_url) else []
@@ -162,7 +291,7 @@ def load_suite(
         f"({built} generated, {len(cells) - built} read back) in "
         f"{time.perf_counter() - started:.1f} s"
     )
-    return Suite(url, test, manifest.digest, subset, cells, built, seed)
+    return Suite(url, manifest, test_labels, subset, cells, built, seed)
 
 
 # ------------------------------------------------------------------------- metrics
@@ -172,12 +301,21 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     """sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence|,
     the confidence being the top class probability (Guo et al., 2017)."""
     confidence, predicted = probs.max(1)
+    return _ece(confidence, predicted, labels, bins)
+
+
+def _ece(
+    confidence: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, bins: int
+) -> float:
     correct = (predicted == labels).double()
     # bins are (i/B, (i+1)/B]; a confidence of exactly 0 joins the first
     index = (confidence.double() * bins).ceil().long().sub(1).clamp(0, bins - 1)
     gap = torch.zeros(bins, dtype=torch.float64)
     gap.index_add_(0, index, correct - confidence.double())
     return (gap.abs().sum() / max(len(labels), 1)).item()
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (uint8 images, labels)
 
 
 def fgsm_accuracy(
@@ -188,8 +326,20 @@ def fgsm_accuracy(
     batch_size: int,
     precision: str = "auto",
 ) -> dict[int, float]:
-    """Accuracy under FGSM (Goodfellow et al., 2015): every image moved by epsilon/255 per
-    pixel in the direction that raises the model's loss on its true label.
+    """Accuracy under FGSM (Goodfellow et al., 2015) of images held in memory; see
+    `fgsm_batches`."""
+    batches = (
+        (images[i : i + batch_size], labels[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    )
+    return fgsm_batches(model, batches, epsilons, batch_size, precision)
+
+
+def fgsm_batches(
+    model: nn.Module, batches: Batches, epsilons: list[int], batch_size: int, precision: str
+) -> dict[int, float]:
+    """Accuracy under FGSM: every image moved by epsilon/255 per pixel in the direction
+    that raises the model's loss on its true label, a batch at a time.
 
     Epsilons are whole steps of 1/255, so the attacked images are exact uint8 images: the
     attack is on what the model would really be given."""
@@ -198,11 +348,10 @@ def fgsm_accuracy(
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # only the input's gradient is needed
-    correct = dict.fromkeys(epsilons, 0)
+    correct, seen = dict.fromkeys(epsilons, 0), 0
     try:
-        for i in range(0, len(images), batch_size):
-            clean = images[i : i + batch_size].to(dev)
-            y = labels[i : i + batch_size].to(dev)
+        for images, labels in batches:
+            clean, y = images.to(dev), labels.to(dev)
             x = augment.to_float(clean).requires_grad_(True)
             with torch.enable_grad(), engine.autocast(dev, precision):
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum")
@@ -212,21 +361,53 @@ def fgsm_accuracy(
                 attacked = (clean.to(torch.int16) + eps * step).clamp(0, 255).to(torch.uint8)
                 probs = engine.predict_probs(model, attacked, batch_size, precision)
                 correct[eps] += (probs.argmax(1) == y.cpu()).sum().item()
+            seen += len(labels)
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    return {eps: correct[eps] / max(len(images), 1) for eps in epsilons}
+    return {eps: correct[eps] / max(seen, 1) for eps in epsilons}
+
+
+@dataclass
+class Judged:
+    """What a model said of a set, image by image: its top class and that class's
+    probability (all the metrics need; the full probabilities are not kept)."""
+
+    confidence: torch.Tensor
+    predicted: torch.Tensor
+    labels: torch.Tensor
+
+
+def judge(
+    model: nn.Module,
+    manifest: dataset.Manifest,
+    batch_size: int,
+    precision: str,
+    rows: torch.Tensor | None = None,
+) -> Judged:
+    """The model's answers on a dataset (or its `rows`), read and decoded a batch ahead of
+    the forward pass."""
+    confidence, predicted, labels = [], [], []
+    with prefetch(read_batches(manifest, batch_size, rows)) as batches:
+        for batch in batches:
+            top = engine.predict_probs(model, batch.images, batch_size, precision).max(1)
+            confidence.append(top.values)
+            predicted.append(top.indices)
+            labels.append(batch.labels)
+    if not labels:
+        return Judged(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0))
+    return Judged(torch.cat(confidence), torch.cat(predicted), torch.cat(labels))
 
 
 def _row(
     corruption: str,
     severity: int,
-    probs: torch.Tensor,
-    labels: torch.Tensor,
+    judged: Judged,
     digest: str,
     bins: int,
 ) -> dict[str, Any]:
-    accuracy = (probs.argmax(1) == labels).double().mean().item()
+    confidence, predicted, labels = judged.confidence, judged.predicted, judged.labels
+    accuracy = (predicted == labels).double().mean().item()
     return {
         "corruption": corruption,
         "group": CLEAN if corruption == CLEAN else corruptions.group_of(corruption),
@@ -235,8 +416,8 @@ def _row(
         "images": len(labels),
         "accuracy": accuracy,
         "error": 1.0 - accuracy,
-        "ece": expected_calibration_error(probs, labels, bins),
-        "mean_confidence": probs.max(1).values.double().mean().item(),
+        "ece": _ece(confidence, predicted, labels, bins),
+        "mean_confidence": confidence.double().mean().item(),
         "images_digest": digest,
     }
 
@@ -250,25 +431,23 @@ def evaluate_model(
     adversarial_images: int | None,
     calibration_bins: int = 15,
 ) -> list[dict[str, Any]]:
-    """One row per measurement: the clean test set, every corrupted set, every epsilon."""
-    clean = engine.predict_probs(model, suite.test.images, batch_size, precision)
-    rows = [_row(CLEAN, 0, clean, suite.test.labels, suite.test_digest, calibration_bins)]
-    labels = suite.labels
+    """One row per measurement: the clean test set, every corrupted set, every epsilon.
+    Every set is streamed from its shards a batch at a time."""
+    clean = judge(model, suite.test, batch_size, precision)
+    rows = [_row(CLEAN, 0, clean, suite.test_digest, calibration_bins)]
     for cell in suite.cells:
-        probs = engine.predict_probs(model, cell.images, batch_size, precision)
-        rows.append(
-            _row(cell.corruption, cell.severity, probs, labels, cell.digest, calibration_bins)
-        )
+        judged = judge(model, cell.manifest(), batch_size, precision)
+        rows.append(_row(cell.corruption, cell.severity, judged, cell.digest, calibration_bins))
     if fgsm_epsilons:
         attacked = suite.adversarial(adversarial_images)
-        accuracy = fgsm_accuracy(
-            model,
-            suite.test.images[attacked],
-            suite.test.labels[attacked],
-            fgsm_epsilons,
-            batch_size,
-            precision,
-        )
+        with prefetch(read_batches(suite.test, batch_size, attacked)) as batches:
+            accuracy = fgsm_batches(
+                model,
+                ((b.images, b.labels) for b in batches),
+                fgsm_epsilons,
+                batch_size,
+                precision,
+            )
         for eps, acc in accuracy.items():
             rows.append(
                 {

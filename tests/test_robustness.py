@@ -18,6 +18,7 @@ from noisy_student import (
     corruptions,
     dataset,
     dataset_writer,
+    engine,
     models,
     robustness,
     stages,
@@ -177,12 +178,12 @@ def test_suite_is_generated_once_into_the_dataset_format_and_reused(tiny_dataset
     again = robustness.load_suite(root, ["fog", "rotate"], [1, 5], 30, seed=0, log=lambda _: None)
     assert again.built == 0 and again.url == first.url
     for a, b in zip(first.cells, again.cells, strict=True):
-        assert torch.equal(a.images, b.images) and a.digest == b.digest
+        assert a.url == b.url and a.digest == b.digest
     # the cells are the corrupted test images, labels and ids kept
     _, test = dataset.load(storage.join(root, dataset.TEST))
     assert torch.equal(again.labels, test.labels[again.subset])
     assert torch.equal(
-        again.cells[1].images,
+        dataset.load(again.cells[1].url)[1].images,
         corruptions.corrupt(test.images[again.subset], "fog", 5, 0),
     )
     # another seed or size is another suite
@@ -326,3 +327,61 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
             1,
             log=lambda _: None,
         )
+
+
+def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memory(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    root = str(tmp_path / "data")
+    m, test = dataset.load(storage.join(tiny_dataset, dataset.TEST))
+    rows = zip(test.ids, test.images[:, 0].numpy(), test.labels.tolist(), strict=True)
+    # three shards, so that batches straddle shard boundaries
+    dataset_writer.write_rows(
+        storage.join(root, dataset.TEST), dataset.TEST, m.class_names, rows, rows_per_shard=70
+    )
+    model, _ = models.load(_checkpoint(root, str(tmp_path / "model"), 0))
+    batch, bins = 16, 15
+    monkeypatch.setattr(corruptions, "CHUNK", batch)  # cells generated 16 images at a time
+
+    # what the whole split, decoded at once, gives
+    subset = robustness.subset_indices(len(test), 90, 0)
+    attacked = robustness.subset_indices(len(test), 40, 0)
+    sets = {("clean", 0): (test.images, test.labels)}
+    for name in ("gaussian_noise", "rotate"):
+        x = corruptions.corrupt(test.images[subset], name, 3, 0)
+        sets[(name, 3)] = (x, test.labels[subset])
+    expected = {}
+    for key, (x, y) in sets.items():
+        probs = engine.predict_probs(model, x, batch, "fp32")
+        expected[key] = (
+            (probs.argmax(1) == y).double().mean().item(),
+            robustness.expected_calibration_error(probs, y, bins),
+            probs.max(1).values.double().mean().item(),
+        )
+    fgsm = robustness.fgsm_accuracy(
+        model, test.images[attacked], test.labels[attacked], [4], batch, "fp32"
+    )
+
+    decoded: list[int] = []
+    decode = dataset.decode_images
+
+    def counting(*args, **kwargs):
+        images = decode(*args, **kwargs)
+        decoded.append(len(images))
+        return images
+
+    monkeypatch.setattr(dataset, "decode_images", counting)
+    suite = robustness.load_suite(
+        root, ["gaussian_noise", "rotate"], [3], 90, seed=0, log=lambda _: None
+    )
+    measured = robustness.evaluate_model(model, suite, batch, "fp32", [4], 40, bins)
+    # no call decoded more than a batch: no split was ever held decoded
+    assert decoded and max(decoded) <= batch
+    # every test image judged once clean, the subset once per cell and once for FGSM
+    assert sum(decoded) == len(test) + 2 * 90 * 2 + 40
+    by_key = {(r["corruption"], r["severity"]): r for r in measured}
+    for key, (accuracy, ece, confidence) in expected.items():
+        r = by_key[key]
+        assert (r["accuracy"], r["ece"], r["mean_confidence"]) == (accuracy, ece, confidence)
+    assert by_key[("fgsm", 4)]["accuracy"] == fgsm[4]
+    assert by_key[("fgsm", 4)]["images"] == 40

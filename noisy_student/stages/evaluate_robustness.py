@@ -155,7 +155,7 @@ def evaluate_robustness(
             {
                 "url": suite.url,
                 "images": len(suite.subset),
-                "test_images": len(suite.test),
+                "test_images": suite.test.num_rows,
                 "seed": cfg.seed,
                 "calibration_bins": cfg.calibration_bins,
                 "adversarial_images": len(suite.adversarial(cfg.adversarial_images)),
