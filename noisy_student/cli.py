@@ -88,6 +88,8 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
         args.rows_per_shard,
         args.on_bad_image,
         args.on_mismatch,
+        args.format,
+        args.quality,
     )
     _print_dataset(out)
 
@@ -273,7 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     imf.add_argument("--labelled", required=True, help="folder with one sub-folder per class")
     imf.add_argument("--unlabelled", required=True, help="folder of images without classes")
     imf.add_argument("--test", required=True, help="folder with one sub-folder per class")
-    imf.add_argument("--image-size", type=int, required=True, help="resize every image to NxN")
+    imf.add_argument(
+        "--size",
+        "--image-size",
+        dest="image_size",
+        type=int,
+        default=224,
+        help="every image becomes NxN: shorter side resized to N, then centre-cropped "
+        "(default 224, photos for timm's models)",
+    )
     imf.add_argument("--mode", choices=["L", "RGB"], default="RGB", help="grayscale or colour")
     imf.add_argument("--rows-per-shard", type=int, default=8192)
     imf.add_argument(
@@ -290,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image of another size or mode is converted and resized (convert), or is "
         "a bad image (error)",
     )
+    imf.add_argument(
+        "--format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="how shards store images: png (lossless, small images) or jpeg (photos)",
+    )
+    imf.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
     imf.set_defaults(func=_cmd_ingest_image_folder)
     app = isub.add_parser(
         "append",

@@ -188,6 +188,122 @@ def test_image_folder_test_class_unknown_to_the_labelled_split_is_rejected(image
         _ingest(image_tree, tmp_path / "out")
 
 
+def test_image_folder_ingest_as_jpeg_writes_jpeg_shards_at_the_quality_asked(image_tree, tmp_path):
+    png = _ingest(image_tree, tmp_path / "png")
+    jpeg = ingest.image_folder(
+        str(tmp_path / "jpeg"),
+        str(image_tree / "labelled"),
+        str(image_tree / "unlabelled"),
+        str(image_tree / "test"),
+        image_size=16,
+        encoding="jpeg",
+        quality=80,
+    )
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        listed = storage.read_json(storage.join(jpeg, split, dataset.MANIFEST))
+        assert listed["image"]["encoding"] == "jpeg" and listed["image"]["quality"] == 80
+        m = dataset.read_manifest(storage.join(jpeg, split))
+        blobs = pq.read_table(m.shard_urls()[0]).column("image").to_pylist()
+        assert all(b[:2] == b"\xff\xd8" for b in blobs)  # JPEG's start-of-image marker
+        # the same pixels as the PNG ingest, up to JPEG's loss on flat colours
+        a, b = _split(png, split)[1], _split(jpeg, split)[1]
+        assert a.ids == b.ids and a.images.shape == b.images.shape
+        assert (a.images.int() - b.images.int()).abs().max() <= 8
+    # PNG stays the default, and says so
+    listed = storage.read_json(storage.join(png, dataset.LABELLED, dataset.MANIFEST))
+    assert listed["image"]["encoding"] == "png" and "quality" not in listed["image"]
+
+
+def _bands(path, size: tuple[int, int], fmt: str) -> None:
+    """Three equal bands, red | green | blue, across the longer side."""
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    if w >= h:
+        a[:, : w // 3, 0], a[:, w // 3 : 2 * w // 3, 1], a[:, 2 * w // 3 :, 2] = 255, 255, 255
+    else:
+        a[: h // 3, :, 0], a[h // 3 : 2 * h // 3, :, 1], a[2 * h // 3 :, :, 2] = 255, 255, 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, format=fmt, quality=95)
+
+
+def test_photos_of_any_size_keep_their_proportions_shorter_side_resized_then_centre_cropped(
+    tmp_path,
+):
+    root = tmp_path / "raw"
+    # wide and tall, small and multi-megapixel (JPEG, decoded at reduced scale)
+    _bands(root / "labelled" / "a" / "wide.png", (60, 20), "PNG")
+    _bands(root / "labelled" / "a" / "tall.jpg", (900, 2700), "JPEG")
+    _bands(root / "test" / "a" / "big.jpg", (3000, 1000), "JPEG")
+    _bands(root / "unlabelled" / "u.png", (48, 16), "PNG")
+    out = ingest.image_folder(
+        str(tmp_path / "out"),
+        str(root / "labelled"),
+        str(root / "unlabelled"),
+        str(root / "test"),
+        image_size=12,
+        encoding="jpeg",
+        quality=95,
+    )
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        images = _split(out, split)[1].images.int()
+        assert images.shape[1:] == (3, 12, 12)
+        # only the middle band, green, survives the centre crop: nothing is squashed in
+        assert (images[:, 1] > 200).all() and (images[:, 0] < 60).all()
+        assert (images[:, 2] < 60).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"encoding": "webp"}, "format must be one of"),
+        ({"encoding": "jpeg", "quality": 101}, r"JPEG quality must be in \[1, 100\], not 101"),
+        ({"image_size": 0}, "image size must be a positive number of pixels, not 0"),
+    ],
+)
+def test_a_bad_format_quality_or_size_is_a_user_error(image_tree, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        ingest.image_folder(
+            str(tmp_path / "out"),
+            str(image_tree / "labelled"),
+            str(image_tree / "unlabelled"),
+            str(image_tree / "test"),
+            **kwargs,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ingests_an_image_folder_as_jpeg_at_the_size_asked(image_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    cli.main(
+        [
+            "ingest",
+            "image-folder",
+            "--out",
+            str(out),
+            "--labelled",
+            str(image_tree / "labelled"),
+            "--unlabelled",
+            str(image_tree / "unlabelled"),
+            "--test",
+            str(image_tree / "test"),
+            "--format",
+            "jpeg",
+            "--quality",
+            "85",
+            "--size",
+            "24",
+        ]
+    )
+    m = dataset.read_manifest(str(out / dataset.TEST))
+    assert (m.encoding, m.quality, m.height, m.width, m.mode) == ("jpeg", 85, 24, 24, "RGB")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["ingest", "image-folder", "--out", str(out), "--labelled", "x",
+                  "--unlabelled", "y", "--test", "z", "--quality", "0"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JPEG quality must be in [1, 100], not 0" in err
+
+
 # --- CLI
 
 
