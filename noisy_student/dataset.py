@@ -155,6 +155,8 @@ class _Jpeg:
     handoff does not expect it, so the CPU decoder serves every device."""
 
     def __init__(self, blob: bytes):
+        if blob[:2] != b"\xff\xd8":  # libjpeg-turbo's own message is cryptic
+            raise ValueError("not a JPEG file (the manifest's image.encoding is jpeg)")
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(blob)
         self.size = (width, height)
         self.mode = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB"}.get(colorspace, colorspace)
