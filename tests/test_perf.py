@@ -107,8 +107,15 @@ def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_pa
         "wall_seconds": 60.0,
         "results": {
             "inference_efficiency": {
+                "image_size": "28x28 L PNG",
                 "images": 10, "shards": 1, "batch_size": 4, "stage_images_per_s": 90.0,
                 "forward_images_per_s": 100.0, "read_decode_images_per_s": 1000.0,
+                "ratio": 0.9, "ratios": [0.9],
+            },
+            "inference_efficiency_photo": {
+                "image_size": "96x96 RGB JPEG",
+                "images": 10, "shards": 1, "batch_size": 4, "stage_images_per_s": 9.0,
+                "forward_images_per_s": 10.0, "read_decode_images_per_s": 100.0,
                 "ratio": 0.9, "ratios": [0.9],
             },
             "training_efficiency": {
@@ -132,5 +139,6 @@ def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_pa
     }  # fmt: skip
     table = perf.markdown(result, "make bench")
     assert "| 0.90 | >= 0.9 | met |" in table
+    assert "the same at photo size, 96x96 RGB JPEG | 9 img/s | 10 img/s | 0.90 |" in table
     assert "| 1.30 | <= 1.25 | not met |" in table
     assert "| train_student | 60.0 |" in table

@@ -181,3 +181,18 @@ def test_an_unknown_encoding_in_a_manifest_is_a_user_error_naming_the_key(tmp_pa
     (tmp_path / "d" / dataset.HISTORY / "00001.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"_manifest\.json: image\.encoding 'avif' is not one of"):
         dataset.read_manifest(url)
+
+
+def test_the_photo_benchmark_labels_jpeg_photos_with_an_untrained_teacher(tmp_path, mlflow_uri):
+    from benchmarks import perf
+
+    root = perf.photo_root(tmp_path, 24, 32, 12)
+    m = dataset.read_manifest(storage.join(root, dataset.UNLABELLED))
+    assert (m.num_rows, len(m.shards), m.height, m.mode, m.encoding) == (24, 2, 32, "RGB", "jpeg")
+    teacher = perf.photo_teacher(root, "test_resnet", str(tmp_path / "teacher"))
+    result, records = perf.inference_efficiency(root, teacher, str(tmp_path / "p"), 8, "auto", 1)
+    assert result["image_size"] == "32x32 RGB JPEG" and result["images"] == 24
+    assert result["ratio"] == pytest.approx(
+        result["stage_images_per_s"] / result["forward_images_per_s"]
+    )
+    assert sum(r.rows for r in records) == 24
