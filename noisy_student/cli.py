@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-mismatch",
         choices=["convert", "error"],
         default="convert",
-        help="an image of another size or mode is converted and resized (convert), or is "
-        "a bad image (error)",
+        help="an image of another size or mode is converted and fitted to --size (convert), "
+        "or is a bad image (error)",
     )
     imf.add_argument(
         "--format",

@@ -209,6 +209,12 @@ def test_image_folder_ingest_as_jpeg_writes_jpeg_shards_at_the_quality_asked(ima
         a, b = _split(png, split)[1], _split(jpeg, split)[1]
         assert a.ids == b.ids and a.images.shape == b.images.shape
         assert (a.images.int() - b.images.int()).abs().max() <= 8
+    # appended photos are stored as the dataset's images are
+    extra = tmp_path / "more"
+    _save(extra / "x.png", "RGB", (30, 20), 90)
+    _, after = ingest.append_unlabelled(jpeg, str(extra))
+    blobs = pq.read_table(after.shard_urls()[-1]).column("image").to_pylist()
+    assert (after.encoding, after.quality) == ("jpeg", 80) and blobs[0][:2] == b"\xff\xd8"
     # PNG stays the default, and says so
     listed = storage.read_json(storage.join(png, dataset.LABELLED, dataset.MANIFEST))
     assert listed["image"]["encoding"] == "png" and "quality" not in listed["image"]
