@@ -18,11 +18,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class Cell:
     corruption: str
     severity: int
     url: str  # the corrupted images, in the dataset format
-    digest: str  # the cell dataset's manifest digest
+    digest: str | None  # the cell dataset's manifest digest; None until it is generated
 
     def manifest(self) -> dataset.Manifest:
         return dataset.read_manifest(self.url)
@@ -145,44 +146,51 @@ def _shard_rows(
             first += batch.num_rows
 
 
+class Rebatch:
+    """Regroups parts of any sizes into batches of exactly `size` rows (the last one of a
+    stream may be smaller): a set judged in parts meets the model in the very batches it
+    would have met sliced whole in memory, so the results are the same."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._held: list[dataset.ImageSet] = []
+        self._count = 0
+
+    def add(self, part: dataset.ImageSet) -> Iterator[dataset.ImageSet]:
+        self._held.append(part)
+        self._count += len(part)
+        while self._count >= self.size:
+            whole, n = _cat(self._held), self.size
+            yield dataset.ImageSet(whole.ids[:n], whole.images[:n], whole.labels[:n])
+            self._count -= n
+            rest = dataset.ImageSet(whole.ids[n:], whole.images[n:], whole.labels[n:])
+            self._held = [rest] if self._count else []
+
+    def rest(self) -> Iterator[dataset.ImageSet]:
+        if self._count:
+            yield _cat(self._held)
+        self._held, self._count = [], 0
+
+
 def read_batches(
     manifest: dataset.Manifest, batch_size: int, rows: torch.Tensor | None = None
 ) -> Iterator[dataset.ImageSet]:
     """The split's images in order (only `rows`, ascending indices over the whole split,
-    when given), decoded `batch_size` at a time and regrouped across shard boundaries, so
-    that every batch but the last holds exactly `batch_size` images: the batches, and so
-    the results, are those of the whole split sliced in memory, while memory holds a batch
-    or two whatever the split's size."""
+    when given), decoded `batch_size` at a time and regrouped across shard boundaries:
+    memory holds a batch or two whatever the split's size."""
     wanted = None if rows is None else rows.numpy()
-
-    def parts() -> Iterator[dataset.ImageSet]:
-        start = 0
-        for index, entry in enumerate(manifest.shards):
-            if wanted is None:
-                yield from dataset.iter_shard_batches(manifest, index, batch_size)
-            else:
-                local = wanted[(wanted >= start) & (wanted < start + entry["rows"])] - start
-                if len(local):
-                    yield from _shard_rows(manifest, index, local, batch_size)
-            start += entry["rows"]
-
-    held: list[dataset.ImageSet] = []
-    count = 0
-    for part in parts():
-        held.append(part)
-        count += len(part)
-        while count >= batch_size:
-            whole = _cat(held)
-            yield dataset.ImageSet(
-                whole.ids[:batch_size], whole.images[:batch_size], whole.labels[:batch_size]
-            )
-            count -= batch_size
-            rest = dataset.ImageSet(
-                whole.ids[batch_size:], whole.images[batch_size:], whole.labels[batch_size:]
-            )
-            held = [rest] if count else []
-    if count:
-        yield _cat(held)
+    batches = Rebatch(batch_size)
+    start = 0
+    for index, entry in enumerate(manifest.shards):
+        if wanted is None:
+            parts = dataset.iter_shard_batches(manifest, index, batch_size)
+        else:
+            local = wanted[(wanted >= start) & (wanted < start + entry["rows"])] - start
+            parts = _shard_rows(manifest, index, local, batch_size) if len(local) else iter(())
+        for part in parts:
+            yield from batches.add(part)
+        start += entry["rows"]
+    yield from batches.rest()
 
 
 def _ids_and_labels(manifest: dataset.Manifest) -> tuple[list[str], torch.Tensor]:
@@ -201,16 +209,23 @@ def _ids_and_labels(manifest: dataset.Manifest) -> tuple[list[str], torch.Tensor
 # ------------------------------------------------------------------------- the suite
 
 
+OnBatch = Callable[[Cell, dataset.ImageSet], None]
+
+
 def _write_cell(
-    url: str, manifest: dataset.Manifest, subset: torch.Tensor, name: str, severity: int, seed: int
+    suite: Suite, cell: Cell, batch_size: int, on_batch: OnBatch | None
 ) -> dataset.Manifest:
-    """One corrupted set, streamed: the clean subset is read, corrupted and written a few
-    corruption chunks at a time, each chunk seeded by its position (so the images are
-    exactly those of corrupting the whole subset at once). Cells are stored as the test
-    set is: PNG keeps small images' corrupted pixels exact; a JPEG test set of photos gets
-    JPEG cells at its quality, as ImageNet-C's are, at a fifth of PNG's size."""
+    """One corrupted set, streamed: the clean subset is read, corrupted and written a
+    corruption chunk at a time, each chunk seeded by its position (so the images are
+    exactly those of corrupting the whole subset at once). Each image is handed to
+    `on_batch` as stored, in batches of `batch_size`, so that models are judged on the
+    set as it is generated, without reading it back. Cells are stored as the test set is:
+    PNG keeps small images' corrupted pixels exact; a JPEG test set of photos gets JPEG
+    cells at its quality, as ImageNet-C's are, at a fifth of PNG's size."""
+    manifest = suite.test
+    batches = Rebatch(batch_size)
     with dataset_writer.DatasetWriter(
-        url,
+        cell.url,
         dataset.TEST,
         manifest.class_names,
         manifest.height,
@@ -220,15 +235,92 @@ def _write_cell(
         quality=manifest.quality,
     ) as writer:
         first = 0
-        for batch in read_batches(manifest, corruptions.CHUNK, subset):
-            arrays = corruptions.corrupt(batch.images, name, severity, seed, first)
-            arrays = arrays.permute(0, 2, 3, 1).numpy()
+        for batch in read_batches(manifest, corruptions.CHUNK, suite.subset):
+            x = corruptions.corrupt(batch.images, cell.corruption, cell.severity, suite.seed, first)
+            arrays = x.permute(0, 2, 3, 1).numpy()
             if manifest.mode == "L":
                 arrays = arrays[..., 0]
-            for id, array, label in zip(batch.ids, arrays, batch.labels.tolist(), strict=True):
-                writer.add_array(id, np.ascontiguousarray(array), label)
+            blobs = [
+                dataset_writer.encode_image(
+                    np.ascontiguousarray(a), writer.encoding, writer.quality
+                )
+                for a in arrays
+            ]
+            for id, blob, label in zip(batch.ids, blobs, batch.labels.tolist(), strict=True):
+                writer.add(id, blob, label)
             first += len(batch)
-    return dataset.read_manifest(url)
+            if on_batch is not None:
+                if manifest.encoding != "png":  # lossy: judge what later runs will read
+                    table = pa.table({"id": batch.ids, "image": blobs})
+                    x = dataset.decode_images(manifest, cell.url, table, first - len(batch))
+                stored = dataset.ImageSet(batch.ids, x, batch.labels)
+                for part in batches.add(stored):
+                    on_batch(cell, part)
+        if on_batch is not None:
+            for part in batches.rest():
+                on_batch(cell, part)
+    return dataset.read_manifest(cell.url)
+
+
+def open_suite(
+    data_root: str, names: list[str], severities: list[int], images: int | None, seed: int
+) -> Suite:
+    """The corrupted test set's place and its cells, the cached ones with their digests;
+    the missing ones are generated by `complete_suite` (or `evaluate_models`, which judges
+    them as they are made). Nothing is decoded here."""
+    test_url = storage.join(data_root, dataset.TEST)
+    manifest = dataset.read_manifest(test_url)
+    test_ids, test_labels = _ids_and_labels(manifest)
+    dataset.require_labels(manifest, dataset.ImageSet(test_ids, torch.empty(0), test_labels))
+    subset = subset_indices(len(test_ids), images, seed)
+    url = storage.join(data_root, SUITE_DIR, suite_key(manifest.digest, len(subset), seed))
+    ids = [test_ids[i] for i in subset.tolist()]
+    cells = []
+    for name in names:
+        for severity in severities:
+            cell_url = storage.join(url, f"{name}-{severity}")
+            digest = None
+            if storage.exists(storage.join(cell_url, dataset.MANIFEST)):
+                cell_manifest = dataset.read_manifest(cell_url)
+                if _ids_and_labels(cell_manifest)[0] != ids:
+                    raise UserError(f"{cell_url}: cached corrupted images are not of {test_url}")
+                digest = cell_manifest.digest
+            cells.append(Cell(name, severity, cell_url, digest))
+    return Suite(url, manifest, test_labels, subset, cells, 0, seed)
+
+
+def complete_suite(
+    suite: Suite, batch_size: int = corruptions.CHUNK, on_batch: OnBatch | None = None
+) -> None:
+    """Generate the missing cells (handing their images to `on_batch`, see `_write_cell`),
+    then write the suite's own manifest: what is there, for people and tools browsing."""
+    for cell in suite.cells:
+        if cell.digest is None:
+            cell.digest = _write_cell(suite, cell, batch_size, on_batch).digest
+            suite.built += 1
+    manifest_url = storage.join(suite.url, SUITE_MANIFEST)
+    known = storage.read_json(manifest_url)["cells"] if storage.exists(manifest_url) else []
+    listed = {(c["corruption"], c["severity"]): c for c in known}
+    for c in suite.cells:
+        listed[(c.corruption, c.severity)] = {
+            "corruption": c.corruption,
+            "severity": c.severity,
+            "path": f"{c.corruption}-{c.severity}",
+            "digest": c.digest,
+        }
+    if suite.built or len(listed) != len(known):
+        storage.write_json(
+            manifest_url,
+            {
+                "format": "noisy-student-corruption-suite",
+                "corruptions_version": corruptions.VERSION,
+                "test_url": suite.test.url,
+                "test_digest": suite.test.digest,
+                "images": len(suite.subset),
+                "seed": suite.seed,
+                "cells": [listed[k] for k in sorted(listed)],
+            },
+        )
 
 
 def load_suite(
@@ -239,59 +331,16 @@ def load_suite(
     seed: int,
     log: Log = print,
 ) -> Suite:
-    """The corrupted test set: found in its cache, generating (and caching) missing cells.
-    Nothing is held decoded: cells are generated a chunk at a time and judged later, a
-    batch at a time, by `evaluate_model`."""
-    test_url = storage.join(data_root, dataset.TEST)
-    manifest = dataset.read_manifest(test_url)
-    test_ids, test_labels = _ids_and_labels(manifest)
-    dataset.require_labels(manifest, dataset.ImageSet(test_ids, torch.empty(0), test_labels))
-    subset = subset_indices(len(test_ids), images, seed)
-    url = storage.join(data_root, SUITE_DIR, suite_key(manifest.digest, len(subset), seed))
-    ids = [test_ids[i] for i in subset.tolist()]
+    """The corrupted test set, every cell generated (and cached) if missing."""
     started = time.perf_counter()
-    cells, built = [], 0
-    for name in names:
-        for severity in severities:
-            cell_url = storage.join(url, f"{name}-{severity}")
-            if storage.exists(storage.join(cell_url, dataset.MANIFEST)):
-                cell_manifest = dataset.read_manifest(cell_url)
-                if _ids_and_labels(cell_manifest)[0] != ids:
-                    raise UserError(f"{cell_url}: cached corrupted images are not of {test_url}")
-            else:
-                cell_manifest = _write_cell(cell_url, manifest, subset, name, severity, seed)
-                built += 1
-            cells.append(Cell(name, severity, cell_url, cell_manifest.digest))
-    # The suite's own manifest, last: what is there, for people and tools browsing it.
-    manifest_url = storage.join(url, SUITE_MANIFEST)
-    known = storage.read_json(manifest_url)["cells"] if storage.exists(manifest_url) else []
-    listed = {(c["corruption"], c["severity"]): c for c in known}
-    for c in cells:
-        listed[(c.corruption, c.severity)] = {
-            "corruption": c.corruption,
-            "severity": c.severity,
-            "path": f"{c.corruption}-{c.severity}",
-            "digest": c.digest,
-        }
-    if built or len(listed) != len(known):
-        storage.write_json(
-            manifest_url,
-            {
-                "format": "noisy-student-corruption-suite",
-                "corruptions_version": corruptions.VERSION,
-                "test_url": test_url,
-                "test_digest": manifest.digest,
-                "images": len(subset),
-                "seed": seed,
-                "cells": [listed[k] for k in sorted(listed)],
-            },
-        )
+    suite = open_suite(data_root, names, severities, images, seed)
+    complete_suite(suite)
     log(
-        f"corruption suite {url}: {len(cells)} sets of {len(subset)} images "
-        f"({built} generated, {len(cells) - built} read back) in "
+        f"corruption suite {suite.url}: {len(suite.cells)} sets of {len(suite.subset)} images "
+        f"({suite.built} generated, {len(suite.cells) - suite.built} read back) in "
         f"{time.perf_counter() - started:.1f} s"
     )
-    return Suite(url, manifest, test_labels, subset, cells, built, seed)
+    return suite
 
 
 # ------------------------------------------------------------------------- metrics
@@ -373,40 +422,24 @@ class Judged:
     """What a model said of a set, image by image: its top class and that class's
     probability (all the metrics need; the full probabilities are not kept)."""
 
-    confidence: torch.Tensor
-    predicted: torch.Tensor
-    labels: torch.Tensor
+    confidence: list[torch.Tensor] = field(default_factory=list)
+    predicted: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        top = probs.max(1)
+        self.confidence.append(top.values)
+        self.predicted.append(top.indices)
+        self.labels.append(labels)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.labels:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0)
+        return torch.cat(self.confidence), torch.cat(self.predicted), torch.cat(self.labels)
 
 
-def judge(
-    model: nn.Module,
-    manifest: dataset.Manifest,
-    batch_size: int,
-    precision: str,
-    rows: torch.Tensor | None = None,
-) -> Judged:
-    """The model's answers on a dataset (or its `rows`), read and decoded a batch ahead of
-    the forward pass."""
-    confidence, predicted, labels = [], [], []
-    with prefetch(read_batches(manifest, batch_size, rows)) as batches:
-        for batch in batches:
-            top = engine.predict_probs(model, batch.images, batch_size, precision).max(1)
-            confidence.append(top.values)
-            predicted.append(top.indices)
-            labels.append(batch.labels)
-    if not labels:
-        return Judged(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0))
-    return Judged(torch.cat(confidence), torch.cat(predicted), torch.cat(labels))
-
-
-def _row(
-    corruption: str,
-    severity: int,
-    judged: Judged,
-    digest: str,
-    bins: int,
-) -> dict[str, Any]:
-    confidence, predicted, labels = judged.confidence, judged.predicted, judged.labels
+def _row(corruption: str, severity: int, judged: Judged, digest: str, bins: int) -> dict[str, Any]:
+    confidence, predicted, labels = judged.tensors()
     accuracy = (predicted == labels).double().mean().item()
     return {
         "corruption": corruption,
@@ -422,32 +455,58 @@ def _row(
     }
 
 
-def evaluate_model(
-    model: nn.Module,
+def evaluate_models(
+    models: list[nn.Module],
     suite: Suite,
     batch_size: int,
     precision: str,
     fgsm_epsilons: list[int],
     adversarial_images: int | None,
     calibration_bins: int = 15,
-) -> list[dict[str, Any]]:
-    """One row per measurement: the clean test set, every corrupted set, every epsilon.
-    Every set is streamed from its shards a batch at a time."""
-    clean = judge(model, suite.test, batch_size, precision)
-    rows = [_row(CLEAN, 0, clean, suite.test_digest, calibration_bins)]
+) -> list[list[dict[str, Any]]]:
+    """For each model, one row per measurement: the clean test set, every corrupted set,
+    every epsilon. Every set is streamed a batch at a time, and each batch, once decoded
+    (or corrupted), meets every model: a cell missing from the suite is generated here
+    and judged as it is written, never read back."""
+    if not models:
+        complete_suite(suite)
+        return []
+    answers: list[dict[tuple[str, int], Judged]] = [{} for _ in models]
+
+    def judge(key: tuple[str, int], batch: dataset.ImageSet) -> None:
+        for model, own in zip(models, answers, strict=True):
+            probs = engine.predict_probs(model, batch.images, batch_size, precision)
+            own.setdefault(key, Judged()).add(probs, batch.labels)
+
+    def stream(key: tuple[str, int], manifest: dataset.Manifest) -> None:
+        with prefetch(read_batches(manifest, batch_size)) as batches:
+            for batch in batches:
+                judge(key, batch)
+
+    stream((CLEAN, 0), suite.test)
     for cell in suite.cells:
-        judged = judge(model, cell.manifest(), batch_size, precision)
-        rows.append(_row(cell.corruption, cell.severity, judged, cell.digest, calibration_bins))
+        if cell.digest is not None:
+            stream((cell.corruption, cell.severity), cell.manifest())
+    complete_suite(suite, batch_size, lambda c, b: judge((c.corruption, c.severity), b))
+
+    fgsm: list[dict[int, float]] = [{} for _ in models]
+    attacked = suite.adversarial(adversarial_images)
     if fgsm_epsilons:
-        attacked = suite.adversarial(adversarial_images)
-        with prefetch(read_batches(suite.test, batch_size, attacked)) as batches:
-            accuracy = fgsm_batches(
-                model,
-                ((b.images, b.labels) for b in batches),
-                fgsm_epsilons,
-                batch_size,
-                precision,
-            )
+        for i, model in enumerate(models):
+            with prefetch(read_batches(suite.test, batch_size, attacked)) as batches:
+                fgsm[i] = fgsm_batches(
+                    model,
+                    ((b.images, b.labels) for b in batches),
+                    fgsm_epsilons,
+                    batch_size,
+                    precision,
+                )
+    out = []
+    for own, accuracy in zip(answers, fgsm, strict=True):
+        rows = [_row(CLEAN, 0, own.get((CLEAN, 0), Judged()), suite.test_digest, calibration_bins)]
+        for c in suite.cells:
+            judged = own.get((c.corruption, c.severity), Judged())
+            rows.append(_row(c.corruption, c.severity, judged, c.digest, calibration_bins))
         for eps, acc in accuracy.items():
             rows.append(
                 {
@@ -463,7 +522,24 @@ def evaluate_model(
                     "images_digest": suite.test_digest,
                 }
             )
-    return rows
+        out.append(rows)
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    suite: Suite,
+    batch_size: int,
+    precision: str,
+    fgsm_epsilons: list[int],
+    adversarial_images: int | None,
+    calibration_bins: int = 15,
+) -> list[dict[str, Any]]:
+    """One model's rows; see `evaluate_models`."""
+    return evaluate_models(
+        [model], suite, batch_size, precision, fgsm_epsilons, adversarial_images,
+        calibration_bins,
+    )[0]  # fmt: skip
 
 
 MEASUREMENT_COLUMNS = [

@@ -371,17 +371,19 @@ def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memor
         return images
 
     monkeypatch.setattr(dataset, "decode_images", counting)
-    suite = robustness.load_suite(
-        root, ["gaussian_noise", "rotate"], [3], 90, seed=0, log=lambda _: None
-    )
-    measured = robustness.evaluate_model(model, suite, batch, "fp32", [4], 40, bins)
-    # no call decoded more than a batch: no split was ever held decoded
-    assert decoded and max(decoded) <= batch
-    # every test image judged once clean, the subset once per cell and once for FGSM
-    assert sum(decoded) == len(test) + 2 * 90 * 2 + 40
-    by_key = {(r["corruption"], r["severity"]): r for r in measured}
-    for key, (accuracy, ece, confidence) in expected.items():
-        r = by_key[key]
-        assert (r["accuracy"], r["ece"], r["mean_confidence"]) == (accuracy, ece, confidence)
-    assert by_key[("fgsm", 4)]["accuracy"] == fgsm[4]
-    assert by_key[("fgsm", 4)]["images"] == 40
+    # first the cells are generated and judged as they are written, then read back
+    for generated in (2, 0):
+        decoded.clear()
+        suite = robustness.open_suite(root, ["gaussian_noise", "rotate"], [3], 90, seed=0)
+        (measured,) = robustness.evaluate_models([model], suite, batch, "fp32", [4], 40, bins)
+        assert suite.built == generated
+        # no call decoded more than a batch: no set was ever held decoded
+        assert decoded and max(decoded) <= batch
+        # every test image decoded once, the subset once per cell, the attacked ones once
+        assert sum(decoded) == len(test) + 2 * 90 + 40
+        by_key = {(r["corruption"], r["severity"]): r for r in measured}
+        for key, (accuracy, ece, confidence) in expected.items():
+            r = by_key[key]
+            assert (r["accuracy"], r["ece"], r["mean_confidence"]) == (accuracy, ece, confidence)
+        assert by_key[("fgsm", 4)]["accuracy"] == fgsm[4]
+        assert by_key[("fgsm", 4)]["images"] == 40

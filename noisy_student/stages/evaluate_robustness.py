@@ -44,8 +44,8 @@ def evaluate_robustness(
     `trained` or in the `earlier` iterations' tables); write the table, figures and report.
     """
     start = time.perf_counter()
-    suite = robustness.load_suite(
-        data_root, cfg.corruptions, cfg.severities, cfg.corruption_images, cfg.seed, log
+    suite = robustness.open_suite(
+        data_root, cfg.corruptions, cfg.severities, cfg.corruption_images, cfg.seed
     )
     run_id = tracking.start_stage_run(
         parent_run_id,
@@ -56,43 +56,62 @@ def evaluate_robustness(
     )
     with tracking.failed_on_error(run_id):
         before = pd.concat([_read_table(u) for u in earlier or []] or [pd.DataFrame()])
-        rows = []
+        identities, measured, judge = [], {}, []
         for t in trained:
-            identity = {
-                "model": t.model,
-                "mlflow_run_id": t.mlflow_run_id,
-                "iteration": iteration,
-                "role": t.role,
-            }
+            identities.append(
+                {
+                    "model": t.model,
+                    "mlflow_run_id": t.mlflow_run_id,
+                    "iteration": iteration,
+                    "role": t.role,
+                }
+            )
             # this iteration's teacher was the last one's student, judged on the same images
-            measured = (
+            earlier_rows = (
                 robustness.earlier_rows(
                     before, t.mlflow_run_id, suite, cfg.fgsm_epsilons, cfg.adversarial_images
                 )
                 if len(before)
                 else None
             )
-            if measured is not None:
+            if earlier_rows is not None:
                 log(f"{t.role} {t.model}: measured in an earlier iteration, not again")
+                measured[t.mlflow_run_id] = earlier_rows
             else:
-                started = time.perf_counter()
-                model, _ = models.load(t.url)
-                model.to(engine.device())
-                measured = robustness.evaluate_model(
-                    model,
-                    suite,
-                    cfg.batch_size,
-                    cfg.precision,
-                    cfg.fgsm_epsilons,
-                    cfg.adversarial_images,
-                    cfg.calibration_bins,
-                )
-                images = sum(r["images"] for r in measured)
-                log(
-                    f"{t.role} {t.model}: {images} images judged in "
-                    f"{time.perf_counter() - started:.1f} s"
-                )
-            rows += [{**identity, **r} for r in measured]
+                judge.append(t)
+        # every model left is judged in one pass over the sets: each batch is read (or
+        # generated, for cells not in the suite yet) once and meets every model
+        started = time.perf_counter()
+        loaded = []
+        for t in judge:
+            model, _ = models.load(t.url)
+            loaded.append(model.to(engine.device()))
+        results = robustness.evaluate_models(
+            loaded,
+            suite,
+            cfg.batch_size,
+            cfg.precision,
+            cfg.fgsm_epsilons,
+            cfg.adversarial_images,
+            cfg.calibration_bins,
+        )
+        for t, r in zip(judge, results, strict=True):
+            measured[t.mlflow_run_id] = r
+        log(
+            f"corruption suite {suite.url}: {len(suite.cells)} sets of {len(suite.subset)} "
+            f"images ({suite.built} generated, {len(suite.cells) - suite.built} read back)"
+        )
+        if judge:
+            images = sum(r["images"] for r in results[0])
+            log(
+                f"{', '.join(f'{t.role} {t.model}' for t in judge)}: {images} images each "
+                f"judged in {time.perf_counter() - started:.1f} s"
+            )
+        rows = [
+            {**identity, **r}
+            for identity, t in zip(identities, trained, strict=True)
+            for r in measured[t.mlflow_run_id]
+        ]
         table = pd.DataFrame(rows)
         table_url = storage.join(out_url, TABLE)
         storage.write_parquet(table_url, pa.Table.from_pandas(table, preserve_index=False), 65536)
