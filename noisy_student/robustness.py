@@ -8,6 +8,11 @@ the test set's digest, the number of images, the seed and the corruption code's 
 so every model of every run that shares them is judged on the very same images. Each
 result row carries the digest of the images it was measured on, and a baseline from
 another run is refused unless its digests match.
+
+Nothing holds a set's decoded images: the test set, the cells and the FGSM images are
+read a batch at a time (`read_batches`), cells are generated a chunk at a time, and each
+batch meets every model being judged (`evaluate_models`), in the very batches the set
+sliced whole in memory would give, so the figures do not depend on the streaming.
 """
 
 from __future__ import annotations
