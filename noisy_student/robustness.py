@@ -217,54 +217,66 @@ def _ids_and_labels(manifest: dataset.Manifest) -> tuple[list[str], torch.Tensor
 OnBatch = Callable[[Cell, dataset.ImageSet], None]
 
 
-def _write_cell(
-    suite: Suite, cell: Cell, batch_size: int, on_batch: OnBatch | None
-) -> dataset.Manifest:
-    """One corrupted set, streamed: the clean subset is read, corrupted and written a
-    corruption chunk at a time, each chunk seeded by its position (so the images are
-    exactly those of corrupting the whole subset at once). Each image is handed to
-    `on_batch` as stored, in batches of `batch_size`, so that models are judged on the
-    set as it is generated, without reading it back. Cells are stored as the test set is:
-    PNG keeps small images' corrupted pixels exact; a JPEG test set of photos gets JPEG
-    cells at its quality, as ImageNet-C's are, at a fifth of PNG's size."""
+def _write_cells(
+    suite: Suite, cells: list[Cell], batch_size: int, on_batch: OnBatch | None
+) -> None:
+    """Corrupted sets of one corruption, streamed: the clean subset is read once, a
+    corruption chunk at a time, and each chunk is corrupted at every severity asked, seeded
+    by its position (so the images are exactly those of corrupting the whole subset at
+    once), and written. Each image is handed to `on_batch` as stored, in batches of
+    `batch_size`, so that models are judged on the sets as they are generated, without
+    reading them back. Cells are stored as the test set is: PNG keeps small images'
+    corrupted pixels exact; a JPEG test set of photos gets JPEG cells at its quality, as
+    ImageNet-C's are, at a fifth of PNG's size."""
     manifest = suite.test
-    batches = Rebatch(batch_size)
-    with dataset_writer.DatasetWriter(
-        cell.url,
-        dataset.TEST,
-        manifest.class_names,
-        manifest.height,
-        manifest.width,
-        manifest.mode,
-        encoding=manifest.encoding,
-        quality=manifest.quality,
-    ) as writer:
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                dataset_writer.DatasetWriter(
+                    cell.url,
+                    dataset.TEST,
+                    manifest.class_names,
+                    manifest.height,
+                    manifest.width,
+                    manifest.mode,
+                    encoding=manifest.encoding,
+                    quality=manifest.quality,
+                )
+            )
+            for cell in cells
+        ]
+        batches = [Rebatch(batch_size) for _ in cells]
         first = 0
         for batch in read_batches(manifest, corruptions.CHUNK, suite.subset):
-            x = corruptions.corrupt(batch.images, cell.corruption, cell.severity, suite.seed, first)
-            arrays = x.permute(0, 2, 3, 1).numpy()
-            if manifest.mode == "L":
-                arrays = arrays[..., 0]
-            blobs = [
-                dataset_writer.encode_image(
-                    np.ascontiguousarray(a), writer.encoding, writer.quality
+            for cell, writer, rebatch in zip(cells, writers, batches, strict=True):
+                x = corruptions.corrupt(
+                    batch.images, cell.corruption, cell.severity, suite.seed, first
                 )
-                for a in arrays
-            ]
-            for id, blob, label in zip(batch.ids, blobs, batch.labels.tolist(), strict=True):
-                writer.add(id, blob, label)
+                arrays = x.permute(0, 2, 3, 1).numpy()
+                if manifest.mode == "L":
+                    arrays = arrays[..., 0]
+                blobs = [
+                    dataset_writer.encode_image(
+                        np.ascontiguousarray(a), writer.encoding, writer.quality
+                    )
+                    for a in arrays
+                ]
+                for id, blob, label in zip(batch.ids, blobs, batch.labels.tolist(), strict=True):
+                    writer.add(id, blob, label)
+                if on_batch is not None:
+                    if manifest.encoding != "png":  # lossy: judge what later runs will read
+                        table = pa.table({"id": batch.ids, "image": blobs})
+                        x = dataset.decode_images(manifest, cell.url, table, first)
+                    for part in rebatch.add(dataset.ImageSet(batch.ids, x, batch.labels)):
+                        on_batch(cell, part)
             first += len(batch)
-            if on_batch is not None:
-                if manifest.encoding != "png":  # lossy: judge what later runs will read
-                    table = pa.table({"id": batch.ids, "image": blobs})
-                    x = dataset.decode_images(manifest, cell.url, table, first - len(batch))
-                stored = dataset.ImageSet(batch.ids, x, batch.labels)
-                for part in batches.add(stored):
-                    on_batch(cell, part)
         if on_batch is not None:
-            for part in batches.rest():
-                on_batch(cell, part)
-    return dataset.read_manifest(cell.url)
+            for cell, rebatch in zip(cells, batches, strict=True):
+                for part in rebatch.rest():
+                    on_batch(cell, part)
+    # the writers' manifests are written as the block ends, each cell's last
+    for cell in cells:
+        cell.digest = dataset.read_manifest(cell.url).digest
 
 
 def open_suite(
@@ -297,12 +309,15 @@ def open_suite(
 def complete_suite(
     suite: Suite, batch_size: int = corruptions.CHUNK, on_batch: OnBatch | None = None
 ) -> None:
-    """Generate the missing cells (handing their images to `on_batch`, see `_write_cell`),
+    """Generate the missing cells (handing their images to `on_batch`, see `_write_cells`),
     then write the suite's own manifest: what is there, for people and tools browsing."""
+    missing: dict[str, list[Cell]] = {}
     for cell in suite.cells:
         if cell.digest is None:
-            cell.digest = _write_cell(suite, cell, batch_size, on_batch).digest
-            suite.built += 1
+            missing.setdefault(cell.corruption, []).append(cell)
+    for cells in missing.values():
+        _write_cells(suite, cells, batch_size, on_batch)
+        suite.built += len(cells)
     manifest_url = storage.join(suite.url, SUITE_MANIFEST)
     known = storage.read_json(manifest_url)["cells"] if storage.exists(manifest_url) else []
     listed = {(c["corruption"], c["severity"]): c for c in known}

@@ -348,8 +348,9 @@ def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memor
     attacked = robustness.subset_indices(len(test), 40, 0)
     sets = {("clean", 0): (test.images, test.labels)}
     for name in ("gaussian_noise", "rotate"):
-        x = corruptions.corrupt(test.images[subset], name, 3, 0)
-        sets[(name, 3)] = (x, test.labels[subset])
+        for severity in (1, 3):
+            x = corruptions.corrupt(test.images[subset], name, severity, 0)
+            sets[(name, severity)] = (x, test.labels[subset])
     expected = {}
     for key, (x, y) in sets.items():
         probs = engine.predict_probs(model, x, batch, "fp32")
@@ -372,15 +373,17 @@ def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memor
 
     monkeypatch.setattr(dataset, "decode_images", counting)
     # first the cells are generated and judged as they are written, then read back
-    for generated in (2, 0):
+    for generated, cells_read in ((4, 0), (0, 4)):
         decoded.clear()
-        suite = robustness.open_suite(root, ["gaussian_noise", "rotate"], [3], 90, seed=0)
+        suite = robustness.open_suite(root, ["gaussian_noise", "rotate"], [1, 3], 90, seed=0)
         (measured,) = robustness.evaluate_models([model], suite, batch, "fp32", [4], 40, bins)
         assert suite.built == generated
         # no call decoded more than a batch: no set was ever held decoded
         assert decoded and max(decoded) <= batch
-        # every test image decoded once, the subset once per cell, the attacked ones once
-        assert sum(decoded) == len(test) + 2 * 90 + 40
+        # every test image decoded once, the attacked ones once, and the corrupted subset
+        # once per corruption (all its severities made from one read) or cell read back
+        corrupted = 90 * (2 if generated else cells_read)
+        assert sum(decoded) == len(test) + corrupted + 40
         by_key = {(r["corruption"], r["severity"]): r for r in measured}
         for key, (accuracy, ece, confidence) in expected.items():
             r = by_key[key]
