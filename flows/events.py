@@ -3,6 +3,7 @@ append` and `noisy-student results-storage` import this without torch or the flo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from typing import Any
@@ -66,6 +67,42 @@ def announce(
     run_coro_as_sync(send())
     Variable.set(announced_variable(root), state, overwrite=True)
     return event
+
+
+def check_api() -> str:
+    """Ask the Prefect server at PREFECT_API_URL one authenticated question before doing
+    anything that needs it, so that a wrong URL or auth string is a one-line error up front
+    (not a traceback halfway through). Returns the API URL."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    from noisy_student.errors import UserError
+
+    settings = get_current_settings().api
+    url = str(settings.url).rstrip("/")
+    auth = settings.auth_string.get_secret_value() if settings.auth_string else None
+    try:
+        # /health answers anyone; /admin/version asks for the auth string when the server has one
+        answer = httpx.get(f"{url}/admin/version", headers=_basic(auth), timeout=30)
+    except httpx.HTTPError as e:
+        raise UserError(f"{url}: no Prefect server answers ({type(e).__name__})") from None
+    if answer.status_code == 401:
+        hint = (
+            "PREFECT_API_AUTH_STRING does not match the server's"
+            if auth
+            else "set PREFECT_API_AUTH_STRING to the server's user:password"
+        )
+        raise UserError(f"{url}: the Prefect server refused the request (401): {hint}")
+    if answer.status_code != 200:
+        raise UserError(f"{url}: not a Prefect API (HTTP {answer.status_code} on /admin/version)")
+    return url
+
+
+def _basic(auth_string: str | None) -> dict[str, str]:
+    # the server compares the decoded header with its whole string, as Prefect's client sends it
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
 
 
 def use_result_storage(url: str) -> str:
