@@ -452,12 +452,19 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     assert concurrency_limit(iterate) == 1
     assert iterate["parameters"]["teacher"] == "champion" and iterate["work_pool_name"] is None
 
-    # two batches, one right after the other: one retrain for both
-    for name, first in (("batch-a", 0), ("batch-b", 30)):
-        out = stack.cli(
+    # two batches at once (two commands starting one after the other take longer than the
+    # window on a busy machine): one retrain for both
+    from concurrent.futures import ThreadPoolExecutor
+
+    def append(name: str, first: int) -> str:
+        return stack.cli(
             bin_("noisy-student"), "ingest", "append", "--dataset", f"s3://{BUCKET}/datasets/smoke",
             "--images", batch_of_images(tmp_path / name, first, 30),
         ).stdout  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(append, ("batch-a", "batch-b"), (0, 30)))
+    for out in outs:
         assert "event noisy-student.unlabelled-data.landed emitted" in out
 
     def triggered():
