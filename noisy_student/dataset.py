@@ -183,14 +183,14 @@ def read_shard(manifest: Manifest, index: int) -> pa.Table:
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{url}: not a readable Parquet file: {_describe(e)}") from None
+        raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
     _check_columns(url, table.schema)
     if table.num_rows != entry["rows"]:
         raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
     return table
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     """An exception as one short line, without object reprs (`<_io.BytesIO object at 0x…>`)."""
     text = " ".join(_OBJECT_REPR.sub("the data", str(e)).split())[:200]
     if isinstance(e, UnidentifiedImageError):
@@ -224,9 +224,8 @@ def decode_images(
             img = Image.open(io.BytesIO(blob))
             img.load()
         except Exception as e:  # whatever the decoder trips on, the bytes are a bad image
-            raise UserError(
-                f"{shard_url}: row {first_row + i} (id {ids[i]!r}): corrupt image: {_describe(e)}"
-            ) from None
+            where = f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
+            raise UserError(f"{where}: corrupt image: {describe_error(e)}") from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
             raise UserError(
                 f"{shard_url}: row {first_row + i} (id {ids[i]!r}): image is {img.mode} "
@@ -273,7 +272,7 @@ def iter_shard_batches(
         try:
             parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{url}: not a readable Parquet file: {_describe(e)}") from None
+            raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
         _check_columns(url, parquet.schema_arrow)
         if parquet.metadata.num_rows != entry["rows"]:
             raise UserError(
@@ -297,7 +296,7 @@ def iter_shard_batches(
             try:
                 batch = next(batches, None)
             except (pa.ArrowException, OSError) as e:
-                raise UserError(f"{url}: rows from {row + buffered}: {_describe(e)}") from None
+                raise UserError(f"{url}: rows from {row + buffered}: {describe_error(e)}") from None
             if batch is None:
                 break
             pending.append(batch)

@@ -333,3 +333,36 @@ def test_a_config_of_any_mapping_is_refused_naming_the_key(tree):
     import yaml
 
     load_written_config(yaml.safe_dump(tree, allow_unicode=True))
+
+
+# --- clean messages from ingest ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_file", "split"),
+    [("unlabelled/broken.png", "unlabelled"), ("test/dog/broken.png", "test")],
+)
+def test_a_failed_ingest_says_why_in_one_line_and_leaves_no_folders_behind(
+    tmp_path, bad_file, split
+):
+    raw = tmp_path / "raw"
+    for path in ("labelled/cat/a.png", "labelled/dog/b.png", "test/cat/c.png",
+                 "test/dog/d.png", "unlabelled/e.png"):  # fmt: skip
+        (raw / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 30).save(raw / path)
+    (raw / bad_file).write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="corrupt image: not an image in a known format") as e:
+        ingest.image_folder(
+            str(out), str(raw / "labelled"), str(raw / "unlabelled"), str(raw / "test"), 8, "L"
+        )
+    one_line_naming(e.value, str(raw / bad_file))
+    assert not out.exists()
+    # into an existing folder: that folder stays, the splits' folders go
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        ingest.image_folder(
+            str(out), str(raw / "labelled"), str(raw / "unlabelled"), str(raw / "test"), 8, "L"
+        )
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
