@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -170,6 +171,24 @@ def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
     cli.main(["ingest", "append", "--dataset", small_dataset, "--images", batch])
     out = capsys.readouterr().out
     assert "version 1 -> 2: 4 images added" in out and "no event emitted" in out
+
+
+def test_ingest_append_to_a_prefect_server_that_does_not_answer_stops_before_appending(
+    small_dataset, tmp_path, capsys, monkeypatch
+):
+    from noisy_student import cli
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    batch = image_folder(tmp_path / "batch-d", 0, 3)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ingest", "append", "--dataset", small_dataset, "--images", batch])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert f"127.0.0.1:{port}/api: no Prefect server answers" in err
+    assert dataset.read_manifest(storage.join(small_dataset, dataset.UNLABELLED)).version == 1
 
 
 def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path, prefect_harness):
