@@ -65,8 +65,31 @@ def announce(
             await client.emit(event)
 
     run_coro_as_sync(send())
-    Variable.set(announced_variable(root), state, overwrite=True)
+    remember(root, state)
     return event
+
+
+def remember(root: str, state: dict[str, Any]) -> None:
+    """Record `state` as the last version announced, unless a later one already is.
+
+    Appends running at once announce at once: `Variable.set(overwrite=True)` reads, then
+    creates, so two of them can both find no variable and one create fails with a conflict;
+    read again and retry. Prefect variables have no compare-and-set, so two announcers can
+    still leave the older of their versions recorded: that costs `watch` one extra event
+    (a retrain on data already labelled, which resumes the finished run), nothing more."""
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = announced_variable(root)
+    for _ in range(10):
+        seen = Variable.get(name, default=None)
+        if isinstance(seen, dict) and seen.get("version", 0) >= state["version"]:
+            return
+        try:
+            Variable.set(name, state, overwrite=True)
+            return
+        except ObjectAlreadyExists:
+            continue  # another announcer created it between our read and our write
+    raise RuntimeError(f"Prefect variable {name}: still contended after 10 attempts")
 
 
 def check_api() -> str:

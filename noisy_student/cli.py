@@ -115,7 +115,14 @@ def _cmd_ingest_append(args: argparse.Namespace) -> None:
         return
     from flows.events import EVENT, announce
 
-    event = announce(root, after.state(), before.state(), source="ingest")
+    try:
+        event = announce(root, after.state(), before.state(), source="ingest")
+    except Exception as e:  # the append has landed: say so, and what did not happen
+        raise UserError(
+            f"{os.environ['PREFECT_API_URL']}: the images were appended (version "
+            f"{after.version}) but the event was not sent ({type(e).__name__}); a `watch` "
+            "deployment will notice the new version"
+        ) from None
     print(f"event {EVENT} emitted for {event.resource.id}")
 
 

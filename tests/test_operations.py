@@ -210,6 +210,25 @@ def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path,
     assert watch_data(str(SMOKE), overrides) is None
 
 
+def test_announcements_at_once_keep_the_latest_version(prefect_harness, tmp_path):
+    """Concurrent appends announce at once: none fails on the variable's creation race, and
+    the record never moves back to an older version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.variables import Variable
+
+    from flows.events import announced_variable, remember
+
+    root = str(tmp_path / "announced")
+    states = [{"version": v, "rows": v, "shards": v, "digest": f"d{v}"} for v in (3, 5, 2, 4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda state: remember(root, state), states))
+    assert Variable.get(announced_variable(root))["version"] in (2, 3, 4, 5)
+    remember(root, states[1])
+    remember(root, states[2])  # an older version arriving late changes nothing
+    assert Variable.get(announced_variable(root))["version"] == 5
+
+
 # --- the promotion gate -----------------------------------------------------------------
 
 
@@ -504,3 +523,32 @@ def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatc
     with pytest.raises(SystemExit):
         cli.main(["serve", "-c", str(SMOKE), "--set", "teacher.epochz=1"])
     assert "teacher.epochz" in capsys.readouterr().err
+
+
+def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_path):
+    """Found by the soak: small appended shards can keep no image after balancing."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from noisy_student.stages.train import _load_selected
+
+    url = str(tmp_path / "selected")
+    files = []
+    for name, ids in (("part-00000.parquet", []), ("part-00001.parquet", ["b"])):
+        targets = np.full((len(ids), 2), 0.5, dtype=np.float32)
+        table = pa.table({
+            "id": pa.array(ids, pa.string()),
+            "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.reshape(-1)), 2),
+            "confidence": pa.array([0.5] * len(ids), pa.float32()),
+            "predicted": pa.array([0] * len(ids), pa.int64()),
+            "copies": pa.array([2] * len(ids), pa.int64()),
+        })  # fmt: skip
+        sha256 = storage.write_parquet(storage.join(url, name), table, 100)
+        files.append({"file": name, "rows": len(ids), "sha256": sha256})
+    storage.write_json(storage.join(url, dataset.MANIFEST), {"shards": files})
+    unlabelled = dataset.ImageSet(
+        ["a", "b"], torch.arange(2, dtype=torch.uint8).view(2, 1, 1, 1), torch.tensor([-1, -1])
+    )
+    images, targets = _load_selected(url, unlabelled)
+    assert images.flatten().tolist() == [1, 1] and targets.shape == (2, 2)
