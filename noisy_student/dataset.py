@@ -182,6 +182,7 @@ def read_shard(manifest: Manifest, index: int) -> pa.Table:
         raise UserError(f"{url}: checksum does not match the manifest")
     try:
         table = pq.read_table(io.BytesIO(data))
+        table.validate(full=True)  # e.g. ids that are not UTF-8: Arrow does not check on read
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
     _check_columns(url, table.schema)
@@ -295,6 +296,8 @@ def iter_shard_batches(
         while True:
             try:
                 batch = next(batches, None)
+                if batch is not None:
+                    batch.validate(full=True)
             except (pa.ArrowException, OSError) as e:
                 raise UserError(f"{url}: rows from {row + buffered}: {describe_error(e)}") from None
             if batch is None:

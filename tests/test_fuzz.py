@@ -11,6 +11,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from noisy_student.errors import UserError
 from tests.conftest import REPO
 
 FUZZ = settings(
-    max_examples=60,
-    deadline=5000,  # ms per example: a busy 2-core machine, not a hang
+    max_examples=int(os.environ.get("NOISY_STUDENT_FUZZ_EXAMPLES", 60)),
+    deadline=20000,  # ms per example: a busy 2-core machine, not a hang
     database=None,  # nothing written into the repository
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
