@@ -101,9 +101,14 @@ def check_api() -> str:
 
     from noisy_student.errors import UserError
 
+    # the environment first, as the commands that call this do; then Prefect's profile
     settings = get_current_settings().api
-    url = str(settings.url).rstrip("/")
-    auth = settings.auth_string.get_secret_value() if settings.auth_string else None
+    url = (os.environ.get("PREFECT_API_URL") or str(settings.url or "")).rstrip("/")
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or (
+        settings.auth_string.get_secret_value() if settings.auth_string else None
+    )
+    if not url:
+        raise UserError("PREFECT_API_URL is not set")
     try:
         # /health answers anyone; /admin/version asks for the auth string when the server has one
         answer = httpx.get(f"{url}/admin/version", headers=_basic(auth), timeout=30)
