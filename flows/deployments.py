@@ -32,6 +32,7 @@ from flows.events import (
     announce,
     announced_variable,
     dataset_resource,
+    remember,
     use_result_storage,
 )
 from flows.noisy_student import ConfigSource, Overrides, noisy_student
@@ -58,7 +59,7 @@ def watch_data(config: ConfigSource, overrides: Overrides = None) -> dict[str, A
     manifest = dataset.read_manifest(url)
     seen = Variable.get(announced_variable(root), default=None)
     if seen is None:
-        Variable.set(announced_variable(root), manifest.state(), overwrite=True)
+        remember(root, manifest.state())
         print(f"{url}: version {manifest.version}, {manifest.num_rows} images; first look")
         return None
     if seen.get("digest") == manifest.digest:

@@ -3,6 +3,7 @@ append` and `noisy-student results-storage` import this without torch or the flo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from typing import Any
@@ -64,8 +65,72 @@ def announce(
             await client.emit(event)
 
     run_coro_as_sync(send())
-    Variable.set(announced_variable(root), state, overwrite=True)
+    remember(root, state)
     return event
+
+
+def remember(root: str, state: dict[str, Any]) -> None:
+    """Record `state` as the last version announced, unless a later one already is.
+
+    Appends running at once announce at once: `Variable.set(overwrite=True)` reads, then
+    creates, so two of them can both find no variable and one create fails with a conflict;
+    read again and retry. Prefect variables have no compare-and-set, so two announcers can
+    still leave the older of their versions recorded: that costs `watch` one extra event
+    (a retrain on data already labelled, which resumes the finished run), nothing more."""
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = announced_variable(root)
+    for _ in range(10):
+        seen = Variable.get(name, default=None)
+        if isinstance(seen, dict) and seen.get("version", 0) >= state["version"]:
+            return
+        try:
+            Variable.set(name, state, overwrite=True)
+            return
+        except ObjectAlreadyExists:
+            continue  # another announcer created it between our read and our write
+    raise RuntimeError(f"Prefect variable {name}: still contended after 10 attempts")
+
+
+def check_api() -> str:
+    """Ask the Prefect server at PREFECT_API_URL one authenticated question before doing
+    anything that needs it, so that a wrong URL or auth string is a one-line error up front
+    (not a traceback halfway through). Returns the API URL."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    from noisy_student.errors import UserError
+
+    # the environment first, as the commands that call this do; then Prefect's profile
+    settings = get_current_settings().api
+    url = (os.environ.get("PREFECT_API_URL") or str(settings.url or "")).rstrip("/")
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or (
+        settings.auth_string.get_secret_value() if settings.auth_string else None
+    )
+    if not url:
+        raise UserError("PREFECT_API_URL is not set")
+    try:
+        # /health answers anyone; /admin/version asks for the auth string when the server has one
+        answer = httpx.get(f"{url}/admin/version", headers=_basic(auth), timeout=30)
+    except httpx.HTTPError as e:
+        raise UserError(f"{url}: no Prefect server answers ({type(e).__name__})") from None
+    if answer.status_code == 401:
+        hint = (
+            "PREFECT_API_AUTH_STRING does not match the server's"
+            if auth
+            else "set PREFECT_API_AUTH_STRING to the server's user:password"
+        )
+        raise UserError(f"{url}: the Prefect server refused the request (401): {hint}")
+    if answer.status_code != 200:
+        raise UserError(f"{url}: not a Prefect API (HTTP {answer.status_code} on /admin/version)")
+    return url
+
+
+def _basic(auth_string: str | None) -> dict[str, str]:
+    # the server compares the decoded header with its whole string, as Prefect's client sends it
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
 
 
 def use_result_storage(url: str) -> str:

@@ -98,6 +98,12 @@ def _cmd_ingest_append(args: argparse.Namespace) -> None:
     from noisy_student import ingest, storage
 
     root = storage.resolve(args.dataset)
+    announcing = not args.no_event and bool(os.environ.get("PREFECT_API_URL"))
+    if announcing:
+        from flows.events import check_api
+
+        _prefect_defaults()
+        check_api()  # a refused auth string stops us before the data changes
     before, after = ingest.append_unlabelled(root, args.images, args.id_prefix, args.rows_per_shard)
     print(
         f"unlabelled: version {before.version} -> {after.version}: "
@@ -106,13 +112,19 @@ def _cmd_ingest_append(args: argparse.Namespace) -> None:
     )
     if args.no_event:
         return
-    if not os.environ.get("PREFECT_API_URL"):
+    if not announcing:
         print("PREFECT_API_URL is not set: no event emitted (a `watch` deployment will notice)")
         return
     from flows.events import EVENT, announce
 
-    _prefect_defaults()
-    event = announce(root, after.state(), before.state(), source="ingest")
+    try:
+        event = announce(root, after.state(), before.state(), source="ingest")
+    except Exception as e:  # the append has landed: say so, and what did not happen
+        raise UserError(
+            f"{os.environ['PREFECT_API_URL']}: the images were appended (version "
+            f"{after.version}) but the event was not sent ({type(e).__name__}); a `watch` "
+            "deployment will notice the new version"
+        ) from None
     print(f"event {EVENT} emitted for {event.resource.id}")
 
 
@@ -139,6 +151,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     _prefect_defaults()
+    from flows.events import check_api
+
+    check_api()
+    _check_mlflow_server()
     from flows.deployments import serve
 
     serve(
@@ -150,6 +166,55 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         watch_every=args.watch_every or None,
         results=args.results,
     )
+
+
+def _cmd_gc(args: argparse.Namespace) -> None:
+    from noisy_student import gc
+
+    older_than = gc.parse_age(args.older_than)
+    orphans = gc.find_orphans(args.url, older_than)
+    for o in orphans:
+        print(f"{o.url}  {gc.format_size(o.size)}  {gc.format_age(o.age_seconds)} old  {o.reason}")
+    total = gc.format_size(sum(o.size for o in orphans))
+    if args.dry_run:
+        print(f"{len(orphans)} file(s), {total}, would be removed (--dry-run: nothing removed)")
+        return
+    gc.remove(orphans)
+    print(f"{len(orphans)} file(s), {total}, removed")
+
+
+def _check_mlflow_server() -> None:
+    """The runs `serve` starts log to MLFLOW_TRACKING_URI: when that is a server, ask it
+    one authenticated question now, so that missing or wrong credentials
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) fail here in one line, not in
+    every run."""
+    import httpx
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        answer = httpx.post(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            json={"max_results": 1},
+            auth=httpx.BasicAuth(user, password or "") if user else None,
+            timeout=30,
+        )
+    except httpx.HTTPError as e:
+        raise UserError(f"{uri}: no MLflow server answers ({type(e).__name__})") from None
+    if answer.status_code in (401, 403):
+        hint = (
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD were refused"
+            if user
+            else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        raise UserError(
+            f"{uri}: the MLflow server refused the request ({answer.status_code}): {hint}"
+        )
+    if answer.status_code != 200:
+        raise UserError(f"{uri}: not an MLflow server (HTTP {answer.status_code})")
 
 
 def _print_dataset(root: str) -> None:
@@ -321,6 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--rows-per-shard", type=int, default=8192)
     app.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
     app.set_defaults(func=_cmd_ingest_append)
+
+    gc = sub.add_parser(
+        "gc",
+        help="list, then remove, shard files no manifest or run names (what killed writes "
+        "leave behind), in a dataset or an artifacts root",
+    )
+    gc.add_argument("url", metavar="DATASET_OR_ARTIFACTS_URL", help="a folder at any fsspec URL")
+    gc.add_argument(
+        "--older-than",
+        default="1d",
+        metavar="AGE",
+        help="only files at least this old, e.g. 12h, 30m, 0 (default 1d: a write still in "
+        "progress keeps its shards)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list only; remove nothing")
+    gc.set_defaults(func=_cmd_gc)
 
     pred = sub.add_parser("predict", help="top-k classes for images")
     pred.add_argument("images", nargs="+", help="image files")

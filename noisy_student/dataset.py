@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from noisy_student import storage
 from noisy_student.errors import UserError
@@ -93,38 +96,90 @@ class ImageSet:
         return len(self.ids)
 
 
+class _Image(BaseModel):
+    height: StrictInt = Field(gt=0)
+    width: StrictInt = Field(gt=0)
+    mode: Literal["L", "RGB"]
+    encoding: StrictStr = "png"  # checked against ENCODINGS by read_manifest, naming the key
+    quality: StrictInt = Field(default=JPEG_QUALITY, ge=1, le=100)
+
+
+class _Shard(BaseModel):
+    # a bare file name: a manifest never points outside its own folder
+    file: str = Field(pattern=r"^[^/\\]+$")
+    rows: StrictInt = Field(ge=0)
+    sha256: StrictStr
+
+
+class _ManifestFile(BaseModel):
+    """What `read_manifest` needs of a manifest file (writers add more keys: kept as is)."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: StrictInt
+    version: StrictInt = Field(default=1, ge=1)
+    split: StrictStr
+    num_rows: StrictInt = Field(ge=0)
+    class_names: list[StrictStr]
+    image: _Image
+    shards: list[_Shard]
+    digest: StrictStr
+
+
+def _read_manifest_file(url: str) -> _ManifestFile:
+    """One manifest file, checked: anything else is a one-line error naming the key."""
+    try:
+        raw = json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        raise UserError(f"{url}: manifest missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{url}: not a JSON manifest ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{url}: not a manifest (a JSON {type(raw).__name__}, not an object)")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        shown = " ".join(str(raw.get("schema_version"))[:40].split())
+        raise UserError(f"{url}: unsupported schema_version {shown}")
+    try:
+        m = _ManifestFile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserError(f"{url}: key {' '.join(key.split())[:80]}: {err['msg']}") from None
+    if sum(s.rows for s in m.shards) != m.num_rows:
+        raise UserError(
+            f"{url}: num_rows {m.num_rows}, but its shards hold {sum(s.rows for s in m.shards)}"
+        )
+    return m
+
+
 def read_manifest(url: str) -> Manifest:
     url = storage.resolve(url)
     manifest_url = storage.join(url, MANIFEST)
     if not storage.exists(manifest_url):
         raise UserError(f"{url}: no dataset here ({MANIFEST} missing)")
-    m = storage.read_json(manifest_url)
+    m = _read_manifest_file(manifest_url)
     # `_manifest.json` may lag behind a concurrent append's version: follow the history
-    while storage.exists(
-        later := storage.join(url, HISTORY, f"{m.get('version', 1) + 1:05d}.json")
-    ):
-        m = storage.read_json(later)
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{manifest_url}: unsupported schema_version {m.get('schema_version')}")
-    img = m["image"]
-    encoding = img.get("encoding", "png")
-    if encoding not in ENCODINGS:
+    while storage.exists(later := storage.join(url, HISTORY, f"{m.version + 1:05d}.json")):
+        newer = _read_manifest_file(later)
+        if newer.version != m.version + 1:
+            raise UserError(f"{later}: holds version {newer.version}, not {m.version + 1}")
+        m = newer
+    if m.image.encoding not in ENCODINGS:
         raise UserError(
-            f"{manifest_url}: image.encoding {encoding!r} is not one of {list(ENCODINGS)}"
+            f"{manifest_url}: image.encoding {m.image.encoding!r} is not one of {list(ENCODINGS)}"
         )
     return Manifest(
         url=url,
-        split=m["split"],
-        num_rows=m["num_rows"],
-        class_names=m["class_names"],
-        height=img["height"],
-        width=img["width"],
-        mode=img["mode"],
-        shards=m["shards"],
-        digest=m["digest"],
-        version=m.get("version", 1),
-        encoding=encoding,
-        quality=img.get("quality", JPEG_QUALITY),
+        split=m.split,
+        num_rows=m.num_rows,
+        class_names=m.class_names,
+        height=m.image.height,
+        width=m.image.width,
+        mode=m.image.mode,
+        shards=[s.model_dump() for s in m.shards],
+        digest=m.digest,
+        version=m.version,
+        encoding=m.image.encoding,
+        quality=m.image.quality,
     )
 
 
@@ -138,10 +193,35 @@ def read_shard(manifest: Manifest, index: int) -> pa.Table:
         raise UserError(f"{url}: shard listed in the manifest is missing") from None
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise UserError(f"{url}: checksum does not match the manifest")
-    table = pq.read_table(io.BytesIO(data))
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        table.validate(full=True)  # e.g. ids that are not UTF-8: Arrow does not check on read
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
+    _check_columns(url, table.schema)
     if table.num_rows != entry["rows"]:
         raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
     return table
+
+
+def describe_error(e: BaseException) -> str:
+    """An exception as one short line, without object reprs (`<_io.BytesIO object at 0x…>`)."""
+    text = " ".join(_OBJECT_REPR.sub("the data", str(e)).split())[:200]
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image in a known format (PNG, JPEG, …)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _check_columns(url: str, schema: pa.Schema) -> None:
+    for field in SCHEMA:
+        if field.name not in schema.names:
+            raise UserError(f"{url}: no column {field.name!r} (a shard holds {SCHEMA.names})")
+        found = schema.field(field.name).type
+        if found != field.type and not (field.name == "label" and pa.types.is_integer(found)):
+            raise UserError(f"{url}: column {field.name!r} is {found}, expected {field.type}")
 
 
 class _Jpeg:
@@ -187,10 +267,9 @@ def decode_images(
         try:
             img = _Jpeg(blob) if jpeg else Image.open(io.BytesIO(blob))
             img.load()
-        except (UnidentifiedImageError, OSError, TypeError, ValueError) as e:
-            raise UserError(
-                f"{shard_url}: row {first_row + i} (id {ids[i]!r}): corrupt image: {e}"
-            ) from None
+        except Exception as e:  # whatever the decoder trips on, the bytes are a bad image
+            where = f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
+            raise UserError(f"{where}: corrupt image: {describe_error(e)}") from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
             raise UserError(
                 f"{shard_url}: row {first_row + i} (id {ids[i]!r}): image is {img.mode} "
@@ -234,7 +313,11 @@ def iter_shard_batches(
             raise UserError(f"{url}: checksum does not match the manifest")
         # no pre-buffering (it would read far ahead) and no reader threads (row groups are
         # small, and decoding already runs beside the consumer): memory stays a few row groups
-        parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
+        try:
+            parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
+        _check_columns(url, parquet.schema_arrow)
         if parquet.metadata.num_rows != entry["rows"]:
             raise UserError(
                 f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
@@ -252,7 +335,16 @@ def iter_shard_batches(
 
         # row groups need not line up with batches: regroup them into batch_size rows
         columns = SCHEMA.names
-        for batch in parquet.iter_batches(batch_size, columns=columns, use_threads=False):
+        batches = parquet.iter_batches(batch_size, columns=columns, use_threads=False)
+        while True:
+            try:
+                batch = next(batches, None)
+                if batch is not None:
+                    batch.validate(full=True)
+            except (pa.ArrowException, OSError) as e:
+                raise UserError(f"{url}: rows from {row + buffered}: {describe_error(e)}") from None
+            if batch is None:
+                break
             pending.append(batch)
             buffered += batch.num_rows
             while buffered >= batch_size:

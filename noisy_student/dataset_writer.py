@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from noisy_student import storage
+from noisy_student import faults, storage
 from noisy_student.dataset import (
     ENCODINGS,
     HISTORY,
@@ -201,6 +201,7 @@ class DatasetWriter:
         version. So concurrent appends all land, in some order, and none is lost.
         """
         self._flush()
+        faults.kill_point("append:commit" if self.base else "write:commit")
         if self.base is None:
             manifest = self._manifest()
             storage.write_json(

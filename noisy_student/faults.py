@@ -4,7 +4,9 @@
 `kill -9` would, when it reaches that point: no handler runs, nothing is flushed. Points:
 `pseudo-labels:shard=<i>` (as shard i starts), `<run>:step=<n>` (after training step n)
 and `<run>:epoch=<e>` (after epoch e's training state is saved), where <run> is
-`teacher` or `student-<k>`. Unset, this costs one environment lookup.
+`teacher` or `student-<k>`; `append:commit` / `write:commit` (a dataset append or a new
+dataset, once its shards are written and before its manifest is). Unset, this costs one
+environment lookup.
 """
 
 from __future__ import annotations

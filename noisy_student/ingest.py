@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from noisy_student import storage
 from noisy_student.dataset import (
@@ -32,6 +32,7 @@ from noisy_student.dataset import (
     UNLABELLED,
     UNLABELLED_TRUTH,
     Manifest,
+    describe_error,
     read_manifest,
 )
 from noisy_student.dataset_writer import DatasetWriter, append_rows, stage_rows
@@ -96,6 +97,7 @@ def _write_splits(
     """Every split's shards, then the truth file, then the manifests: a failure anywhere
     leaves no manifest, so no split of a half-ingested root can be read."""
     writers: list[DatasetWriter] = []
+    existed = storage.exists(out)
     try:
         for split, rows, extra in splits:
             writers.append(
@@ -120,6 +122,14 @@ def _write_splits(
     except BaseException:
         for w in writers:
             w.abort()
+        # a failed ingest leaves nothing behind, not even the empty folders it made
+        for folder in [storage.join(out, split) for split, _, _ in splits] + [out]:
+            if (
+                (folder != out or not existed)
+                and storage.isdir(folder)
+                and not storage.find(folder)
+            ):
+                storage.remove(folder)
         raise
     for w in writers:
         w.commit()
@@ -209,8 +219,8 @@ def _load_image(
             # below size x size): most of the decoding and resizing work is never done
             img.draft(mode, (size, size))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        bad.reject(url, f"corrupt image: {' '.join(str(e).split())}")
+    except Exception as e:  # whatever the decoder trips on, the file is a bad image
+        bad.reject(url, f"corrupt image: {describe_error(e)}")
         return None
     if on_mismatch == "error" and (img.mode != mode or img.size != (size, size)):
         bad.reject(

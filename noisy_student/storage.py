@@ -387,6 +387,41 @@ def find(url: str) -> list[str]:
     return [join(url, posixpath.relpath(p, path)) for p in sorted(found)]
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    url: str
+    size: int
+    modified: float | None  # seconds since the epoch; None where the store does not say
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    # each fsspec file system names it its own way: local mtime, S3 LastModified, …
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)
+    return None
+
+
+def find_files(url: str) -> list[FileInfo]:
+    """Every file under a folder with its size and modification time, sorted by URL."""
+    fs, path = filesystem(url)
+
+    def listing() -> dict[str, dict[str, Any]]:
+        fs.invalidate_cache()
+        return fs.find(path, detail=True)
+
+    found = call(url, listing)
+    return [
+        FileInfo(join(url, posixpath.relpath(p, path)), int(info.get("size") or 0), _modified(info))
+        for p, info in sorted(found.items())
+    ]
+
+
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
     return call(url, lambda: fs.isdir(path))

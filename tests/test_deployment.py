@@ -1,7 +1,9 @@
 """The pipeline as a service, end to end, with real servers started here on 127.0.0.1: a
-Prefect server (its own PREFECT_HOME and SQLite), an MLflow server (SQLite, artifacts in
-S3) and moto's S3 server. Deployed from prefect.yaml and run by a process worker, then
-served by `noisy-student serve` and retrained by the trigger when data is appended.
+Prefect server (its own PREFECT_HOME and SQLite) with its basic auth on, an MLflow server
+with its basic-auth app (SQLite, artifacts in S3) and moto's S3 server. Deployed from
+prefect.yaml and run by a process worker, then served by `noisy-student serve` and
+retrained by the trigger when data is appended. Requests without the credentials are
+refused.
 
 Everything started here is stopped at the end. The runs use the smoke preset on a tiny
 slice, so the time goes to starting processes, not to training.
@@ -9,6 +11,7 @@ slice, so the time goes to starting processes, not to training.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -30,6 +33,9 @@ pytestmark = pytest.mark.integration
 BUCKET = "ns-integration"
 EXPERIMENT = "ns-integration"
 SECRET = f"ns-secret-{uuid.uuid4().hex}"  # must never show up in logs, MLflow or Prefect
+# the servers' credentials carry the secret too, so the same search covers them
+PREFECT_AUTH = f"ns-admin:{SECRET}"
+MLFLOW_USER, MLFLOW_PASSWORD = "ns-admin", f"pw-{SECRET}"
 WINDOW = 60  # seconds of the trigger's batching window: it must cover the second ingest command
 TINY = {
     "name": EXPERIMENT,
@@ -139,15 +145,20 @@ class Stack:
             pytest.fail(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
 
+    auth = {"Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()}
+
     def post(self, path: str, body: dict | None = None):
-        r = httpx.post(f"{self.api}{path}", json=body or {}, timeout=30)
+        r = httpx.post(f"{self.api}{path}", json=body or {}, headers=self.auth, timeout=30)
         r.raise_for_status()
         return r.json()
 
     def get(self, path: str):
-        r = httpx.get(f"{self.api}{path}", timeout=30)
+        r = httpx.get(f"{self.api}{path}", headers=self.auth, timeout=30)
         r.raise_for_status()
         return r.json()
+
+    def delete(self, path: str) -> None:
+        httpx.delete(f"{self.api}{path}", headers=self.auth, timeout=30).raise_for_status()
 
     def deployment(self, name: str) -> dict:
         return self.get(f"/deployments/name/{name}")
@@ -180,6 +191,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
     tmp = tmp_path_factory.mktemp("deployment")
     procs = Processes(tmp)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:
@@ -214,14 +226,25 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 "PREFECT_UI_ENABLED": "false",
                 # only the runs the tests create: no scheduled watch runs competing for CPU
                 "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+                "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
             },
         )  # fmt: skip
+        auth_ini = tmp / "mlflow-auth.ini"
+        auth_ini.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{tmp}/mlflow-auth.db\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
         procs.start(
             "mlflow-server",
             [bin_("mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
              "--artifacts-destination", f"s3://{BUCKET}/mlflow",
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-            base | {"MLFLOW_S3_ENDPOINT_URL": s3_url},
+             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--app-name", "basic-auth"],
+            base | {"MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+                    "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex},
         )  # fmt: skip
         api = f"http://127.0.0.1:{prefect_port}/api"
         mlflow = f"http://127.0.0.1:{mlflow_port}"
@@ -231,16 +254,61 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "PREFECT_API_URL": api,
             "PREFECT_HOME": str(tmp / "prefect-client"),
             "MLFLOW_TRACKING_URI": mlflow,
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+            "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+            "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
             "AWS_ENDPOINT_URL_S3": s3_url,
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "remote-file-system/noisy-student-results",
             "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         }
+        # this process's MLflow client reads the server's credentials from the environment
+        os.environ.update(
+            MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD
+        )
         yield Stack(procs, env, api, mlflow, s3)
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         procs.stop_all()
         moto.stop()
+
+
+def test_the_servers_refuse_requests_without_their_credentials(stack, tmp_path):
+    flow_runs = f"{stack.api}/flow_runs/filter"
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ns-admin:wrong").decode()}
+    assert httpx.post(flow_runs, json={}, timeout=30).status_code == 401
+    assert httpx.post(flow_runs, json={}, headers=wrong, timeout=30).status_code == 401
+    assert httpx.post(flow_runs, json={}, headers=stack.auth, timeout=30).status_code == 200
+    search = f"{stack.mlflow}/api/2.0/mlflow/experiments/search"
+    body = {"max_results": 1}
+    assert httpx.post(search, json=body, timeout=30).status_code == 401
+    assert httpx.post(search, json=body, auth=(MLFLOW_USER, "wrong"), timeout=30).status_code == 401
+    ok = httpx.post(search, json=body, auth=(MLFLOW_USER, MLFLOW_PASSWORD), timeout=30)
+    assert ok.status_code == 200
+
+    # the commands say so in one line, before anything changes
+    dataset = f"s3://{BUCKET}/datasets/never-written"
+    no_auth = {k: v for k, v in stack.env.items() if k != "PREFECT_API_AUTH_STRING"}
+    images = batch_of_images(tmp_path / "refused", 0, 2)
+    done = subprocess.run(
+        [bin_("noisy-student"), "ingest", "append", "--dataset", dataset, "--images", images],
+        env=no_auth, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "refused the request (401)" in done.stderr and "PREFECT_API_AUTH_STRING" in done.stderr
+    assert not stack.keys("datasets/never-written/")
+    wrong_mlflow = stack.env | {"MLFLOW_TRACKING_PASSWORD": "wrong"}
+    done = subprocess.run(
+        [bin_("noisy-student"), "serve", "-c", "pipeline_config/smoke.yaml"],
+        env=wrong_mlflow, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "MLflow server refused the request (401)" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +426,7 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     )
     rows_before = stack.read_json("datasets/smoke/unlabelled/_manifest.json")["num_rows"]
     # the same deployment, now served by one process instead of a work pool's worker
-    httpx.delete(f"{stack.api}/deployments/{first_run['deployment']['id']}").raise_for_status()
+    stack.delete(f"/deployments/{first_run['deployment']['id']}")
     stack.procs.start(
         "serve",
         [bin_("noisy-student"), "serve", "-c", "pipeline_config/smoke.yaml",
@@ -384,12 +452,19 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     assert concurrency_limit(iterate) == 1
     assert iterate["parameters"]["teacher"] == "champion" and iterate["work_pool_name"] is None
 
-    # two batches, one right after the other: one retrain for both
-    for name, first in (("batch-a", 0), ("batch-b", 30)):
-        out = stack.cli(
+    # two batches at once (two commands starting one after the other take longer than the
+    # window on a busy machine): one retrain for both
+    from concurrent.futures import ThreadPoolExecutor
+
+    def append(name: str, first: int) -> str:
+        return stack.cli(
             bin_("noisy-student"), "ingest", "append", "--dataset", f"s3://{BUCKET}/datasets/smoke",
             "--images", batch_of_images(tmp_path / name, first, 30),
         ).stdout  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(append, ("batch-a", "batch-b"), (0, 30)))
+    for out in outs:
         assert "event noisy-student.unlabelled-data.landed emitted" in out
 
     def triggered():

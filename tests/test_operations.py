@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -172,6 +173,24 @@ def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
     assert "version 1 -> 2: 4 images added" in out and "no event emitted" in out
 
 
+def test_ingest_append_to_a_prefect_server_that_does_not_answer_stops_before_appending(
+    small_dataset, tmp_path, capsys, monkeypatch
+):
+    from noisy_student import cli
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    batch = image_folder(tmp_path / "batch-d", 0, 3)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ingest", "append", "--dataset", small_dataset, "--images", batch])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert f"127.0.0.1:{port}/api: no Prefect server answers" in err
+    assert dataset.read_manifest(storage.join(small_dataset, dataset.UNLABELLED)).version == 1
+
+
 def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path, prefect_harness):
     from prefect.variables import Variable
 
@@ -189,6 +208,25 @@ def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path,
     assert payload["dataset"] == small_dataset
     assert Variable.get(announced_variable(small_dataset))["version"] == 2
     assert watch_data(str(SMOKE), overrides) is None
+
+
+def test_announcements_at_once_keep_the_latest_version(prefect_harness, tmp_path):
+    """Concurrent appends announce at once: none fails on the variable's creation race, and
+    the record never moves back to an older version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.variables import Variable
+
+    from flows.events import announced_variable, remember
+
+    root = str(tmp_path / "announced")
+    states = [{"version": v, "rows": v, "shards": v, "digest": f"d{v}"} for v in (3, 5, 2, 4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda state: remember(root, state), states))
+    assert Variable.get(announced_variable(root))["version"] in (2, 3, 4, 5)
+    remember(root, states[1])
+    remember(root, states[2])  # an older version arriving late changes nothing
+    assert Variable.get(announced_variable(root))["version"] == 5
 
 
 # --- the promotion gate -----------------------------------------------------------------
@@ -331,6 +369,17 @@ def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
 COMPOSE = REPO / "docker" / "compose.yaml"
 
 
+SECRETS = (  # the compose file's variables that have no default: each one must be set
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+    "POSTGRES_PASSWORD",
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+)
+
+
 def test_compose_file_has_the_services_and_takes_secrets_from_the_environment():
     spec = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
@@ -343,14 +392,45 @@ def test_compose_file_has_the_services_and_takes_secrets_from_the_environment():
     assert worker_env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile"
-    # every secret is a ${VARIABLE}, never a literal
+    # every secret is a ${VARIABLE} without a default, never a literal
     for name, service in services.items():
         env = service.get("environment", {})
-        for key in ("AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD"):
+        for key in ("AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD",
+                    "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING",
+                    "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
             if key in env:
-                assert str(env[key]).startswith("${"), (name, key)
+                assert str(env[key]).startswith("${") and ":?" in str(env[key]), (name, key)
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert "ARG TORCH_BACKEND=cpu" in dockerfile and "uv export --locked" in dockerfile
+
+
+def test_compose_file_is_closed_by_default():
+    """Loopback ports unless docker/.env opens them, auth in front of Prefect and MLflow,
+    images pinned by version."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = [(name, p) for name, s in services.items() for p in s.get("ports", [])]
+    assert {name for name, _ in published} == {"prefect-server", "mlflow", "minio"}
+    for name, port in published:
+        assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    server = services["prefect-server"]["environment"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert services["worker"]["environment"]["PREFECT_API_AUTH_STRING"].startswith(
+        "${PREFECT_API_AUTH_STRING:?"
+    )
+    command = services["mlflow"]["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    mlflow_env = services["mlflow"]["environment"]
+    assert mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_TRACKING_PASSWORD:?")
+    auth_ini = REPO / "docker" / Path(mlflow_env["MLFLOW_AUTH_CONFIG_PATH"]).name
+    assert "admin_password" not in auth_ini.read_text().replace("# ", "")
+    for name, service in services.items():
+        if "image" in service and "build" not in service:
+            repo, _, tag = service["image"].rpartition(":")
+            assert repo and tag and tag != "latest" and any(c.isdigit() for c in tag), name
+    example = (REPO / "docker" / ".env.example").read_text()
+    for variable in (*SECRETS, "BIND_ADDRESS"):
+        assert f"\n{variable}=" in example, variable
 
 
 def compose_command() -> list[str] | None:
@@ -363,21 +443,39 @@ def compose_command() -> list[str] | None:
     return None
 
 
+def host_ips(resolved: dict) -> dict[str, str]:
+    """`published port: host address` from `compose config`'s output, in either the short
+    form (compose v1: "127.0.0.1:4200:4200/tcp") or the long one (compose v2)."""
+    out = {}
+    for service in resolved["services"].values():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                out[str(port["published"])] = port.get("host_ip", "0.0.0.0")
+            else:
+                parts = str(port).split(":")
+                out[parts[-2]] = parts[0] if len(parts) == 3 else "0.0.0.0"
+    return out
+
+
 @pytest.mark.skipif(compose_command() is None, reason="neither docker compose nor docker-compose")
 def test_compose_config_validates(tmp_path):
     no_env_file = tmp_path / "empty.env"  # not a developer's docker/.env
     no_env_file.write_text("")
-    command = [*compose_command(), "--env-file", str(no_env_file), "-f", str(COMPOSE)]
-    env = {**os.environ, "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"}
-    done = subprocess.run(
-        [*command, "config", "-q"],
-        capture_output=True,
-        text=True,
-        env={**env, "POSTGRES_PASSWORD": "q"},
-    )
+    command = [*compose_command(), "--env-file", str(no_env_file), "-f", str(COMPOSE), "config"]
+    clean = {k: v for k, v in os.environ.items() if k not in (*SECRETS, "BIND_ADDRESS")}
+    env = clean | {name: f"value-of-{name.lower()}" for name in SECRETS}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([*command, "config", "-q"], capture_output=True, text=True, env=env)
-    assert done.returncode != 0 and "POSTGRES_PASSWORD" in done.stderr
+    ports = host_ips(yaml.safe_load(done.stdout))
+    assert ports == dict.fromkeys(["4200", "5000", "9000", "9001"], "127.0.0.1")
+    opened = subprocess.run(
+        command, capture_output=True, text=True, env={**env, "BIND_ADDRESS": "0.0.0.0"}
+    )
+    assert set(host_ips(yaml.safe_load(opened.stdout)).values()) == {"0.0.0.0"}
+    for name in SECRETS:
+        without = {k: v for k, v in env.items() if k != name}
+        done = subprocess.run([*command, "-q"], capture_output=True, text=True, env=without)
+        assert done.returncode != 0 and name in done.stderr, name
 
 
 def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron():
@@ -425,3 +523,32 @@ def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatc
     with pytest.raises(SystemExit):
         cli.main(["serve", "-c", str(SMOKE), "--set", "teacher.epochz=1"])
     assert "teacher.epochz" in capsys.readouterr().err
+
+
+def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_path):
+    """Found by the soak: small appended shards can keep no image after balancing."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from noisy_student.stages.train import _load_selected
+
+    url = str(tmp_path / "selected")
+    files = []
+    for name, ids in (("part-00000.parquet", []), ("part-00001.parquet", ["b"])):
+        targets = np.full((len(ids), 2), 0.5, dtype=np.float32)
+        table = pa.table({
+            "id": pa.array(ids, pa.string()),
+            "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.reshape(-1)), 2),
+            "confidence": pa.array([0.5] * len(ids), pa.float32()),
+            "predicted": pa.array([0] * len(ids), pa.int64()),
+            "copies": pa.array([2] * len(ids), pa.int64()),
+        })  # fmt: skip
+        sha256 = storage.write_parquet(storage.join(url, name), table, 100)
+        files.append({"file": name, "rows": len(ids), "sha256": sha256})
+    storage.write_json(storage.join(url, dataset.MANIFEST), {"shards": files})
+    unlabelled = dataset.ImageSet(
+        ["a", "b"], torch.arange(2, dtype=torch.uint8).view(2, 1, 1, 1), torch.tensor([-1, -1])
+    )
+    images, targets = _load_selected(url, unlabelled)
+    assert images.flatten().tolist() == [1, 1] and targets.shape == (2, 2)

@@ -197,6 +197,8 @@ def _load_selected(
         table = storage.read_parquet(url)
         if table.num_rows != entry["rows"]:
             raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
+        if table.num_rows == 0:
+            continue  # balancing can leave a shard with nothing selected
         ids = table.column("id").to_pylist()
         found = position.reindex(ids)
         if found.isna().any():
