@@ -117,6 +117,7 @@ def _finish_training(
         {
             "final_test_accuracy": fit.final_accuracy,
             "train_seconds": fit.seconds,
+            "decode_seconds": fit.decode_seconds,
             "steps": fit.steps,
         },
     )
