@@ -64,9 +64,11 @@ def _training_state(
     cfg: TrainConfig, out_url: str, label: str, seed: int, **identity: Any
 ) -> TrainingState:
     """The state of this training run: the same config, seed and data find it again."""
+    # the order the data streams in is part of what a saved position means
+    order = f"row-group windows of {training_data.WINDOW_BLOCKS}"
     return TrainingState(
         storage.join(out_url, STATE_FOLDER),
-        {"config": cfg.model_dump(), "seed": seed, **identity},
+        {"config": cfg.model_dump(), "seed": seed, "data_order": order, **identity},
         cfg.checkpoint_every_steps,
         label,
         cfg.checkpoint_min_seconds,
