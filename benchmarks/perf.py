@@ -902,7 +902,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         r["against_timm"],
         r["memory_10x"],
     )
-    tmem, photo = r["training_memory_ratio"], r["training_efficiency_photo"]
+    tmem, trphoto = r["training_memory_ratio"], r["training_efficiency_photo"]
     rows = [
         (
             "inference_efficiency",
@@ -951,10 +951,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         ),
         (
             "training_efficiency_photo",
-            f"training efficiency at {photo['image_size']}: `train_student` / synthetic step",
-            f"{photo['stage_images_per_s']:.0f} img/s",
-            f"{photo['synthetic_images_per_s']:.0f} img/s",
-            photo["ratio"],
+            f"training efficiency at {trphoto['image_size']}: `train_student` / synthetic step",
+            f"{trphoto['stage_images_per_s']:.0f} img/s",
+            f"{trphoto['synthetic_images_per_s']:.0f} img/s",
+            trphoto["ratio"],
         ),
     ]
     lines = [
@@ -1004,9 +1004,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{mem['stage_growth_1x_mb']:.0f} MB (1x) and {mem['stage_growth_10x_mb']:.0f} MB (10x).",
         f"- Decoding (reading and decoding training rows in the reader thread, beside the "
         f"steps): {tr['decode_seconds']:.1f} s of the {tr['stage_seconds']:.0f} s student stage at "
-        f"{tr['image_size']} ({tr['decode_share']:.0%}); {photo['decode_seconds']:.1f} s of "
-        f"{photo['stage_seconds']:.0f} s at {photo['image_size']} ({photo['decode_share']:.0%}, "
-        f"{photo['images']:,} images in {photo['steps']} steps).",
+        f"{tr['image_size']} ({tr['decode_share']:.0%}); {trphoto['decode_seconds']:.1f} s of "
+        f"{trphoto['stage_seconds']:.0f} s at {trphoto['image_size']} "
+        f"({trphoto['decode_share']:.0%}, "
+        f"{trphoto['images']:,} images in {trphoto['steps']} steps).",
         f"- Training memory: {tmem['decoded_gb_1x']:.2f} / {tmem['decoded_gb_10x']:.2f} GB of "
         f"images decoded would be; each run is the real student stage in a fresh process, "
         f"stopped after {tmem['steps']} steps; growth above the process after imports: "
