@@ -26,6 +26,7 @@ Writes benchmarks/results/perf-cpu.json and perf-cpu.md (perf-gpu.* on a CUDA ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,12 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from benchmarks.machine import cpu_name
@@ -65,6 +68,8 @@ GOALS = {
     "training_efficiency": (">=", 0.85),  # the goal is set for a GPU
     "against_timm": (">=", 1.0),  # >= 2.0 on a GPU
     "memory_10x": ("<=", 1.25),
+    "training_memory_ratio": ("<=", 1.25),
+    "training_efficiency_photo": (">=", 0.85),  # the goal is set for a GPU
 }
 
 
@@ -82,13 +87,21 @@ class Sizes:
     timm_workers: tuple[int, ...]  # DataLoader workers tried; the fastest counts
     photo_images: int = 2048  # unlabelled photos of inference_efficiency_photo
     photo_size: int = 96  # their side in pixels (RGB JPEG)
+    photo_rows: int = 10000  # unlabelled photos of the 1x training memory run; 10x has ten times
+    photo_memory_steps: int = 20  # steps of each memory run: past the first windows decoded
+    photo_train_rows: int = 2048  # pseudo-labelled photos of training_efficiency_photo's epoch
 
 
 # Shards of the demo's 8,192 rows; two of them rather than the demo's 59,000 images, so that
 # the whole benchmark fits in about 10 minutes on 2 CPU cores.
 # timm with 4 workers ran at 0.74x of 2 workers on 2 cores (first full run), so it is left out.
+# Photos for training memory: 10,000 against 100,000 at 96 px RGB are 0.28 against 2.8 GB
+# decoded, several times the rest of the process; generated once (cached).
 FULL = Sizes(16384, 8192, None, 8192, 3, 1, 2, 30, 40, (1, 2))
-QUICK = Sizes(2048, 1024, 500, 1024, 1, 1, 1, 6, 6, (2,), photo_images=512)
+QUICK = Sizes(
+    2048, 1024, 500, 1024, 1, 1, 1, 6, 6, (2,), photo_images=512,
+    photo_rows=1000, photo_memory_steps=4, photo_train_rows=256,
+)  # fmt: skip
 PHOTO_BATCH = 256  # the photos preset's inference batch
 
 
@@ -398,11 +411,13 @@ def training_efficiency(
     seconds = time.perf_counter() - start
     after = synthetic_train_rate(cfg, *shape, synthetic_steps)
     c = tracking.client()
-    steps = int(c.get_run(student.mlflow_run_id).data.metrics["steps"])
+    logged = c.get_run(student.mlflow_run_id).data.metrics
+    steps = int(logged["steps"])
     loop = [m.value for m in c.get_metric_history(student.mlflow_run_id, "images_per_second")]
     images = steps * student_batch(cfg)
     synthetic = (before + after) / 2
     return {
+        "image_size": f"{manifest.width}x{manifest.height} {manifest.mode}",
         "model": cfg.model,
         "batch_size": student_batch(cfg),
         "epochs": cfg.epochs,
@@ -415,7 +430,161 @@ def training_efficiency(
         "synthetic_before_after": [before, after],
         "ratio": images / seconds / synthetic,
         "loop_ratio": statistics.mean(loop) / synthetic,
+        # the reader thread's time reading and decoding blocks, beside the training steps
+        "decode_seconds": logged["decode_seconds"],
+        "decode_share": logged["decode_seconds"] / seconds,
     }
+
+
+# ---------------------------------------------------------------- photo-sized training
+
+PHOTO_PX = 96  # RGB: 27 KB an image decoded, so the images dominate the student's memory
+
+
+def _photos(images: np.ndarray, indices: list[int]) -> Iterator[np.ndarray]:
+    """RGB photos at PHOTO_PX made from Fashion-MNIST images: upscaled, tinted by a colour of
+    their own on a gradient background, so that they compress like pictures and not like
+    noise. Photo i uses Fashion-MNIST image i mod 60,000 and differs from every other."""
+    ramp = np.linspace(0.0, 1.0, PHOTO_PX, dtype=np.float32)[:, None, None]
+    for i in indices:
+        rng = np.random.default_rng(i)
+        gray = torch.tensor(images[i % len(images)]).float()[None, None] / 255.0
+        big = torch.nn.functional.interpolate(gray, size=(PHOTO_PX, PHOTO_PX), mode="bilinear")
+        big = big[0, 0].numpy()[..., None]
+        colour, back = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
+        photo = big * colour + (1 - big) * ramp * back * 0.6
+        yield (255 * np.clip(photo, 0, 1)).astype(np.uint8)
+
+
+def training_photos(workdir: Path, source: str, unlabelled: int, test: int) -> str:
+    """A dataset root of PHOTO_PX RGB photos (20 labelled per class, `unlabelled` and `test`
+    more), generated once and kept in the benchmark's folder: 200,000 take minutes."""
+    root = workdir / f"photo-{PHOTO_PX}px-u{unlabelled}-t{test}"
+    if (root / dataset.TEST / dataset.MANIFEST).exists():
+        return str(root)
+    images = ingest.read_idx(storage.join(source, "train-images-idx3-ubyte.gz"))
+    labels = ingest.read_idx(storage.join(source, "train-labels-idx1-ubyte.gz"))
+    classes = ingest.FASHION_MNIST_CLASSES
+    labelled = [int(i) for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:20]]
+    splits = {  # distinct photo numbers per split, so that no image is in two of them
+        dataset.LABELLED: (labelled, True),
+        dataset.TEST: (list(range(10**6, 10**6 + test)), True),
+        dataset.UNLABELLED: (list(range(2 * 10**6, 2 * 10**6 + unlabelled)), False),
+    }
+    for split, (indices, with_labels) in splits.items():
+        rows = (
+            (f"{split[0]}{i:07d}", photo, int(labels[i % len(labels)]) if with_labels else None)
+            for i, photo in zip(indices, _photos(images, indices), strict=True)
+        )
+        dataset_writer.write_rows(str(root / split), split, classes, rows)
+    return str(root)
+
+
+def select_everything(data_root: str, out_url: str, rows: int | None = None) -> Any:
+    """A selected set of the first `rows` unlabelled images (all by default), each once, with
+    uniform soft targets: what filter_and_balance writes, without the teacher's inference
+    (at photo size on a CPU that alone would take hours; the student's loss costs the same
+    whatever the targets hold)."""
+    from noisy_student.stages.records import SelectedPseudoLabels
+
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    k, left, files = manifest.num_classes, rows or manifest.num_rows, []
+    for i, url in enumerate(manifest.shard_urls()):
+        ids = storage.read_parquet(url, ["id"]).column("id").to_pylist()[:left]
+        if not ids:
+            break
+        left -= len(ids)
+        table = pa.table(
+            {
+                "id": ids,
+                "target": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.full(len(ids) * k, 1.0 / k, np.float32)), k
+                ),
+                "copies": pa.array(np.ones(len(ids), np.int64)),
+            }
+        )
+        name = f"part-{i:05d}.parquet"
+        sha = storage.write_parquet(storage.join(out_url, name), table, 65536)
+        files.append({"file": name, "rows": len(ids), "sha256": sha})
+    storage.write_json(storage.join(out_url, dataset.MANIFEST), {"shards": files})
+    n = sum(f["rows"] for f in files)
+    return SelectedPseudoLabels(out_url, "", "", "", n, n, n, None, None, 0.0, 0.0)
+
+
+class _Enough(Exception):
+    pass
+
+
+def _student_child(
+    data_root: str, selected_url: str, teacher_url: str, out_url: str, steps: int, overrides: dict
+) -> dict[str, Any]:
+    """Run in a fresh process: the real student stage, stopped after `steps` steps (at the
+    kill point the resume tests use); its peak resident memory in bytes."""
+    import psutil
+
+    from noisy_student import stages
+    from noisy_student.stages.records import TrainedModel
+    from noisy_student.training_state import TrainingState
+
+    def stop(self: TrainingState, what: str) -> None:
+        if what == f"step={steps}":
+            raise _Enough
+
+    TrainingState.kill_point = stop
+    cfg = config.load(PRESET).students[0].model_copy(update=overrides)
+    selected = select_everything(data_root, selected_url)
+    teacher = TrainedModel("teacher", 1, cfg.model, teacher_url, "", None, 0.0)
+    before = psutil.Process().memory_info().rss
+    parent = tracking.start_run("perf-benchmark-memory", Path(out_url).name)
+    with contextlib.suppress(_Enough):
+        stages.train_student(cfg, data_root, selected, teacher, out_url, parent, 1, 0, log=_quiet)
+    return {"rss_before_stage": before, "peak_rss": _peak_rss(), "selected": selected.selected}
+
+
+def training_memory_ratio(
+    workdir: Path, source: str, rows: int, steps: int, teacher_url: str, overrides: dict
+) -> dict[str, Any]:
+    """Peak RSS of the student stage at photo size on 10x the unlabelled images over 1x,
+    each in a fresh process, both stopped after the same number of steps."""
+    runs = {}
+    for scale in (1, 10):
+        root = training_photos(workdir, source, rows * scale, 200)
+        out = storage.join(str(workdir), "training-memory", f"x{scale}")
+        args = [root, f"{out}/selected", teacher_url, f"{out}/student", steps, overrides]
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.perf", "--student-child", json.dumps(args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode:
+            raise RuntimeError(f"training memory child failed:\n{child.stderr[-3000:]}")
+        runs[scale] = json.loads(child.stdout.strip().splitlines()[-1])
+    one, ten = runs[1], runs[10]
+    decoded = rows * PHOTO_PX * PHOTO_PX * 3
+    return {
+        "image_size": f"{PHOTO_PX}x{PHOTO_PX} RGB PNG",
+        "rows_1x": one["selected"],
+        "rows_10x": ten["selected"],
+        "decoded_gb_1x": decoded / 1e9,
+        "decoded_gb_10x": 10 * decoded / 1e9,
+        "steps": steps,
+        "peak_rss_1x_mb": one["peak_rss"] / 2**20,
+        "peak_rss_10x_mb": ten["peak_rss"] / 2**20,
+        "stage_growth_1x_mb": (one["peak_rss"] - one["rss_before_stage"]) / 2**20,
+        "stage_growth_10x_mb": (ten["peak_rss"] - ten["rss_before_stage"]) / 2**20,
+        "ratio": ten["peak_rss"] / one["peak_rss"],
+    }
+
+
+def trained_photo_teacher(data_root: str, out_url: str, parent: str, model: str) -> Any:
+    """A teacher at photo size (one epoch on the labelled photos): the student starts from it."""
+    from noisy_student import stages
+
+    cfg = config.load(PRESET).teacher.model_copy(
+        update={"model": model, "epochs": 1, "eval_every": 1}
+    )
+    return stages.train_teacher(cfg, data_root, out_url, parent, 0, log=_quiet)
 
 
 # ---------------------------------------------------------------- timm's pipeline
@@ -526,28 +695,25 @@ def timm_train_rate(
     return rate
 
 
-def loop_rate(cfg: StudentConfig, data_root: str, steps: int, seed: int = 0) -> float:
-    """Images/s of our training loop alone (`engine.fit`: batches indexed on the device,
-    crop, flip and per-image RandAugment, dropout, stochastic depth, SGD, EMA) for `steps`
-    steps on the real labelled and unlabelled images; targets are uniform soft labels (the
-    loss costs the same whatever they hold); no evaluation."""
+def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int = 0) -> float:
+    """Images/s of our training loop alone (`engine.fit`: labelled and pseudo-labelled rows
+    streamed from the shards, crop, flip and per-image RandAugment, dropout, stochastic
+    depth, SGD, EMA) for one epoch over the selected rows (`select_everything`: uniform soft
+    targets, the loss costs the same whatever they hold); no evaluation."""
+    from noisy_student import training_data
     from noisy_student.stages.train import _noise, _schedule
 
-    manifest, labelled = dataset.load(storage.join(data_root, dataset.LABELLED))
-    pseudo_batch = student_batch(cfg) - cfg.batch_size
-    unlabelled = dataset.load(storage.join(data_root, dataset.UNLABELLED))[1]
-    pseudo = unlabelled.images[: steps * pseudo_batch]
-    k = manifest.num_classes
-    model = models.create(cfg.model, k, manifest.channels, cfg.drop_rate, cfg.drop_path_rate)
+    manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
+    unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    model = models.create(cfg.model, manifest.num_classes, manifest.channels, cfg.drop_rate,
+                          cfg.drop_path_rate)  # fmt: skip
     fit = engine.fit(
         model,
-        labelled.images,
-        engine.one_hot(labelled.labels, k),
+        training_data.labelled_rows(manifest),
         _schedule(cfg.model_copy(update={"epochs": 1})),
         _noise(cfg),
         seed,
-        pseudo_images=pseudo,
-        pseudo_targets=torch.full((len(pseudo), k), 1.0 / k),
+        pseudo=training_data.pseudo_labelled_rows(selected_url, unlabelled),
     )
     return fit.history[0]["images_per_second"]
 
@@ -562,9 +728,11 @@ def against_timm(
     """Rounds of: the synthetic step, our training loop, timm's pipeline at each worker
     count, back to back, so that each round's ratios share the machine's load."""
     rounds = []
+    rows = sizes.timm_batches * (student_batch(cfg) - cfg.batch_size)
+    selected = select_everything(data_root, str(folder.parent / f"loop-selected-{rows}"), rows)
     for _ in range(sizes.repeats):
         synthetic = synthetic_train_rate(cfg, *shape, sizes.synthetic_steps)
-        ours = loop_rate(cfg, data_root, sizes.timm_batches)
+        ours = loop_rate(cfg, data_root, selected.url)
         timm = {
             w: timm_train_rate(folder, cfg, *shape, w, sizes.timm_batches)
             for w in sizes.timm_workers
@@ -684,6 +852,25 @@ def run(cfg: PipelineConfig, sizes: Sizes, workdir: Path, summary: Path | None) 
     results["against_timm"]["rand_augment"] = student_cfg.rand_augment.model_dump()
     seconds["against_timm"] = done("against timm")
 
+    photo_1x = training_photos(workdir, source, sizes.photo_rows, 200)
+    photo_cfg = student_cfg.model_copy(update={"epochs": 1})
+    teacher_photo = trained_photo_teacher(
+        photo_1x, f"{run_url}/teacher-photo", parent, photo_cfg.model
+    )
+    results["training_memory_ratio"] = training_memory_ratio(
+        workdir, source, sizes.photo_rows, sizes.photo_memory_steps, teacher_photo.url,
+        {"epochs": 1},
+    )  # fmt: skip
+    seconds["training_memory_ratio"] = done("training memory")
+    selected_photo = select_everything(
+        photo_1x, f"{run_url}/selected-photo", sizes.photo_train_rows
+    )
+    results["training_efficiency_photo"] = training_efficiency(
+        photo_cfg, photo_1x, selected_photo, teacher_photo, f"{run_url}/student-photo", parent,
+        seed, max(2, sizes.synthetic_steps // 5),
+    )  # fmt: skip
+    seconds["training_efficiency_photo"] = done("training efficiency (photo)")
+
     results["end_to_end"] = end_to_end(summary)
     tracking.end_run(parent)
     return {
@@ -715,6 +902,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         r["against_timm"],
         r["memory_10x"],
     )
+    tmem, trphoto = r["training_memory_ratio"], r["training_efficiency_photo"]
     rows = [
         (
             "inference_efficiency",
@@ -752,6 +940,21 @@ def markdown(result: dict[str, Any], command: str) -> str:
             f"{mem['peak_rss_10x_mb']:.0f} MB",
             f"{mem['peak_rss_1x_mb']:.0f} MB",
             mem["ratio"],
+        ),
+        (
+            "training_memory_ratio",
+            f"training memory: peak RSS of `train_student`, {tmem['rows_10x']:,} / "
+            f"{tmem['rows_1x']:,} photos ({tmem['image_size']})",
+            f"{tmem['peak_rss_10x_mb']:.0f} MB",
+            f"{tmem['peak_rss_1x_mb']:.0f} MB",
+            tmem["ratio"],
+        ),
+        (
+            "training_efficiency_photo",
+            f"training efficiency at {trphoto['image_size']}: `train_student` / synthetic step",
+            f"{trphoto['stage_images_per_s']:.0f} img/s",
+            f"{trphoto['synthetic_images_per_s']:.0f} img/s",
+            trphoto["ratio"],
         ),
     ]
     lines = [
@@ -799,6 +1002,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"stage / timm: {tr['stage_images_per_s'] / tm['timm_images_per_s']:.2f}.",
         f"- Memory: the stage's own growth above the process after imports: "
         f"{mem['stage_growth_1x_mb']:.0f} MB (1x) and {mem['stage_growth_10x_mb']:.0f} MB (10x).",
+        f"- Decoding (reading and decoding training rows in the reader thread, beside the "
+        f"steps): {tr['decode_seconds']:.1f} s of the {tr['stage_seconds']:.0f} s student stage at "
+        f"{tr['image_size']} ({tr['decode_share']:.0%}); {trphoto['decode_seconds']:.1f} s of "
+        f"{trphoto['stage_seconds']:.0f} s at {trphoto['image_size']} "
+        f"({trphoto['decode_share']:.0%}, "
+        f"{trphoto['images']:,} images in {trphoto['steps']} steps).",
+        f"- Training memory: {tmem['decoded_gb_1x']:.2f} / {tmem['decoded_gb_10x']:.2f} GB of "
+        f"images decoded would be; each run is the real student stage in a fresh process, "
+        f"stopped after {tmem['steps']} steps; growth above the process after imports: "
+        f"{tmem['stage_growth_1x_mb']:.0f} MB (1x) and {tmem['stage_growth_10x_mb']:.0f} MB (10x).",
     ]
     e2e = r["end_to_end"]
     lines += ["", "## End to end", ""]
@@ -824,10 +1037,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "artifacts" / "bench-perf")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--student-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     flush_denormals()
     if args.memory_child:
         print(json.dumps(_child_peak(*json.loads(args.memory_child))))
+        return
+    if args.student_child:
+        print(json.dumps(_student_child(*json.loads(args.student_child))))
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     cfg = config.load(PRESET, args.set)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisy_student import augment, distributed
+from noisy_student import augment, distributed, training_data
 from noisy_student.errors import UserError
 from noisy_student.training_state import TrainingState
 
@@ -85,47 +86,16 @@ def predict_probs(
 
 def accuracy(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     precision: str = "auto",
 ) -> float:
-    probs = predict_probs(model, images, batch_size, precision)
-    return (probs.argmax(1) == labels).float().mean().item()
-
-
-class IndexStream:
-    """An endless stream of indices into n items, reshuffled on every pass. Its state is a
-    seed, a pass count and a position, so a stopped run can pick up where it was."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def take(self, k: int) -> torch.Tensor:
-        out = []
-        while k:
-            if self.position == self.n:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            chunk = self._order[self.position : self.position + k]
-            self.position += len(chunk)
-            k -= len(chunk)
-            out.append(chunk)
-        return torch.cat(out)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.n, self.seed = state["n"], state["seed"]
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation()
+    """Top-1 accuracy over (uint8 images, labels) batches, judged one batch at a time."""
+    for_inference(model)
+    right = seen = 0
+    for images, labels in batches:
+        right += int((batch_probs(model, images, precision).argmax(1) == labels).sum())
+        seen += len(labels)
+    return right / seen
 
 
 @dataclass
@@ -181,6 +151,7 @@ class FitResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from_step: int = 0  # 0: trained from the start
+    decode_seconds: float = 0.0  # reading and decoding training rows (beside the steps)
 
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -236,73 +207,131 @@ class _Averager:
         elif self.kind == "swa" and step > self.swa_from:
             self.averaged.update_parameters(self.model)
 
-    def finish(self, batches: Iterator[torch.Tensor]) -> None:
+    def finish(self, batches: Callable[[], Iterator[torch.Tensor]]) -> None:
         if self.kind == "swa":
             # the averaged weights never ran forward: their batch-norm statistics are stale
-            torch.optim.swa_utils.update_bn(batches, self.averaged.module)
+            torch.optim.swa_utils.update_bn(batches(), self.averaged.module)
 
 
-def fit(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    schedule: Schedule,
-    noise: Noise,
-    seed: int,
-    pseudo_images: torch.Tensor | None = None,
-    pseudo_targets: torch.Tensor | None = None,
-    eval_images: torch.Tensor | None = None,
-    eval_labels: torch.Tensor | None = None,
-    on_epoch: EpochCallback | None = None,
-    state: TrainingState | None = None,
-) -> FitResult:
-    """Train on labelled (images, targets), plus pseudo-labelled ones when given.
+LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-    An epoch is one pass over the pseudo-labelled images when there are any (the
-    labelled ones are cycled beside them, `unlabelled_ratio` pseudo per labelled image in
-    every batch), otherwise one pass over the labelled images.
 
-    With a `state`, everything that decides the next step (weights, optimizer, averaged
-    weights, scheduler, index streams, random generators) is saved as `state` says (after
-    epochs, every N steps, at the end), and a saved state is picked up first: on the same
-    device, a run resumed from it ends with the same weights as one never stopped.
+def loss_function(schedule: Schedule) -> LossFn:
+    """The loss of (logits, targets, how many rows are labelled, first), chosen once."""
+    if schedule.loss == "distillation":
+        t = schedule.distillation_temperature
+        return lambda logits, targets, labelled: distillation_loss(logits, targets, labelled, t)
+    return lambda logits, targets, labelled: soft_target_loss(logits, targets)
 
-    Under torchrun every rank draws the same global batches and trains on its own slice
-    of each (DistributedDataParallel averages the gradients), so N ranks take the steps
-    one process would with the same batch size. Only rank 0 evaluates and reports.
-    """
-    ranks, main = distributed.world_size(), distributed.is_main()
-    # Noise differs between ranks (rank 0 draws what a single process would); the order of
-    # the data does not: the index streams below share the seed on every rank.
-    noise_seed = seed + 1_000_003 * distributed.rank()
-    torch.manual_seed(noise_seed)  # dropout and stochastic depth draw from the global generator
-    gen = torch.Generator().manual_seed(noise_seed)  # every input-noise draw
 
-    dev = device()
-    # Small image sets live on the device for the whole run: a batch is one index away.
-    images, targets = images.to(dev), targets.to(dev)
-    labelled_batch = schedule.batch_size
-    pseudo_stream = None
-    if pseudo_images is not None and len(pseudo_images):
-        pseudo_images, pseudo_targets = pseudo_images.to(dev), pseudo_targets.to(dev)
-        pseudo_batch = max(1, round(schedule.batch_size * schedule.unlabelled_ratio))
-        steps_per_epoch = math.ceil(len(pseudo_images) / pseudo_batch)
-        pseudo_stream = IndexStream(len(pseudo_images), seed + 1)
-    else:
-        pseudo_batch = 0
-        steps_per_epoch = math.ceil(len(images) / labelled_batch)
-    labelled_stream = IndexStream(len(images), seed)
-    total_steps = steps_per_epoch * schedule.epochs
-    if labelled_batch % ranks or pseudo_batch % ranks:
-        # an uneven split would weigh the smaller slices' images more in the averaged gradient
-        raise UserError(
-            f"batch_size {labelled_batch} (+{pseudo_batch} pseudo-labelled) does not split "
-            f"evenly over {ranks} processes"
-        )
+@dataclass
+class _Progress:
+    step: int = 0
+    loss_sum: float = 0.0  # over the epoch so far
+    seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
 
-    # channels_last: +22% training images/s for resnet18 at 28 px on this CPU, and the
-    # layout tensor cores want on GPUs
-    model.to(dev, memory_format=torch.channels_last)
+
+@dataclass
+class _Trainer:
+    """One training step: noise, forward, loss, backward, update, average."""
+
+    model: nn.Module  # the plain module, whose weights are saved
+    trained: nn.Module  # what runs forward: the module, or DDP around it under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    averager: _Averager
+    loss: LossFn
+    noise: Noise
+    generator: torch.Generator  # every input-noise draw
+    precision: str
+
+    def step(self, progress: _Progress, x: torch.Tensor, y: torch.Tensor, labelled: int) -> None:
+        x = self.noise.apply(x, self.generator).contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, self.precision):
+            logits = self.trained(x).float()
+        loss = self.loss(logits, y, labelled)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        progress.step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(progress.step)
+        self.averager.update(progress.step)
+        progress.loss_sum += loss.item() * len(x)
+        progress.seen += len(x)
+
+
+class _Checkpoint:
+    """Everything that decides the next step, as one saved state (`snapshot`) and back
+    (`restore`), and the points where `state` saves it and where the resume tests stop a
+    run. Rank 0 alone saves; without a `state` nothing is saved."""
+
+    def __init__(
+        self,
+        state: TrainingState | None,
+        trainer: _Trainer,
+        progress: _Progress,
+        streams: dict[str, training_data.Stream],
+    ):
+        self.state, self.trainer, self.progress, self.streams = state, trainer, progress, streams
+        self.active = state is not None and distributed.is_main()
+
+    def snapshot(self) -> dict[str, Any]:
+        t, p = self.trainer, self.progress
+        return {
+            "step": p.step,
+            "epoch_loss_sum": p.loss_sum,
+            "epoch_seen": p.seen,
+            "history": p.history,
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+            "averaged": t.averager.state_dict(),
+            "streams": {k: v.state_dict() for k, v in self.streams.items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "noise": t.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def restore(self) -> bool:
+        """Picks up the saved state, if there is one of this run; returns whether it did."""
+        saved = self.state.load() if self.state is not None else None
+        if saved is None:
+            return False
+        t, p = self.trainer, self.progress
+        p.step, p.loss_sum, p.seen = saved["step"], saved["epoch_loss_sum"], saved["epoch_seen"]
+        p.history = saved["history"]
+        t.model.load_state_dict(saved["model"])
+        t.optimizer.load_state_dict(saved["optimizer"])
+        if t.scheduler is not None:
+            t.scheduler.load_state_dict(saved["scheduler"])
+        t.averager.load_state_dict(saved["averaged"])
+        for k, v in saved["streams"].items():
+            self.streams[k].load_state_dict(v)
+        torch.set_rng_state(saved["rng"]["torch"])
+        t.generator.set_state(saved["rng"]["noise"])
+        if saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        return True
+
+    def after_step(self, epoch_end: bool) -> None:
+        if self.active:
+            if not epoch_end:  # the end of an epoch is saved after its evaluation
+                self.state.maybe_save(self.snapshot, self.progress.step, False, False)
+            self.state.kill_point(f"step={self.progress.step}")
+
+    def after_epoch(self, epoch: int, last: bool) -> None:
+        if self.active:
+            self.state.maybe_save(self.snapshot, self.progress.step, True, last)
+            self.state.kill_point(f"epoch={epoch}")
+
+
+def _optimizer_and_scheduler(
+    model: nn.Module, schedule: Schedule, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any]:
     optimizer = create_optimizer_v2(
         model,
         "sgd",
@@ -311,6 +340,7 @@ def fit(
         momentum=0.9,
         foreach=True,  # one fused update over all parameters; torch only defaults to it on GPU
     )
+    total_steps = steps_per_epoch * schedule.epochs
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=schedule.lr_schedule,
@@ -323,121 +353,160 @@ def fit(
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    # DDP copies rank 0's weights to every rank, then all-reduces gradients in backward.
-    trained = DistributedDataParallel(model) if ranks > 1 else model
-    averager = _Averager(model, schedule, total_steps)  # of the plain module's weights
+    return optimizer, scheduler
+
+
+class _Batches:
+    """Each step's batch: this rank's part of the labelled rows, then of the pseudo-labelled
+    ones, read ahead and copied to the device (asynchronously from pinned memory on CUDA)."""
+
+    def __init__(
+        self, streams: dict[str, training_data.Stream], sizes: dict[str, int], dev: torch.device
+    ):
+        pin = dev.type == "cuda"
+        self.dev = dev
+        self.feeds = [training_data.Feed(s, sizes[k], pin_memory=pin) for k, s in streams.items()]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(images, targets, how many of the rows are labelled: the first ones)."""
+        parts = []
+        for feed in self.feeds:
+            x, y = feed.next_batch()
+            x, y = distributed.local_part(x), distributed.local_part(y)
+            parts.append((x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)))
+        labelled = len(parts[0][0])
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), labelled
+
+    def close(self) -> None:
+        for feed in self.feeds:
+            feed.close()
+
+
+def fit(
+    model: nn.Module,
+    labelled: training_data.Rows,
+    schedule: Schedule,
+    noise: Noise,
+    seed: int,
+    pseudo: training_data.Rows | None = None,
+    evaluation: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    on_epoch: EpochCallback | None = None,
+    state: TrainingState | None = None,
+) -> FitResult:
+    """Train on the labelled rows, plus pseudo-labelled ones when given; `evaluation`
+    gives (images, labels) batches of the test set, read afresh on every pass.
+
+    An epoch is one pass over the pseudo-labelled items when there are any (the labelled
+    rows are cycled beside them, `unlabelled_ratio` pseudo per labelled image in every
+    batch), otherwise one pass over the labelled rows. Both are streamed block by block in
+    a new seeded order every epoch (`training_data`).
+
+    With a `state`, everything that decides the next step (weights, optimizer, averaged
+    weights, scheduler, stream positions, random generators) is saved as `state` says
+    (after epochs, every N steps, at the end), and a saved state is picked up first: on the
+    same device, a run resumed from it ends with the same weights as one never stopped.
+
+    Under torchrun every rank draws the same global batches and trains on its own slice
+    of each (DistributedDataParallel averages the gradients), so N ranks take the steps
+    one process would with the same batch size. Only rank 0 evaluates and reports.
+    """
+    ranks, main = distributed.world_size(), distributed.is_main()
+    # Noise differs between ranks (rank 0 draws what a single process would); the order of
+    # the data does not: the streams below share the seed on every rank.
+    noise_seed = seed + 1_000_003 * distributed.rank()
+    torch.manual_seed(noise_seed)  # dropout and stochastic depth draw from the global generator
+    generator = torch.Generator().manual_seed(noise_seed)
+
+    sizes = {"labelled": schedule.batch_size}
+    streams = {"labelled": training_data.Stream(labelled, seed)}
+    if pseudo is not None and pseudo.items:
+        sizes["pseudo"] = max(1, round(schedule.batch_size * schedule.unlabelled_ratio))
+        streams["pseudo"] = training_data.Stream(pseudo, seed + 1)
+    by = "pseudo" if "pseudo" in streams else "labelled"  # what an epoch is one pass over
+    steps_per_epoch = math.ceil(streams[by].items / sizes[by])
+    if any(n % ranks for n in sizes.values()):
+        # an uneven split would weigh the smaller slices' images more in the averaged gradient
+        raise UserError(
+            f"batch_size {sizes['labelled']} (+{sizes.get('pseudo', 0)} pseudo-labelled) does "
+            f"not split evenly over {ranks} processes"
+        )
+
+    dev = device()
+    # channels_last: +22% training images/s for resnet18 at 28 px on this CPU, and the
+    # layout tensor cores want on GPUs
+    model.to(dev, memory_format=torch.channels_last)
+    optimizer, scheduler = _optimizer_and_scheduler(model, schedule, steps_per_epoch)
+    averager = _Averager(model, schedule, steps_per_epoch * schedule.epochs)
+    trainer = _Trainer(
+        model=model,
+        # DDP copies rank 0's weights to every rank, then all-reduces gradients in backward
+        trained=DistributedDataParallel(model) if ranks > 1 else model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        averager=averager,
+        loss=loss_function(schedule),
+        noise=noise,
+        generator=generator,
+        precision=schedule.precision,
+    )
+    progress = _Progress()
+    checkpoint = _Checkpoint(state, trainer, progress, streams)
     result = FitResult(model=averager.module)
+    if checkpoint.restore():
+        result.resumed_from_step = progress.step
     start = time.perf_counter()
-    step, loss_sum, seen = 0, 0.0, 0
-    streams = {"labelled": labelled_stream, "pseudo": pseudo_stream}
-
-    def snapshot() -> dict:
-        return {
-            "step": step,
-            "epoch_loss_sum": loss_sum,
-            "epoch_seen": seen,
-            "history": result.history,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "averaged": averager.state_dict(),
-            "streams": {k: v.state_dict() for k, v in streams.items() if v is not None},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "noise": gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
-            },
-        }
-
-    saved = state.load() if state is not None else None
-    if saved is not None:
-        step, loss_sum, seen = saved["step"], saved["epoch_loss_sum"], saved["epoch_seen"]
-        result.history = saved["history"]
-        result.resumed_from_step = step
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        averager.load_state_dict(saved["averaged"])
-        for k, v in saved["streams"].items():
-            streams[k].load_state_dict(v)
-        torch.set_rng_state(saved["rng"]["torch"])
-        gen.set_state(saved["rng"]["noise"])
-        if saved["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    for epoch in range(step // steps_per_epoch + 1, schedule.epochs + 1):
-        trained.train()
-        epoch_start = time.perf_counter()
-        for _ in range(step - (epoch - 1) * steps_per_epoch, steps_per_epoch):
-            idx = distributed.local_part(labelled_stream.take(labelled_batch)).to(dev)
-            x, y = images[idx], targets[idx]
-            if pseudo_stream is not None:
-                pidx = distributed.local_part(pseudo_stream.take(pseudo_batch)).to(dev)
-                x = torch.cat([x, pseudo_images[pidx]])
-                y = torch.cat([y, pseudo_targets[pidx]])
-            x = noise.apply(x, gen).contiguous(memory_format=torch.channels_last)
-            with autocast(dev, schedule.precision):
-                logits = trained(x).float()
-            if schedule.loss == "distillation":
-                loss = distillation_loss(logits, y, len(idx), schedule.distillation_temperature)
-            else:
-                loss = soft_target_loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if scheduler is not None:
-                scheduler.step_update(step)
-            averager.update(step)
-            loss_sum += loss.item() * len(x)
-            seen += len(x)
-            if state is not None and main:  # rank 0 alone writes
-                if step % steps_per_epoch:  # the end of an epoch is saved below
-                    state.maybe_save(snapshot, step, epoch_end=False, last=False)
-                state.kill_point(f"step={step}")
-
-        if ranks > 1:  # the epoch's figures over the global batches
-            loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen)
-        metrics = {
-            "train_loss": loss_sum / seen,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": seen / (time.perf_counter() - epoch_start),
-        }
-        last = epoch == schedule.epochs
-        if last:
-            averager.finish(_clean_batches(images, pseudo_images, schedule.batch_size * 4))
-        if eval_images is not None and main and (epoch % schedule.eval_every == 0 or last):
-            metrics["test_accuracy"] = accuracy(
-                averager.module,
-                eval_images,
-                eval_labels,
-                schedule.eval_batch_size,
-                schedule.precision,
-            )
+    batches = _Batches(streams, sizes, dev)  # reads ahead from here on
+    try:
+        for epoch in range(progress.step // steps_per_epoch + 1, schedule.epochs + 1):
+            trainer.trained.train()
+            epoch_start = time.perf_counter()
+            while progress.step < epoch * steps_per_epoch:
+                trainer.step(progress, *batches.next())
+                checkpoint.after_step(epoch_end=progress.step == epoch * steps_per_epoch)
+            last = epoch == schedule.epochs
             if last:
-                result.final_accuracy = metrics["test_accuracy"]
-        result.history.append({"epoch": epoch, **metrics})
-        if on_epoch is not None and main:
-            on_epoch(epoch, metrics)
-        loss_sum, seen = 0.0, 0
-        if state is not None and main:
-            state.maybe_save(snapshot, step, epoch_end=True, last=last)
-            state.kill_point(f"epoch={epoch}")
+                averager.finish(lambda: _clean_batches(streams.values(), schedule.batch_size * 4))
+            metrics = _epoch_metrics(progress, optimizer, epoch_start, ranks)
+            if evaluation is not None and main and (epoch % schedule.eval_every == 0 or last):
+                metrics["test_accuracy"] = accuracy(averager.module, evaluation, schedule.precision)
+                if last:
+                    result.final_accuracy = metrics["test_accuracy"]
+            progress.history.append({"epoch": epoch, **metrics})
+            if on_epoch is not None and main:
+                on_epoch(epoch, metrics)
+            progress.loss_sum, progress.seen = 0.0, 0
+            checkpoint.after_epoch(epoch, last)
+    finally:
+        batches.close()
+    result.history = progress.history
     if result.history and result.final_accuracy is None:
         # resumed from the state saved after the last epoch: nothing left to train
         result.final_accuracy = result.history[-1].get("test_accuracy")
-    result.steps = step
+    result.steps = progress.step
     result.seconds = time.perf_counter() - start
+    result.decode_seconds = sum(s.rows.decode_seconds for s in streams.values())
     result.model = averager.module.eval().cpu().to(memory_format=torch.contiguous_format)
     return result
 
 
+def _epoch_metrics(
+    progress: _Progress, optimizer: torch.optim.Optimizer, epoch_start: float, ranks: int
+) -> dict[str, float]:
+    loss_sum, seen = progress.loss_sum, progress.seen
+    if ranks > 1:  # the epoch's figures over the global batches
+        loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen)
+    return {
+        "train_loss": loss_sum / seen,
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_second": seen / (time.perf_counter() - epoch_start),
+    }
+
+
 def _clean_batches(
-    images: torch.Tensor, pseudo_images: torch.Tensor | None, batch_size: int, limit: int = 8192
+    streams: Iterable[training_data.Stream], batch_size: int, limit: int = 8192
 ) -> Iterator[torch.Tensor]:
     """Up to `limit` un-augmented training images, for recomputing batch-norm statistics."""
-    pool = images if pseudo_images is None else torch.cat([images, pseudo_images[:limit]])
-    for i in range(0, min(len(pool), limit), batch_size):
-        yield augment.to_float(pool[i : i + batch_size]).contiguous(
-            memory_format=torch.channels_last
-        )
+    dev = device()
+    rows = [s.rows for s in streams]
+    for images in training_data.clean_batches(rows, batch_size, limit):
+        yield augment.to_float(images.to(dev)).contiguous(memory_format=torch.channels_last)

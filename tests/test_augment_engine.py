@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisy_student import augment, engine, models
+from noisy_student import augment, engine, models, training_data
 from noisy_student.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -257,8 +257,7 @@ def test_fit_learns_a_separable_problem_and_reports_every_epoch():
     torch.manual_seed(0)  # the initial weights; lr and epochs chosen to learn from any tried
     result = engine.fit(
         models.create("test_resnet", 2, 1),
-        x,
-        engine.one_hot(y, 2),
+        training_data.TensorRows(x, engine.one_hot(y, 2)),
         engine.Schedule(
             epochs=4,
             batch_size=8,
@@ -270,8 +269,7 @@ def test_fit_learns_a_separable_problem_and_reports_every_epoch():
         ),
         engine.Noise(hflip=True, crop_padding=2),
         seed=0,
-        eval_images=ex,
-        eval_labels=ey,
+        evaluation=training_data.TensorBatches(ex, ey),
         on_epoch=lambda epoch, m: seen.append((epoch, m)),
     )
     assert result.final_accuracy >= 0.9
@@ -295,13 +293,11 @@ def test_fit_with_pseudo_labels_counts_epochs_over_the_pseudo_labelled_images():
     px, py = _bright_and_dark(20, seed=2)
     result = engine.fit(
         models.create("test_resnet", 2, 1),
-        x,
-        engine.one_hot(y, 2),
+        training_data.TensorRows(x, engine.one_hot(y, 2)),
         engine.Schedule(epochs=2, batch_size=4, lr=0.05, unlabelled_ratio=2.0, precision="fp32"),
         engine.Noise(rand_augment_ops=1, rand_augment_magnitude=5),
         seed=0,
-        pseudo_images=px,
-        pseudo_targets=engine.one_hot(py, 2, 0.1),
+        pseudo=training_data.TensorRows(px, engine.one_hot(py, 2, 0.1)),
     )
     # 8 pseudo-labelled images per step (4 x 2): ceil(20 / 8) = 3 steps per epoch
     assert result.steps == 6
@@ -325,8 +321,8 @@ def test_accuracy_compares_argmax_with_labels():
     model = models.create("test_resnet", 2, 1)
     x, _ = _bright_and_dark(6, seed=0)
     predicted = engine.predict_probs(model, x, 6).argmax(1)
-    assert engine.accuracy(model, x, predicted, 6) == 1.0
-    assert engine.accuracy(model, x, 1 - predicted, 6) == 0.0
+    assert engine.accuracy(model, training_data.TensorBatches(x, predicted, 4)) == 1.0
+    assert engine.accuracy(model, training_data.TensorBatches(x, 1 - predicted, 4)) == 0.0
 
 
 def test_distillation_loss_is_half_cross_entropy_on_labels_and_half_kl_to_the_teacher():
@@ -362,8 +358,7 @@ def test_fit_with_swa_or_no_weight_averaging_learns_and_returns_an_eval_model(av
     torch.manual_seed(0)
     result = engine.fit(
         models.create("test_resnet", 2, 1),
-        x,
-        engine.one_hot(y, 2),
+        training_data.TensorRows(x, engine.one_hot(y, 2)),
         engine.Schedule(
             epochs=4,
             batch_size=8,
@@ -375,8 +370,7 @@ def test_fit_with_swa_or_no_weight_averaging_learns_and_returns_an_eval_model(av
         ),
         engine.Noise(hflip=True, crop_padding=2),
         seed=0,
-        eval_images=ex,
-        eval_labels=ey,
+        evaluation=training_data.TensorBatches(ex, ey),
     )
     assert result.final_accuracy >= 0.9
     assert not result.model.training
@@ -387,8 +381,7 @@ def test_step_schedule_multiplies_the_lr_by_the_rate_every_interval():
     lrs = []
     engine.fit(
         models.create("test_resnet", 2, 1),
-        x,
-        engine.one_hot(y, 2),
+        training_data.TensorRows(x, engine.one_hot(y, 2)),
         engine.Schedule(
             epochs=4,
             batch_size=8,
@@ -405,15 +398,3 @@ def test_step_schedule_multiplies_the_lr_by_the_rate_every_interval():
     )
     # the lr shown after an epoch is the one set for the next step
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
-
-
-def test_index_stream_visits_every_item_once_per_pass_and_resumes_from_its_state():
-    stream = engine.IndexStream(10, seed=3)
-    first_pass = stream.take(10)
-    assert sorted(first_pass.tolist()) == list(range(10))
-    stream.take(7)
-    state = stream.state_dict()
-    expected = stream.take(25)
-    resumed = engine.IndexStream(10, seed=0)
-    resumed.load_state_dict(state)
-    assert torch.equal(resumed.take(25), expected)

@@ -529,10 +529,15 @@ def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_
     """Found by the soak: small appended shards can keep no image after balancing."""
     import numpy as np
     import pyarrow as pa
-    import torch
 
-    from noisy_student.stages.train import _load_selected
+    from noisy_student import dataset_writer, training_data
 
+    unlabelled = dataset_writer.write_rows(
+        str(tmp_path / "unlabelled"),
+        dataset.UNLABELLED,
+        ["a", "b"],
+        [(id, np.full((2, 2), v, np.uint8), None) for id, v in (("a", 0), ("b", 1))],
+    )
     url = str(tmp_path / "selected")
     files = []
     for name, ids in (("part-00000.parquet", []), ("part-00001.parquet", ["b"])):
@@ -547,8 +552,8 @@ def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_
         sha256 = storage.write_parquet(storage.join(url, name), table, 100)
         files.append({"file": name, "rows": len(ids), "sha256": sha256})
     storage.write_json(storage.join(url, dataset.MANIFEST), {"shards": files})
-    unlabelled = dataset.ImageSet(
-        ["a", "b"], torch.arange(2, dtype=torch.uint8).view(2, 1, 1, 1), torch.tensor([-1, -1])
-    )
-    images, targets = _load_selected(url, unlabelled)
-    assert images.flatten().tolist() == [1, 1] and targets.shape == (2, 2)
+    rows = training_data.pseudo_labelled_rows(url, unlabelled)
+    assert rows.items == 2  # "b", twice
+    (block,) = rows.blocks
+    assert block.targets.shape == (2, 2)
+    assert rows.decode(0, block.rows).flatten().tolist() == [1] * 8

@@ -66,7 +66,12 @@ def test_every_measurement_runs_on_a_tiny_dataset(
     folder = tmp_path / "folder"
     assert perf.export_image_folder(tiny_dataset, pseudo, folder) == 50 + 300
     assert len(list((folder / "train").glob("*/*.png"))) == 350
-    assert _rate(perf.loop_rate(student_cfg, tiny_dataset, 2))
+    assert training["image_size"] == "28x28 L"
+    assert 0 < training["decode_seconds"] < training["stage_seconds"]
+    assert training["decode_share"] == pytest.approx(
+        training["decode_seconds"] / training["stage_seconds"]
+    )
+    assert _rate(perf.loop_rate(student_cfg, tiny_dataset, selected.url))
     sizes = perf.Sizes(300, 100, 200, 20, 1, 1, 1, 2, 2, (0,))
     timm = perf.against_timm(folder, student_cfg, tiny_dataset, (10, 1, 28, 28), sizes)
     assert _rate(timm["timm_images_per_s"]) and timm["timm_best_workers"] == 0
@@ -122,7 +127,21 @@ def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_pa
                 "images": 64, "steps": 1, "batch_size": 64, "epochs": 1, "stage_seconds": 1.0,
                 "stage_images_per_s": 64.0, "loop_images_per_s": 80.0,
                 "synthetic_images_per_s": 100.0, "synthetic_before_after": [100.0, 100.0],
-                "ratio": 0.64, "loop_ratio": 0.8,
+                "ratio": 0.64, "loop_ratio": 0.8, "image_size": "28x28 L",
+                "decode_seconds": 0.1, "decode_share": 0.1,
+            },
+            "training_efficiency_photo": {
+                "images": 64, "steps": 1, "batch_size": 64, "epochs": 1, "stage_seconds": 2.0,
+                "stage_images_per_s": 32.0, "loop_images_per_s": 40.0,
+                "synthetic_images_per_s": 50.0, "synthetic_before_after": [50.0, 50.0],
+                "ratio": 0.64, "loop_ratio": 0.8, "image_size": "96x96 RGB",
+                "decode_seconds": 0.5, "decode_share": 0.25,
+            },
+            "training_memory_ratio": {
+                "image_size": "96x96 RGB PNG", "rows_1x": 20000, "rows_10x": 200000,
+                "decoded_gb_1x": 0.55, "decoded_gb_10x": 5.5, "steps": 30,
+                "peak_rss_1x_mb": 1000.0, "peak_rss_10x_mb": 1100.0,
+                "stage_growth_1x_mb": 500.0, "stage_growth_10x_mb": 600.0, "ratio": 1.1,
             },
             "against_timm": {
                 "ours_loop_images_per_s": 80.0, "timm_images_per_s_by_workers": {"2": 40.0},
@@ -141,4 +160,25 @@ def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_pa
     assert "| 0.90 | >= 0.9 | met |" in table
     assert "the same at photo size, 96x96 RGB JPEG | 9 img/s | 10 img/s | 0.90 |" in table
     assert "| 1.30 | <= 1.25 | not met |" in table
+    assert "| 1.10 | <= 1.25 | met |" in table  # training memory
+    assert "0.5 s of 2 s at 96x96 RGB (25%" in table  # the decode share at photo size
     assert "| train_student | 60.0 |" in table
+
+
+@pytest.mark.slow  # two fresh processes import torch and timm: minutes on a busy machine
+def test_photo_sized_training_measurements_run_on_a_few_generated_photos(
+    mlflow_uri, tmp_path, fashion_mnist_source, torch_one_thread
+):
+    root = perf.training_photos(tmp_path, fashion_mnist_source, 30, 20)
+    manifest = dataset.read_manifest(storage.join(root, dataset.UNLABELLED))
+    assert (manifest.height, manifest.width, manifest.mode) == (96, 96, "RGB")
+    assert manifest.num_rows == 30
+    assert perf.training_photos(tmp_path, fashion_mnist_source, 30, 20) == root  # generated once
+    selected = perf.select_everything(root, str(tmp_path / "selected"), 12)
+    assert selected.selected == 12
+
+    tiny = {"model": "test_resnet", "init_from_teacher": False, "batch_size": 2, "epochs": 1}
+    memory = perf.training_memory_ratio(tmp_path, fashion_mnist_source, 3, 2, "unused", tiny)
+    assert (memory["rows_1x"], memory["rows_10x"]) == (3, 30)
+    assert memory["peak_rss_1x_mb"] > 0 and memory["peak_rss_10x_mb"] > 0
+    assert memory["ratio"] == pytest.approx(memory["peak_rss_10x_mb"] / memory["peak_rss_1x_mb"])

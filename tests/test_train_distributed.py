@@ -14,6 +14,7 @@ from noisy_student import (
     stages,
     tracking,
     train_distributed,
+    training_data,
 )
 from noisy_student.errors import UserError
 from tests.conftest import REPO
@@ -79,8 +80,7 @@ def test_a_batch_that_does_not_split_evenly_over_the_processes_is_refused(monkey
     with pytest.raises(UserError, match="batch_size 9 .* does not split evenly over 2"):
         engine.fit(
             models.create("test_efficientnet_gn", 10, 1),
-            images,
-            targets,
+            training_data.TensorRows(images, targets),
             engine.Schedule(epochs=1, batch_size=9, lr=0.01),
             engine.Noise(),
             seed=0,

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from noisy_student import engine, models, storage
+from noisy_student import engine, models, storage, training_data
 from noisy_student.errors import UserError
 from noisy_student.training_state import STATE, TrainingState, pack, unpack
 
@@ -49,8 +49,7 @@ def _fit(averaging: str, state: TrainingState | None) -> engine.FitResult:
     model = models.create("test_resnet", 3, 1, drop_rate=0.3, drop_path_rate=0.1)
     return engine.fit(
         model,
-        x,
-        engine.one_hot(y, 3),
+        training_data.TensorRows(x, engine.one_hot(y, 3)),
         engine.Schedule(
             epochs=3,
             batch_size=4,
@@ -65,10 +64,8 @@ def _fit(averaging: str, state: TrainingState | None) -> engine.FitResult:
         # every source of randomness: crops, flips, RandAugment, dropout, drop path
         engine.Noise(rand_augment_ops=2, rand_augment_magnitude=9),
         seed=3,
-        pseudo_images=px,
-        pseudo_targets=soft_targets,
-        eval_images=ex,
-        eval_labels=ey,
+        pseudo=training_data.TensorRows(px, soft_targets),
+        evaluation=training_data.TensorBatches(ex, ey),
         state=state,
     )
 

@@ -1,8 +1,10 @@
-"""Find the dataset, or ingest Fashion-MNIST into it on first use; load its splits."""
+"""Find the dataset, or ingest Fashion-MNIST into it on first use; open its splits."""
 
 from __future__ import annotations
 
-from noisy_student import dataset, storage
+import torch
+
+from noisy_student import dataset, storage, training_data
 from noisy_student.config import FashionMnistSource
 from noisy_student.errors import UserError
 from noisy_student.stages.records import Log
@@ -61,13 +63,17 @@ def unlabelled_shards(root: str) -> list[int]:
     return list(range(len(dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).shards)))
 
 
-def load_labelled(root: str) -> tuple[dataset.Manifest, dataset.ImageSet]:
-    manifest, images = dataset.load(storage.join(root, dataset.LABELLED))
-    dataset.require_labels(manifest, images)
-    return manifest, images
+def labelled_rows(root: str, smoothing: float = 0.0) -> training_data.ShardRows:
+    """The labelled split, streamed: every row, its target one-hot (or smoothed)."""
+    return training_data.labelled_rows(
+        dataset.read_manifest(storage.join(root, dataset.LABELLED)), smoothing
+    )
 
 
-def load_test(root: str) -> tuple[dataset.Manifest, dataset.ImageSet]:
-    manifest, images = dataset.load(storage.join(root, dataset.TEST))
-    dataset.require_labels(manifest, images)
-    return manifest, images
+def test_batches(root: str, batch_size: int) -> training_data.TestBatches:
+    """The test split in (images, labels) batches, read afresh on every pass."""
+    return training_data.TestBatches(
+        dataset.read_manifest(storage.join(root, dataset.TEST)),
+        batch_size,
+        torch.cuda.is_available(),
+    )

@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
-from noisy_student import dataset, distributed, engine, models, storage, tracking
+from noisy_student import dataset, distributed, engine, models, storage, tracking, training_data
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
-from noisy_student.stages.prepare_data import load_labelled, load_test
+from noisy_student.stages.prepare_data import labelled_rows, test_batches
 from noisy_student.stages.records import Log, SelectedPseudoLabels, TrainedModel
 from noisy_student.training_state import TrainingState
 
@@ -65,9 +64,11 @@ def _training_state(
     cfg: TrainConfig, out_url: str, label: str, seed: int, **identity: Any
 ) -> TrainingState:
     """The state of this training run: the same config, seed and data find it again."""
+    # the order the data streams in is part of what a saved position means
+    order = f"row-group windows of {training_data.WINDOW_BLOCKS}"
     return TrainingState(
         storage.join(out_url, STATE_FOLDER),
-        {"config": cfg.model_dump(), "seed": seed, **identity},
+        {"config": cfg.model_dump(), "seed": seed, "data_order": order, **identity},
         cfg.checkpoint_every_steps,
         label,
         cfg.checkpoint_min_seconds,
@@ -118,6 +119,7 @@ def _finish_training(
         {
             "final_test_accuracy": fit.final_accuracy,
             "train_seconds": fit.seconds,
+            "decode_seconds": fit.decode_seconds,
             "steps": fit.steps,
         },
     )
@@ -136,13 +138,14 @@ def train_teacher(
 ) -> TrainedModel:
     """A timm model trained on the labelled images only, with ordinary augmentation."""
     start = time.perf_counter()
-    manifest, labelled = load_labelled(data_root)
-    _, test = load_test(data_root)
+    labelled = labelled_rows(data_root, cfg.label_smoothing)
+    manifest = labelled.manifest
+    test = test_batches(data_root, engine.Schedule.eval_batch_size)
     run_id = _start_stage_run(
         parent_run_id,
         "train_teacher",
         1,
-        _train_params(cfg, labelled_images=len(labelled), seed=seed),
+        _train_params(cfg, labelled_images=labelled.items, seed=seed),
         {f"{tracking.TAG}role": "teacher", f"{tracking.TAG}data_root": data_root},
     )
     with tracking.failed_on_error(run_id):
@@ -157,19 +160,16 @@ def train_teacher(
             cfg.checkpoint,
             cfg.stem,
         )
-        targets = engine.one_hot(labelled.labels, manifest.num_classes, cfg.label_smoothing)
         fit = engine.fit(
             model,
-            labelled.images,
-            targets,
+            labelled,
             _schedule(cfg),
             _noise(cfg),
             seed,
-            eval_images=test.images,
-            eval_labels=test.labels,
+            evaluation=test,
             on_epoch=_epoch_logger(run_id, "teacher", log),
             state=_training_state(
-                cfg, out_url, "teacher", seed, labelled=len(labelled), data_root=data_root
+                cfg, out_url, "teacher", seed, labelled=labelled.items, data_root=data_root
             ),
         )
         _report_resume(fit, "teacher", run_id, log)
@@ -183,34 +183,6 @@ def train_teacher(
             run_id,
             start,
         )
-
-
-def _load_selected(
-    selected_url: str, unlabelled: dataset.ImageSet
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selected images and their targets, each repeated as often as balancing said."""
-    info = storage.read_json(storage.join(selected_url, dataset.MANIFEST))
-    position = pd.Series(np.arange(len(unlabelled)), index=unlabelled.ids)
-    index, targets = [], []
-    for entry in info["shards"]:
-        url = storage.join(selected_url, entry["file"])
-        table = storage.read_parquet(url)
-        if table.num_rows != entry["rows"]:
-            raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
-        if table.num_rows == 0:
-            continue  # balancing can leave a shard with nothing selected
-        ids = table.column("id").to_pylist()
-        found = position.reindex(ids)
-        if found.isna().any():
-            raise UserError(
-                f"{url}: id {ids[int(found.isna().argmax())]!r} is not in the unlabelled set"
-            )
-        copies = table.column("copies").to_numpy()
-        target = table.column("target").combine_chunks()
-        index.append(np.repeat(found.to_numpy(dtype=np.int64), copies))
-        targets.append(np.repeat(target.values.to_numpy().reshape(len(target), -1), copies, 0))
-    index = torch.from_numpy(np.concatenate(index))
-    return unlabelled.images[index], torch.from_numpy(np.concatenate(targets))
 
 
 def train_student(
@@ -229,16 +201,17 @@ def train_student(
     noise: RandAugment on the input, dropout and stochastic depth in the model. The
     student is added as a version of `registered_model` when one is named."""
     start = time.perf_counter()
-    manifest, labelled = load_labelled(data_root)
-    _, unlabelled = dataset.load(storage.join(data_root, dataset.UNLABELLED))
-    _, test = load_test(data_root)
-    pseudo_images, pseudo_targets = _load_selected(selected.url, unlabelled)
+    labelled = labelled_rows(data_root, cfg.label_smoothing)
+    manifest = labelled.manifest
+    unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled)
+    test = test_batches(data_root, engine.Schedule.eval_batch_size)
     run_id = _start_stage_run(
         parent_run_id,
         "train_student",
         iteration,
         _train_params(
-            cfg, labelled_images=len(labelled), pseudo_labelled_images=len(pseudo_images), seed=seed
+            cfg, labelled_images=labelled.items, pseudo_labelled_images=pseudo.items, seed=seed
         ),
         {
             f"{tracking.TAG}role": "student",
@@ -278,26 +251,22 @@ def train_student(
                     f"{teacher_meta.model}, student is {cfg.model}"
                 )
             model.load_state_dict(models.load_state(teacher.url))
-        targets = engine.one_hot(labelled.labels, manifest.num_classes, cfg.label_smoothing)
         fit = engine.fit(
             model,
-            labelled.images,
-            targets,
+            labelled,
             _schedule(cfg),
             _noise(cfg),
             seed + iteration,
-            pseudo_images=pseudo_images,
-            pseudo_targets=pseudo_targets,
-            eval_images=test.images,
-            eval_labels=test.labels,
+            pseudo=pseudo,
+            evaluation=test,
             on_epoch=_epoch_logger(run_id, f"student {iteration}", log),
             state=_training_state(
                 cfg,
                 out_url,
                 f"student-{iteration}",
                 seed + iteration,
-                labelled=len(labelled),
-                pseudo_labelled=len(pseudo_images),
+                labelled=labelled.items,
+                pseudo_labelled=pseudo.items,
                 selected_url=selected.url,
                 teacher_url=teacher.url,
             ),
