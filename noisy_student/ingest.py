@@ -202,7 +202,12 @@ def _relative(url: str, root: str) -> str:
 
 
 def _list_images(folder: str) -> list[str]:
-    return [u for u in storage.find(folder) if not posixpath.basename(u).startswith(".")]
+    """The files under `folder` in a seeded random order (the same on every run). Training
+    reads a few row groups at a time and shuffles within them (training_data.py), so rows
+    written class folder by class folder would give batches of one or two classes."""
+    urls = sorted(u for u in storage.find(folder) if not posixpath.basename(u).startswith("."))
+    order = np.random.default_rng(0).permutation(len(urls))
+    return [urls[i] for i in order]
 
 
 def _load_image(
