@@ -78,6 +78,8 @@ def filter_and_balance(
         {"shards": len(shards), "teacher_model": teacher.model},
         lineage,
     )
+    # the teacher's logged model labelled these images (none for a bare checkpoint)
+    tracking.log_model_input(inference_run, tracking.logged_model_of_run(teacher.mlflow_run_id))
     for s in shards:
         tracking.log_metrics(
             inference_run, {"shard_rows": s.rows, "shard_seconds": s.seconds}, step=s.index
