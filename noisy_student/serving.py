@@ -21,12 +21,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.pyfunc import PythonModel
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from PIL import Image

@@ -276,11 +276,27 @@ def log_model_input(run_id: str, model_id: str | None) -> None:
         client().log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
-def log_model_metrics(run_id: str, model_id: str, metrics: dict[str, float | None]) -> None:
+# An evaluation's figures that become metrics of each judged model's logged model
+MODEL_FIGURES = ("test_accuracy", "corruption_accuracy", "mce", "relative_mce", "ece_clean")
+
+
+def log_model_figures(run_id: str, judged: list[dict[str, Any]], step: int = 0) -> None:
+    """Each judged model's figures (entries with `mlflow_run_id` and MODEL_FIGURES, as an
+    evaluation returns them) as metrics of its logged model, measured by `run_id`."""
+    for figures in judged:
+        model_id = logged_model_of_run(figures.get("mlflow_run_id", ""))
+        if model_id:
+            metrics = {k: figures.get(k) for k in MODEL_FIGURES}
+            log_model_metrics(run_id, model_id, metrics, step)
+
+
+def log_model_metrics(
+    run_id: str, model_id: str, metrics: dict[str, float | None], step: int = 0
+) -> None:
     """Metrics of a logged model measured by `run_id` (an evaluation after training)."""
     now = int(time.time() * 1000)
     batch = [
-        Metric(k, float(v), now, 0, model_id=model_id, run_id=run_id)
+        Metric(k, float(v), now, step, model_id=model_id, run_id=run_id)
         for k, v in metrics.items()
         if v is not None and v == v  # NaN: a figure without meaning, left out
     ]

@@ -28,15 +28,26 @@ from tests.conftest import REPO
 NAME = "ns-serving"
 
 
-@pytest.fixture()
-def champion(tiny_dataset, mlflow_uri, tmp_path, torch_one_thread):
-    """A teacher trained for one epoch by the real stage, registered, aliased champion."""
+@pytest.fixture(scope="module")
+def champion(tiny_dataset, tmp_path_factory):
+    """A teacher trained for one epoch by the real stage, registered, aliased champion; in
+    an MLflow store of this module's own, shared by its tests."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("serving")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    mp.chdir(tmp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the torch_one_thread fixture
     cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
     parent = tracking.start_run(NAME, "run")
-    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
+    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp / "t"), parent, 0)
     version = tracking.register(teacher.mlflow_run_id, NAME)
     tracking.set_alias(NAME, "champion", version)
-    return teacher
+    torch.set_num_threads(threads)
+    yield teacher
+    mp.undo()
 
 
 def _test_pngs(root: str, n: int) -> tuple[list[bytes], list[str]]:
@@ -102,16 +113,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_mlflow_models_serve_answers_a_posted_png_with_class_names(
-    champion, tiny_dataset, mlflow_uri
-):
+def test_mlflow_models_serve_answers_a_posted_png_with_class_names(champion, tiny_dataset):
     pngs, classes = _test_pngs(tiny_dataset, 2)
     port = _free_port()
     mlflow_cli = shutil.which("mlflow", path=os.path.dirname(sys.executable))
     server = subprocess.Popen(
         [mlflow_cli, "models", "serve", "-m", f"models:/{NAME}@champion"]
         + ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+        env=dict(os.environ),  # MLFLOW_TRACKING_URI: this module's store
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
