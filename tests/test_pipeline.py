@@ -234,3 +234,51 @@ def test_smoke_run_publishes_the_results_table_keyed_by_pipeline_name(smoke_run)
     assert rows[0]["student accuracy %"] == pytest.approx(
         100 * summary["iterations"][0]["student"]["test_accuracy"], abs=0.01
     )
+
+
+def test_smoke_run_diagnoses_the_pseudo_labels_of_every_iteration(smoke_run):
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    first, second = (it["pseudo_labels"] for it in summary["iterations"])
+    for p in (first, second):
+        d = p["diagnostics"]
+        assert sum(d["confidence_histogram"]["counts"]) == p["total"]
+        assert 0.0 < d["coverage_at_min_confidence"] <= 1.0
+        assert 0.0 <= d["precision_at_min_confidence"] <= 1.0
+        assert Path(d["figure_url"]).stat().st_size > 1000
+        logged = {f.path for f in client.list_artifacts(p["mlflow_run_id"], "figures")}
+        assert logged == {"figures/pseudo_labels.png"}
+    assert first["diagnostics"]["changed_since_previous"] is None
+    # the second teacher labelled the same 2000 images again
+    assert second["diagnostics"]["compared_with_previous"] == 2000
+    changed = client.get_run(second["mlflow_run_id"]).data.metrics["changed_since_previous"]
+    assert changed == second["diagnostics"]["changed_since_previous"] >= 0
+
+
+def test_smoke_run_shows_each_training_stage_progress_as_an_artifact(smoke_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    flow_run_id = client.get_run(summary["mlflow"]["parent_run_id"]).data.tags[
+        "prefect.flow_run_id"
+    ]
+    with get_client(sync_client=True) as prefect:
+        progress = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
+    # the teacher and two students, each moved to 100% by its last epoch
+    assert sorted(a.description for a in progress) == [
+        "student 1: epochs trained",
+        "student 2: epochs trained",
+        "teacher: epochs trained",
+    ]
+    assert all(a.data == 100.0 for a in progress)
