@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -123,6 +124,7 @@ def test_mlflow_models_serve_answers_a_posted_png_with_class_names(champion, tin
         env=dict(os.environ),  # MLFLOW_TRACKING_URI: this module's store
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its uvicorn workers stop with it, as one process group
     )
     try:
         body = json.dumps(
@@ -151,7 +153,7 @@ def test_mlflow_models_serve_answers_a_posted_png_with_class_names(champion, tin
                     raise
                 time.sleep(0.5)
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     predictions = answer["predictions"]
     assert len(predictions) == 2
