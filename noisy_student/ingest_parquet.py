@@ -224,9 +224,11 @@ def parquet(
 
     def rows() -> Rows:
         seen: dict[str, str] = {}
-        columns = [image_column] + [c for c in (label_column, id_column) if c and labelled_rows]
-        if id_column and id_column not in columns:
-            columns.append(id_column)
+        columns = [
+            image_column,
+            *([label_column] if labelled_rows else []),
+            *([id_column] if id_column else []),
+        ]
         for url in files:
             stem = posixpath.basename(url)
             row = 0
