@@ -17,6 +17,7 @@ from noisy_student import report, runs, storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
 from tasks import existing_teacher, prepare_data, promote
+from tasks.artifacts import link_mlflow_run, publish_results
 
 # What a deployment's parameters look like to Prefect, which validates them before a run
 # is created: a YAML path or URL, and {dotted key: value} overrides, every key checked.
@@ -79,6 +80,7 @@ def noisy_student(
         },
     )
     print(f"run {run_id}: artifacts in {run_url}, MLflow run {parent} at {tracking.display_uri()}")
+    link_mlflow_run(config.name, parent)  # only where the tracking URI is a server
     # finished tasks' results live in the run folder: found again by a resumed run
     results = runs.task_results_folder(run_url)
     train_teacher, filter_and_balance, train_student, evaluate_robustness = (
@@ -122,6 +124,8 @@ def noisy_student(
                 parent,
                 k,
                 config.seed,
+                # the last iteration's labels of the same images: how many changed class
+                storage.join(run_url, f"iteration-{k - 1}", "pseudo_labels") if k > 1 else None,
             )
             student = train_student(
                 student_cfg,
@@ -169,6 +173,7 @@ def noisy_student(
         summary["promotion"] = promotion
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
+        publish_results(summary, config.name)
         tracking.log_dict(parent, report.lineage(iterations), "lineage.json")
         tracking.log_text(parent, robustness.report, "robustness.md")
         final = iterations[-1]

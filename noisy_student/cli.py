@@ -94,6 +94,24 @@ def _cmd_ingest_image_folder(args: argparse.Namespace) -> None:
     _print_dataset(out)
 
 
+def _cmd_ingest_parquet(args: argparse.Namespace) -> None:
+    from noisy_student import ingest_parquet
+
+    out = ingest_parquet.parquet(
+        args.src,
+        args.dataset,
+        args.split,
+        args.image_column,
+        args.label_column or None,
+        args.id_column,
+        args.classes.split(",") if args.classes else None,
+        args.image_size,
+        args.mode,
+        args.rows_per_shard,
+    )
+    print(f"{args.split} split written to {out}")
+
+
 def _cmd_ingest_append(args: argparse.Namespace) -> None:
     from noisy_student import ingest, storage
 
@@ -373,6 +391,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imf.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
     imf.set_defaults(func=_cmd_ingest_image_folder)
+    pq = isub.add_parser(
+        "parquet",
+        help="one split from Parquet tables (a Hugging Face datasets export, any fsspec URL)",
+    )
+    pq.add_argument("src", help="a .parquet file or a folder of them (local or any fsspec URL)")
+    pq.add_argument("--dataset", required=True, help="dataset root URL to write the split into")
+    pq.add_argument(
+        "--split",
+        choices=["labelled", "unlabelled", "test"],
+        required=True,
+        help="the split these rows become (labels of an unlabelled split only score pseudo labels)",
+    )
+    pq.add_argument(
+        "--image-column", default="image", help="encoded images: bytes or {bytes, path}"
+    )
+    pq.add_argument(
+        "--label-column",
+        default="label",
+        help="class index or class name per row; '' for none (an unlabelled split)",
+    )
+    pq.add_argument("--id-column", help="unique ids (default: <file name>/<row>)")
+    pq.add_argument(
+        "--classes",
+        help="comma-separated class names (default: the datasets features in the file, the "
+        "dataset's other splits, or the label column's distinct names)",
+    )
+    pq.add_argument("--image-size", type=int, help="resize every image to NxN")
+    pq.add_argument("--mode", choices=["L", "RGB"], help="grayscale or colour (default: kept)")
+    pq.add_argument("--rows-per-shard", type=int, default=8192)
+    pq.set_defaults(func=_cmd_ingest_parquet)
     app = isub.add_parser(
         "append",
         help="add a batch of unlabelled images to a dataset (new manifest version), then "

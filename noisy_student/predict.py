@@ -97,12 +97,20 @@ def load_image(path: str, meta: models.ModelMeta) -> torch.Tensor:
     size as the pipeline's datasets are, or, for a model with timm's eval crop, resized
     to size / crop_pct and centre-cropped as timm evaluates ImageNet models."""
     try:
-        img = Image.open(io.BytesIO(storage.read_bytes(storage.resolve(path))))
-        img.load()
+        data = storage.read_bytes(storage.resolve(path))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    return image_tensor(data, meta, path)
+
+
+def image_tensor(data: bytes, meta: models.ModelMeta, where: str) -> torch.Tensor:
+    """Encoded image bytes as the model's 1 x C x H x W uint8 input; `where` names the image
+    in an error."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path}: corrupt image: {e}") from None
+        raise UserError(f"{where}: corrupt image: {e}") from None
     img = img.convert(meta.mode)
     mode = str_to_interp_mode(meta.interpolation)
     if meta.crop_pct is not None:

@@ -75,6 +75,7 @@ def iteration_summary(
             "mlflow_run_id": selected.mlflow_run_id,
             "inference_mlflow_run_id": selected.inference_run_id,
             "per_class": selected.per_class,
+            "diagnostics": diagnostics(selected.url),
         },
         "robustness_url": robustness.url,
         "robustness_report_url": robustness.report_url,
@@ -88,6 +89,33 @@ def iteration_summary(
             "evaluate_robustness": robustness.seconds,
         },
     }
+
+
+def diagnostics(selected_url: str) -> dict[str, Any] | None:
+    """The selection's pseudo-label diagnostics (confidence histogram, precision and coverage
+    against the threshold, changes since the last iteration), as its manifest holds them."""
+    url = storage.join(selected_url, "_manifest.json")
+    return storage.read_json(url).get("diagnostics") if storage.exists(url) else None
+
+
+def diagnostics_table(summary: dict[str, Any]) -> list[str]:
+    """Per iteration: how trustworthy the pseudo labels were, and the figure showing it."""
+    lines = [
+        "pseudo labels: precision and coverage at min_confidence (where true labels are "
+        "known), labels that changed class since the last iteration",
+    ]
+    for it in summary["iterations"]:
+        d = it["pseudo_labels"].get("diagnostics")
+        if not d:
+            continue
+        changed = d.get("changed_since_previous")
+        lines.append(
+            f"{it['iteration']:>4}  precision {_pct(d.get('precision_at_min_confidence')):>7}  "
+            f"coverage {_pct(d.get('coverage_at_min_confidence')):>7}  changed "
+            + ("-" if changed is None else f"{changed}/{d['compared_with_previous']}")
+            + f"  figure {d['figure_url']}"
+        )
+    return lines if len(lines) > 1 else []
 
 
 def summary(
@@ -209,6 +237,8 @@ def table(summary: dict[str, Any]) -> str:
             f"models:/{promotion['registered_model']}/{best['version']}, not the final student"
         )
     lines += ["", *robustness_table(summary), ""]
+    if diagnosed := diagnostics_table(summary):
+        lines += [*diagnosed, ""]
     lines.append(
         f"total {summary['seconds']:.0f} s; MLflow parent run "
         f"{summary['mlflow']['parent_run_id']} ({summary['mlflow']['tracking_uri']})"

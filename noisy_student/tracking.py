@@ -23,7 +23,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    DatasetInput,
+    InputTag,
+    LoggedModelInput,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException
 
 from noisy_student import storage
@@ -196,6 +204,105 @@ def log_checkpoint(run_id: str, checkpoint_url: str, artifact_path: str = "model
         client().log_artifacts(run_id, tmp, artifact_path)
 
 
+# What a server loading a logged model needs besides the project itself (installed where
+# `mlflow models serve --env-manager local` runs); given, so MLflow does not infer them by
+# loading the model in a subprocess.
+_SERVING_REQUIREMENTS = ("mlflow", "torch", "timm", "safetensors", "pillow", "pandas", "numpy")
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in _SERVING_REQUIREMENTS]
+
+
+def log_model(
+    run_id: str, checkpoint_url: str, name: str, model_type: str, tags: dict[str, str]
+) -> str:
+    """The checkpoint as an MLflow logged model output by `run_id` (the Models tab): a pyfunc
+    around the safetensors files (see `serving`). It gets the run's params and the metrics
+    the run has logged at step 0. Returns the model id."""
+    from mlflow.models import Model
+
+    from noisy_student import serving
+    from noisy_student.models import META, WEIGHTS, load_meta
+
+    c = client()
+    run = c.get_run(run_id)
+    params = {k: v for k, v in run.data.params.items()}
+    model = c.create_logged_model(
+        run.info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        params=params,
+        tags={k: redact(str(v)) for k, v in tags.items()},
+        model_type=model_type,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, serving.CHECKPOINT)
+        os.makedirs(folder)
+        for file in (WEIGHTS, META):
+            with open(os.path.join(folder, file), "wb") as f:
+                f.write(storage.read_bytes(storage.join(checkpoint_url, file)))
+        meta = load_meta(folder)
+        Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=serving.MODEL_CODE,
+            artifacts={serving.CHECKPOINT: folder},
+            signature=serving.SIGNATURE,
+            input_example=pd.DataFrame({"image": [serving.example_image(meta)]}),
+            pip_requirements=_requirements(),
+        )
+    return model.model_id
+
+
+def logged_model_of_run(run_id: str) -> str | None:
+    """The id of the logged model a run output (a training stage's model), or None."""
+    if not run_id:
+        return None
+    outputs = client().get_run(run_id).outputs
+    found = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    return found[-1] if found else None
+
+
+def log_model_input(run_id: str, model_id: str | None) -> None:
+    """Record a logged model as an input of the run (the teacher of a labelling or student
+    run); nothing when there is none (a teacher given as a bare checkpoint)."""
+    if model_id:
+        client().log_inputs(run_id, models=[LoggedModelInput(model_id)])
+
+
+# An evaluation's figures that become metrics of each judged model's logged model
+MODEL_FIGURES = ("test_accuracy", "corruption_accuracy", "mce", "relative_mce", "ece_clean")
+
+
+def log_model_figures(run_id: str, judged: list[dict[str, Any]], step: int = 0) -> None:
+    """Each judged model's figures (entries with `mlflow_run_id` and MODEL_FIGURES, as an
+    evaluation returns them) as metrics of its logged model, measured by `run_id`."""
+    for figures in judged:
+        model_id = logged_model_of_run(figures.get("mlflow_run_id", ""))
+        if model_id:
+            metrics = {k: figures.get(k) for k in MODEL_FIGURES}
+            log_model_metrics(run_id, model_id, metrics, step)
+
+
+def log_model_metrics(
+    run_id: str, model_id: str, metrics: dict[str, float | None], step: int = 0
+) -> None:
+    """Metrics of a logged model measured by `run_id` (an evaluation after training)."""
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step, model_id=model_id, run_id=run_id)
+        for k, v in metrics.items()
+        if v is not None and v == v  # NaN: a figure without meaning, left out
+    ]
+    client().log_batch(run_id, metrics=batch)
+
+
 def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, context: str) -> None:
     """Record a dataset (a small summary frame standing for it) as an input of the run."""
     # from_pandas warns that a local path could be several source kinds and that integer
@@ -225,15 +332,20 @@ def failed_on_error(*run_ids: str | None) -> Iterator[None]:
         raise
 
 
-def register(run_id: str, model_name: str, artifact_path: str = "model") -> str:
-    """Add the run's checkpoint as a new version of a registered model; returns the version."""
+def register(run_id: str, model_name: str, model_id: str | None = None) -> str:
+    """Add the run's logged model (by default the one the run output) as a new version of a
+    registered model; returns the version. `mlflow.pyfunc.load_model("models:/NAME@ALIAS")`
+    loads it. A run without a logged model (checkpoint files only, as runs logged before
+    logged models were) gives a version of its `model/` folder, which only `predict` reads."""
     c = client()
     try:
         c.create_registered_model(model_name)
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    mv = c.create_model_version(model_name, f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    model_id = model_id or logged_model_of_run(run_id)
+    source = f"models:/{model_id}" if model_id else f"runs:/{run_id}/model"
+    mv = c.create_model_version(model_name, source, run_id=run_id, model_id=model_id)
     return mv.version
 
 

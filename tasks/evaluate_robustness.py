@@ -4,7 +4,7 @@ the Markdown report becomes a Prefect artifact of the task run."""
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from noisy_student import stages
+from noisy_student import stages, tracking
 from noisy_student.config import EvaluationConfig
 from tasks.policies import CACHED, IO_RETRIES
 
@@ -29,6 +29,8 @@ def evaluate_robustness(
         earlier,
         get_run_logger().info,
     )
+    # test accuracy, mCE, ECE on the teacher's and the student's MLflow logged models
+    tracking.log_model_figures(result.mlflow_run_id, result.models, iteration)
     # the same key every run, so the Artifacts page shows each iteration's report history
     create_markdown_artifact(
         markdown=result.report,

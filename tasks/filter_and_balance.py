@@ -18,6 +18,7 @@ def filter_and_balance(
     parent_run_id: str,
     iteration: int,
     seed: int,
+    previous_pseudo_url: str | None = None,
 ) -> stages.SelectedPseudoLabels:
     return stages.filter_and_balance(
         shards,
@@ -30,4 +31,5 @@ def filter_and_balance(
         iteration,
         seed,
         get_run_logger().info,
+        previous_pseudo_url,
     )

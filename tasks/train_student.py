@@ -4,6 +4,7 @@ from prefect import get_run_logger, task
 
 from noisy_student import stages, train_distributed
 from noisy_student.config import PipelineConfig, StudentConfig
+from tasks.artifacts import training_progress
 from tasks.policies import CACHED
 
 
@@ -48,4 +49,5 @@ def train_student(
         seed,
         registered_model,
         log,
+        training_progress(f"student {iteration}"),
     )

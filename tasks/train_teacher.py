@@ -4,6 +4,7 @@ from prefect import get_run_logger, task
 
 from noisy_student import stages, train_distributed
 from noisy_student.config import PipelineConfig, TeacherConfig
+from tasks.artifacts import training_progress
 from tasks.policies import CACHED
 
 
@@ -23,4 +24,6 @@ def train_teacher(
         return train_distributed.launch(
             torchrun, "teacher", data_root, out_url, parent_run_id, log=log
         )
-    return stages.train_teacher(cfg, data_root, out_url, parent_run_id, seed, log)
+    return stages.train_teacher(
+        cfg, data_root, out_url, parent_run_id, seed, log, training_progress("teacher")
+    )

@@ -192,3 +192,93 @@ def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
     assert artifact is not None and artifact.type == "markdown"
     assert "# Robustness after iteration 2" in artifact.data
     assert summary["iterations"][1]["student"]["mlflow_run_id"] in artifact.data
+
+
+def test_smoke_run_logs_a_model_per_trained_model_with_mlflow_lineage(smoke_run):
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("noisy-student-smoke").experiment_id
+    logged = client.search_logged_models([experiment])
+    assert sorted(m.name for m in logged) == ["student-1", "student-2", "teacher-1"]
+    by_run = {m.source_run_id: m for m in logged}
+    for it in summary["iterations"]:
+        teacher = by_run[it["teacher"]["mlflow_run_id"]]
+        student = by_run[it["student"]["mlflow_run_id"]]
+        run = client.get_run(it["student"]["mlflow_run_id"])
+        # the student run takes the teacher's model and the pseudo-labelled set, outputs its own
+        assert [m.model_id for m in run.inputs.model_inputs] == [teacher.model_id]
+        assert [m.model_id for m in run.outputs.model_outputs] == [student.model_id]
+        sources = [d.dataset.source for d in run.inputs.dataset_inputs]
+        assert any(it["pseudo_labels"]["url"] in s for s in sources), sources
+        labelling = client.get_run(it["pseudo_labels"]["inference_mlflow_run_id"])
+        assert [m.model_id for m in labelling.inputs.model_inputs] == [teacher.model_id]
+        # the evaluation's figures are the student model's metrics
+        metrics = {m.key: m.value for m in client.get_logged_model(student.model_id).metrics}
+        assert metrics["test_accuracy"] == pytest.approx(it["student"]["test_accuracy"])
+        assert metrics["mce"] == pytest.approx(it["student"]["mce"])
+        assert metrics["ece_clean"] == pytest.approx(it["student"]["ece_clean"])
+    # registered versions are made from the logged models
+    for v in client.search_model_versions("name='noisy-student-smoke'"):
+        assert v.source == f"models:/{by_run[v.run_id].model_id}"
+
+
+def test_smoke_run_publishes_the_results_table_keyed_by_pipeline_name(smoke_run):
+    from prefect.artifacts import Artifact
+
+    summary, _ = smoke_run
+    artifact = Artifact.get("noisy-student-smoke")
+    assert artifact is not None and artifact.type == "table"
+    rows = json.loads(artifact.data)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[1]["student MLflow run"] == summary["iterations"][1]["student"]["mlflow_run_id"]
+    assert rows[0]["student accuracy %"] == pytest.approx(
+        100 * summary["iterations"][0]["student"]["test_accuracy"], abs=0.01
+    )
+
+
+def test_smoke_run_diagnoses_the_pseudo_labels_of_every_iteration(smoke_run):
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    first, second = (it["pseudo_labels"] for it in summary["iterations"])
+    for p in (first, second):
+        d = p["diagnostics"]
+        assert sum(d["confidence_histogram"]["counts"]) == p["total"]
+        assert 0.0 < d["coverage_at_min_confidence"] <= 1.0
+        assert 0.0 <= d["precision_at_min_confidence"] <= 1.0
+        assert Path(d["figure_url"]).stat().st_size > 1000
+        logged = {f.path for f in client.list_artifacts(p["mlflow_run_id"], "figures")}
+        assert logged == {"figures/pseudo_labels.png"}
+    assert first["diagnostics"]["changed_since_previous"] is None
+    # the second teacher labelled the same 2000 images again
+    assert second["diagnostics"]["compared_with_previous"] == 2000
+    changed = client.get_run(second["mlflow_run_id"]).data.metrics["changed_since_previous"]
+    assert changed == second["diagnostics"]["changed_since_previous"] >= 0
+
+
+def test_smoke_run_shows_each_training_stage_progress_as_an_artifact(smoke_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    summary, tmp = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    flow_run_id = client.get_run(summary["mlflow"]["parent_run_id"]).data.tags[
+        "prefect.flow_run_id"
+    ]
+    with get_client(sync_client=True) as prefect:
+        progress = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
+    # the teacher and two students, each moved to 100% by its last epoch
+    assert sorted(a.description for a in progress) == [
+        "student 1: epochs trained",
+        "student 2: epochs trained",
+        "teacher: epochs trained",
+    ]
+    assert all(a.data == 100.0 for a in progress)

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from noisy_student import dataset, selection, storage, tracking
+from noisy_student import dataset, diagnostics, selection, storage, tracking
 from noisy_student.config import SelectionConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.records import (
@@ -37,14 +37,34 @@ def _truth(data_root: str) -> pd.Series | None:
     return storage.read_parquet(url).to_pandas().set_index("id")["label"]
 
 
-def _score(truth: pd.Series | None, ids: list[str], predicted: np.ndarray) -> tuple[int, int]:
-    """(right, scored): how many pseudo labels equal the true label, among the images whose
-    true label is known. Images appended later (`ingest append`) have none: not scored."""
+def _correct(
+    truth: pd.Series | None, ids: list[str], predicted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(correct, known) masks: pseudo label equals the true label; the true label is known.
+    Images appended later (`ingest append`) have none: not scored. None without truth."""
     if truth is None:
-        return 0, 0
+        return None
     true = truth.reindex(ids).to_numpy()
     known = ~pd.isna(true)
-    return int((true[known] == np.asarray(predicted)[known]).sum()), int(known.sum())
+    return (true == np.asarray(predicted)) & known, known
+
+
+def _score(truth: pd.Series | None, ids: list[str], predicted: np.ndarray) -> tuple[int, int]:
+    """(right, scored): how many pseudo labels equal the true label, among the images whose
+    true label is known."""
+    masks = _correct(truth, ids, predicted)
+    return (0, 0) if masks is None else (int(masks[0].sum()), int(masks[1].sum()))
+
+
+def _previous_shards(previous_pseudo_url: str | None) -> dict[str, str]:
+    """The previous iteration's pseudo-label shards by file name (none in iteration 1)."""
+    if not previous_pseudo_url:
+        return {}
+    url = storage.join(previous_pseudo_url, dataset.MANIFEST)
+    if not storage.exists(url):
+        raise UserError(f"{url}: the previous iteration's pseudo labels are missing")
+    shards = storage.read_json(url)["shards"]
+    return {s["file"]: storage.join(previous_pseudo_url, s["file"]) for s in shards}
 
 
 def filter_and_balance(
@@ -58,9 +78,11 @@ def filter_and_balance(
     iteration: int,
     seed: int,
     log: Log = print,
+    previous_pseudo_url: str | None = None,
 ) -> SelectedPseudoLabels:
     """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
-    in two passes over the shards (selection.py says how)."""
+    in two passes over the shards (selection.py says how). With `previous_pseudo_url` (the
+    last iteration's pseudo labels of the same images), count the labels that changed."""
     start = time.perf_counter()
     shards = sorted(shards, key=lambda s: s.index)
     lineage = {
@@ -78,6 +100,8 @@ def filter_and_balance(
         {"shards": len(shards), "teacher_model": teacher.model},
         lineage,
     )
+    # the teacher's logged model labelled these images (none for a bare checkpoint)
+    tracking.log_model_input(inference_run, tracking.logged_model_of_run(teacher.mlflow_run_id))
     for s in shards:
         tracking.log_metrics(
             inference_run, {"shard_rows": s.rows, "shard_seconds": s.seconds}, step=s.index
@@ -109,14 +133,26 @@ def filter_and_balance(
         # pass 1: per-class confidence histograms, two small columns per shard
         histogram = np.zeros((k, selection.NUM_BINS), dtype=np.int64)
         confidence_sum, right_all, scored_all = 0.0, 0, 0
+        stats = diagnostics.PseudoLabelStats()
+        previous = _previous_shards(previous_pseudo_url)
         for s in shards:
             table = _read_shard(s, ["id", "predicted", "confidence"])
+            ids = table.column("id").to_pylist()
             predicted = table.column("predicted").to_numpy()
             confidence = table.column("confidence").to_numpy()
             histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
             confidence_sum += float(confidence.sum())
-            right, scored = _score(truth, table.column("id").to_pylist(), predicted)
-            right_all, scored_all = right_all + right, scored_all + scored
+            masks = _correct(truth, ids, predicted)
+            if masks is not None:
+                right_all += int(masks[0].sum())
+                scored_all += int(masks[1].sum())
+            stats.add(confidence, *(masks or (None, None)))
+            before_url = previous.get(s.url.rsplit("/", 1)[-1])
+            if before_url:
+                before = storage.read_parquet(before_url, ["id", "predicted"]).to_pandas()
+                earlier = before.set_index("id")["predicted"].reindex(ids).to_numpy()
+                both = ~pd.isna(earlier)
+                stats.add_changes(earlier[both].astype(np.int64), predicted[both])
         accuracy_all = right_all / scored_all if scored_all else None
         tracking.log_metrics(
             inference_run,
@@ -177,6 +213,12 @@ def filter_and_balance(
         per_class["name"] = [manifest.class_names[c] for c in per_class["class"]]
         kept, selected = int(per_class["kept"].sum()), int(per_class["final"].sum())
         accuracy = right_kept / scored_kept if scored_kept else None
+        report = stats.summary(cfg.min_confidence)
+        figure = diagnostics.figure(
+            stats, cfg.min_confidence, f"pseudo labels of iteration {iteration}"
+        )
+        report["figure_url"] = storage.join(out_url, "pseudo_labels.png")
+        storage.write_bytes(report["figure_url"], figure)
         storage.write_json(
             storage.join(out_url, dataset.MANIFEST),
             {
@@ -187,6 +229,7 @@ def filter_and_balance(
                 "shards": files,
                 "pseudo_labels_url": pseudo_url,
                 "per_class": per_class.to_dict(orient="records"),
+                "diagnostics": report,
             },
         )
         metrics = {"total": total, "kept": kept, "selected": selected, "dropped": total - kept}
@@ -196,7 +239,21 @@ def filter_and_balance(
                 "pseudo_label_accuracy_all": accuracy_all,
                 "pseudo_label_scored": scored_kept,
             }
+        tracking.log_bytes(run_id, figure, "figures/pseudo_labels.png")
+        tracking.log_dict(run_id, report, "diagnostics.json")
+        for key in ("precision_at_min_confidence", "coverage_at_min_confidence"):
+            metrics[key] = report.get(key)
+        if report["changed_since_previous"] is not None:
+            metrics["changed_since_previous"] = report["changed_since_previous"]
+            metrics["changed_since_previous_fraction"] = report["changed_since_previous"] / max(
+                1, report["compared_with_previous"]
+            )
         tracking.log_metrics(run_id, metrics)
+        if report["changed_since_previous"] is not None:
+            log(
+                f"pseudo labels: {report['changed_since_previous']} of "
+                f"{report['compared_with_previous']} changed class since the last iteration"
+            )
         tracking.log_dict(run_id, per_class.to_dict(orient="records"), "per_class.json")
         tracking.log_dataset(run_id, per_class, out_url, f"selected-{iteration}", "pseudo_labels")
         tracking.set_tags(

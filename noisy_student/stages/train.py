@@ -8,6 +8,7 @@ rank 0 has an MLflow run and writes the checkpoint, the others just train their 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -81,11 +82,18 @@ def _report_resume(fit: engine.FitResult, label: str, run_id: str, log: Log) -> 
         tracking.log_metrics(run_id, {"resumed_from_step": fit.resumed_from_step})
 
 
-def _epoch_logger(run_id: str, role: str, log: Log) -> engine.EpochCallback:
+Progress = Callable[[float], None]  # the share of the epochs done, 0 to 1
+
+
+def _epoch_logger(
+    run_id: str, role: str, log: Log, epochs: int, on_progress: Progress | None = None
+) -> engine.EpochCallback:
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(run_id, metrics, step=epoch)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         log(f"{role} epoch {epoch}: {shown}")
+        if on_progress is not None:
+            on_progress(epoch / epochs)
 
     return on_epoch
 
@@ -124,6 +132,13 @@ def _finish_training(
         },
     )
     tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": out_url})
+    tracking.log_model(
+        run_id,
+        out_url,
+        f"{role}-{iteration}",
+        role,
+        {f"{tracking.TAG}checkpoint_url": out_url, f"{tracking.TAG}iteration": str(iteration)},
+    )
     tracking.end_run(run_id)
     return TrainedModel(role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, seconds)
 
@@ -135,6 +150,7 @@ def train_teacher(
     parent_run_id: str,
     seed: int,
     log: Log = print,
+    on_progress: Progress | None = None,
 ) -> TrainedModel:
     """A timm model trained on the labelled images only, with ordinary augmentation."""
     start = time.perf_counter()
@@ -167,7 +183,7 @@ def train_teacher(
             _noise(cfg),
             seed,
             evaluation=test,
-            on_epoch=_epoch_logger(run_id, "teacher", log),
+            on_epoch=_epoch_logger(run_id, "teacher", log, cfg.epochs, on_progress),
             state=_training_state(
                 cfg, out_url, "teacher", seed, labelled=labelled.items, data_root=data_root
             ),
@@ -196,6 +212,7 @@ def train_student(
     seed: int,
     registered_model: str | None = None,
     log: Log = print,
+    on_progress: Progress | None = None,
 ) -> TrainedModel:
     """An equal-or-larger model trained on labelled plus pseudo-labelled images, with
     noise: RandAugment on the input, dropout and stochastic depth in the model. The
@@ -223,6 +240,8 @@ def train_student(
     )
     with tracking.failed_on_error(run_id):
         if run_id is not None:
+            # lineage the MLflow way: the teacher's logged model and the pseudo-labelled set
+            tracking.log_model_input(run_id, tracking.logged_model_of_run(teacher.mlflow_run_id))
             tracking.log_dataset(
                 run_id,
                 pd.DataFrame(selected.per_class),
@@ -259,7 +278,7 @@ def train_student(
             seed + iteration,
             pseudo=pseudo,
             evaluation=test,
-            on_epoch=_epoch_logger(run_id, f"student {iteration}", log),
+            on_epoch=_epoch_logger(run_id, f"student {iteration}", log, cfg.epochs, on_progress),
             state=_training_state(
                 cfg,
                 out_url,

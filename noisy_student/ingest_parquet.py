@@ -1,0 +1,275 @@
+"""Parquet tables into the dataset format: a Hugging Face `datasets` export, a feature
+store's images, any table with a column of encoded images.
+
+One call writes one split (`labelled`, `unlabelled` or `test`) of a dataset root, from a
+Parquet file or a folder of them at any fsspec URL, read a record batch at a time. The
+image column holds encoded bytes or the `{bytes, path}` struct `datasets` writes; the
+optional label column holds class indices or class names. Class names come from
+`classes`, else the `datasets` features in the schema's metadata, else a split already in
+the dataset, else the label column's distinct strings (sorted). Labels of an unlabelled
+split are kept apart, as its true labels, only to score pseudo labels.
+
+All or nothing, as the other ingests: shards first, manifest last; the first bad row (no
+image, an undecodable one, a label outside the classes, a repeated id) stops the ingest
+with a one-line error naming the file and row, and removes what was written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from noisy_student import storage
+from noisy_student.dataset import LABELLED, MANIFEST, TEST, UNLABELLED, read_manifest
+from noisy_student.errors import UserError
+from noisy_student.ingest import Rows, _write_splits
+
+BATCH_ROWS = 1024
+SPLITS = (LABELLED, UNLABELLED, TEST)
+
+
+def parquet_files(src: str) -> list[str]:
+    """The Parquet files at `src`: the file itself, or every `*.parquet` under the folder."""
+    url = storage.resolve(src)
+    if storage.isdir(url):
+        files = sorted(u for u in storage.find(url) if u.endswith(".parquet"))
+        if not files:
+            raise UserError(f"{url}: no .parquet files in this folder")
+        return files
+    if not storage.exists(url):
+        raise UserError(f"{url}: file not found")
+    return [url]
+
+
+def _schema(url: str) -> pa.Schema:
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"{url}: not a Parquet file ({' '.join(str(e).split())})") from None
+
+
+def hf_class_names(schema: pa.Schema, label_column: str) -> list[str] | None:
+    """The class names a `datasets` ClassLabel feature stores in the schema metadata."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    feature = info.get("info", {}).get("features", {}).get(label_column) or {}
+    names = feature.get("names")
+    return [str(n) for n in names] if feature.get("_type") == "ClassLabel" and names else None
+
+
+def _batches(url: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+
+def _image_bytes(value: Any, where: str) -> bytes:
+    if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        data = value.get("bytes")
+        if data is None:
+            raise UserError(f"{where}: the image has no bytes (path {value.get('path')!r} only)")
+        return data
+    if value is None:
+        raise UserError(f"{where}: no image")
+    if not isinstance(value, bytes):
+        raise UserError(f"{where}: the image column holds {type(value).__name__}, not bytes")
+    return value
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{where}: undecodable image: {' '.join(str(e).split())}") from None
+    return img
+
+
+def _existing_splits(root: str) -> list[Any]:
+    return [
+        read_manifest(storage.join(root, s))
+        for s in SPLITS
+        if storage.exists(storage.join(root, s, MANIFEST))
+    ]
+
+
+def _class_names(
+    files: list[str],
+    label_column: str | None,
+    classes: list[str] | None,
+    existing: list[Any],
+) -> list[str] | None:
+    """Class names by precedence (see the module's docstring); None: read from the labels."""
+    if classes:
+        return list(classes)
+    if label_column:
+        for url in files:
+            names = hf_class_names(_schema(url), label_column)
+            if names:
+                return names
+    if existing:
+        return existing[0].class_names
+    return None
+
+
+def _distinct_strings(files: list[str], label_column: str) -> list[str]:
+    seen: set[str] = set()
+    for url in files:
+        for batch in _batches(url, [label_column]):
+            column = batch.column(0)
+            if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+                raise UserError(
+                    f"{url}: column {label_column!r} holds class indices and no class names "
+                    "are known: give them with --classes"
+                )
+            seen.update(v for v in column.to_pylist() if v is not None)
+    return sorted(seen)
+
+
+def parquet(
+    src: str,
+    dataset: str,
+    split: str,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    id_column: str | None = None,
+    classes: list[str] | None = None,
+    image_size: int | None = None,
+    mode: str | None = None,
+    rows_per_shard: int = 8192,
+) -> str:
+    """Write split `split` of the dataset at `dataset` from the Parquet table(s) at `src`.
+
+    Images are converted to `mode` ("L" or "RGB") and resized to image_size^2 when given;
+    otherwise they keep the mode and size of the dataset's other splits, or of the first
+    image, and one of another size is an error. Ids are `id_column`'s values, or
+    `<file name>/<row>`. The label column is required for the labelled and test splits
+    and optional for the unlabelled one. Returns the dataset root's URL.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    if mode not in (None, "L", "RGB"):
+        raise UserError(f"mode must be 'L' or 'RGB', not {mode!r}")
+    root = storage.resolve(dataset)
+    if storage.exists(storage.join(root, split, MANIFEST)):
+        raise UserError(
+            f"{storage.join(root, split)}: the split exists already (add images to the "
+            "unlabelled split with `ingest append`)"
+        )
+    files = parquet_files(src)
+    labels_needed = split in (LABELLED, TEST)
+    present = set()
+    for url in files:
+        names = set(_schema(url).names)
+        for column in filter(None, (image_column, id_column)):
+            if column not in names:
+                raise UserError(f"{url}: no column {column!r} (columns: {sorted(names)})")
+        if label_column and label_column not in names and labels_needed:
+            raise UserError(f"{url}: no column {label_column!r} (columns: {sorted(names)})")
+        present.add(bool(label_column) and label_column in names)
+    if len(present) > 1:
+        raise UserError(f"{src}: some files have the column {label_column!r}, others not")
+    labelled_rows = present == {True}
+    existing = _existing_splits(root)
+    class_names = _class_names(files, label_column if labelled_rows else None, classes, existing)
+    if class_names is None:
+        if not labelled_rows:
+            raise UserError(f"{src}: no labels and no class names: give them with --classes")
+        class_names = _distinct_strings(files, label_column)
+    if existing and existing[0].class_names != class_names:
+        raise UserError(
+            f"{existing[0].url}: the dataset's classes {existing[0].class_names} differ "
+            f"from this table's {class_names}"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    shape = {"mode": mode, "size": (image_size, image_size) if image_size else None}
+    if existing:
+        shape["mode"] = shape["mode"] or existing[0].mode
+        shape["size"] = shape["size"] or (existing[0].width, existing[0].height)
+    truth_ids: list[str] = []
+    truth_labels: list[int] = []
+
+    def label_of(value: Any, where: str) -> int | None:
+        if value is None:
+            if labels_needed:
+                raise UserError(f"{where}: no label")
+            return None
+        if isinstance(value, str):
+            if value not in index:
+                raise UserError(f"{where}: label {value!r} is not among the classes {class_names}")
+            return index[value]
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise UserError(f"{where}: label {value!r} is neither a class index nor a name")
+        if not 0 <= int(value) < len(class_names):
+            raise UserError(
+                f"{where}: label {value} outside the {len(class_names)} classes "
+                f"[0, {len(class_names)})"
+            )
+        return int(value)
+
+    def rows() -> Rows:
+        seen: dict[str, str] = {}
+        columns = [
+            image_column,
+            *([label_column] if labelled_rows else []),
+            *([id_column] if id_column else []),
+        ]
+        for url in files:
+            stem = posixpath.basename(url)
+            row = 0
+            for batch in _batches(url, columns):
+                values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                for i in range(batch.num_rows):
+                    where = f"{url}: row {row}"
+                    id = str(values[id_column][i]) if id_column else f"{stem}/{row}"
+                    if id in seen:
+                        raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
+                    seen[id] = where
+                    img = _decode(_image_bytes(values[image_column][i], where), where)
+                    if shape["mode"] is None:
+                        shape["mode"] = "L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB"
+                    img = img.convert(shape["mode"])
+                    if shape["size"] is None:
+                        shape["size"] = img.size
+                    elif img.size != shape["size"] and image_size is None:
+                        w, h = shape["size"]
+                        raise UserError(
+                            f"{where}: image is {img.size[0]}x{img.size[1]}, the others "
+                            f"{w}x{h} (give --image-size to resize them all)"
+                        )
+                    elif img.size != shape["size"]:
+                        img = img.resize(shape["size"], Image.Resampling.BILINEAR)
+                    label = label_of(values[label_column][i], where) if labelled_rows else None
+                    if split == UNLABELLED:
+                        if label is not None:
+                            truth_ids.append(id)
+                            truth_labels.append(label)
+                        label = None
+                    yield id, np.asarray(img), label
+                    row += 1
+
+    truth = (truth_ids, truth_labels) if split == UNLABELLED and labelled_rows else None
+    _write_splits(
+        root,
+        class_names,
+        [(split, rows(), None)],
+        rows_per_shard,
+        truth=truth,
+        every_class_labelled=split == LABELLED,
+    )
+    return root

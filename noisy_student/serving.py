@@ -1,0 +1,101 @@
+"""A trained model as an MLflow pyfunc: what `mlflow.pyfunc.load_model` and `mlflow models
+serve` run.
+
+The logged model holds the checkpoint files themselves (`model.safetensors`, `model.json`)
+as its artifact `checkpoint`, and is made "from code" (`pyfunc_model.py`, which builds
+an `ImageClassifier`): nothing is pickled, so loading it runs no pickled code. The weights are read
+with `models.load` and images go through `predict.image_tensor`: the same loader and
+preprocessing as `noisy-student predict`.
+
+Input: a column `image` of encoded images (PNG, JPEG ...), as bytes in Python; over REST
+`mlflow models serve` base64-decodes a binary column itself, and base64 strings given
+in Python are decoded here. Output: per image, `top_classes` (class names) and
+`top_probabilities`, best first, top 5 or every class when there are fewer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+from PIL import Image
+
+from noisy_student import engine, models, predict
+from noisy_student.errors import UserError
+
+MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
+CHECKPOINT = "checkpoint"  # the artifact holding the checkpoint folder
+TOP_K = 5
+BATCH_SIZE = 256
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema(
+        [
+            ColSpec(Array(DataType.string), "top_classes"),
+            ColSpec(Array(DataType.double), "top_probabilities"),
+        ]
+    ),
+)
+
+
+def example_image(meta: models.ModelMeta) -> bytes:
+    """A mid-grey PNG of the model's size and mode: the logged input example."""
+    buf = io.BytesIO()
+    Image.new(meta.mode, (meta.width, meta.height), 128 if meta.mode == "L" else (128,) * 3).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+def _as_bytes(value: Any, row: int) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise UserError(f"image row {row}: not base64 ({e})") from None
+    raise UserError(f"image row {row}: expected bytes or a base64 string, got {type(value)}")
+
+
+class ImageClassifier(PythonModel):
+    def load_context(self, context: Any) -> None:
+        self.model, self.meta = models.load(context.artifacts[CHECKPOINT])
+        engine.for_inference(self.model.to(engine.device()))
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        if "image" not in model_input.columns:
+            raise UserError(f"input has no column 'image' (columns: {list(model_input.columns)})")
+        images = [
+            predict.image_tensor(_as_bytes(v, i), self.meta, f"image row {i}")
+            for i, v in enumerate(model_input["image"])
+        ]
+        if not images:
+            return pd.DataFrame({"top_classes": [], "top_probabilities": []})
+        probs = torch.cat(
+            [
+                engine.batch_probs(self.model, torch.cat(images[i : i + BATCH_SIZE]))
+                for i in range(0, len(images), BATCH_SIZE)
+            ]
+        )
+        values, indices = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        names = np.asarray(self.meta.class_names, dtype=object)
+        return pd.DataFrame(
+            {
+                "top_classes": [list(names[row]) for row in indices.numpy()],
+                "top_probabilities": [[float(p) for p in row] for row in values.numpy()],
+            }
+        )
