@@ -7,8 +7,20 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 _END = object()
+
+
+def one_torch_thread() -> None:
+    """Run this thread's torch operations on itself alone. Each Python thread that calls
+    torch gets its own OpenMP team of `get_num_threads()` workers, and those spin after
+    every parallel region: a reader thread's team (batch `cat`s, indexing) took cores from
+    the training step's. Measured here (2 cores, resnet10t teacher on 1,000 images): 1.76 s
+    an epoch with the readers' own teams, 1.36 s with this, 1.26 s with no reader thread.
+    The setting is per thread (an OpenMP ICV), so the caller's threads are untouched."""
+    torch.set_num_threads(1)
 
 
 class prefetch(Iterator[T]):  # noqa: N801 - used like a function: `for x in prefetch(items)`
@@ -35,6 +47,7 @@ class prefetch(Iterator[T]):  # noqa: N801 - used like a function: `for x in pre
         return False
 
     def _produce(self, items: Iterable[T]) -> None:
+        one_torch_thread()
         source = iter(items)
         try:
             for item in source:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from noisy_student import dataset, storage
 from noisy_student.errors import UserError
-from noisy_student.prefetch import prefetch
+from noisy_student.prefetch import one_torch_thread, prefetch
 
 WINDOW_BLOCKS = 4  # row groups decoded at once; more mixes better and costs memory
 DECODE_THREADS = 2
@@ -103,7 +103,9 @@ class ShardRows(Rows):
     def __init__(self, manifest: dataset.Manifest, places: list[_Place], blocks: list[Block]):
         self.manifest, self.places, self.blocks = manifest, places, blocks
         self.threads = DECODE_THREADS
-        self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._pool = ThreadPoolExecutor(
+            DECODE_THREADS, thread_name_prefix="decode", initializer=one_torch_thread
+        )
 
     def decode(self, block: int, rows: np.ndarray) -> torch.Tensor:
         start = time.perf_counter()
@@ -275,7 +277,7 @@ class Stream:
     def _windows_from(self, epoch: int, position: int) -> Iterator[tuple[Future, int, int, int]]:
         """(decoded window, first item to use, epoch, its position at the window's end) from
         (epoch, position) on, each window's decoding started one window ahead."""
-        pool = ThreadPoolExecutor(1, thread_name_prefix="window")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="window", initializer=one_torch_thread)
         try:
             pending: list[tuple[Future, int, int, int]] = []
 
