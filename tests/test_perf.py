@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks import perf
-from noisy_student import config, dataset, stages, storage, tracking
+from noisy_student import config, dataset, models, stages, storage, tracking
 from tests.conftest import REPO
 
 
@@ -178,7 +178,11 @@ def test_photo_sized_training_measurements_run_on_a_few_generated_photos(
     assert selected.selected == 12
 
     tiny = {"model": "test_resnet", "init_from_teacher": False, "batch_size": 2, "epochs": 1}
-    memory = perf.training_memory_ratio(tmp_path, fashion_mnist_source, 3, 2, "unused", tiny)
+    # the student takes its stem from the teacher's model.json, even when not started from it
+    teacher = models.create("test_resnet", manifest.num_classes, manifest.channels)
+    teacher_url = str(tmp_path / "teacher")
+    models.save(teacher, models.ModelMeta.for_data("test_resnet", manifest, teacher), teacher_url)
+    memory = perf.training_memory_ratio(tmp_path, fashion_mnist_source, 3, 2, teacher_url, tiny)
     assert (memory["rows_1x"], memory["rows_10x"]) == (3, 30)
     assert memory["peak_rss_1x_mb"] > 0 and memory["peak_rss_10x_mb"] > 0
     assert memory["ratio"] == pytest.approx(memory["peak_rss_10x_mb"] / memory["peak_rss_1x_mb"])
