@@ -117,11 +117,14 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_a_posted_png_with_class_names(champion, tiny_dataset):
     pngs, classes = _test_pngs(tiny_dataset, 2)
     port = _free_port()
-    mlflow_cli = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    bin_dir = os.path.dirname(sys.executable)
+    mlflow_cli = shutil.which("mlflow", path=bin_dir)
+    # MLFLOW_TRACKING_URI: this module's store; PATH: mlflow execs `uvicorn` by name
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     server = subprocess.Popen(
         [mlflow_cli, "models", "serve", "-m", f"models:/{NAME}@champion"]
         + ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=dict(os.environ),  # MLFLOW_TRACKING_URI: this module's store
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its uvicorn workers stop with it, as one process group
