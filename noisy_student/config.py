@@ -117,6 +117,12 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
+    decoded_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="Decoded training images kept in memory between epochs, in MiB; the rest "
+        "are decoded again each epoch (memory stays flat in data size)",
+    )
     checkpoint_every_steps: int | None = Field(
         None,
         gt=0,

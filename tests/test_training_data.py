@@ -205,3 +205,37 @@ def test_clean_batches_give_distinct_images_up_to_the_limit():
     got = list(training_data.clean_batches([rows], batch_size=4, limit=19))
     assert [len(b) for b in got] == [4, 4, 4, 4, 3]
     assert _ids(torch.cat(got)) == list(range(19))
+
+
+def test_decoded_blocks_are_kept_up_to_the_budget_and_the_batches_do_not_change(
+    tmp_path, monkeypatch
+):
+    labelled = str(tmp_path / "labelled")
+    _write_split(labelled, dataset.LABELLED, 30, [i % 3 for i in range(30)], monkeypatch)
+    manifest = dataset.read_manifest(labelled)
+    plain = training_data.labelled_rows(manifest)
+    expected = _epochs(training_data.Stream(plain, seed=4, window=2), 5, 3)
+
+    block_bytes = 4 * 4 * 4  # a row group: 4 images of 1 x 4 x 4 uint8
+    cache = training_data.DecodedCache(budget=3 * block_bytes)
+    kept = training_data.labelled_rows(manifest, cache=cache)
+    reads = []
+    original = training_data.ShardRows._read_and_decode
+    monkeypatch.setattr(
+        training_data.ShardRows,
+        "_read_and_decode",
+        lambda self, b, rows: reads.append(b) or original(self, b, rows),
+    )
+    assert _epochs(training_data.Stream(kept, seed=4, window=2), 5, 3) == expected
+    # row groups of 4, 4 and 2 images per shard of 10: those kept, decoded once, fill
+    # no more than the budget; the others are decoded every epoch (and once more ahead)
+    once = [b for b in range(len(kept.blocks)) if reads.count(b) == 1]
+    kept_bytes = sum(len(kept.blocks[b].rows) * 16 for b in once)
+    assert once and kept_bytes == cache.used <= cache.budget
+    assert cache.budget - cache.used < block_bytes  # a full block would not have fit
+    assert all(reads.count(b) >= 3 for b in range(len(kept.blocks)) if b not in once)
+    # a subset of a kept block's rows comes from memory too
+    some = np.array([1, 2])
+    want = plain.decode(once[0], some)
+    before = len(reads)
+    assert torch.equal(kept.decode(once[0], some), want) and len(reads) == before

@@ -63,10 +63,12 @@ def unlabelled_shards(root: str) -> list[int]:
     return list(range(len(dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).shards)))
 
 
-def labelled_rows(root: str, smoothing: float = 0.0) -> training_data.ShardRows:
+def labelled_rows(
+    root: str, smoothing: float = 0.0, cache: training_data.DecodedCache | None = None
+) -> training_data.ShardRows:
     """The labelled split, streamed: every row, its target one-hot (or smoothed)."""
     return training_data.labelled_rows(
-        dataset.read_manifest(storage.join(root, dataset.LABELLED)), smoothing
+        dataset.read_manifest(storage.join(root, dataset.LABELLED)), smoothing, cache
     )
 
 

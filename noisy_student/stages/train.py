@@ -69,7 +69,12 @@ def _training_state(
     order = f"row-group windows of {training_data.WINDOW_BLOCKS}"
     return TrainingState(
         storage.join(out_url, STATE_FOLDER),
-        {"config": cfg.model_dump(), "seed": seed, "data_order": order, **identity},
+        {
+            "config": cfg.model_dump(exclude={"decoded_cache_mb"}),
+            "seed": seed,
+            "data_order": order,
+            **identity,
+        },
         cfg.checkpoint_every_steps,
         label,
         cfg.checkpoint_min_seconds,
@@ -143,6 +148,10 @@ def _finish_training(
     return TrainedModel(role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, seconds)
 
 
+def _decoded_cache(cfg: TrainConfig) -> training_data.DecodedCache:
+    return training_data.DecodedCache(cfg.decoded_cache_mb << 20)
+
+
 def train_teacher(
     cfg: TeacherConfig,
     data_root: str,
@@ -154,7 +163,7 @@ def train_teacher(
 ) -> TrainedModel:
     """A timm model trained on the labelled images only, with ordinary augmentation."""
     start = time.perf_counter()
-    labelled = labelled_rows(data_root, cfg.label_smoothing)
+    labelled = labelled_rows(data_root, cfg.label_smoothing, _decoded_cache(cfg))
     manifest = labelled.manifest
     test = test_batches(data_root, engine.Schedule.eval_batch_size)
     run_id = _start_stage_run(
@@ -218,10 +227,11 @@ def train_student(
     noise: RandAugment on the input, dropout and stochastic depth in the model. The
     student is added as a version of `registered_model` when one is named."""
     start = time.perf_counter()
-    labelled = labelled_rows(data_root, cfg.label_smoothing)
+    cache = _decoded_cache(cfg)  # one budget for both kinds of rows
+    labelled = labelled_rows(data_root, cfg.label_smoothing, cache)
     manifest = labelled.manifest
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled)
+    pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled, cache)
     test = test_batches(data_root, engine.Schedule.eval_batch_size)
     run_id = _start_stage_run(
         parent_run_id,
