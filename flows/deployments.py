@@ -35,7 +35,8 @@ from flows.events import (
     remember,
     use_result_storage,
 )
-from flows.noisy_student import ConfigSource, Overrides, noisy_student
+from flows.noisy_student import noisy_student
+from flows.parameters import ConfigSource, Overrides
 from noisy_student import config as config_mod
 from noisy_student import dataset, storage
 

@@ -4,35 +4,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import WithJsonSchema
 
 import tasks
 from flows.labelling import label_unlabelled
+from flows.parameters import ConfigSource, Overrides
 from noisy_student import config as config_mod
 from noisy_student import report, runs, storage, tracking
-from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
 from tasks import existing_teacher, prepare_data, promote
 from tasks.artifacts import link_mlflow_run, publish_results
-
-# What a deployment's parameters look like to Prefect, which validates them before a run
-# is created: a YAML path or URL, and {dotted key: value} overrides, every key checked.
-# From Python, `config` may also be a validated PipelineConfig.
-ConfigSource = Annotated[
-    str | PipelineConfig,
-    WithJsonSchema(
-        {
-            "type": "string",
-            "description": "The pipeline config: a YAML path (relative to the working "
-            "folder) or URL, e.g. pipeline_config/fashion_mnist.yaml or s3://bucket/ns.yaml",
-        }
-    ),
-]
-Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(config_mod.overrides_json_schema())]
 
 
 @flow(name="noisy-student", log_prints=True)

@@ -2,7 +2,10 @@
 
 Every model forbids unknown keys, so a typo fails with the key's dotted path. Endpoints
 and secrets are not here: they come from the environment (MLFLOW_TRACKING_URI, AWS_*,
-PREFECT_API_URL) and are read by the libraries themselves.
+PREFECT_API_URL) and are read by the libraries themselves. `--set` overrides are parsed
+in noisy_student/overrides.py, Prefect's schema of a deployment's parameters is in
+flows/parameters.py, and docs/configuration.md is written from this schema by
+docs/generate_config_reference.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pydantic import (
 
 from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
+from noisy_student.overrides import Overrides, apply_overrides, override_pairs
 
 
 class Strict(BaseModel):
@@ -316,47 +320,6 @@ class PipelineConfig(Strict):
     )
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node: Any = tree
-    for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise UserError(f"--set {dotted}: no list item {'.'.join(keys[: i + 1])}")
-            node = node[int(key)]
-        else:
-            node = node.setdefault(key, {})
-        if not isinstance(node, dict | list):  # e.g. name.x=1: indexing a str would raise
-            raise UserError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section")
-    last = keys[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(f"--set {dotted}: no list item {dotted}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
-    return out
-
-
-def override_pairs(overrides: list[str] | dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """`--set key=value` strings (values in YAML) or a {dotted key: value} mapping, as a
-    deployment's `overrides` parameter gives them."""
-    if not overrides:
-        return []
-    if isinstance(overrides, dict):
-        return list(overrides.items())
-    return parse_overrides(list(overrides))
-
-
 def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
@@ -385,16 +348,13 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     return tree
 
 
-def load(source: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+def load(source: str | Path, overrides: Overrides = None) -> PipelineConfig:
     tree = read_yaml(source)
-    for key, value in override_pairs(overrides):
-        _set_path(tree, key, value)
+    apply_overrides(tree, override_pairs(overrides))
     return validate(tree, str(source))
 
 
-def resolve(
-    config: str | Path | PipelineConfig, overrides: list[str] | dict[str, Any] | None = None
-) -> PipelineConfig:
+def resolve(config: str | Path | PipelineConfig, overrides: Overrides = None) -> PipelineConfig:
     """A config from a YAML path or URL, or an already validated one, with overrides."""
     if not isinstance(config, PipelineConfig):
         return load(config, overrides)
@@ -402,112 +362,5 @@ def resolve(
     if not pairs:
         return config
     tree = config.model_dump()
-    for key, value in pairs:
-        _set_path(tree, key, value)
+    apply_overrides(tree, pairs)
     return validate(tree, "overrides")
-
-
-# Deployments name list items by index in their overrides (`students.0.epochs`); the
-# schema spells out this many, and `students` itself replaces the whole list.
-LISTED_ITEMS = 5
-
-
-def overrides_json_schema() -> dict[str, Any]:
-    """JSON schema of a {dotted key: value} mapping of overrides, one property per key of
-    the config, nothing else allowed. Prefect's server validates a deployment's
-    parameters against it, so `-p overrides='{"teacher.epochz": 3}'` is refused before a
-    run is created, naming the key."""
-    root = PipelineConfig.model_json_schema()
-    defs = root.get("$defs", {})
-
-    def inline(node: Any) -> Any:
-        # no $ref (a parameter schema has its own definitions) and no defaults: an override
-        # has none, and a form filled with defaults would override the YAML
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if "$ref" in node:
-            target = inline(defs[node["$ref"].rsplit("/", 1)[1]])
-            return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
-        return {k: inline(v) for k, v in node.items() if k not in ("default", "title")}
-
-    def section(schema: dict[str, Any]) -> dict[str, Any] | None:
-        for option in [schema, *schema.get("anyOf", [])]:
-            if "properties" in option:
-                return option
-        return None
-
-    properties: dict[str, Any] = {}
-
-    def walk(schema: dict[str, Any], prefix: str) -> None:
-        for name, sub in schema["properties"].items():
-            key = f"{prefix}{name}"
-            properties[key] = sub
-            if (inner := section(sub)) is not None:
-                walk(inner, f"{key}.")
-            elif sub.get("type") == "array" and "properties" in sub.get("items", {}):
-                for i in range(LISTED_ITEMS):
-                    properties[f"{key}.{i}"] = sub["items"]
-                    walk(sub["items"], f"{key}.{i}.")
-
-    walk(inline(root), "")
-    return {
-        "type": "object",
-        "description": "Config values to change, by dotted key as with `--set`, e.g. "
-        '{"teacher.epochs": 3, "students.0.model": "resnet18"}',
-        "properties": properties,
-        "additionalProperties": False,
-    }
-
-
-def _type_name(annotation: Any) -> str:
-    if getattr(annotation, "__origin__", None) is Literal:
-        return " or ".join(repr(a) for a in annotation.__args__)
-    text = str(annotation) if getattr(annotation, "__args__", None) else annotation.__name__
-    return text.replace("typing.", "").replace(" | ", " or ")
-
-
-def reference_markdown() -> str:
-    """The configuration reference in the README, generated from this schema."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
-            key = f"{prefix}{name}"
-            ann = f.annotation
-            sub = next(
-                (
-                    a
-                    for a in getattr(ann, "__args__", (ann,))
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ),
-                None,
-            )
-            is_list = getattr(ann, "__origin__", None) is list
-            if sub is not None and not is_list:
-                lines.append(f"| `{key}` | section | | {f.description or ''} |")
-                walk(sub, f"{key}.")
-                continue
-            if is_list and sub is not None:
-                lines.append(f"| `{key}` | list | | {f.description or ''} |")
-                walk(sub, f"{key}[].")
-                continue
-            default = (
-                "required"
-                if f.is_required()
-                else (repr(f.default_factory()) if f.default_factory else repr(f.default))
-            )
-            lines.append(f"| `{key}` | {_type_name(ann)} | `{default}` | {f.description or ''} |")
-
-    walk(PipelineConfig, "")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    # Regenerate the README's configuration reference in place.
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + reference_markdown() + "\n" + end + rest.split(end, 1)[1])

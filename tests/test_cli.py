@@ -1,4 +1,4 @@
-"""The `noisy-student` command's contract: one-line errors, --help, the README's reference."""
+"""The `noisy-student` command's contract: one-line errors, --help."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from noisy_student import cli, config
+from noisy_student import cli
 from tests.conftest import REPO
 
 
@@ -73,15 +73,3 @@ def test_every_command_has_help(argv):
     )
     assert done.returncode == 0
     assert "usage: noisy-student" in done.stdout
-
-
-def test_readme_configuration_reference_matches_the_schema():
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->\n") + len(
-        "<!-- config-reference:start -->\n"
-    )
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end].strip() == config.reference_markdown().strip(), (
-        "README's configuration reference is stale: regenerate it with "
-        "`uv run python -m noisy_student.config`"
-    )

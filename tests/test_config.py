@@ -1,6 +1,9 @@
-"""The configuration schema: presets validate, typos and bad values fail naming the key."""
+"""The configuration schema: presets validate, typos and bad values fail naming the key,
+and docs/configuration.md lists every key as the schema has it."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
@@ -62,6 +65,14 @@ def test_override_below_a_plain_value_fails_naming_the_value(override, section):
         config.load(SMOKE, [override])
 
 
+def test_overrides_as_a_mapping_change_a_validated_config():
+    # the shape of a deployment's `overrides` parameter
+    base = config.load(SMOKE)
+    cfg = config.resolve(base, {"students.0.epochs": 7, "selection.labels": "hard"})
+    assert cfg.students[0].epochs == 7 and cfg.selection.labels == "hard"
+    assert config.resolve(base, {}) is base
+
+
 def test_override_without_equals_sign_fails():
     with pytest.raises(UserError, match="expected key.path=value"):
         config.load(SMOKE, ["teacher.epochs"])
@@ -104,3 +115,29 @@ def test_missing_required_section_is_named(tmp_path):
         r" key) \(and 1 more\)",
     ):
         config.load(path)
+
+
+def load_reference_generator():
+    spec = importlib.util.spec_from_file_location(
+        "generate_config_reference", REPO / "docs" / "generate_config_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configuration_page_matches_the_schema():
+    generator = load_reference_generator()
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert generator.current_table(page).strip() == generator.reference_markdown().strip(), (
+        "docs/configuration.md is stale: regenerate it with "
+        "`uv run python docs/generate_config_reference.py`"
+    )
+
+
+def test_configuration_page_lists_every_key_of_the_schema():
+    # guards the comparison above against a generator that skips keys
+    table = load_reference_generator().reference_markdown()
+    for key in ("name", "data.root", "teacher.stem", "students[].rand_augment.magnitude"):
+        assert f"| `{key}` |" in table
+    assert "| `students[].unlabelled_ratio` | float | `3.0` |" in table
