@@ -12,6 +12,7 @@ from noisy_student.errors import UserError
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # a whole iteration on moto's S3: 70 s
 def test_one_iteration_runs_with_every_artifact_on_s3(
     s3_endpoint, mlflow_uri, fashion_mnist_source
 ):
@@ -70,6 +71,7 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
     assert dataset.read_manifest(f"{root}/unlabelled").num_rows == 200
 
 
+@pytest.mark.slow  # trains a teacher and labels with it: 15 s
 def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     tiny_dataset, mlflow_uri, tmp_path
 ):
@@ -100,6 +102,7 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+@pytest.mark.slow  # ingests and trains a teacher on moto's S3: 9 s
 def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypatch, capsys, caplog):
     """S3 credentials come from the environment and stay there: a stage reading and writing
     s3:// logs nothing of them, in its messages, MLflow params, tags or artifacts."""
@@ -174,6 +177,7 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()
 
 
+@pytest.mark.slow  # trains a teacher and labels with it: 12 s
 def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     tiny_dataset, mlflow_uri, tmp_path
 ):
