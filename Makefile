@@ -27,8 +27,9 @@ REFERENCE_EPOCHS ?= 10
 bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 1.5 hours on 2 CPU cores)
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
+# every tier: this -m replaces the quick default of pyproject.toml's addopts
 test: setup compose-cli
-	$(UV) run pytest -q
+	$(UV) run pytest -q -m "slow or not slow"
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
 compose-cli:

@@ -15,12 +15,11 @@ start from `_manifest.json` and follow `_manifests/` forward to the newest versi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -183,24 +182,43 @@ def read_manifest(url: str) -> Manifest:
     )
 
 
-def read_shard(manifest: Manifest, index: int) -> pa.Table:
-    """One shard, checked against the manifest's row count and checksum."""
+@contextmanager
+def open_shard(manifest: Manifest, index: int) -> Iterator[tuple[str, pq.ParquetFile]]:
+    """Shard `index`'s URL and its Parquet file, open once the file has been checked against
+    the manifest: present, its checksum, its columns, its row count; each mismatch a one-line
+    error naming the file. The file is checksummed in one chunked pass (a remote file is
+    spooled to a local temporary file as it is hashed), so memory stays constant whatever
+    its size; the rows are read from the very bytes that were checked."""
     entry = manifest.shards[index]
     url = storage.join(manifest.url, entry["file"])
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise UserError(f"{url}: shard listed in the manifest is missing") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise UserError(f"{url}: checksum does not match the manifest")
-    try:
-        table = pq.read_table(io.BytesIO(data))
-        table.validate(full=True)  # e.g. ids that are not UTF-8: Arrow does not check on read
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
-    _check_columns(url, table.schema)
-    if table.num_rows != entry["rows"]:
-        raise UserError(f"{url}: {table.num_rows} rows, manifest says {entry['rows']}")
+    with ExitStack() as stack:
+        try:
+            path, sha256 = stack.enter_context(storage.local_copy(url))
+        except FileNotFoundError:
+            raise UserError(f"{url}: shard listed in the manifest is missing") from None
+        if sha256 != entry["sha256"]:
+            raise UserError(f"{url}: checksum does not match the manifest")
+        # no pre-buffering: it would read far ahead, and readers here go a row group at a time
+        try:
+            parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
+        _check_columns(url, parquet.schema_arrow)
+        if parquet.metadata.num_rows != entry["rows"]:
+            raise UserError(
+                f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
+            )
+        yield url, parquet
+
+
+def read_shard(manifest: Manifest, index: int) -> pa.Table:
+    """One whole shard, checked as `open_shard` checks it."""
+    with open_shard(manifest, index) as (url, parquet):
+        try:
+            table = parquet.read(columns=SCHEMA.names)
+            table.validate(full=True)  # e.g. ids that are not UTF-8: Arrow does not check on read
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
     return table
 
 
@@ -299,29 +317,10 @@ def iter_shard_batches(
     manifest: Manifest, index: int, batch_size: int, pin_memory: bool = False
 ) -> Iterator[ImageSet]:
     """One shard as decoded batches of `batch_size` rows (the last may be smaller), in
-    constant memory whatever the shard's size: the file is checksummed in one chunked pass
-    (remote files are spooled to a local temporary file as they are hashed), then read
-    row group by row group. `pin_memory` pins each batch for asynchronous copies to a GPU."""
-    entry = manifest.shards[index]
-    url = storage.join(manifest.url, entry["file"])
-    with ExitStack() as stack:
-        try:
-            path, sha256 = stack.enter_context(storage.local_copy(url))
-        except FileNotFoundError:
-            raise UserError(f"{url}: shard listed in the manifest is missing") from None
-        if sha256 != entry["sha256"]:
-            raise UserError(f"{url}: checksum does not match the manifest")
-        # no pre-buffering (it would read far ahead) and no reader threads (row groups are
-        # small, and decoding already runs beside the consumer): memory stays a few row groups
-        try:
-            parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
-        _check_columns(url, parquet.schema_arrow)
-        if parquet.metadata.num_rows != entry["rows"]:
-            raise UserError(
-                f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
-            )
+    constant memory whatever the shard's size: the file is checked by `open_shard`, then
+    read row group by row group. `pin_memory` pins each batch for asynchronous copies to a
+    GPU."""
+    with open_shard(manifest, index) as (url, parquet):
         pending: list[pa.RecordBatch] = []
         buffered, row = 0, 0
 
@@ -333,7 +332,8 @@ def iter_shard_batches(
                 labels=labels_of(manifest, url, table, row),
             )
 
-        # row groups need not line up with batches: regroup them into batch_size rows
+        # row groups need not line up with batches: regroup them into batch_size rows. No
+        # reader threads: row groups are small, and decoding already runs beside the consumer
         columns = SCHEMA.names
         batches = parquet.iter_batches(batch_size, columns=columns, use_threads=False)
         while True:

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,22 +113,9 @@ def _shard_rows(
     manifest: dataset.Manifest, index: int, rows: np.ndarray, batch_size: int
 ) -> Iterator[dataset.ImageSet]:
     """Rows `rows` (ascending, within the shard) of one shard, decoding only those: the
-    file is checksummed as `dataset.iter_shard_batches` does, then read a record batch at
-    a time, each run of consecutive wanted rows decoded with its own row numbers."""
-    entry = manifest.shards[index]
-    url = storage.join(manifest.url, entry["file"])
-    with ExitStack() as stack:
-        try:
-            path, sha256 = stack.enter_context(storage.local_copy(url))
-        except FileNotFoundError:
-            raise UserError(f"{url}: shard listed in the manifest is missing") from None
-        if sha256 != entry["sha256"]:
-            raise UserError(f"{url}: checksum does not match the manifest")
-        parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
-        if parquet.metadata.num_rows != entry["rows"]:
-            raise UserError(
-                f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
-            )
+    file is checked by `dataset.open_shard`, then read a record batch at a time, each run
+    of consecutive wanted rows decoded with its own row numbers."""
+    with dataset.open_shard(manifest, index) as (url, parquet):
         first = 0
         for batch in parquet.iter_batches(batch_size, columns=dataset.SCHEMA.names):
             local = rows[(rows >= first) & (rows < first + batch.num_rows)] - first
@@ -199,7 +185,8 @@ def read_batches(
 
 
 def _ids_and_labels(manifest: dataset.Manifest) -> tuple[list[str], torch.Tensor]:
-    """Every row's id and label, without touching the images."""
+    """Every row's id and label, without touching the images: two columns read, the file
+    not checksummed (the images are, by `read_batches`, when they are judged)."""
     ids, labels = [], []
     for url in manifest.shard_urls():
         try:

@@ -192,23 +192,11 @@ def _row_groups(
     manifest: dataset.Manifest, columns: list[str]
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """(shard, row group) blocks' `columns`, each shard checksummed first."""
-    for shard, entry in enumerate(manifest.shards):
-        url = storage.join(manifest.url, entry["file"])
-        try:
-            with storage.local_copy(url) as (path, sha256):
-                if sha256 != entry["sha256"]:
-                    raise UserError(f"{url}: checksum does not match the manifest")
-                parquet = pq.ParquetFile(path)
-                if parquet.metadata.num_rows != entry["rows"]:
-                    raise UserError(
-                        f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
-                    )
-                groups = [
-                    parquet.read_row_group(g, columns=columns)
-                    for g in range(parquet.num_row_groups)
-                ]
-        except FileNotFoundError:
-            raise UserError(f"{url}: shard listed in the manifest is missing") from None
+    for shard in range(len(manifest.shards)):
+        with dataset.open_shard(manifest, shard) as (_, parquet):
+            groups = [
+                parquet.read_row_group(g, columns=columns) for g in range(parquet.num_row_groups)
+            ]
         for g, table in enumerate(groups):
             yield shard, g, table
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from noisy_student import dataset, dataset_writer, storage
+from noisy_student import dataset, dataset_writer, robustness, storage, training_data
 from noisy_student.dataset_writer import DatasetWriter
 from noisy_student.errors import UserError
 from noisy_student.prefetch import prefetch
@@ -219,6 +220,62 @@ def test_shard_batches_check_the_checksum_before_yielding_anything(tmp_path):
     storage.remove(shard)
     with pytest.raises(UserError, match="shard listed in the manifest is missing"):
         next(dataset.iter_shard_batches(manifest, 0, 4))
+
+
+def _change_bytes(shard: str) -> None:
+    data = bytearray(storage.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(shard, bytes(data))
+
+
+def _rewrite_with_checksum(manifest: dataset.Manifest, index: int, table) -> None:
+    """Shard `index` replaced by `table`, the manifest's checksum made to match."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(manifest.shard_urls()[index], buf.getvalue())
+    info = storage.read_json(storage.join(manifest.url, dataset.MANIFEST))
+    info["shards"][index]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    storage.write_json(storage.join(manifest.url, dataset.MANIFEST), info)
+
+
+SPLIT_READERS = {
+    "load": lambda m: dataset.load(m.url),
+    "shard batches": lambda m: list(dataset.iter_shard_batches(m, 1, 4)),
+    "judged in batches": lambda m: list(robustness.read_batches(m, 4)),
+    "judged on a subset": lambda m: list(robustness.read_batches(m, 4, torch.tensor([5]))),
+    "training rows": lambda m: training_data.labelled_rows(m),
+}
+SHARD_FAULTS = {
+    "changed bytes": (_change_bytes, "checksum does not match the manifest"),
+    "missing": (storage.remove, "shard listed in the manifest is missing"),
+}
+
+
+@pytest.mark.parametrize("reader", SPLIT_READERS.values(), ids=SPLIT_READERS.keys())
+@pytest.mark.parametrize("fault", SHARD_FAULTS.values(), ids=SHARD_FAULTS.keys())
+def test_every_reader_of_a_split_refuses_a_bad_shard_in_the_same_words(tmp_path, reader, fault):
+    url = str(tmp_path / "ds")
+    _write(url, _images(8), [0, 1, 2, 0, 1, 2, 0, 1])
+    manifest = dataset.read_manifest(url)
+    spoil, says = fault
+    spoil(manifest.shard_urls()[1])
+    with pytest.raises(UserError, match=re.escape(f"{manifest.shard_urls()[1]}: {says}")):
+        reader(manifest)
+
+
+@pytest.mark.parametrize("reader", SPLIT_READERS.values(), ids=SPLIT_READERS.keys())
+def test_every_reader_of_a_split_checks_a_shards_columns_and_rows(tmp_path, reader):
+    url = str(tmp_path / "ds")
+    _write(url, _images(8), [0, 1, 2, 0, 1, 2, 0, 1])
+    manifest = dataset.read_manifest(url)
+    shard = manifest.shard_urls()[1]
+    table = pq.read_table(shard)
+    _rewrite_with_checksum(manifest, 1, table.drop_columns(["image"]))
+    with pytest.raises(UserError, match=re.escape(f"{shard}: no column 'image'")):
+        reader(dataset.read_manifest(url))
+    _rewrite_with_checksum(manifest, 1, table.slice(0, 3))
+    with pytest.raises(UserError, match=re.escape(f"{shard}: 3 rows, manifest says 4")):
+        reader(dataset.read_manifest(url))
 
 
 def test_shard_batches_name_the_row_of_a_corrupt_image_in_a_later_batch(tmp_path):

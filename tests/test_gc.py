@@ -58,6 +58,7 @@ def killed_append(root: str, images: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # kills a real `ingest append` process and reruns it: 14 s
 def test_gc_after_a_killed_append_removes_its_shards_and_the_dataset_reads_as_before(
     small_dataset, tmp_path, capsys
 ):

@@ -48,6 +48,7 @@ def _labels(shards: list[stages.PseudoLabelShard]) -> pa.Table:
     return table.sort_by("id")
 
 
+@pytest.mark.slow  # starts a two-worker Dask cluster: 45 s
 def test_a_two_worker_dask_cluster_labels_each_image_once_as_one_process_does(
     prefect_harness, tiny_dataset, teacher_url, counted_loads, tmp_path
 ):
@@ -98,6 +99,7 @@ def test_the_teacher_is_loaded_once_per_process_and_again_when_rewritten(
     assert len(counted_loads) == 3  # the explicit load above and the reload
 
 
+@pytest.mark.slow  # needs the session's Prefect test harness, a server that takes 30 s to start
 def test_runner_settings_build_prefects_task_runners(prefect_harness):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner

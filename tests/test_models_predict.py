@@ -225,6 +225,7 @@ def _logged_run(checkpoint_url: str) -> str:
     return run_id
 
 
+@pytest.mark.slow  # logs a model to MLflow: 10 s
 def test_predict_by_mlflow_run_id(checkpoint, png, mlflow_uri, capsys):
     run_id = _logged_run(checkpoint[0])
     cli.main(["predict", png, "--model", run_id])
@@ -233,6 +234,7 @@ def test_predict_by_mlflow_run_id(checkpoint, png, mlflow_uri, capsys):
     _check_top5(capsys.readouterr().out, png)
 
 
+@pytest.mark.slow  # registers a model in MLflow: 7 s
 def test_predict_by_registered_model_version(checkpoint, png, mlflow_uri, capsys):
     run_id = _logged_run(checkpoint[0])
     assert str(tracking.register(run_id, "ns-test")) == "1"

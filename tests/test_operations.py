@@ -191,6 +191,7 @@ def test_ingest_append_to_a_prefect_server_that_does_not_answer_stops_before_app
     assert dataset.read_manifest(storage.join(small_dataset, dataset.UNLABELLED)).version == 1
 
 
+@pytest.mark.slow  # Prefect events through the test harness: 5 s
 def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path, prefect_harness):
     from prefect.variables import Variable
 
@@ -210,6 +211,7 @@ def test_watch_announces_each_new_manifest_version_once(small_dataset, tmp_path,
     assert watch_data(str(SMOKE), overrides) is None
 
 
+@pytest.mark.slow  # needs the session's Prefect test harness, a server that takes 30 s to start
 def test_announcements_at_once_keep_the_latest_version(prefect_harness, tmp_path):
     """Concurrent appends announce at once: none fails on the variable's creation race, and
     the record never moves back to an older version."""
@@ -282,6 +284,7 @@ def figures_of(*entries: tuple[TrainedModel, float, float]) -> list[Robustness]:
     ]
 
 
+@pytest.mark.slow  # MLflow runs and registry: 8 s
 def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     tmp_path, mlflow_uri, tiny_dataset
 ):
@@ -333,6 +336,7 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     assert json.loads(Path(logged).read_text())["decision"] == "challenger"
 
 
+@pytest.mark.slow  # MLflow runs and registry: 9 s
 def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
 ):
@@ -458,6 +462,7 @@ def host_ips(resolved: dict) -> dict[str, str]:
 
 
 @pytest.mark.skipif(compose_command() is None, reason="neither docker compose nor docker-compose")
+@pytest.mark.slow  # one `docker compose config` per secret: 8 s
 def test_compose_config_validates(tmp_path):
     no_env_file = tmp_path / "empty.env"  # not a developer's docker/.env
     no_env_file.write_text("")

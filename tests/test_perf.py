@@ -22,6 +22,7 @@ def smoke_cfg():
     return config.load(REPO / "pipeline_config/smoke.yaml")
 
 
+@pytest.mark.slow  # every benchmark measurement, each on a tiny dataset: 1.5 min
 def test_every_measurement_runs_on_a_tiny_dataset(
     tiny_dataset, mlflow_uri, tmp_path, fashion_mnist_source, smoke_cfg, torch_one_thread
 ):

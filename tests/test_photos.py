@@ -103,6 +103,7 @@ def photo_run(tmp_path_factory, prefect_harness):
     mp.undo()
 
 
+@pytest.mark.slow  # the photos preset through the real flow (module fixture): 1.5 min
 def test_photos_preset_runs_two_iterations_on_jpeg_shards_through_the_real_flow(photo_run):
     summary, data = photo_run
     on_disk = json.loads(Path(summary["summary_url"]).read_text())
@@ -120,6 +121,7 @@ def test_photos_preset_runs_two_iterations_on_jpeg_shards_through_the_real_flow(
     assert (meta.height, meta.width, meta.mode) == (SIZE, SIZE, "RGB")
 
 
+@pytest.mark.slow  # the same run as the test above
 def test_photos_of_every_size_are_jpeg_shards_at_one_size_and_so_is_the_corruption_suite(
     photo_run,
 ):

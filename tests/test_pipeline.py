@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 from noisy_student import config, corruptions, dataset, storage, tracking
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # the smoke preset through the real flow: 3 min on 2 busy cores
+
 SMOKE = REPO / "pipeline_config" / "smoke.yaml"
 
 

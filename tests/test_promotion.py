@@ -58,6 +58,7 @@ def gate(student, robustness, experiment, tmp_path, logged):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # registers models in MLflow: 5-10 s
 def test_a_student_below_its_teacher_leaves_the_teacher_champion_of_an_empty_registry(
     tmp_path, mlflow_uri
 ):
@@ -88,6 +89,7 @@ def test_a_student_below_its_teacher_leaves_the_teacher_champion_of_an_empty_reg
     assert "ends 4.00 points below its teacher" in note and "try more students.0.epochs" in note
 
 
+@pytest.mark.slow  # registers models in MLflow: 5-10 s
 def test_a_student_above_its_teacher_becomes_champion_as_before(tmp_path, mlflow_uri):
     experiment, logged = "ns-above", []
     teacher = trained(tmp_path, experiment, "teacher", "teacher", register=False)
@@ -101,6 +103,7 @@ def test_a_student_above_its_teacher_becomes_champion_as_before(tmp_path, mlflow
     assert not [line for line in logged if "below its teacher" in line]
 
 
+@pytest.mark.slow  # registers models in MLflow: 5-10 s
 def test_an_earlier_student_better_than_the_last_one_is_promoted_in_its_place(tmp_path, mlflow_uri):
     experiment, logged = "ns-earlier", []
     teacher = trained(tmp_path, experiment, "teacher", "teacher", register=False)
@@ -119,6 +122,7 @@ def test_an_earlier_student_better_than_the_last_one_is_promoted_in_its_place(tm
     assert len(client.search_model_versions(f"name='{experiment}'")) == 2  # nothing added
 
 
+@pytest.mark.slow  # registers models in MLflow: 5-10 s
 def test_a_champion_that_taught_a_worse_student_stays_champion(tmp_path, mlflow_uri):
     experiment, logged = "ns-stays", []
     champion = trained(tmp_path, experiment, "champion", "student", register=True)

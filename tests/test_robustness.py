@@ -209,6 +209,7 @@ def _trained(role: str, iteration: int, url: str, run_id: str) -> stages.Trained
     return stages.TrainedModel(role, iteration, "test_resnet", url, run_id, None, 0.0)
 
 
+@pytest.mark.slow  # judges two models on the corruption suite with MLflow: 8-17 s
 def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     tiny_dataset, mlflow_uri, tmp_path
 ):

@@ -26,6 +26,8 @@ from noisy_student import config, dataset, models, predict, stages, storage, tra
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # logs and registers trained models in MLflow: 7 s a test
+
 NAME = "ns-serving"
 
 

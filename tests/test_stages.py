@@ -12,6 +12,7 @@ from noisy_student.errors import UserError
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # a whole iteration on moto's S3: 70 s
 def test_one_iteration_runs_with_every_artifact_on_s3(
     s3_endpoint, mlflow_uri, fashion_mnist_source
 ):
@@ -70,6 +71,7 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
     assert dataset.read_manifest(f"{root}/unlabelled").num_rows == 200
 
 
+@pytest.mark.slow  # trains a teacher and labels with it: 15 s
 def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     tiny_dataset, mlflow_uri, tmp_path
 ):
@@ -80,7 +82,7 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
     shards = [stages.infer_pseudo_labels(tiny_dataset, 0, teacher.url, str(tmp_path / "p"), 64)]
     out = tmp_path / "selected"
-    try:
+    with pytest.raises(UserError, match="min_confidence"):
         stages.filter_and_balance(
             shards,
             cfg.selection.model_copy(update={"min_confidence": 1.0}),
@@ -92,10 +94,6 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
             1,
             0,
         )
-    except UserError as e:
-        assert "min_confidence" in str(e)
-    else:
-        raise AssertionError("expected a UserError")
     assert not storage.exists(str(out / dataset.MANIFEST))  # nothing half-written
     # and the stage's MLflow runs say it failed instead of showing as running forever
     runs = tracking.client().search_runs(
@@ -104,6 +102,7 @@ def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+@pytest.mark.slow  # ingests and trains a teacher on moto's S3: 9 s
 def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypatch, capsys, caplog):
     """S3 credentials come from the environment and stay there: a stage reading and writing
     s3:// logs nothing of them, in its messages, MLflow params, tags or artifacts."""
@@ -116,6 +115,7 @@ def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     s3fs.S3FileSystem.clear_instance_cache()
     caplog.set_level(logging.DEBUG, logger="noisy_student")
+    caplog.set_level(logging.DEBUG, logger="s3fs")  # every S3 call, with its arguments
     root = "s3://ns-test/creds/data"
     from tests.conftest import FASHION_MNIST
 
@@ -147,6 +147,7 @@ def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypat
                 recorded.append(Path(local).read_text())
     out = capsys.readouterr()
     everything = "\n".join(recorded + logs + [out.out, out.err, caplog.text])
+    assert any("ns-test" in r.getMessage() for r in caplog.records if r.name == "s3fs")
     assert root in everything  # the URLs are recorded ...
     assert secret not in everything and key_id not in everything  # ... the credentials not
     assert "https://***@example.com/x" in everything
@@ -176,6 +177,7 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()
 
 
+@pytest.mark.slow  # trains a teacher and labels with it: 12 s
 def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     tiny_dataset, mlflow_uri, tmp_path
 ):

@@ -180,6 +180,7 @@ def test_a_student_takes_its_teachers_stem_unless_it_names_its_own(tmp_path):
         models.student_options("students.0", "stride1", True, url)
 
 
+@pytest.mark.slow  # teacher and student stages with MLflow: 14 s
 def test_teacher_and_student_stages_record_the_stem_and_label_with_it(
     tiny_dataset, tmp_path, mlflow_uri
 ):

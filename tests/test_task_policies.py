@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from functools import cache
+from pathlib import Path
+
 from prefect.serializers import JSONSerializer
 
+import noisy_student
 from noisy_student.stages.records import (
     PseudoLabelShard,
     Robustness,
@@ -39,6 +44,17 @@ def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
         assert serializer.loads(serializer.dumps(record)) == record
 
 
-def test_the_core_source_is_part_of_the_cache_key_and_stable():
-    key = policies.CoreSource().compute_key(None, {}, {})
-    assert key == policies.CoreSource().compute_key(None, {}, {}) and len(key) == 64
+def test_an_edit_to_the_core_source_changes_the_tasks_cache_key(tmp_path, monkeypatch):
+    """The work happens in `noisy_student/`: a re-run after an edit there redoes it."""
+    core = tmp_path / "noisy_student"
+    shutil.copytree(
+        Path(noisy_student.__file__).parent, core, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    monkeypatch.setattr(noisy_student, "__file__", str(core / "__init__.py"))
+    monkeypatch.setattr(policies, "_core_digest", cache(policies._core_digest.__wrapped__))
+    before = policies.RESUMABLE.compute_key(None, {"shard_index": 3}, {})
+    assert policies.RESUMABLE.compute_key(None, {"shard_index": 3}, {}) == before  # stable
+    with open(core / "__init__.py", "a") as f:
+        f.write("\n# an edit\n")
+    policies._core_digest.cache_clear()
+    assert policies.RESUMABLE.compute_key(None, {"shard_index": 3}, {}) != before
