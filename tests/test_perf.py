@@ -139,7 +139,8 @@ def test_end_to_end_sums_each_stage_over_iterations_and_the_table_renders(tmp_pa
                 "decode_seconds": 0.5, "decode_share": 0.25,
             },
             "training_memory_ratio": {
-                "image_size": "96x96 RGB PNG", "rows_1x": 20000, "rows_10x": 200000,
+                "image_size": "96x96 RGB JPEG", "decoded_cache_mb": 512,
+                "rows_1x": 20000, "rows_10x": 200000,
                 "decoded_gb_1x": 0.55, "decoded_gb_10x": 5.5, "steps": 30,
                 "peak_rss_1x_mb": 1000.0, "peak_rss_10x_mb": 1100.0,
                 "stage_growth_1x_mb": 500.0, "stage_growth_10x_mb": 600.0, "ratio": 1.1,
@@ -185,5 +186,6 @@ def test_photo_sized_training_measurements_run_on_a_few_generated_photos(
     models.save(teacher, models.ModelMeta.for_data("test_resnet", manifest, teacher), teacher_url)
     memory = perf.training_memory_ratio(tmp_path, fashion_mnist_source, 3, 2, teacher_url, tiny)
     assert (memory["rows_1x"], memory["rows_10x"]) == (3, 30)
+    assert memory["image_size"] == "96x96 RGB JPEG" and memory["decoded_cache_mb"] == 512
     assert memory["peak_rss_1x_mb"] > 0 and memory["peak_rss_10x_mb"] > 0
     assert memory["ratio"] == pytest.approx(memory["peak_rss_10x_mb"] / memory["peak_rss_1x_mb"])
