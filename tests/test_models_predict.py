@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from noisy_student import cli, models, storage, tracking
+import cli
+from noisy_student import models, storage, tracking
 from noisy_student.errors import UserError
 from noisy_student.ingest import FASHION_MNIST_CLASSES
 

@@ -164,7 +164,7 @@ def test_appending_the_same_batch_twice_or_a_corrupt_image_changes_nothing(small
 def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
-    from noisy_student import cli
+    import cli
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     batch = image_folder(tmp_path / "batch-c", 0, 4)
@@ -176,7 +176,7 @@ def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
 def test_ingest_append_to_a_prefect_server_that_does_not_answer_stops_before_appending(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
-    from noisy_student import cli
+    import cli
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -505,7 +505,7 @@ def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron(
 
 @pytest.mark.parametrize("argv", [["serve"], ["ingest", "append"], ["results-storage"]])
 def test_the_operations_commands_have_help(argv):
-    from noisy_student import cli
+    import cli
 
     with pytest.raises(SystemExit) as done:
         cli.main([*argv, "--help"])
@@ -513,7 +513,7 @@ def test_the_operations_commands_have_help(argv):
 
 
 def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatch):
-    from noisy_student import cli
+    import cli
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(SystemExit) as done:
