@@ -42,3 +42,25 @@ def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
 def test_the_core_source_is_part_of_the_cache_key_and_stable():
     key = policies.CoreSource().compute_key(None, {}, {})
     assert key == policies.CoreSource().compute_key(None, {}, {}) and len(key) == 64
+
+
+def test_a_stage_log_line_shows_in_its_task_runs_prefect_log(prefect_harness, tiny_dataset):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from tasks import prepare_data
+
+    @flow
+    def find_data() -> str:
+        found = prepare_data.submit(tiny_dataset, None)
+        found.wait()
+        return str(found.task_run_id)
+
+    task_run_id = find_data()
+    APILogWorker.drain_all(timeout=30)  # the handler sends in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+    lines = {(log.name, log.message) for log in logs}
+    assert ("noisy_student.stages.prepare_data", f"dataset found at {tiny_dataset}") in lines
