@@ -4,16 +4,14 @@ champion) as the first teacher, instead of training one."""
 from __future__ import annotations
 
 import logging
-import re
 
-from noisy_student import models, storage, tracking
+from noisy_student import model_ref, models, storage, tracking
 from noisy_student.errors import UserError
 from noisy_student.stages.records import TrainedModel
 
 logger = logging.getLogger(__name__)
 
-CHAMPION = "champion"  # the alias of the registered model's version in service
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+CHAMPION = model_ref.CHAMPION  # the alias of the registered model's version in service
 
 
 def from_run(run_id: str) -> TrainedModel:
@@ -37,10 +35,10 @@ def from_run(run_id: str) -> TrainedModel:
 
 
 def existing_teacher(ref: str, registered_model: str) -> TrainedModel | None:
-    """The first teacher of a run that does not train one: `champion` (the registered
-    model's champion, or None when there is none yet), `models:/NAME@ALIAS`,
-    `models:/NAME/VERSION`, an MLflow run id, or a checkpoint URL."""
-    if ref == CHAMPION:
+    """The first teacher of a run that does not train one, named as `model_ref` says:
+    `champion` is the registered model's champion, or None when there is none yet."""
+    parsed = model_ref.parse(ref)
+    if parsed.kind == CHAMPION:
         version = tracking.model_version_by_alias(registered_model, CHAMPION)
         if version is None:
             logger.info(
@@ -52,14 +50,15 @@ def existing_teacher(ref: str, registered_model: str) -> TrainedModel | None:
             f"(run {version.run_id})"
         )
         return from_run(version.run_id)
-    if ref.startswith("models:/"):
+    if parsed.kind == "registered":
         try:
-            run_id = tracking.resolve_registered(ref)
+            run_id = tracking.registered_run_id(parsed.name, parsed.version, parsed.alias)
         except Exception as e:
             raise UserError(f"teacher {ref}: {e}") from None
         return from_run(run_id)
-    if RUN_ID.match(ref):
-        return from_run(ref)
-    url = storage.resolve(ref)
-    meta = models.load_meta(url)  # one-line error when there is no checkpoint
-    return TrainedModel("teacher", 0, meta.model, url, "", None, 0.0)
+    if parsed.kind == "run":
+        return from_run(parsed.run_id)
+    if parsed.kind == "timm":
+        raise UserError(f"teacher {ref}: a teacher is a model trained on this data, not timm's")
+    meta = models.load_meta(parsed.url)  # one-line error when there is no checkpoint
+    return TrainedModel("teacher", 0, meta.model, parsed.url, "", None, 0.0)
