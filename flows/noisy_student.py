@@ -39,10 +39,7 @@ ConfigSource = Annotated[
         }
     ),
 ]
-Overrides = Annotated[
-    dict[str, Any] | None,
-    WithJsonSchema(config_mod.overrides_json_schema()),
-]
+Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(config_mod.overrides_json_schema())]
 TeacherRef = Annotated[
     str | None,
     WithJsonSchema(
