@@ -40,7 +40,7 @@ compose-cli:
 		echo "no docker compose: tests/test_operations.py::test_compose_config_validates will skip"
 
 lint: setup
-	$(UV) run ruff check . && $(UV) run ruff format --check .
+	$(UV) run ruff check . && $(UV) run ruff format --check . && $(UV) run lint-imports
 
 bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (~10 min)
 	$(UV) run python -m benchmarks.perf $(if $(SUMMARY),--summary $(SUMMARY))

@@ -131,10 +131,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 # ---------------------------------------------------------------- data and teacher
 
 
@@ -406,7 +402,7 @@ def training_efficiency(
     before = synthetic_train_rate(cfg, *shape, synthetic_steps)
     start = time.perf_counter()
     student = stages.train_student(
-        cfg, data_root, selected, teacher, out_url, parent_run_id, 1, seed, log=_quiet
+        cfg, data_root, selected, teacher, out_url, parent_run_id, 1, seed
     )
     seconds = time.perf_counter() - start
     after = synthetic_train_rate(cfg, *shape, synthetic_steps)
@@ -538,7 +534,7 @@ def _student_child(
     before = psutil.Process().memory_info().rss
     parent = tracking.start_run("perf-benchmark-memory", Path(out_url).name)
     with contextlib.suppress(_Enough):
-        stages.train_student(cfg, data_root, selected, teacher, out_url, parent, 1, 0, log=_quiet)
+        stages.train_student(cfg, data_root, selected, teacher, out_url, parent, 1, 0)
     return {"rss_before_stage": before, "peak_rss": _peak_rss(), "selected": selected.selected}
 
 
@@ -587,7 +583,7 @@ def trained_photo_teacher(data_root: str, out_url: str, parent: str, model: str)
     cfg = config.load(PRESET).teacher.model_copy(
         update={"model": model, "epochs": 1, "eval_every": 1}
     )
-    return stages.train_teacher(cfg, data_root, out_url, parent, 0, log=_quiet)
+    return stages.train_teacher(cfg, data_root, out_url, parent, 0)
 
 
 # ---------------------------------------------------------------- timm's pipeline
@@ -812,9 +808,7 @@ def run(cfg: PipelineConfig, sizes: Sizes, workdir: Path, summary: Path | None) 
     data_root = prepare(workdir, source, sizes)
     run_url = str(workdir / "runs" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     parent = tracking.start_run("perf-benchmark", Path(run_url).name)
-    teacher = stages.train_teacher(
-        teacher_cfg, data_root, f"{run_url}/teacher", parent, seed, log=_quiet
-    )
+    teacher = stages.train_teacher(teacher_cfg, data_root, f"{run_url}/teacher", parent, seed)
     results: dict[str, Any] = {}
     seconds = {"data and teacher": done("data and teacher")}
 
@@ -839,7 +833,7 @@ def run(cfg: PipelineConfig, sizes: Sizes, workdir: Path, summary: Path | None) 
     selection = cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False})
     selected = stages.filter_and_balance(
         shard_records, selection, data_root, pseudo_url, f"{run_url}/selected",
-        teacher, parent, 1, seed, log=_quiet,
+        teacher, parent, 1, seed,
     )  # fmt: skip
     results["training_efficiency"] = training_efficiency(
         student_cfg, data_root, selected, teacher, f"{run_url}/student", parent, seed,

@@ -50,7 +50,7 @@ KILL_STEP = re.compile(r"(?P<model>teacher|student-\d+):(?P<unit>step|epoch)=(?P
 
 def run(cfg_path: str, overrides: list[str], folder: Path, env: dict[str, str]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "noisy_student.cli", "run", "-c", cfg_path]
+    command = [sys.executable, "-m", "cli", "run", "-c", cfg_path]
     for o in [*overrides, f"artifacts={folder / 'artifacts'}"]:
         command += ["--set", o]
     kill = env.get("NOISY_STUDENT_KILL_AT")

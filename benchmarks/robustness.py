@@ -19,10 +19,13 @@ count and the load average: on a shared machine the CPU seconds are the steadier
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,6 +53,22 @@ def checkpoint(root: str, url: str, seed: int) -> stages.TrainedModel:
     return stages.TrainedModel(role, 1, "resnet10t", url, run_id, None, 0.0)
 
 
+@contextlib.contextmanager
+def _stage_log() -> Iterator[list[str]]:
+    """The lines the stage logs meanwhile (with `logging`), for the results file."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("noisy_student")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main() -> None:
     flush_denormals()
     load_before = os.getloadavg()
@@ -67,11 +86,11 @@ def main() -> None:
         ("warm", cfg.evaluation),
         ("previous", config.load(DEMO, [f"data.root={root}", *PREVIOUS]).evaluation),
     ):
-        lines: list[str] = []
         start, cpu = time.perf_counter(), time.process_time()
-        result = stages.evaluate_robustness(
-            trained, evaluation, root, str(tmp / name), parent, 1, log=lines.append
-        )
+        with _stage_log() as lines:
+            result = stages.evaluate_robustness(
+                trained, evaluation, root, str(tmp / name), parent, 1
+            )
         rows[name] = {
             "seconds": round(time.perf_counter() - start, 1),
             "cpu_seconds": round(time.process_time() - cpu, 1),

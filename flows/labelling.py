@@ -73,12 +73,12 @@ def label_shards(
     image is labelled exactly once however the shards are spread over workers (a retried
     shard rewrites its own file)."""
     return infer_pseudo_labels.map(
-        shard_indices,
-        unmapped(data_root),
-        unmapped(teacher_url),
-        unmapped(out_url),
-        unmapped(batch_size),
-        unmapped(precision),
+        shard_index=shard_indices,
+        data_root=unmapped(data_root),
+        teacher_url=unmapped(teacher_url),
+        out_url=unmapped(out_url),
+        batch_size=unmapped(batch_size),
+        precision=unmapped(precision),
     ).result()
 
 

@@ -64,6 +64,10 @@ def overrides_json_schema() -> dict[str, Any]:
     }
 
 
+def _optional_string(description: str) -> dict[str, Any]:
+    return {"anyOf": [{"type": "string"}, {"type": "null"}], "description": description}
+
+
 ConfigSource = Annotated[
     str | PipelineConfig,
     WithJsonSchema(
@@ -75,3 +79,23 @@ ConfigSource = Annotated[
     ),
 ]
 Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(overrides_json_schema())]
+TeacherRef = Annotated[
+    str | None,
+    WithJsonSchema(
+        _optional_string(
+            'Start from this model instead of training a teacher: "champion" (the '
+            "registered model's champion, when there is one), models:/NAME@ALIAS, an MLflow run "
+            "id or a checkpoint URL. None trains one."
+        )
+    ),
+]
+RunName = Annotated[
+    str | None,
+    WithJsonSchema(
+        _optional_string(
+            "Name of this run. The default is derived from the config and the data, "
+            "so running the same command again after a crash resumes the run: finished stages and "
+            "shards are reused, training continues from its last saved state."
+        )
+    ),
+]

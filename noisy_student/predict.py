@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 
 import numpy as np
 import timm
@@ -16,33 +15,28 @@ from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
-from noisy_student import engine, models, storage, tracking
+from noisy_student import engine, model_ref, models, storage, tracking
 from noisy_student.errors import UserError
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-TIMM = "timm:"
 
 
 def checkpoint_url(ref: str) -> str:
-    """A checkpoint folder for a model reference: an MLflow run id (or runs:/ID), a
-    registered model (models:/...), or a stage's checkpoint URL."""
-    if ref.startswith("models:/"):
+    """A checkpoint folder for a model reference (`model_ref`): an MLflow run's logged
+    model, a registered model's version, or a stage's checkpoint URL."""
+    parsed = model_ref.parse(ref)
+    if parsed.kind == "registered":
         try:
-            return tracking.download_model(tracking.resolve_registered(ref))
+            run_id = tracking.registered_run_id(parsed.name, parsed.version, parsed.alias)
+            return tracking.download_model(run_id)
         except Exception as e:
             raise UserError(f"--model {ref}: {e}") from None
-    run = ref.removeprefix("runs:/").split("/")[0] if ref.startswith("runs:/") else ref
-    if RUN_ID.match(run):
+    if parsed.kind == "run":
         try:
-            return tracking.download_model(run)
+            return tracking.download_model(parsed.run_id)
         except Exception as e:
             raise UserError(f"--model {ref}: no model in MLflow run ({e})") from None
-    url = storage.resolve(ref)
-    if url.endswith(models.WEIGHTS) or url.endswith(models.META):
-        url = url.rsplit("/", 1)[0]
-    if not storage.exists(storage.join(url, models.META)):
+    if parsed.kind != "checkpoint" or not storage.exists(storage.join(parsed.url, models.META)):
         raise UserError(f"--model {ref}: not an MLflow run id, registered model or checkpoint")
-    return url
+    return parsed.url
 
 
 def class_names(model: nn.Module) -> list[str]:
@@ -84,10 +78,11 @@ def load_timm(name: str, checkpoint: str | None = None) -> tuple[nn.Module, mode
 
 
 def load_model(ref: str, checkpoint: str | None = None) -> tuple[nn.Module, models.ModelMeta]:
-    if ref.startswith(TIMM):
-        return load_timm(ref.removeprefix(TIMM), checkpoint)
+    parsed = model_ref.parse(ref)
+    if parsed.kind == "timm":
+        return load_timm(parsed.name, checkpoint)
     if checkpoint:
-        raise UserError(f"--checkpoint is for --model {TIMM}NAME, not {ref}")
+        raise UserError(f"--checkpoint is for --model {model_ref.TIMM}NAME, not {ref}")
     model, meta = models.load(checkpoint_url(ref))
     return model.eval(), meta
 

@@ -8,7 +8,7 @@ from typing import Any
 from noisy_student import storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
-from noisy_student.stages.registry import below_teacher_note
+from noisy_student.stages.promote import below_teacher_note
 
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:

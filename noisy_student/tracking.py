@@ -353,19 +353,17 @@ def download_model(run_id: str, artifact_path: str = "model") -> str:
     return client().download_artifacts(run_id, artifact_path, tempfile.mkdtemp(prefix="ns-model-"))
 
 
-def resolve_registered(uri: str) -> str:
-    """models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME (latest) -> run id."""
+def registered_run_id(name: str, version: str | None = None, alias: str | None = None) -> str:
+    """The run of a registered model's version: that version, the one under `alias`, or
+    the latest."""
     c = client()
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
+    if alias is not None:
         return c.get_model_version_by_alias(name, alias).run_id
-    if "/" in ref:
-        name, version = ref.split("/", 1)
+    if version is not None:
         return c.get_model_version(name, version).run_id
-    versions = c.search_model_versions(f"name='{ref}'")
+    versions = c.search_model_versions(f"name='{name}'")
     if not versions:
-        raise MlflowException(f"registered model {ref!r} has no versions")
+        raise MlflowException(f"registered model {name!r} has no versions")
     return max(versions, key=lambda v: int(v.version)).run_id
 
 

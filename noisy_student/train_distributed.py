@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -34,6 +35,8 @@ from noisy_student import config as config_mod
 from noisy_student import dataset, distributed, engine, models, stages, storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +121,8 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> stages.TrainedMo
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # the stages' log lines on stdout: `launch` shows rank 0's in the task's log
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     engine.flush_denormals()
     try:
         cfg = config_mod.load(args.config, args.set or [])
@@ -141,7 +146,7 @@ def launch(
     iteration: int = 1,
     teacher: stages.TrainedModel | None = None,
     selected: stages.SelectedPseudoLabels | None = None,
-    log: stages.Log = print,
+    log: Callable[[str], None] = logger.info,
 ) -> stages.TrainedModel:
     """Run one training stage under torchrun on this machine, `cfg.distributed.nproc_per_node`
     processes, and return rank 0's record."""

@@ -1,7 +1,7 @@
 """Stage 5: clean, corrupted and adversarial accuracy, teacher and student side by side;
 the Markdown report becomes a Prefect artifact of the task run."""
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from noisy_student import stages, tracking
@@ -20,14 +20,7 @@ def evaluate_robustness(
     earlier: list[str] | None = None,
 ) -> stages.Robustness:
     result = stages.evaluate_robustness(
-        trained,
-        cfg,
-        data_root,
-        out_url,
-        parent_run_id,
-        iteration,
-        earlier,
-        get_run_logger().info,
+        trained, cfg, data_root, out_url, parent_run_id, iteration, earlier
     )
     # test accuracy, mCE, ECE on the teacher's and the student's MLflow logged models
     tracking.log_model_figures(result.mlflow_run_id, result.models, iteration)

@@ -1,6 +1,6 @@
 """The promotion gate: does the run's final student replace the champion?"""
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from noisy_student import stages
@@ -27,7 +27,6 @@ def promote(
         run_url,
         parent_run_id,
         iteration,
-        get_run_logger().info,
     )
     reasons = "\n".join(f"- {r}" for r in record["reasons"])
     create_markdown_artifact(

@@ -1,6 +1,6 @@
 """Stage 4: a noised, equal-or-larger student on labelled plus pseudo-labelled images."""
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from noisy_student import stages, train_distributed
 from noisy_student.config import PipelineConfig, StudentConfig
@@ -25,7 +25,6 @@ def train_student(
 ) -> stages.TrainedModel:
     """With `torchrun` (the whole config), the stage runs data-parallel in
     `torchrun.distributed.nproc_per_node` processes instead of this one."""
-    log = get_run_logger().info
     if torchrun is not None:
         return train_distributed.launch(
             torchrun,
@@ -36,7 +35,6 @@ def train_student(
             iteration,
             teacher,
             selected,
-            log=log,
         )
     return stages.train_student(
         cfg,
@@ -48,6 +46,5 @@ def train_student(
         iteration,
         seed,
         registered_model,
-        log,
         training_progress(f"student {iteration}"),
     )

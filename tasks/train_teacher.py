@@ -1,6 +1,6 @@
 """Stage 1: the first teacher, trained on the labelled images."""
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from noisy_student import stages, train_distributed
 from noisy_student.config import PipelineConfig, TeacherConfig
@@ -19,11 +19,8 @@ def train_teacher(
 ) -> stages.TrainedModel:
     """With `torchrun` (the whole config), the stage runs data-parallel in
     `torchrun.distributed.nproc_per_node` processes instead of this one."""
-    log = get_run_logger().info
     if torchrun is not None:
-        return train_distributed.launch(
-            torchrun, "teacher", data_root, out_url, parent_run_id, log=log
-        )
+        return train_distributed.launch(torchrun, "teacher", data_root, out_url, parent_run_id)
     return stages.train_teacher(
-        cfg, data_root, out_url, parent_run_id, seed, log, training_progress("teacher")
+        cfg, data_root, out_url, parent_run_id, seed, training_progress("teacher")
     )

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from noisy_student import cli
+import cli
 from tests.conftest import REPO
 
 
@@ -66,7 +66,7 @@ def test_run_with_a_missing_config_file_names_it(capsys, tmp_path):
 )
 def test_every_command_has_help(argv):
     done = subprocess.run(
-        [sys.executable, "-m", "noisy_student.cli", *argv, "--help"],
+        [sys.executable, "-m", "cli", *argv, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,

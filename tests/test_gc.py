@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from noisy_student import cli, dataset, gc, ingest, storage
+import cli
+from noisy_student import dataset, gc, ingest, storage
 from noisy_student.errors import UserError
 from tests.conftest import FASHION_MNIST, REPO
 
@@ -52,7 +53,7 @@ def killed_append(root: str, images: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "NOISY_STUDENT_KILL_AT": "append:commit"}
     env.pop("PREFECT_API_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "noisy_student.cli", "ingest", "append", "--dataset", root,
+        [sys.executable, "-m", "cli", "ingest", "append", "--dataset", root,
          "--images", images, "--rows-per-shard", "4"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

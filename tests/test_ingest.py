@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from noisy_student import cli, dataset, ingest, storage
+import cli
+from noisy_student import dataset, ingest, storage
 from noisy_student.errors import UserError
 
 # --- Fashion-MNIST (via the session's tiny_dataset: 5 labelled/class, 300 unlabelled, 200 test)

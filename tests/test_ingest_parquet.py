@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from noisy_student import cli, dataset, ingest, ingest_parquet, storage
+import cli
+from noisy_student import dataset, ingest, ingest_parquet, storage
 from noisy_student.errors import UserError
 
 CLASSES = ingest.FASHION_MNIST_CLASSES

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from noisy_student import cli, models, storage, tracking
+import cli
+from noisy_student import model_ref, models, stages, storage, tracking
 from noisy_student.errors import UserError
 from noisy_student.ingest import FASHION_MNIST_CLASSES
 
@@ -358,3 +359,35 @@ def test_checkpoint_is_refused_for_a_pipeline_model(checkpoint, png, capsys):
         cli.main(["predict", png, "--model", url, "--checkpoint", "w.pth"])
     assert exc.value.code == 2
     assert "--checkpoint is for --model timm:NAME" in capsys.readouterr().err
+
+
+RUN = "0123456789abcdef0123456789abcdef"
+Ref = model_ref.ModelRef
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("champion", Ref("champion")),
+        ("models:/ns", Ref("registered", name="ns")),
+        ("models:/ns/3", Ref("registered", name="ns", version="3")),
+        ("models:/ns@champion", Ref("registered", name="ns", alias="champion")),
+        (RUN, Ref("run", run_id=RUN)),
+        (f"runs:/{RUN}/model", Ref("run", run_id=RUN)),
+        ("timm:resnet10t.a1_in1k", Ref("timm", name="resnet10t.a1_in1k")),
+        (
+            "s3://b/run/iteration-1/student/",
+            Ref("checkpoint", url="s3://b/run/iteration-1/student"),
+        ),
+        ("s3://b/student/model.safetensors", Ref("checkpoint", url="s3://b/student")),
+        ("runs/x/student/model.json", Ref("checkpoint", url=os.path.abspath("runs/x/student"))),
+        ("0123456789ABCDEF", Ref("checkpoint", url=os.path.abspath("0123456789ABCDEF"))),
+    ],
+)
+def test_one_parser_reads_every_model_reference(ref, expected):
+    assert model_ref.parse(ref) == expected
+
+
+def test_a_timm_model_is_no_teacher(mlflow_uri):
+    with pytest.raises(UserError, match="teacher timm:resnet10t: a teacher is a model trained"):
+        stages.existing_teacher("timm:resnet10t", "ns-test")

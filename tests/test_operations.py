@@ -18,6 +18,7 @@ from PIL import Image
 from noisy_student import config, dataset, ingest, models, stages, storage, tracking
 from noisy_student.errors import UserError
 from noisy_student.stages import Robustness, TrainedModel
+from noisy_student.stages.promote import decide
 from tests.conftest import FASHION_MNIST, REPO
 
 SMOKE = REPO / "pipeline_config" / "smoke.yaml"
@@ -164,7 +165,7 @@ def test_appending_the_same_batch_twice_or_a_corrupt_image_changes_nothing(small
 def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
-    from noisy_student import cli
+    import cli
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     batch = image_folder(tmp_path / "batch-c", 0, 4)
@@ -176,7 +177,7 @@ def test_ingest_append_command_without_a_prefect_server_appends_and_says_so(
 def test_ingest_append_to_a_prefect_server_that_does_not_answer_stops_before_appending(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
-    from noisy_student import cli
+    import cli
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -236,21 +237,19 @@ def test_announcements_at_once_keep_the_latest_version(prefect_harness, tmp_path
 
 def test_gate_promotes_only_when_as_accurate_and_no_less_robust():
     champion = {"test_accuracy": 0.80, "corruption_accuracy": 0.60, "mce": None}
-    assert stages.registry.decide({**champion}, None) == (True, ["there is no champion yet"])
-    same, reasons = stages.registry.decide(dict(champion), champion)
+    assert decide({**champion}, None) == (True, ["there is no champion yet"])
+    same, reasons = decide(dict(champion), champion)
     assert same and "test accuracy 0.8000 >= champion's 0.8000" in reasons[0]
-    assert not stages.registry.decide({**champion, "test_accuracy": 0.79}, champion)[0]
-    less_robust, reasons = stages.registry.decide(
+    assert not decide({**champion, "test_accuracy": 0.79}, champion)[0]
+    less_robust, reasons = decide(
         {**champion, "test_accuracy": 0.9, "corruption_accuracy": 0.59}, champion
     )
     assert not less_robust and "accuracy under corruption 0.5900 < champion's 0.6000" in reasons[1]
     # mCE (lower is better) decides robustness where both have one
     with_mce = {**champion, "mce": 0.9}
-    ok, reasons = stages.registry.decide(
-        {**with_mce, "corruption_accuracy": 0.5, "mce": 0.85}, with_mce
-    )
+    ok, reasons = decide({**with_mce, "corruption_accuracy": 0.5, "mce": 0.85}, with_mce)
     assert ok and reasons[1] == "mCE 0.8500 <= champion's 0.9000"
-    assert not stages.registry.decide({**with_mce, "mce": 0.95}, with_mce)[0]
+    assert not decide({**with_mce, "mce": 0.95}, with_mce)[0]
 
 
 def make_model_run(tmp_path, name: str, experiment: str, accuracy: float) -> TrainedModel:
@@ -510,7 +509,7 @@ def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron(
 
 @pytest.mark.parametrize("argv", [["serve"], ["ingest", "append"], ["results-storage"]])
 def test_the_operations_commands_have_help(argv):
-    from noisy_student import cli
+    import cli
 
     with pytest.raises(SystemExit) as done:
         cli.main([*argv, "--help"])
@@ -518,7 +517,7 @@ def test_the_operations_commands_have_help(argv):
 
 
 def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatch):
-    from noisy_student import cli
+    import cli
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(SystemExit) as done:

@@ -30,7 +30,7 @@ def test_every_measurement_runs_on_a_tiny_dataset(
     parent = tracking.start_run("perf-test", "run")
     teacher = stages.train_teacher(
         smoke_cfg.teacher.model_copy(update={"epochs": 1}), tiny_dataset,
-        str(tmp_path / "teacher"), parent, 0, log=perf._quiet,
+        str(tmp_path / "teacher"), parent, 0,
     )  # fmt: skip
     pseudo = str(tmp_path / "pseudo")
 
@@ -51,7 +51,7 @@ def test_every_measurement_runs_on_a_tiny_dataset(
 
     selected = stages.filter_and_balance(
         shards, smoke_cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
-        tiny_dataset, pseudo, str(tmp_path / "selected"), teacher, parent, 1, 0, log=perf._quiet,
+        tiny_dataset, pseudo, str(tmp_path / "selected"), teacher, parent, 1, 0,
     )  # fmt: skip
     student_cfg = smoke_cfg.students[0].model_copy(
         update={"rand_augment": config.RandAugmentConfig(num_ops=2, magnitude=9)}

@@ -4,6 +4,8 @@ what to try."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -50,24 +52,26 @@ def evaluated(iteration: int, teacher: TrainedModel, t: float, student: TrainedM
     )
 
 
-def gate(student, robustness, experiment, tmp_path, logged):
+@pytest.fixture(autouse=True)
+def _gate_log(caplog):
+    caplog.set_level(logging.INFO, logger="noisy_student")  # the notes the gate logs
+
+
+def gate(student, robustness, experiment, tmp_path):
     parent = tracking.start_run(experiment, "pipeline")
     return stages.promote(
-        student, robustness, experiment, EVALUATION, "unused", str(tmp_path / "run"), parent,
-        1, logged.append,
-    )  # fmt: skip
+        student, robustness, experiment, EVALUATION, "unused", str(tmp_path / "run"), parent, 1
+    )
 
 
 @pytest.mark.slow  # registers models in MLflow: 5-10 s
 def test_a_student_below_its_teacher_leaves_the_teacher_champion_of_an_empty_registry(
-    tmp_path, mlflow_uri
+    tmp_path, mlflow_uri, caplog
 ):
-    experiment, logged = "ns-below", []
+    experiment = "ns-below"
     teacher = trained(tmp_path, experiment, "teacher", "teacher", register=False)
     student = trained(tmp_path, experiment, "student", "student", register=True)
-    record = gate(
-        student, [evaluated(1, teacher, 0.85, student, 0.81)], experiment, tmp_path, logged
-    )
+    record = gate(student, [evaluated(1, teacher, 0.85, student, 0.81)], experiment, tmp_path)
 
     client = MlflowClient(mlflow_uri)
     champion = client.get_model_version_by_alias(experiment, "champion")
@@ -85,27 +89,27 @@ def test_a_student_below_its_teacher_leaves_the_teacher_champion_of_an_empty_reg
         "version": "2",
         "decision": "champion",
     }
-    note = next(line for line in logged if line.startswith("student 1 "))
+    note = next(line for line in caplog.messages if line.startswith("student 1 "))
     assert "ends 4.00 points below its teacher" in note and "try more students.0.epochs" in note
 
 
 @pytest.mark.slow  # registers models in MLflow: 5-10 s
-def test_a_student_above_its_teacher_becomes_champion_as_before(tmp_path, mlflow_uri):
-    experiment, logged = "ns-above", []
+def test_a_student_above_its_teacher_becomes_champion_as_before(tmp_path, mlflow_uri, caplog):
+    experiment = "ns-above"
     teacher = trained(tmp_path, experiment, "teacher", "teacher", register=False)
     student = trained(tmp_path, experiment, "student", "student", register=True)
-    record = gate(
-        student, [evaluated(1, teacher, 0.80, student, 0.82)], experiment, tmp_path, logged
-    )
+    record = gate(student, [evaluated(1, teacher, 0.80, student, 0.82)], experiment, tmp_path)
     assert record["decision"] == "champion" and record["best_of_run"] is None
     champion = MlflowClient(mlflow_uri).get_model_version_by_alias(experiment, "champion")
     assert champion.run_id == student.mlflow_run_id
-    assert not [line for line in logged if "below its teacher" in line]
+    assert not [line for line in caplog.messages if "below its teacher" in line]
 
 
 @pytest.mark.slow  # registers models in MLflow: 5-10 s
-def test_an_earlier_student_better_than_the_last_one_is_promoted_in_its_place(tmp_path, mlflow_uri):
-    experiment, logged = "ns-earlier", []
+def test_an_earlier_student_better_than_the_last_one_is_promoted_in_its_place(
+    tmp_path, mlflow_uri, caplog
+):
+    experiment = "ns-earlier"
     teacher = trained(tmp_path, experiment, "teacher", "teacher", register=False)
     first = trained(tmp_path, experiment, "student-1", "student", register=True)
     last = trained(tmp_path, experiment, "student-2", "student", register=True)
@@ -113,24 +117,24 @@ def test_an_earlier_student_better_than_the_last_one_is_promoted_in_its_place(tm
         evaluated(1, teacher, 0.80, first, 0.84),
         evaluated(2, first, 0.84, last, 0.82),  # the first student teaches the second
     ]
-    record = gate(last, robustness, experiment, tmp_path, logged)
+    record = gate(last, robustness, experiment, tmp_path)
     client = MlflowClient(mlflow_uri)
     assert str(client.get_model_version_by_alias(experiment, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(experiment, "challenger").version) == "2"
     assert record["best_of_run"]["label"] == "student 1"
-    assert [line.split(" (")[0] for line in logged if "below its teacher" in line] == ["student 2"]
+    assert [line.split(" (")[0] for line in caplog.messages if "below its teacher" in line] == [
+        "student 2"
+    ]
     assert len(client.search_model_versions(f"name='{experiment}'")) == 2  # nothing added
 
 
 @pytest.mark.slow  # registers models in MLflow: 5-10 s
-def test_a_champion_that_taught_a_worse_student_stays_champion(tmp_path, mlflow_uri):
-    experiment, logged = "ns-stays", []
+def test_a_champion_that_taught_a_worse_student_stays_champion(tmp_path, mlflow_uri, caplog):
+    experiment = "ns-stays"
     champion = trained(tmp_path, experiment, "champion", "student", register=True)
     tracking.set_alias(experiment, "champion", "1")
     student = trained(tmp_path, experiment, "student", "student", register=True)
-    record = gate(
-        student, [evaluated(1, champion, 0.90, student, 0.88)], experiment, tmp_path, logged
-    )
+    record = gate(student, [evaluated(1, champion, 0.90, student, 0.88)], experiment, tmp_path)
     assert record["decision"] == "challenger"
     assert record["best_of_run"]["decision"] == "champion"
     assert record["best_of_run"]["version"] == "1"

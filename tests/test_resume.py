@@ -38,7 +38,7 @@ def _config(tmp) -> str:
 
 def _run(config: str, tmp, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "noisy_student.cli", "run", "-c", config],
+        [sys.executable, "-m", "cli", "run", "-c", config],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -154,7 +154,7 @@ def test_a_killed_run_leaves_no_temporary_prefect_server_behind(tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as out:  # not a pipe: a server left behind would keep it open
         killed = subprocess.run(
-            [sys.executable, "-m", "noisy_student.cli", "run", "-c", _config(tmp_path)],
+            [sys.executable, "-m", "cli", "run", "-c", _config(tmp_path)],
             cwd=tmp_path,
             env=env,
             stdout=out,

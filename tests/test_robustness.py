@@ -3,6 +3,7 @@ on a trained model, and the evaluate_robustness stage with its outputs and basel
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pandas as pd
@@ -211,7 +212,7 @@ def _trained(role: str, iteration: int, url: str, run_id: str) -> stages.Trained
 
 @pytest.mark.slow  # judges two models on the corruption suite with MLflow: 8-17 s
 def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
-    tiny_dataset, mlflow_uri, tmp_path
+    tiny_dataset, mlflow_uri, tmp_path, caplog
 ):
     cfg = config.load(
         REPO / "pipeline_config/smoke.yaml",
@@ -229,9 +230,7 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     teacher = _trained("teacher", 1, _checkpoint(tiny_dataset, str(tmp_path / "t"), 0), teacher_id)
     student = _trained("student", 1, _checkpoint(tiny_dataset, str(tmp_path / "s"), 1), student_id)
     out = str(tmp_path / "it1")
-    first = stages.evaluate_robustness(
-        [teacher, student], cfg, tiny_dataset, out, parent, 1, log=lambda _: None
-    )
+    first = stages.evaluate_robustness([teacher, student], cfg, tiny_dataset, out, parent, 1)
 
     table = pd.read_parquet(first.table_url)
     assert set(table.columns) >= {
@@ -273,22 +272,23 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     assert [m.step for m in client.get_metric_history(parent, "student_mce")] == [1]
 
     # iteration 2: its teacher is iteration 1's student, whose measurements are reused
-    lines: list[str] = []
     third_id = tracking.start_run("robustness-test", "student 2")
-    second = stages.evaluate_robustness(
-        [
-            _trained("teacher", 2, student.url, student_id),
-            _trained("student", 2, _checkpoint(tiny_dataset, str(tmp_path / "s2"), 2), third_id),
-        ],
-        cfg,
-        tiny_dataset,
-        str(tmp_path / "it2"),
-        parent,
-        2,
-        earlier=[first.table_url],
-        log=lines.append,
-    )
-    assert "teacher test_resnet: measured in an earlier iteration, not again" in lines
+    with caplog.at_level(logging.INFO, logger="noisy_student"):
+        second = stages.evaluate_robustness(
+            [
+                _trained("teacher", 2, student.url, student_id),
+                _trained(
+                    "student", 2, _checkpoint(tiny_dataset, str(tmp_path / "s2"), 2), third_id
+                ),
+            ],
+            cfg,
+            tiny_dataset,
+            str(tmp_path / "it2"),
+            parent,
+            2,
+            earlier=[first.table_url],
+        )
+    assert "teacher test_resnet: measured in an earlier iteration, not again" in caplog.messages
     table2 = pd.read_parquet(second.table_url)
     reused = table2[table2["role"] == "teacher"].reset_index(drop=True)
     measured = table[table["role"] == "student"].reset_index(drop=True)
@@ -309,7 +309,6 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
         str(tmp_path / "again"),
         parent,
         1,
-        log=lambda _: None,
     )
     scores = {m["role"]: m for m in again.models}
     assert scores["student"]["mce"] == pytest.approx(1.0)
@@ -326,7 +325,6 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
             str(tmp_path / "other"),
             parent,
             1,
-            log=lambda _: None,
         )
 
 

@@ -16,7 +16,8 @@ from fsspec.implementations.local import LocalFileSystem
 from prefect.states import Failed
 from s3fs.errors import translate_boto_error
 
-from noisy_student import cli, dataset, ingest, storage
+import cli
+from noisy_student import dataset, ingest, storage
 from noisy_student.errors import StorageError, StorageUnavailable, UserError
 from noisy_student.training_state import TrainingState
 from tasks.policies import transient_failure

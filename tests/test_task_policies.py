@@ -6,6 +6,7 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+import pytest
 from prefect.serializers import JSONSerializer
 
 import noisy_student
@@ -58,3 +59,26 @@ def test_an_edit_to_the_core_source_changes_the_tasks_cache_key(tmp_path, monkey
         f.write("\n# an edit\n")
     policies._core_digest.cache_clear()
     assert policies.RESUMABLE.compute_key(None, {"shard_index": 3}, {}) != before
+
+
+@pytest.mark.slow  # starts the session's Prefect harness: about 30 s
+def test_a_stage_log_line_shows_in_its_task_runs_prefect_log(prefect_harness, tiny_dataset):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from tasks import prepare_data
+
+    @flow
+    def find_data() -> str:
+        found = prepare_data.submit(tiny_dataset, None)
+        found.wait()
+        return str(found.task_run_id)
+
+    task_run_id = find_data()
+    APILogWorker.drain_all(timeout=30)  # the handler sends in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+    lines = {(log.name, log.message) for log in logs}
+    assert ("noisy_student.stages.prepare_data", f"dataset found at {tiny_dataset}") in lines

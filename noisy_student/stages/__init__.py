@@ -7,23 +7,22 @@ One module per stage, named as the stage is.
 """
 
 from noisy_student.stages.evaluate_robustness import evaluate_robustness
+from noisy_student.stages.existing_teacher import CHAMPION, existing_teacher
 from noisy_student.stages.filter_and_balance import filter_and_balance
 from noisy_student.stages.infer_pseudo_labels import infer_pseudo_labels
 from noisy_student.stages.prepare_data import check_data, prepare_data, unlabelled_shards
+from noisy_student.stages.promote import CHALLENGER, promote
 from noisy_student.stages.records import (
-    Log,
     PseudoLabelShard,
     Robustness,
     SelectedPseudoLabels,
     TrainedModel,
 )
-from noisy_student.stages.registry import CHALLENGER, CHAMPION, existing_teacher, promote
 from noisy_student.stages.train import train_student, train_teacher
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
-    "Log",
     "PseudoLabelShard",
     "Robustness",
     "SelectedPseudoLabels",

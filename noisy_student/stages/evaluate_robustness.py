@@ -3,6 +3,7 @@ against a pinned baseline (mCE), with figures and a Markdown report."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pandas as pd
@@ -12,7 +13,9 @@ from noisy_student import corruptions, engine, models, robustness, storage, trac
 from noisy_student import robustness_report as report
 from noisy_student.config import EvaluationConfig
 from noisy_student.errors import UserError
-from noisy_student.stages.records import Log, Robustness, TrainedModel
+from noisy_student.stages.records import Robustness, TrainedModel
+
+logger = logging.getLogger(__name__)
 
 TABLE = "robustness.parquet"
 REPORT = "robustness.md"
@@ -37,7 +40,6 @@ def evaluate_robustness(
     parent_run_id: str,
     iteration: int,
     earlier: list[str] | None = None,
-    log: Log = print,
 ) -> Robustness:
     """Judge the models on the clean test set, the corruption suite and FGSM; score them
     against the baseline (`cfg.baseline`, else the run's first teacher, found among
@@ -75,7 +77,7 @@ def evaluate_robustness(
                 else None
             )
             if earlier_rows is not None:
-                log(f"{t.role} {t.model}: measured in an earlier iteration, not again")
+                logger.info(f"{t.role} {t.model}: measured in an earlier iteration, not again")
                 measured[t.mlflow_run_id] = earlier_rows
             else:
                 judge.append(t)
@@ -97,13 +99,13 @@ def evaluate_robustness(
         )
         for t, r in zip(judge, results, strict=True):
             measured[t.mlflow_run_id] = r
-        log(
+        logger.info(
             f"corruption suite {suite.url}: {len(suite.cells)} sets of {len(suite.subset)} "
             f"images ({suite.built} generated, {len(suite.cells) - suite.built} read back)"
         )
         if judge:
             images = sum(r["images"] for r in results[0])
-            log(
+            logger.info(
                 f"{', '.join(f'{t.role} {t.model}' for t in judge)}: {images} images each "
                 f"judged in {time.perf_counter() - started:.1f} s"
             )
@@ -211,7 +213,7 @@ def evaluate_robustness(
                 step=iteration,
             )
             fgsm = ", ".join(f"{e} {v:.1%}" for e, v in m["fgsm_accuracy"].items())
-            log(
+            logger.info(
                 f"{m['role']} {m['model']}: clean {m['test_accuracy']:.2%}, corrupted "
                 f"{m['corruption_accuracy']:.2%}, mCE {100 * m['mce']:.1f}, relative mCE "
                 f"{100 * m['relative_mce']:.1f}, ECE {m['ece_clean']:.3f} clean / "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 
 import numpy as np
@@ -14,12 +15,14 @@ import pyarrow.parquet as pq
 from noisy_student import dataset, diagnostics, selection, storage, tracking
 from noisy_student.config import SelectionConfig
 from noisy_student.errors import UserError
+from noisy_student.stages.infer_pseudo_labels import finish_labelling_run, record_labelling
 from noisy_student.stages.records import (
-    Log,
     PseudoLabelShard,
     SelectedPseudoLabels,
     TrainedModel,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _read_shard(shard: PseudoLabelShard, columns: list[str]) -> pa.Table:
@@ -77,7 +80,6 @@ def filter_and_balance(
     parent_run_id: str,
     iteration: int,
     seed: int,
-    log: Log = print,
     previous_pseudo_url: str | None = None,
 ) -> SelectedPseudoLabels:
     """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
@@ -90,34 +92,8 @@ def filter_and_balance(
         f"{tracking.TAG}teacher_url": teacher.url,
         f"{tracking.TAG}pseudo_labels_url": pseudo_url,
     }
-    # The shards ran in parallel workers; the inference stage is recorded here, once they
-    # are gathered, so that a single writer talks to the tracking store.
     inference_seconds = max(s.seconds for s in shards) if shards else 0.0
-    inference_run = tracking.start_stage_run(
-        parent_run_id,
-        "infer_pseudo_labels",
-        iteration,
-        {"shards": len(shards), "teacher_model": teacher.model},
-        lineage,
-    )
-    # the teacher's logged model labelled these images (none for a bare checkpoint)
-    tracking.log_model_input(inference_run, tracking.logged_model_of_run(teacher.mlflow_run_id))
-    for s in shards:
-        tracking.log_metrics(
-            inference_run, {"shard_rows": s.rows, "shard_seconds": s.seconds}, step=s.index
-        )
-    storage.write_json(
-        storage.join(pseudo_url, dataset.MANIFEST),
-        {
-            "format": "noisy-student-pseudo-labels",
-            "teacher_url": teacher.url,
-            "teacher_run_id": teacher.mlflow_run_id,
-            "shards": [
-                {"file": s.url.rsplit("/", 1)[-1], "rows": s.rows, "sha256": s.sha256}
-                for s in shards
-            ],
-        },
-    )
+    inference_run = record_labelling(shards, teacher, pseudo_url, parent_run_id, iteration, lineage)
 
     run_id = tracking.start_stage_run(
         parent_run_id, "filter_and_balance", iteration, cfg.model_dump(), lineage
@@ -154,20 +130,9 @@ def filter_and_balance(
                 both = ~pd.isna(earlier)
                 stats.add_changes(earlier[both].astype(np.int64), predicted[both])
         accuracy_all = right_all / scored_all if scored_all else None
-        tracking.log_metrics(
-            inference_run,
-            {
-                "images": total,
-                "seconds": inference_seconds,
-                "mean_confidence": confidence_sum / total,
-                **(
-                    {"pseudo_label_accuracy": accuracy_all, "scored": scored_all}
-                    if accuracy_all is not None
-                    else {}
-                ),
-            },
+        finish_labelling_run(
+            inference_run, total, inference_seconds, confidence_sum, accuracy_all, scored_all
         )
-        tracking.end_run(inference_run)
         rule = selection.plan(histogram, cfg.min_confidence, cfg.balance, cfg.per_class_quota)
 
         # pass 2: apply the plan shard by shard, one selected file per pseudo-label shard
@@ -250,7 +215,7 @@ def filter_and_balance(
             )
         tracking.log_metrics(run_id, metrics)
         if report["changed_since_previous"] is not None:
-            log(
+            logger.info(
                 f"pseudo labels: {report['changed_since_previous']} of "
                 f"{report['compared_with_previous']} changed class since the last iteration"
             )
@@ -264,7 +229,7 @@ def filter_and_balance(
             },
         )
         tracking.end_run(run_id)
-        log(
+        logger.info(
             f"pseudo labels: {total} images, {kept} kept, {selected} after balancing"
             + (f", {accuracy:.2%} right" if accuracy is not None else "")
             + (

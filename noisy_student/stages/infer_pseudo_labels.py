@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from noisy_student import dataset, engine, faults, models, storage
+from noisy_student import dataset, engine, faults, models, storage, tracking
 from noisy_student.prefetch import prefetch
-from noisy_student.stages.records import PseudoLabelShard
+from noisy_student.stages.records import PseudoLabelShard, TrainedModel
 
 
 def infer_pseudo_labels(
@@ -90,3 +90,59 @@ def label_batches(
     if not parts:
         return ids, np.empty((0, num_classes), np.float32)
     return ids, np.concatenate(parts)
+
+
+def record_labelling(
+    shards: list[PseudoLabelShard],
+    teacher: TrainedModel,
+    pseudo_url: str,
+    parent_run_id: str,
+    iteration: int,
+    lineage: dict[str, str],
+) -> str:
+    """The labelling stage's MLflow run and its pseudo labels' manifest, once the shards
+    are gathered: they ran in parallel workers, and a single writer talks to the tracking
+    store. Returns the run's id; `finish_labelling_run` ends it."""
+    inference_run = tracking.start_stage_run(
+        parent_run_id,
+        "infer_pseudo_labels",
+        iteration,
+        {"shards": len(shards), "teacher_model": teacher.model},
+        lineage,
+    )
+    # the teacher's logged model labelled these images (none for a bare checkpoint)
+    tracking.log_model_input(inference_run, tracking.logged_model_of_run(teacher.mlflow_run_id))
+    for s in shards:
+        tracking.log_metrics(
+            inference_run, {"shard_rows": s.rows, "shard_seconds": s.seconds}, step=s.index
+        )
+    storage.write_json(
+        storage.join(pseudo_url, dataset.MANIFEST),
+        {
+            "format": "noisy-student-pseudo-labels",
+            "teacher_url": teacher.url,
+            "teacher_run_id": teacher.mlflow_run_id,
+            "shards": [
+                {"file": s.url.rsplit("/", 1)[-1], "rows": s.rows, "sha256": s.sha256}
+                for s in shards
+            ],
+        },
+    )
+    return inference_run
+
+
+def finish_labelling_run(
+    inference_run: str,
+    images: int,
+    seconds: float,
+    confidence_sum: float,
+    accuracy: float | None,
+    scored: int,
+) -> None:
+    """The labelling stage's figures over every image (the selection's first pass reads
+    them), and the end of its run."""
+    metrics = {"images": images, "seconds": seconds, "mean_confidence": confidence_sum / images}
+    if accuracy is not None:
+        metrics |= {"pseudo_label_accuracy": accuracy, "scored": scored}
+    tracking.log_metrics(inference_run, metrics)
+    tracking.end_run(inference_run)

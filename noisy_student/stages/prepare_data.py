@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from noisy_student import dataset, storage, training_data
 from noisy_student.config import FashionMnistSource
 from noisy_student.errors import UserError
-from noisy_student.stages.records import Log
+
+logger = logging.getLogger(__name__)
 
 
 def _missing_split(root: str) -> str | None:
@@ -37,16 +40,16 @@ def check_data(root: str, fashion_mnist: FashionMnistSource | None) -> None:
         )
 
 
-def prepare_data(root: str, fashion_mnist: FashionMnistSource | None, log: Log = print) -> str:
+def prepare_data(root: str, fashion_mnist: FashionMnistSource | None) -> str:
     """The dataset root, ingesting Fashion-MNIST into it first when it holds no dataset."""
     from noisy_student import ingest
 
     root = storage.resolve(root)
     if _missing_split(root) is None:
-        log(f"dataset found at {root}")
+        logger.info(f"dataset found at {root}")
         return root
     check_data(root, fashion_mnist)
-    log(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
+    logger.info(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
     ingest.fashion_mnist(
         root,
         fashion_mnist.source,

@@ -5,11 +5,8 @@ Prefect passes these between tasks; the data itself stays on storage.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -7,6 +7,7 @@ rank 0 has an MLflow run and writes the checkpoint, the others just train their 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +19,10 @@ from noisy_student import dataset, distributed, engine, models, storage, trackin
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.prepare_data import labelled_rows, test_batches
-from noisy_student.stages.records import Log, SelectedPseudoLabels, TrainedModel
+from noisy_student.stages.records import SelectedPseudoLabels, TrainedModel
 from noisy_student.training_state import TrainingState
+
+logger = logging.getLogger(__name__)
 
 STATE_FOLDER = "_training_state"  # beside the model files, inside the stage's folder
 
@@ -81,9 +84,11 @@ def _training_state(
     )
 
 
-def _report_resume(fit: engine.FitResult, label: str, run_id: str, log: Log) -> None:
+def _report_resume(fit: engine.FitResult, label: str, run_id: str) -> None:
     if fit.resumed_from_step:
-        log(f"{label}: resumed from its saved state at step {fit.resumed_from_step} of {fit.steps}")
+        logger.info(
+            f"{label}: resumed from its saved state at step {fit.resumed_from_step} of {fit.steps}"
+        )
         tracking.log_metrics(run_id, {"resumed_from_step": fit.resumed_from_step})
 
 
@@ -91,12 +96,12 @@ Progress = Callable[[float], None]  # the share of the epochs done, 0 to 1
 
 
 def _epoch_logger(
-    run_id: str, role: str, log: Log, epochs: int, on_progress: Progress | None = None
+    run_id: str, role: str, epochs: int, on_progress: Progress | None = None
 ) -> engine.EpochCallback:
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(run_id, metrics, step=epoch)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        log(f"{role} epoch {epoch}: {shown}")
+        logger.info(f"{role} epoch {epoch}: {shown}")
         if on_progress is not None:
             on_progress(epoch / epochs)
 
@@ -158,7 +163,6 @@ def train_teacher(
     out_url: str,
     parent_run_id: str,
     seed: int,
-    log: Log = print,
     on_progress: Progress | None = None,
 ) -> TrainedModel:
     """A timm model trained on the labelled images only, with ordinary augmentation."""
@@ -192,12 +196,12 @@ def train_teacher(
             _noise(cfg),
             seed,
             evaluation=test,
-            on_epoch=_epoch_logger(run_id, "teacher", log, cfg.epochs, on_progress),
+            on_epoch=_epoch_logger(run_id, "teacher", cfg.epochs, on_progress),
             state=_training_state(
                 cfg, out_url, "teacher", seed, labelled=labelled.items, data_root=data_root
             ),
         )
-        _report_resume(fit, "teacher", run_id, log)
+        _report_resume(fit, "teacher", run_id)
         return _finish_training(
             "teacher",
             1,
@@ -220,7 +224,6 @@ def train_student(
     iteration: int,
     seed: int,
     registered_model: str | None = None,
-    log: Log = print,
     on_progress: Progress | None = None,
 ) -> TrainedModel:
     """An equal-or-larger model trained on labelled plus pseudo-labelled images, with
@@ -288,7 +291,7 @@ def train_student(
             seed + iteration,
             pseudo=pseudo,
             evaluation=test,
-            on_epoch=_epoch_logger(run_id, f"student {iteration}", log, cfg.epochs, on_progress),
+            on_epoch=_epoch_logger(run_id, f"student {iteration}", cfg.epochs, on_progress),
             state=_training_state(
                 cfg,
                 out_url,
@@ -300,7 +303,7 @@ def train_student(
                 teacher_url=teacher.url,
             ),
         )
-        _report_resume(fit, f"student {iteration}", run_id, log)
+        _report_resume(fit, f"student {iteration}", run_id)
         student = _finish_training(
             "student",
             iteration,
@@ -313,5 +316,5 @@ def train_student(
         )
         if registered_model and run_id is not None:
             version = tracking.register(run_id, registered_model)
-            log(f"student {iteration} registered as models:/{registered_model}/{version}")
+            logger.info(f"student {iteration} registered as models:/{registered_model}/{version}")
         return student

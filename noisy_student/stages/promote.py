@@ -1,5 +1,5 @@
-"""The model registry around an iteration: the champion as the first teacher of a
-retraining run, and the promotion gate that decides whether a new student replaces it.
+"""Stage 6, after the last iteration: the promotion gate. Does the run's final student
+replace the champion, the registered model's version in service?
 
 Every student is a version of the registered model named after the experiment. The alias
 `champion` marks the version in service; a student takes it only when it is at least as
@@ -15,67 +15,21 @@ run, and as `promotion.json` on the pipeline run and beside the run's artifacts.
 
 from __future__ import annotations
 
-import re
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from noisy_student import models, storage, tracking
+from noisy_student import storage, tracking
 from noisy_student.config import EvaluationConfig
-from noisy_student.errors import UserError
 from noisy_student.stages.evaluate_robustness import evaluate_robustness
-from noisy_student.stages.records import Log, Robustness, TrainedModel
+from noisy_student.stages.existing_teacher import CHAMPION, from_run
+from noisy_student.stages.records import Robustness, TrainedModel
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+logger = logging.getLogger(__name__)
 
-
-def _from_run(run_id: str, log: Log) -> TrainedModel:
-    """A trained model recorded in MLflow: its checkpoint where the run says it is, else a
-    copy of the run's `model/` artifacts."""
-    data = tracking.run_data(run_id)
-    url = data.tags.get(f"{tracking.TAG}checkpoint_url")
-    if not url or not storage.exists(storage.join(url, models.META)):
-        url = tracking.download_model(run_id)
-        log(f"checkpoint of run {run_id} copied from MLflow to {url}")
-    meta = models.load_meta(url)
-    return TrainedModel(
-        role="teacher",
-        iteration=0,
-        model=meta.model,
-        url=url,
-        mlflow_run_id=run_id,
-        test_accuracy=data.metrics.get("final_test_accuracy"),
-        seconds=0.0,
-    )
-
-
-def existing_teacher(ref: str, registered_model: str, log: Log = print) -> TrainedModel | None:
-    """The first teacher of a run that does not train one: `champion` (the registered
-    model's champion, or None when there is none yet), `models:/NAME@ALIAS`,
-    `models:/NAME/VERSION`, an MLflow run id, or a checkpoint URL."""
-    if ref == CHAMPION:
-        version = tracking.model_version_by_alias(registered_model, CHAMPION)
-        if version is None:
-            log(f"models:/{registered_model}@{CHAMPION} does not exist yet: training a teacher")
-            return None
-        log(
-            f"teacher: the champion, models:/{registered_model}/{version.version} "
-            f"(run {version.run_id})"
-        )
-        return _from_run(version.run_id, log)
-    if ref.startswith("models:/"):
-        try:
-            run_id = tracking.resolve_registered(ref)
-        except Exception as e:
-            raise UserError(f"teacher {ref}: {e}") from None
-        return _from_run(run_id, log)
-    if RUN_ID.match(ref):
-        return _from_run(ref, log)
-    url = storage.resolve(ref)
-    meta = models.load_meta(url)  # one-line error when there is no checkpoint
-    return TrainedModel("teacher", 0, meta.model, url, "", None, 0.0)
+CHALLENGER = "challenger"  # the alias of a student that did not pass the gate
 
 
 def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
@@ -178,7 +132,6 @@ def promote(
     run_url: str,
     parent_run_id: str,
     iteration: int,
-    log: Log = print,
 ) -> dict[str, Any]:
     """The promotion gate for the run's final student; returns the decision record."""
     version = tracking.model_version_of_run(registered_model, student.mlflow_run_id)
@@ -190,20 +143,19 @@ def promote(
         if champion is None:
             # The champion was not evaluated in this run: measure it on the same test images
             # and the same seeded corruptions as the student.
-            log(f"evaluating the champion (version {current.version}) as the student was")
+            logger.info(f"evaluating the champion (version {current.version}) as the student was")
             measured = evaluate_robustness(
-                [_from_run(current.run_id, log)],
+                [from_run(current.run_id)],
                 evaluation,
                 data_root,
                 storage.join(run_url, "promotion", "robustness"),
                 parent_run_id,
                 iteration,
                 earlier=[r.table_url for r in robustness if r.table_url],
-                log=log,
             )
             champion = figures([measured], current.run_id)
     for note in students_below_teachers(robustness):
-        log(note)
+        logger.info(note)
     promoted, reasons = decide(candidate, champion)
     best = best_of_run(robustness, student.mlflow_run_id)
     stand_in = None
@@ -213,7 +165,7 @@ def promote(
             f"test accuracy {candidate['test_accuracy']:.4f} < {_label(best)}'s "
             f"{best['test_accuracy']:.4f} in this run"
         )
-        stand_in = _stand_in(best, champion, current, registered_model, reasons, log)
+        stand_in = _stand_in(best, champion, current, registered_model, reasons)
     alias = CHAMPION if promoted else CHALLENGER
     record = {
         "registered_model": registered_model,
@@ -239,7 +191,9 @@ def promote(
     tracking.set_tags(parent_run_id, {f"{tracking.TAG}promotion": alias})
     tracking.log_dict(parent_run_id, record, "promotion.json")
     storage.write_json(storage.join(run_url, "promotion.json"), record)
-    log(f"models:/{registered_model}/{version.version} is the {alias}: {'; '.join(reasons)}")
+    logger.info(
+        f"models:/{registered_model}/{version.version} is the {alias}: {'; '.join(reasons)}"
+    )
     return record
 
 
@@ -249,7 +203,6 @@ def _stand_in(
     current: Any,
     registered_model: str,
     reasons: list[str],
-    log: Log,
 ) -> dict[str, Any]:
     """The run's best model at the gate in the final student's place: it takes `champion`
     on the same rule (a first teacher is registered as a version for it). Appends what
@@ -279,5 +232,5 @@ def _stand_in(
     }
     tracking.set_version_tags(registered_model, version, tags)
     reasons.append(f"{label} (models:/{registered_model}/{version}) is the champion in its place")
-    log(f"models:/{registered_model}/{version} ({label}) is the champion: {'; '.join(why)}")
+    logger.info(f"models:/{registered_model}/{version} ({label}) is the champion: {'; '.join(why)}")
     return {**entry, "version": version, "decision": CHAMPION}

@@ -1,0 +1,227 @@
+"""`noisy-student ingest`: raw images in the dataset format, one builder per source."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cli.prefect_setup import prefect_defaults
+from noisy_student.errors import UserError
+
+
+def add_parser(sub: Any) -> None:
+    ingest = sub.add_parser("ingest", help="write raw images in the dataset format")
+    isub = ingest.add_subparsers(dest="source_kind", required=True)
+    for add in (_add_fashion_mnist, _add_image_folder, _add_parquet, _add_append):
+        add(isub)
+
+
+def _add_fashion_mnist(isub: Any) -> None:
+    fm = isub.add_parser("fashion-mnist", help="from the four IDX .gz files")
+    fm.add_argument("--out", required=True, help="dataset root URL to write")
+    fm.add_argument(
+        "--source",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with the IDX files (default: Debian's dataset-fashion-mnist)",
+    )
+    fm.add_argument("--labelled-per-class", type=int, default=100)
+    fm.add_argument("--unlabelled-limit", type=int, help="keep only this many unlabelled images")
+    fm.add_argument("--test-limit", type=int, help="keep only this many test images")
+    fm.add_argument("--seed", type=int, default=0, help="seed of the labelled/unlabelled split")
+    fm.add_argument("--rows-per-shard", type=int, default=8192)
+    fm.set_defaults(func=_fashion_mnist)
+
+
+def _add_image_folder(isub: Any) -> None:
+    imf = isub.add_parser("image-folder", help="from ImageFolder trees (local or any fsspec URL)")
+    imf.add_argument("--out", required=True, help="dataset root URL to write")
+    imf.add_argument("--labelled", required=True, help="folder with one sub-folder per class")
+    imf.add_argument("--unlabelled", required=True, help="folder of images without classes")
+    imf.add_argument("--test", required=True, help="folder with one sub-folder per class")
+    imf.add_argument(
+        "--size",
+        "--image-size",
+        dest="image_size",
+        type=int,
+        default=224,
+        help="every image becomes NxN: shorter side resized to N, then centre-cropped "
+        "(default 224, photos for timm's models)",
+    )
+    imf.add_argument("--mode", choices=["L", "RGB"], default="RGB", help="grayscale or colour")
+    imf.add_argument("--rows-per-shard", type=int, default=8192)
+    imf.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="a corrupt or non-image file stops the ingest (error), or is left out and "
+        "listed (skip)",
+    )
+    imf.add_argument(
+        "--on-mismatch",
+        choices=["convert", "error"],
+        default="convert",
+        help="an image of another size or mode is converted and fitted to --size (convert), "
+        "or is a bad image (error)",
+    )
+    imf.add_argument(
+        "--format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="how shards store images: png (lossless, small images) or jpeg (photos)",
+    )
+    imf.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
+    imf.set_defaults(func=_image_folder)
+
+
+def _add_parquet(isub: Any) -> None:
+    pq = isub.add_parser(
+        "parquet",
+        help="one split from Parquet tables (a Hugging Face datasets export, any fsspec URL)",
+    )
+    pq.add_argument("src", help="a .parquet file or a folder of them (local or any fsspec URL)")
+    pq.add_argument("--dataset", required=True, help="dataset root URL to write the split into")
+    pq.add_argument(
+        "--split",
+        choices=["labelled", "unlabelled", "test"],
+        required=True,
+        help="the split these rows become (labels of an unlabelled split only score pseudo labels)",
+    )
+    pq.add_argument(
+        "--image-column", default="image", help="encoded images: bytes or {bytes, path}"
+    )
+    pq.add_argument(
+        "--label-column",
+        default="label",
+        help="class index or class name per row; '' for none (an unlabelled split)",
+    )
+    pq.add_argument("--id-column", help="unique ids (default: <file name>/<row>)")
+    pq.add_argument(
+        "--classes",
+        help="comma-separated class names (default: the datasets features in the file, the "
+        "dataset's other splits, or the label column's distinct names)",
+    )
+    pq.add_argument("--image-size", type=int, help="resize every image to NxN")
+    pq.add_argument("--mode", choices=["L", "RGB"], help="grayscale or colour (default: kept)")
+    pq.add_argument("--rows-per-shard", type=int, default=8192)
+    pq.set_defaults(func=_parquet)
+
+
+def _add_append(isub: Any) -> None:
+    app = isub.add_parser(
+        "append",
+        help="add a batch of unlabelled images to a dataset (new manifest version), then "
+        "emit the new-data event that starts a retrain",
+    )
+    app.add_argument("--dataset", required=True, help="dataset root URL to append to")
+    app.add_argument("--images", required=True, help="folder of images (any fsspec URL)")
+    app.add_argument(
+        "--id-prefix", help="prefix of the new ids (default: the folder's name); ids are unique"
+    )
+    app.add_argument("--rows-per-shard", type=int, default=8192)
+    app.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
+    app.set_defaults(func=_append)
+
+
+def _fashion_mnist(args: argparse.Namespace) -> None:
+    from noisy_student import ingest
+
+    out = ingest.fashion_mnist(
+        args.out,
+        args.source,
+        args.labelled_per_class,
+        args.unlabelled_limit,
+        args.test_limit,
+        args.seed,
+        args.rows_per_shard,
+    )
+    _print_dataset(out)
+
+
+def _image_folder(args: argparse.Namespace) -> None:
+    from noisy_student import ingest
+
+    out = ingest.image_folder(
+        args.out,
+        args.labelled,
+        args.unlabelled,
+        args.test,
+        args.image_size,
+        args.mode,
+        args.rows_per_shard,
+        args.on_bad_image,
+        args.on_mismatch,
+        args.format,
+        args.quality,
+    )
+    _print_dataset(out)
+
+
+def _parquet(args: argparse.Namespace) -> None:
+    from noisy_student import ingest_parquet
+
+    out = ingest_parquet.parquet(
+        args.src,
+        args.dataset,
+        args.split,
+        args.image_column,
+        args.label_column or None,
+        args.id_column,
+        args.classes.split(",") if args.classes else None,
+        args.image_size,
+        args.mode,
+        args.rows_per_shard,
+    )
+    print(f"{args.split} split written to {out}")
+
+
+def _append(args: argparse.Namespace) -> None:
+    from noisy_student import ingest, storage
+
+    root = storage.resolve(args.dataset)
+    announcing = not args.no_event and bool(os.environ.get("PREFECT_API_URL"))
+    if announcing:
+        from flows.events import check_api
+
+        prefect_defaults()
+        check_api()  # a refused auth string stops us before the data changes
+    before, after = ingest.append_unlabelled(root, args.images, args.id_prefix, args.rows_per_shard)
+    print(
+        f"unlabelled: version {before.version} -> {after.version}: "
+        f"{after.num_rows - before.num_rows} images added in "
+        f"{len(after.shards) - len(before.shards)} shard(s), {after.num_rows} in all"
+    )
+    if args.no_event:
+        return
+    if not announcing:
+        print("PREFECT_API_URL is not set: no event emitted (a `watch` deployment will notice)")
+        return
+    from flows.events import EVENT, announce
+
+    try:
+        event = announce(root, after.state(), before.state(), source="ingest")
+    except Exception as e:  # the append has landed: say so, and what did not happen
+        raise UserError(
+            f"{os.environ['PREFECT_API_URL']}: the images were appended (version "
+            f"{after.version}) but the event was not sent ({type(e).__name__}); a `watch` "
+            "deployment will notice the new version"
+        ) from None
+    print(f"event {EVENT} emitted for {event.resource.id}")
+
+
+def _print_dataset(root: str) -> None:
+    from noisy_student import dataset, storage
+
+    skipped = []
+    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+        m = dataset.read_manifest(storage.join(root, split))
+        skipped += storage.read_json(storage.join(m.url, dataset.MANIFEST)).get("skipped", [])
+        print(
+            f"{split:<10} {m.num_rows:>7} images in {len(m.shards)} shard(s), "
+            f"{m.mode} {m.width}x{m.height}, {m.num_classes} classes"
+        )
+    if skipped:
+        print(f"skipped {len(skipped)} bad image(s) (listed in the manifests under 'skipped'):")
+        for s in skipped:
+            print(f"  {s['file']}: {s['reason']}")
+    print(f"dataset: {root}")

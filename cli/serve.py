@@ -1,0 +1,130 @@
+"""`noisy-student serve`: the deployments on the Prefect server at PREFECT_API_URL."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cli.prefect_setup import prefect_defaults
+from noisy_student.errors import UserError
+
+
+def add_parser(sub: Any) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="serve the deployments noisy-student/iterate and noisy-student-watch/watch "
+        "on the Prefect server at PREFECT_API_URL (runs until stopped)",
+    )
+    srv.add_argument("-c", "--config", required=True, help="YAML config path or URL")
+    srv.add_argument(
+        "--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value"
+    )
+    srv.add_argument(
+        "--teacher",
+        default="champion",
+        help="first teacher of each run: champion (default; trains one while there is "
+        "none), none (always train), or a model reference as for `run --teacher`",
+    )
+    srv.add_argument("--cron", help='also run on this schedule (UTC), e.g. "0 3 * * *"')
+    srv.add_argument(
+        "--batch-window",
+        type=float,
+        default=600,
+        metavar="SECONDS",
+        help="a retrain starts this long after new data first lands; data landing "
+        "meanwhile joins it (default 600)",
+    )
+    srv.add_argument(
+        "--watch-every",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="look for data that landed by other means this often; 0: never (default 300)",
+    )
+    srv.add_argument(
+        "--results",
+        metavar="URL",
+        help="keep Prefect's results there, e.g. s3://bucket/prefect-results",
+    )
+    srv.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from noisy_student import config as config_mod
+    from noisy_student.overrides import override_pairs
+
+    overrides = dict(override_pairs(args.set or []))
+    config_mod.load(args.config, overrides)  # one-line error before anything starts
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "PREFECT_API_URL is not set: start `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    prefect_defaults()
+    from flows.events import check_api
+
+    check_api()
+    _check_mlflow_server()
+    from flows.deployments import serve
+
+    serve(
+        args.config,
+        overrides,
+        teacher=None if args.teacher == "none" else args.teacher,
+        cron=args.cron,
+        window=timedelta(seconds=args.batch_window),
+        watch_every=args.watch_every or None,
+        results=args.results,
+    )
+
+
+def _cmd_gc(args: argparse.Namespace) -> None:
+    from noisy_student import gc
+
+    older_than = gc.parse_age(args.older_than)
+    orphans = gc.find_orphans(args.url, older_than)
+    for o in orphans:
+        print(f"{o.url}  {gc.format_size(o.size)}  {gc.format_age(o.age_seconds)} old  {o.reason}")
+    total = gc.format_size(sum(o.size for o in orphans))
+    if args.dry_run:
+        print(f"{len(orphans)} file(s), {total}, would be removed (--dry-run: nothing removed)")
+        return
+    gc.remove(orphans)
+    print(f"{len(orphans)} file(s), {total}, removed")
+
+
+def _check_mlflow_server() -> None:
+    """The runs `serve` starts log to MLFLOW_TRACKING_URI: when that is a server, ask it
+    one authenticated question now, so that missing or wrong credentials
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) fail here in one line, not in
+    every run."""
+    import httpx
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        answer = httpx.post(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            json={"max_results": 1},
+            auth=httpx.BasicAuth(user, password or "") if user else None,
+            timeout=30,
+        )
+    except httpx.HTTPError as e:
+        raise UserError(f"{uri}: no MLflow server answers ({type(e).__name__})") from None
+    if answer.status_code in (401, 403):
+        hint = (
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD were refused"
+            if user
+            else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        raise UserError(
+            f"{uri}: the MLflow server refused the request ({answer.status_code}): {hint}"
+        )
+    if answer.status_code != 200:
+        raise UserError(f"{uri}: not an MLflow server (HTTP {answer.status_code})")
