@@ -28,7 +28,9 @@ bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 1.5 h
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
 # every tier: this -m replaces the quick default of pyproject.toml's addopts
-test: setup compose-cli
+# every tier (plain `pytest` leaves out the slow and integration ones), after the lint and
+# the layer contract, so that CI checks both
+test: setup compose-cli lint
 	$(UV) run pytest -q -m "slow or not slow"
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
