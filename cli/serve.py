@@ -81,21 +81,6 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
-def _cmd_gc(args: argparse.Namespace) -> None:
-    from noisy_student import gc
-
-    older_than = gc.parse_age(args.older_than)
-    orphans = gc.find_orphans(args.url, older_than)
-    for o in orphans:
-        print(f"{o.url}  {gc.format_size(o.size)}  {gc.format_age(o.age_seconds)} old  {o.reason}")
-    total = gc.format_size(sum(o.size for o in orphans))
-    if args.dry_run:
-        print(f"{len(orphans)} file(s), {total}, would be removed (--dry-run: nothing removed)")
-        return
-    gc.remove(orphans)
-    print(f"{len(orphans)} file(s), {total}, removed")
-
-
 def _check_mlflow_server() -> None:
     """The runs `serve` starts log to MLFLOW_TRACKING_URI: when that is a server, ask it
     one authenticated question now, so that missing or wrong credentials

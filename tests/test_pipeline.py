@@ -194,6 +194,11 @@ def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
     assert artifact is not None and artifact.type == "markdown"
     assert "# Robustness after iteration 2" in artifact.data
     assert summary["iterations"][1]["student"]["mlflow_run_id"] in artifact.data
+    promotion = summary["promotion"]
+    decision = Artifact.get("promotion")  # the gate's decision, with its reasons
+    assert decision is not None and decision.type == "markdown"
+    assert f"is the **{promotion['decision']}**" in decision.data
+    assert all(reason in decision.data for reason in promotion["reasons"])
 
 
 def test_smoke_run_logs_a_model_per_trained_model_with_mlflow_lineage(smoke_run):
