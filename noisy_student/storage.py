@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from noisy_student.errors import StorageError, StorageUnavailable
+from noisy_student.errors import StorageError, StorageUnavailable, UserError
 
 T = TypeVar("T")
 
@@ -349,6 +349,19 @@ def json_bytes(obj: Any) -> bytes:
 
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json_bytes(obj))
+
+
+def read_verified(url: str, sha256: str, named_in: str) -> bytes:
+    """The whole file at `url`, checked against the SHA-256 that `named_in` (the record
+    that names the file) gives for it; a missing file or other bytes is a one-line error.
+    For small files read whole; dataset shards go through `dataset.open_shard`."""
+    try:
+        data = read_bytes(url)
+    except FileNotFoundError:
+        raise UserError(f"{url}: named in {named_in}, but missing") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{url}: checksum does not match {named_in}")
+    return data
 
 
 def write_parquet(url: str, table: pa.Table, row_group_size: int) -> str:

@@ -108,12 +108,7 @@ class TrainingState:
         if head.get("fingerprint") != self.fingerprint:
             return None
         tensors_url = storage.join(self.url, head["file"])
-        try:
-            data = storage.read_bytes(tensors_url)
-        except FileNotFoundError:
-            raise UserError(f"{tensors_url}: training state named in {STATE} is missing") from None
-        if hashlib.sha256(data).hexdigest() != head["sha256"]:
-            raise UserError(f"{tensors_url}: checksum does not match {state_url}")
+        data = storage.read_verified(tensors_url, head["sha256"], state_url)
         try:
             tensors = load_safetensors(data)
         except SafetensorError as e:

@@ -239,3 +239,17 @@ def test_decoded_blocks_are_kept_up_to_the_budget_and_the_batches_do_not_change(
     want = plain.decode(once[0], some)
     before = len(reads)
     assert torch.equal(kept.decode(once[0], some), want) and len(reads) == before
+
+
+def test_a_selected_shard_changed_since_balancing_wrote_it_is_refused(tmp_path, monkeypatch):
+    unlabelled = str(tmp_path / "unlabelled")
+    _write_split(unlabelled, dataset.UNLABELLED, 6, [None] * 6, monkeypatch)
+    selected = tmp_path / "selected"
+    _write_selected(str(selected), ["unlabelled001", "unlabelled004"], [1, 2])
+    shard = selected / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(UserError, match=r"part-00000.parquet: checksum does not match .*_manifest"):
+        training_data.pseudo_labelled_rows(str(selected), dataset.read_manifest(unlabelled))
+    shard.unlink()
+    with pytest.raises(UserError, match=r"part-00000.parquet: named in .*_manifest.json, but miss"):
+        training_data.pseudo_labelled_rows(str(selected), dataset.read_manifest(unlabelled))

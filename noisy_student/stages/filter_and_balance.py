@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
@@ -26,9 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def _read_shard(shard: PseudoLabelShard, columns: list[str]) -> pa.Table:
-    data = storage.read_bytes(shard.url)
-    if hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise UserError(f"{shard.url}: pseudo-label shard changed since it was written")
+    data = storage.read_verified(shard.url, shard.sha256, "the labelling stage's record")
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
