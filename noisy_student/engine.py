@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from noisy_student import augment, distributed, training_data
 from noisy_student.errors import UserError
+from noisy_student.prefetch import compute_threads
 from noisy_student.training_state import TrainingState
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -65,6 +66,7 @@ def batch_probs(model: nn.Module, images: torch.Tensor, precision: str = "auto")
     """Class probabilities (on the CPU) for one batch of uint8 images, from a model made
     ready by `for_inference`. The images travel as uint8, a quarter of the bytes of floats,
     asynchronously when they are in pinned memory."""
+    compute_threads()  # per batch: the caller's thread may be new (a Prefect task's)
     dev = next(model.parameters()).device
     x = augment.to_float(images.to(dev, non_blocking=True))
     with autocast(dev, precision):
@@ -410,6 +412,7 @@ def fit(
     of each (DistributedDataParallel averages the gradients), so N ranks take the steps
     one process would with the same batch size. Only rank 0 evaluates and reports.
     """
+    compute_threads()
     ranks, main = distributed.world_size(), distributed.is_main()
     # Noise differs between ranks (rank 0 draws what a single process would); the order of
     # the data does not: the streams below share the seed on every rank.

@@ -13,14 +13,29 @@ T = TypeVar("T")
 _END = object()
 
 
+# torch's threads per computing thread, as the process started (OMP_NUM_THREADS, or one per
+# core); read at import, before any reader thread has called `one_torch_thread`
+COMPUTE_THREADS = torch.get_num_threads()
+
+
 def one_torch_thread() -> None:
     """Run this thread's torch operations on itself alone. Each Python thread that calls
     torch gets its own OpenMP team of `get_num_threads()` workers, and those spin after
     every parallel region: a reader thread's team (batch `cat`s, indexing) took cores from
     the training step's. Measured here (2 cores, resnet10t teacher on 1,000 images): 1.76 s
     an epoch with the readers' own teams, 1.36 s with this, 1.26 s with no reader thread.
-    The setting is per thread (an OpenMP ICV), so the caller's threads are untouched."""
+    The calling thread's team shrinks, but `torch.set_num_threads` also sets the size that
+    threads started later begin with: see `compute_threads`."""
     torch.set_num_threads(1)
+
+
+def compute_threads() -> None:
+    """Give the calling thread its full team of torch threads (`COMPUTE_THREADS`). Training
+    and inference call this first: a thread started after a reader's `one_torch_thread`
+    (each Prefect task runs in such a thread) would otherwise begin with one. That cost the
+    demo's student 25% of its speed (880 against 1,140 images/s per epoch, 2 cores)."""
+    if torch.get_num_threads() != COMPUTE_THREADS:
+        torch.set_num_threads(COMPUTE_THREADS)
 
 
 class prefetch(Iterator[T]):  # noqa: N801 - used like a function: `for x in prefetch(items)`

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisy_student import augment, engine, models, training_data
+from noisy_student import augment, engine, models, prefetch, training_data
 from noisy_student.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -398,3 +398,39 @@ def test_step_schedule_multiplies_the_lr_by_the_rate_every_interval():
     )
     # the lr shown after an epoch is the one set for the next step
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+
+
+@pytest.mark.skipif(prefetch.COMPUTE_THREADS < 2, reason="needs a process with 2+ torch threads")
+def test_training_and_inference_in_a_thread_started_after_a_reader_use_every_torch_thread():
+    """torch.set_num_threads(1) in a reader thread also sets what threads started later
+    begin with; a Prefect task runs in such a thread, and trained on one core."""
+    import threading
+
+    reader = threading.Thread(target=prefetch.one_torch_thread)
+    reader.start()
+    reader.join()
+    seen = {}
+
+    def stage() -> None:
+        seen["at start"] = torch.get_num_threads()
+        model = models.create("test_resnet", 2, 1)
+        engine.batch_probs(engine.for_inference(model), torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+        seen["inference"] = torch.get_num_threads()
+        torch.set_num_threads(1)
+        rows = training_data.TensorRows(
+            torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.eye(2)[[0, 1] * 4]
+        )
+        engine.fit(model, rows, engine.Schedule(epochs=1, batch_size=4, lr=0.1), engine.Noise(), 0)
+        seen["training"] = torch.get_num_threads()
+
+    def run() -> None:
+        try:
+            stage()
+        except BaseException as e:  # shown by the assertion below
+            seen["error"] = repr(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    want = prefetch.COMPUTE_THREADS
+    assert seen == {"at start": 1, "inference": want, "training": want}
