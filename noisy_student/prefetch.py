@@ -32,8 +32,8 @@ def one_torch_thread() -> None:
 def compute_threads() -> None:
     """Give the calling thread its full team of torch threads (`COMPUTE_THREADS`). Training
     and inference call this first: a thread started after a reader's `one_torch_thread`
-    (each Prefect task runs in such a thread) would otherwise begin with one. That cost the
-    demo's student 25% of its speed (880 against 1,140 images/s per epoch, 2 cores)."""
+    (a task runner's worker thread, e.g. the labelling sub-flow's) would otherwise begin
+    with one, and compute on one core (`tests/test_augment_engine.py`)."""
     if torch.get_num_threads() != COMPUTE_THREADS:
         torch.set_num_threads(COMPUTE_THREADS)
 
