@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 from cli.prefect_setup import prefect_defaults
@@ -66,6 +68,7 @@ def _add_image_folder(isub: Any) -> None:
     )
     imf.add_argument(
         "--format",
+        dest="encoding",
         choices=["png", "jpeg"],
         default="png",
         help="how shards store images: png (lossless, small images) or jpeg (photos)",
@@ -93,11 +96,13 @@ def _add_parquet(isub: Any) -> None:
     pq.add_argument(
         "--label-column",
         default="label",
+        type=lambda name: name or None,
         help="class index or class name per row; '' for none (an unlabelled split)",
     )
     pq.add_argument("--id-column", help="unique ids (default: <file name>/<row>)")
     pq.add_argument(
         "--classes",
+        type=lambda names: names.split(","),
         help="comma-separated class names (default: the datasets features in the file, the "
         "dataset's other splits, or the label column's distinct names)",
     )
@@ -123,56 +128,28 @@ def _add_append(isub: Any) -> None:
     app.set_defaults(func=_append)
 
 
+def _by_name(function: Callable[..., str], args: argparse.Namespace) -> str:
+    """`function` called with the parsed options named as its parameters."""
+    names = inspect.signature(function).parameters
+    return function(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def _fashion_mnist(args: argparse.Namespace) -> None:
     from noisy_student import ingest
 
-    out = ingest.fashion_mnist(
-        args.out,
-        args.source,
-        args.labelled_per_class,
-        args.unlabelled_limit,
-        args.test_limit,
-        args.seed,
-        args.rows_per_shard,
-    )
-    _print_dataset(out)
+    _print_dataset(_by_name(ingest.fashion_mnist, args))
 
 
 def _image_folder(args: argparse.Namespace) -> None:
     from noisy_student import ingest
 
-    out = ingest.image_folder(
-        args.out,
-        args.labelled,
-        args.unlabelled,
-        args.test,
-        args.image_size,
-        args.mode,
-        args.rows_per_shard,
-        args.on_bad_image,
-        args.on_mismatch,
-        args.format,
-        args.quality,
-    )
-    _print_dataset(out)
+    _print_dataset(_by_name(ingest.image_folder, args))
 
 
 def _parquet(args: argparse.Namespace) -> None:
     from noisy_student import ingest_parquet
 
-    out = ingest_parquet.parquet(
-        args.src,
-        args.dataset,
-        args.split,
-        args.image_column,
-        args.label_column or None,
-        args.id_column,
-        args.classes.split(",") if args.classes else None,
-        args.image_size,
-        args.mode,
-        args.rows_per_shard,
-    )
-    print(f"{args.split} split written to {out}")
+    print(f"{args.split} split written to {_by_name(ingest_parquet.parquet, args)}")
 
 
 def _append(args: argparse.Namespace) -> None:

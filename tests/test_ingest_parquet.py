@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import cli
-from noisy_student import dataset, ingest, ingest_parquet, storage
+from noisy_student import dataset, dataset_writer, ingest, ingest_parquet, storage
 from noisy_student.errors import UserError
 
 CLASSES = ingest.FASHION_MNIST_CLASSES
@@ -176,3 +176,20 @@ def test_the_cli_ingests_a_split_and_refuses_it_twice(fashion, tmp_path, capsys)
         cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "test"])
     assert exit_info.value.code == 2
     assert "the split exists already" in capsys.readouterr().err
+
+
+def test_the_cli_passes_class_names_and_an_empty_label_column_through(fashion, tmp_path):
+    images, labels = fashion
+    names = [CLASSES[c] for c in labels[:20]]
+    src = tmp_path / "named.parquet"
+    encoded = [dataset_writer.encode_png(im) for im in images[:20]]
+    pq.write_table(pa.table({"image": encoded, "label": names}), src)
+    root = tmp_path / "ds"
+    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "test",
+              "--classes", ",".join(CLASSES)])  # fmt: skip
+    test = dataset.read_manifest(str(root / "test"))
+    assert test.class_names == list(CLASSES) and test.num_rows == 20
+    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "unlabelled",
+              "--label-column", ""])  # fmt: skip
+    unlabelled = dataset.read_manifest(str(root / "unlabelled"))
+    assert unlabelled.num_rows == 20 and unlabelled.class_names == list(CLASSES)
