@@ -533,22 +533,6 @@ def evaluate_models(
     return out
 
 
-def evaluate_model(
-    model: nn.Module,
-    suite: Suite,
-    batch_size: int,
-    precision: str,
-    fgsm_epsilons: list[int],
-    adversarial_images: int | None,
-    calibration_bins: int = 15,
-) -> list[dict[str, Any]]:
-    """One model's rows; see `evaluate_models`."""
-    return evaluate_models(
-        [model], suite, batch_size, precision, fgsm_epsilons, adversarial_images,
-        calibration_bins,
-    )[0]  # fmt: skip
-
-
 MEASUREMENT_COLUMNS = [
     "corruption",
     "group",
