@@ -44,7 +44,7 @@ compose-cli:
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check . && $(UV) run lint-imports
 
-bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (~10 min)
+bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (10-17 min on 2 CPU cores)
 	$(UV) run python -m benchmarks.perf $(if $(SUMMARY),--summary $(SUMMARY))
 
 bench-quick: setup  ## the same measurements on a slice, to check the harness (< 3 min)

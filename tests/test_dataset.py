@@ -143,6 +143,43 @@ def test_image_of_the_wrong_size_is_rejected_against_the_manifest(tmp_path):
         dataset.load(url)
 
 
+def test_png_rows_decode_to_pils_pixels_and_other_pngs_are_refused_in_one_line(tmp_path):
+    """8-bit L and RGB rows decode to PIL's pixels; a palette image, a 16-bit one and a
+    truncated one are refused with the row, the id and what is wrong."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for mode, shape in (("L", (8, 6)), ("RGB", (8, 6, 3))):
+        arrays = rng.integers(0, 256, size=(5, *shape), dtype=np.uint8)
+        url = str(tmp_path / mode)
+        with DatasetWriter(url, "test", CLASSES, 8, 6, mode) as w:
+            for i, a in enumerate(arrays):
+                w.add(f"{mode}-{i}", dataset_writer.encode_png(a), i % 3)
+        _, images = dataset.load(url)
+        pil = [np.asarray(Image.open(io.BytesIO(dataset_writer.encode_png(a)))) for a in arrays]
+        expected = torch.from_numpy(np.stack(pil).reshape(5, 8, 6, -1)).permute(0, 3, 1, 2)
+        assert torch.equal(images.images, expected)
+
+    def png(image) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+    palette = png(Image.fromarray(_images(1)[0]).convert("P"))
+    wide = png(Image.fromarray(_images(1)[0].astype(np.uint16) * 257))
+    whole = dataset_writer.encode_png(_images(1)[0])
+    for name, blob, message in (
+        ("palette", palette, "image is P 6x8, manifest says L 6x8"),
+        ("16-bit", wide, "image is I;16 6x8, manifest says L 6x8"),
+        ("truncated", whole[: len(whole) // 2], "corrupt image"),
+    ):
+        url = str(tmp_path / name)
+        with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L") as w:
+            w.add(name, blob, 0)
+        with pytest.raises(UserError, match=re.escape(f"(id {name!r}): {message}")):
+            dataset.load(url)
+
+
 def test_shards_use_row_groups_of_at_most_row_group_size(tmp_path):
     url = str(tmp_path / "ds")
     n = 2 * dataset.ROW_GROUP_SIZE + 10
