@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pyspng
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -242,13 +245,58 @@ def _check_columns(url: str, schema: pa.Schema) -> None:
             raise UserError(f"{url}: column {field.name!r} is {found}, expected {field.type}")
 
 
+class _Png:
+    """A small 8-bit L or RGB PNG row decoded by libspng (pyspng), with the `size`, `mode`
+    and `load()` of the PIL image `decode_images` checks; `open` returns None for any other
+    PNG (larger than `MAX_PIXELS`, palette, 16-bit, alpha) or anything not starting as a
+    PNG, which PIL then opens, names or refuses as before.
+
+    Why libspng: at 28 px it decodes 2.5-3x as many images/s as PIL here (benchmarks/
+    decode.py, results/decode-cpu.md), which is most of what labelling spends beside the
+    forward pass, and libspng is fuzzed for hostile files (OSS-Fuzz), where torchvision's
+    decode_png crashed the interpreter on a PNG with flipped bits. Why only small ones:
+    pyspng holds the GIL while it decodes and Pillow does not, so it serves up to 48x48: at
+    64x64 PIL on the training reader's two threads is as fast (results/decode-cpu.md).
+    libspng skips chunk CRCs; the header's is checked here, and the pixels are covered by
+    zlib's Adler-32 and the shard's checksum."""
+
+    MAX_PIXELS = 48 * 48
+
+    _MODES = {(0, 8): "L", (2, 8): "RGB"}  # (colour type, bit depth) -> PIL's mode name
+    _HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # signature, then a 13-byte IHDR
+
+    @classmethod
+    def open(cls, blob: bytes) -> _Png | None:
+        if blob[:16] != cls._HEAD or len(blob) < 33:
+            return None
+        if zlib.crc32(blob[12:29]) != int.from_bytes(blob[29:33], "big"):
+            raise ValueError("the PNG header's checksum is wrong")  # PIL: "not an image"
+        width, height, depth, colour = struct.unpack(">IIBB", blob[16:26])
+        mode = cls._MODES.get((colour, depth))
+        if mode is None or width * height > cls.MAX_PIXELS:
+            return None
+        return cls(blob, width, height, mode)
+
+    def __init__(self, blob: bytes, width: int, height: int, mode: str):
+        self.size, self.mode = (width, height), mode
+        self._blob = blob
+        self._array: np.ndarray | None = None
+
+    def load(self) -> None:
+        self._array = pyspng.load(self._blob, self.mode)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self._array
+
+
 class _Jpeg:
     """A JPEG shard row decoded by simplejpeg, with the `size`, `mode` and `load()` of the
     PIL image `decode_images` checks. Why simplejpeg: benchmarks/decode.py measures the
-    decoders side by side on the same 224 px rows (results/decode-cpu.md); on this CPU it
-    decodes 1.5x as many images/s as PIL (the same libjpeg-turbo, without PIL's per-image
-    object and mode handling), PIL's draft() gains nothing at the stored size, and
-    torchvision's batched decode_jpeg runs at half PIL's rate on CPU. On CUDA, torchvision's
+    decoders side by side on the same rows (results/decode-cpu.md); on this CPU it decodes
+    1.5-1.7x as many 224 px images/s as PIL (the same libjpeg-turbo, without PIL's
+    per-image object and mode handling), more than torchvision's batched decode_jpeg on
+    CPU (0.5-1.25x PIL over two runs), and PIL's draft() does no DCT scaling at the stored
+    size. On CUDA, torchvision's
     nvjpeg decode would leave the batch on the GPU, where the reader's pinned-memory
     handoff does not expect it, so the CPU decoder serves every device."""
 
@@ -275,25 +323,33 @@ def decode_images(
     manifest: Manifest, shard_url: str, table: pa.Table | pa.RecordBatch, first_row: int = 0
 ) -> torch.Tensor:
     """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest.
-    `first_row` is the table's offset in the shard, for error messages."""
+    `first_row` is the table's offset in the shard, for error messages. An image's header is
+    checked before its pixels are decoded, so a damaged size cannot make a huge buffer."""
     ids = table.column("id").to_pylist()
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
     )
     jpeg = manifest.encoding == "jpeg"
+
+    def corrupt(i: int, e: Exception) -> UserError:
+        where = f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
+        return UserError(f"{where}: corrupt image: {describe_error(e)}")
+
     for i, blob in enumerate(table.column("image").to_pylist()):
-        try:
-            img = _Jpeg(blob) if jpeg else Image.open(io.BytesIO(blob))
-            img.load()
-        except Exception as e:  # whatever the decoder trips on, the bytes are a bad image
-            where = f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
-            raise UserError(f"{where}: corrupt image: {describe_error(e)}") from None
+        try:  # whatever a decoder trips on, the bytes are a bad image
+            img = _Jpeg(blob) if jpeg else (_Png.open(blob) or Image.open(io.BytesIO(blob)))
+        except Exception as e:
+            raise corrupt(i, e) from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
             raise UserError(
                 f"{shard_url}: row {first_row + i} (id {ids[i]!r}): image is {img.mode} "
                 f"{img.size[0]}x{img.size[1]}, manifest says {manifest.mode} "
                 f"{manifest.width}x{manifest.height}"
             )
+        try:
+            img.load()
+        except Exception as e:
+            raise corrupt(i, e) from None
         arr = np.asarray(img)
         out[i] = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

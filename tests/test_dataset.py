@@ -144,8 +144,9 @@ def test_image_of_the_wrong_size_is_rejected_against_the_manifest(tmp_path):
 
 
 def test_png_rows_decode_to_pils_pixels_and_other_pngs_are_refused_in_one_line(tmp_path):
-    """8-bit L and RGB rows decode to PIL's pixels; a palette image, a 16-bit one and a
-    truncated one are refused with the row, the id and what is wrong."""
+    """8-bit L and RGB rows decode (by libspng) to PIL's pixels; a palette image, a 16-bit
+    one (both left to PIL), a truncated one and one whose header checksum is wrong are
+    refused with the row, the id and what is wrong."""
     from PIL import Image
 
     rng = np.random.default_rng(3)
@@ -156,7 +157,9 @@ def test_png_rows_decode_to_pils_pixels_and_other_pngs_are_refused_in_one_line(t
             for i, a in enumerate(arrays):
                 w.add(f"{mode}-{i}", dataset_writer.encode_png(a), i % 3)
         _, images = dataset.load(url)
-        pil = [np.asarray(Image.open(io.BytesIO(dataset_writer.encode_png(a)))) for a in arrays]
+        blobs = [dataset_writer.encode_png(a) for a in arrays]
+        assert all(dataset._Png.open(b) is not None for b in blobs)  # libspng decoded them
+        pil = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
         expected = torch.from_numpy(np.stack(pil).reshape(5, 8, 6, -1)).permute(0, 3, 1, 2)
         assert torch.equal(images.images, expected)
 
@@ -165,13 +168,23 @@ def test_png_rows_decode_to_pils_pixels_and_other_pngs_are_refused_in_one_line(t
         image.save(out, format="PNG")
         return out.getvalue()
 
+    big = rng.integers(0, 256, size=(64, 64), dtype=np.uint8)  # over MAX_PIXELS: PIL's
+    assert dataset._Png.open(dataset_writer.encode_png(big)) is None
+    url = str(tmp_path / "big")
+    with DatasetWriter(url, "test", CLASSES, 64, 64, "L") as w:
+        w.add("big", dataset_writer.encode_png(big), 0)
+    assert torch.equal(dataset.load(url)[1].images[0, 0], torch.from_numpy(big))
+
     palette = png(Image.fromarray(_images(1)[0]).convert("P"))
     wide = png(Image.fromarray(_images(1)[0].astype(np.uint16) * 257))
     whole = dataset_writer.encode_png(_images(1)[0])
+    bad_crc = whole[:29] + bytes([whole[29] ^ 1]) + whole[30:]  # the header's checksum
+    assert dataset._Png.open(palette) is None and dataset._Png.open(wide) is None  # PIL's
     for name, blob, message in (
         ("palette", palette, "image is P 6x8, manifest says L 6x8"),
         ("16-bit", wide, "image is I;16 6x8, manifest says L 6x8"),
-        ("truncated", whole[: len(whole) // 2], "corrupt image"),
+        ("truncated", whole[: len(whole) // 2], "corrupt image: RuntimeError"),
+        ("bad-crc", bad_crc, "corrupt image: ValueError: the PNG header's checksum is wrong"),
     ):
         url = str(tmp_path / name)
         with DatasetWriter(url, "labelled", CLASSES, 8, 6, "L") as w:
