@@ -91,8 +91,9 @@ class Sizes:
     photo_memory_steps: int = 20  # steps of each memory run: past the first windows decoded
     photo_train_rows: int = 2048  # pseudo-labelled photos of training_efficiency_photo's epoch
     # interleaved repetitions of each inference pair; the median counts (with 2, one slow
-    # pass on this shared machine moved the photo ratio from 1.03 to 0.88)
-    inference_repeats: int = 5
+    # pass on this shared machine moved the photo ratio from 1.03 to 0.88; with 5, single
+    # passes still ranged 0.74-0.99 at 28 px and 0.84-1.01 at 96 px in one run)
+    inference_repeats: int = 7
 
 
 # Shards of the demo's 8,192 rows; two of them rather than the demo's 59,000 images, so that

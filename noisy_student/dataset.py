@@ -251,12 +251,16 @@ class _Png:
     PNG (larger than `MAX_PIXELS`, palette, 16-bit, alpha) or anything not starting as a
     PNG, which PIL then opens, names or refuses as before.
 
-    Why libspng: at 28 px it decodes 2.5-3x as many images/s as PIL here (benchmarks/
+    Why libspng: at 28 px it decodes 2.5-3.7x as many images/s as PIL here (benchmarks/
     decode.py, results/decode-cpu.md), which is most of what labelling spends beside the
-    forward pass, and libspng is fuzzed for hostile files (OSS-Fuzz), where torchvision's
-    decode_png crashed the interpreter on a PNG with flipped bits. Why only small ones:
-    pyspng holds the GIL while it decodes and Pillow does not, so it serves up to 48x48: at
-    64x64 PIL on the training reader's two threads is as fast (results/decode-cpu.md).
+    forward pass (labelling went from 0.88 to 0.96 of the forward pass alone, interleaved),
+    and libspng is fuzzed for hostile files (OSS-Fuzz), where torchvision's decode_png
+    crashed the interpreter on a PNG with flipped bits. Why not everywhere: pyspng holds
+    the GIL while it decodes and Pillow does not. So it serves images up to 48x48 (at 64x64
+    PIL on two threads is as fast), and not the training reader, whose two decode threads
+    run beside a step loop that runs Python between its ops: there a student epoch took
+    3-6% longer with pyspng than with PIL (two interleaved pairs on the demo's data), though
+    its decoding took half the time.
     libspng skips chunk CRCs; the header's is checked here, and the pixels are covered by
     zlib's Adler-32 and the shard's checksum."""
 
@@ -320,11 +324,17 @@ class _Jpeg:
 
 
 def decode_images(
-    manifest: Manifest, shard_url: str, table: pa.Table | pa.RecordBatch, first_row: int = 0
+    manifest: Manifest,
+    shard_url: str,
+    table: pa.Table | pa.RecordBatch,
+    first_row: int = 0,
+    release_gil: bool = False,
 ) -> torch.Tensor:
     """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest.
     `first_row` is the table's offset in the shard, for error messages. An image's header is
-    checked before its pixels are decoded, so a damaged size cannot make a huge buffer."""
+    checked before its pixels are decoded, so a damaged size cannot make a huge buffer.
+    `release_gil`: only decoders that release the GIL while they decode (PIL for every PNG,
+    see `_Png`), for readers that decode beside a thread running Python."""
     ids = table.column("id").to_pylist()
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
@@ -337,7 +347,10 @@ def decode_images(
 
     for i, blob in enumerate(table.column("image").to_pylist()):
         try:  # whatever a decoder trips on, the bytes are a bad image
-            img = _Jpeg(blob) if jpeg else (_Png.open(blob) or Image.open(io.BytesIO(blob)))
+            if jpeg:
+                img = _Jpeg(blob)
+            else:
+                img = (None if release_gil else _Png.open(blob)) or Image.open(io.BytesIO(blob))
         except Exception as e:
             raise corrupt(i, e) from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:

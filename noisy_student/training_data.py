@@ -181,11 +181,15 @@ class ShardRows(Rows):
 
     def _decode(self, url: str, table: pa.Table, rows: np.ndarray, first: int) -> torch.Tensor:
         try:
-            return dataset.decode_images(self.manifest, url, table, first + int(rows[0]))
+            # PIL, which releases the GIL: these threads run beside the training steps
+            row = first + int(rows[0])
+            return dataset.decode_images(self.manifest, url, table, row, release_gil=True)
         except UserError:
             # the rows need not be contiguous: name the bad one by its own row number
             for i in range(len(rows)):
-                dataset.decode_images(self.manifest, url, table.slice(i, 1), first + int(rows[i]))
+                dataset.decode_images(
+                    self.manifest, url, table.slice(i, 1), first + int(rows[i]), release_gil=True
+                )
             raise
 
 

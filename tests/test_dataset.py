@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from unittest import mock
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -162,6 +163,12 @@ def test_png_rows_decode_to_pils_pixels_and_other_pngs_are_refused_in_one_line(t
         pil = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
         expected = torch.from_numpy(np.stack(pil).reshape(5, 8, 6, -1)).permute(0, 3, 1, 2)
         assert torch.equal(images.images, expected)
+        # the training reader's threads ask for decoders that release the GIL: PIL's
+        manifest = dataset.read_manifest(url)
+        table = pq.read_table(manifest.shard_urls()[0])
+        with mock.patch.object(dataset.pyspng, "load", side_effect=AssertionError("pyspng")):
+            pils = dataset.decode_images(manifest, url, table, release_gil=True)
+        assert torch.equal(pils, expected)
 
     def png(image) -> bytes:
         out = io.BytesIO()
