@@ -253,16 +253,15 @@ class _Png:
 
     Why libspng: at 28 px it decodes 2.5-3.7x as many images/s as PIL here (benchmarks/
     decode.py, results/decode-cpu.md), which is most of what labelling spends beside the
-    forward pass (labelling went from 0.88 to 0.96 of the forward pass alone, interleaved),
+    forward pass (labelling ran at 0.96 of the forward pass alone, against 0.88 with PIL),
     and libspng is fuzzed for hostile files (OSS-Fuzz), where torchvision's decode_png
     crashed the interpreter on a PNG with flipped bits. Why not everywhere: pyspng holds
     the GIL while it decodes and Pillow does not. So it serves images up to 48x48 (at 64x64
     PIL on two threads is as fast), and not the training reader, whose two decode threads
     run beside a step loop that runs Python between its ops: there a student epoch took
     3-6% longer with pyspng than with PIL (two interleaved pairs on the demo's data), though
-    its decoding took half the time.
-    libspng skips chunk CRCs; the header's is checked here, and the pixels are covered by
-    zlib's Adler-32 and the shard's checksum."""
+    its decoding took half the time. libspng skips chunk CRCs; the header's is checked
+    here, and the pixels are covered by zlib's Adler-32 and the shard's checksum."""
 
     MAX_PIXELS = 48 * 48
 
@@ -300,9 +299,9 @@ class _Jpeg:
     1.5-1.7x as many 224 px images/s as PIL (the same libjpeg-turbo, without PIL's
     per-image object and mode handling), more than torchvision's batched decode_jpeg on
     CPU (0.5-1.25x PIL over two runs), and PIL's draft() does no DCT scaling at the stored
-    size. On CUDA, torchvision's
-    nvjpeg decode would leave the batch on the GPU, where the reader's pinned-memory
-    handoff does not expect it, so the CPU decoder serves every device."""
+    size. On CUDA, torchvision's nvjpeg decode would leave the batch on the GPU, where the
+    reader's pinned-memory handoff does not expect it, so the CPU decoder serves every
+    device."""
 
     def __init__(self, blob: bytes):
         if blob[:2] != b"\xff\xd8":  # libjpeg-turbo's own message is cryptic
