@@ -204,9 +204,10 @@ def open_shard(manifest: Manifest, index: int) -> Iterator[tuple[str, pq.Parquet
         # no pre-buffering: it would read far ahead, and readers here go a row group at a time
         try:
             parquet = stack.enter_context(pq.ParquetFile(path, pre_buffer=False))
-        except (pa.ArrowException, OSError) as e:
+            schema = parquet.schema_arrow
+        except READ_ERRORS as e:
             raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
-        _check_columns(url, parquet.schema_arrow)
+        _check_columns(url, schema)
         if parquet.metadata.num_rows != entry["rows"]:
             raise UserError(
                 f"{url}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}"
@@ -220,7 +221,7 @@ def read_shard(manifest: Manifest, index: int) -> pa.Table:
         try:
             table = parquet.read(columns=SCHEMA.names)
             table.validate(full=True)  # e.g. ids that are not UTF-8: Arrow does not check on read
-        except (pa.ArrowException, OSError) as e:
+        except READ_ERRORS as e:
             raise UserError(f"{url}: not a readable Parquet file: {describe_error(e)}") from None
     return table
 
@@ -234,6 +235,11 @@ def describe_error(e: BaseException) -> str:
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+# what pyarrow raises on a damaged file: its own errors, I/O errors, and a footer whose
+# column names are not UTF-8 (UnicodeDecodeError, found by tests/test_fuzz.py)
+READ_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
 
 
 def _check_columns(url: str, schema: pa.Schema) -> None:
@@ -409,7 +415,7 @@ def iter_shard_batches(
                 batch = next(batches, None)
                 if batch is not None:
                     batch.validate(full=True)
-            except (pa.ArrowException, OSError) as e:
+            except READ_ERRORS as e:
                 raise UserError(f"{url}: rows from {row + buffered}: {describe_error(e)}") from None
             if batch is None:
                 break
