@@ -346,9 +346,11 @@ def decode_images(
     )
     jpeg = manifest.encoding == "jpeg"
 
+    def where(i: int) -> str:
+        return f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
+
     def corrupt(i: int, e: Exception) -> UserError:
-        where = f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
-        return UserError(f"{where}: corrupt image: {describe_error(e)}")
+        return UserError(f"{where(i)}: corrupt image: {describe_error(e)}")
 
     for i, blob in enumerate(table.column("image").to_pylist()):
         try:  # whatever a decoder trips on, the bytes are a bad image
@@ -360,9 +362,8 @@ def decode_images(
             raise corrupt(i, e) from None
         if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
             raise UserError(
-                f"{shard_url}: row {first_row + i} (id {ids[i]!r}): image is {img.mode} "
-                f"{img.size[0]}x{img.size[1]}, manifest says {manifest.mode} "
-                f"{manifest.width}x{manifest.height}"
+                f"{where(i)}: image is {img.mode} {img.size[0]}x{img.size[1]}, manifest says "
+                f"{manifest.mode} {manifest.width}x{manifest.height}"
             )
         try:
             img.load()
