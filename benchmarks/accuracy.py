@@ -22,8 +22,10 @@ import argparse
 import json
 import os
 import platform
-import sys
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,51 +95,147 @@ def pseudo_label_shards(probabilities_url: str) -> list[Any]:
     ]
 
 
+def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.TrainConfig]]:
+    """The fully supervised rows: the final student's network and recipe, and, where it is
+    another network, the teacher's (the ceiling each end of the schedule has)."""
+    last = cfg.students[-1]
+    last = last.model_copy(update={"stem": last.stem or cfg.teacher.stem})  # null: the teacher's
+    rows = {"fully supervised": ("all 60,000 training labels (the final student's ceiling)", last)}
+    if cfg.teacher.model != last.model or cfg.teacher.stem != last.stem:
+        rows[f"fully supervised: {cfg.teacher.model}"] = (
+            "all 60,000 training labels, the teacher's network with the final student's recipe",
+            last.model_copy(update={"model": cfg.teacher.model, "stem": cfg.teacher.stem}),
+        )
+    return rows
+
+
+def row_names(cfg: PipelineConfig) -> list[str]:
+    return [
+        "teacher",
+        *(f"student {k}" for k in range(1, len(cfg.students) + 1)),
+        *(f"ablation: {a}" for a in ABLATIONS),
+        *ceiling_rows(cfg),
+    ]
+
+
+ABLATIONS = ("no noise", "hard labels", "no balancing")
+
+
+class Table:
+    """The rows measured so far, kept in the result file itself after every row, so that a
+    killed benchmark (hours on a CPU) goes on where it stopped: rows already measured with
+    the same config are kept, the flow resumes from its cached stages, a training stage
+    from its saved state. The seconds an interrupted row had run (SIGINT or SIGTERM) are
+    kept too and added when it finishes."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]):
+        self.path, self.identity = path, identity
+        old = json.loads(path.read_text()) if path.exists() else {}
+        same = old.get("identity") == identity
+        self.rows: list[dict[str, Any]] = old.get("rows", []) if same else []
+        self.interrupted: dict[str, float] = old.get("interrupted_seconds", {}) if same else {}
+        self.attempts = old.get("attempts", 0) + 1 if same else 1
+        kept = ("run_id", "mlflow", "flow_wall_seconds")
+        self.extra: dict[str, Any] = {k: old[k] for k in kept if same and k in old}
+
+    def has(self, name: str) -> bool:
+        return any(r["row"] == name for r in self.rows)
+
+    def add(self, name: str, seconds: float, **fields: Any) -> None:
+        seconds += self.interrupted.pop(name, 0.0)
+        self.rows = [r for r in self.rows if r["row"] != name]
+        self.rows.append({"row": name, **fields, "wall_seconds": round(seconds, 1)})
+        print(
+            f"{name}: {100 * fields['test_accuracy']:.2f}% ({fields['model']}, {seconds:.0f} s)",
+            flush=True,
+        )
+        self.save()
+
+    def save(self, complete: bool = False) -> dict[str, Any]:
+        result = {
+            "identity": self.identity,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "hardware": hardware(),
+            "attempts": self.attempts,
+            "complete": complete,
+            **self.extra,
+            "rows": self.rows,
+            "interrupted_seconds": self.interrupted,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(self.path)
+        return result
+
+    @contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.interrupted[name] = self.interrupted.get(name, 0.0) + time.perf_counter() - start
+            self.save()
+            raise
+
+
 def run(
-    cfg: PipelineConfig, command: str, reference_epochs: int, reference_limit: int | None = None
-) -> dict[str, Any]:
+    cfg: PipelineConfig,
+    table: Table,
+    wanted: list[str],
+    reference_epochs: int,
+    reference_limit: int | None = None,
+) -> None:
     from flows.noisy_student import noisy_student
     from noisy_student import stages
 
-    started = time.perf_counter()
-    summary = noisy_student(cfg)
+    seed = cfg.seed
+    names = row_names(cfg)
+    todo = [n for n in names if n in wanted and not table.has(n)]
+    if not todo:
+        return
+    flow_rows = [n for n in todo if n == "teacher" or n.startswith("student")]
+    # the flow first, every time: its cached stages come back in seconds, and every other
+    # row is a child of its MLflow run
+    with table.timing("the flow"):
+        started = time.perf_counter()
+        summary = noisy_student(cfg)
+    flow_seconds = time.perf_counter() - started + table.interrupted.pop("the flow", 0.0)
+    table.extra.update(
+        run_id=summary["run_id"],
+        mlflow=summary["mlflow"],
+        flow_wall_seconds=round(flow_seconds + table.extra.get("flow_wall_seconds", 0.0), 1),
+    )
     run_url, data_root = summary["artifacts_url"], summary["data_root"]
     parent = summary["mlflow"]["parent_run_id"]
-    seed = cfg.seed
-    rows: list[dict[str, Any]] = []
-
-    def row(name: str, what: str, model: str, accuracy: float, seconds: float, **extra):
-        rows.append(
-            {
-                "row": name,
-                "what": what,
-                "model": model,
-                "test_accuracy": accuracy,
-                "seed": seed,
-                "wall_seconds": round(seconds, 1),
-                **extra,
-            }
-        )
-        print(f"{name}: {100 * accuracy:.2f}% ({model}, {seconds:.0f} s)", flush=True)
-
     first = summary["iterations"][0]
-    row(
-        "teacher",
-        "supervised on the 1,000 labelled images",
-        first["teacher"]["model"],
-        first["teacher"]["test_accuracy"],
-        first["stage_seconds"]["train_teacher"],
-    )
+    if "teacher" in flow_rows:
+        table.add(
+            "teacher",
+            first["stage_seconds"]["train_teacher"],
+            what="supervised on the 1,000 labelled images",
+            model=first["teacher"]["model"],
+            test_accuracy=first["teacher"]["test_accuracy"],
+            seed=seed,
+        )
     for it in summary["iterations"]:
+        name = f"student {it['iteration']}"
+        if name not in flow_rows:
+            continue
         sec = it["stage_seconds"]
-        row(
-            f"student {it['iteration']}",
-            f"Noisy Student iteration {it['iteration']} (teacher: "
-            + ("the supervised teacher)" if it["iteration"] == 1 else "the previous student)"),
-            it["student"]["model"],
-            it["student"]["test_accuracy"],
+        student_cfg = cfg.students[it["iteration"] - 1]
+        start = "its teacher's weights" if student_cfg.init_from_teacher else "scratch"
+        table.add(
+            name,
             sec["infer_pseudo_labels"] + sec["filter_and_balance"] + sec["train_student"],
+            what=f"Noisy Student iteration {it['iteration']} (teacher: "
+            + ("the supervised teacher" if it["iteration"] == 1 else "the previous student")
+            + f"; {student_cfg.epochs} epochs from {start})",
+            model=it["student"]["model"],
+            test_accuracy=it["student"]["test_accuracy"],
+            teacher_test_accuracy=it["teacher"]["test_accuracy"],
             pseudo_label_accuracy=it["pseudo_labels"]["accuracy"],
+            seed=seed,
         )
 
     # Ablations of iteration 1's student: same teacher, same pseudo labels, one change each.
@@ -172,79 +270,110 @@ def run(
             student_cfg,
         ),
     }
-    for name, (what, selection_cfg, train_cfg) in ablations.items():
-        start = time.perf_counter()
-        here = storage.join(run_url, "ablations", name.replace(" ", "-"))
-        selected = stages.filter_and_balance(
-            shards,
-            selection_cfg,
-            data_root,
-            first["pseudo_labels"]["probabilities_url"],
-            storage.join(here, "selected"),
-            teacher,
-            parent,
-            1,
-            seed,
+    for ablation, (what, selection_cfg, train_cfg) in ablations.items():
+        name = f"ablation: {ablation}"
+        if name not in todo:
+            continue
+        with table.timing(name):
+            start = time.perf_counter()
+            here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
+            selected = stages.filter_and_balance(
+                shards,
+                selection_cfg,
+                data_root,
+                first["pseudo_labels"]["probabilities_url"],
+                storage.join(here, "selected"),
+                teacher,
+                parent,
+                1,
+                seed,
+            )
+            student = stages.train_student(
+                train_cfg,
+                data_root,
+                selected,
+                teacher,
+                storage.join(here, "student"),
+                parent,
+                1,
+                seed,
+            )
+        table.add(
+            name,
+            time.perf_counter() - start,
+            what=what,
+            model=student.model,
+            test_accuracy=student.test_accuracy,
+            seed=seed,
         )
-        student = stages.train_student(
-            train_cfg, data_root, selected, teacher, storage.join(here, "student"), parent, 1, seed
-        )
-        seconds = time.perf_counter() - start
-        row(f"ablation: {name}", what, student.model, student.test_accuracy, seconds)
 
-    # The ceiling: the last student's architecture and recipe, every training label.
-    start = time.perf_counter()
+    # The ceilings: a network and recipe of the schedule on every training label.
     source = cfg.data.fashion_mnist.source
-    name = "fashion-mnist-all" if reference_limit is None else f"fashion-mnist-{reference_limit}"
-    ref_root = reference_dataset(
-        storage.join(cfg.artifacts, "datasets", name), source, reference_limit
-    )
-    last = cfg.students[-1]
-    recipe = last.model_dump(include=set(config.TrainConfig.model_fields))
-    reference_cfg = config.TeacherConfig(**{**recipe, "epochs": reference_epochs})
-    reference = stages.train_teacher(
-        reference_cfg, ref_root, storage.join(run_url, "reference"), parent, seed
-    )
-    row(
-        "fully supervised",
-        "all 60,000 training labels (the ceiling)",
-        reference.model,
-        reference.test_accuracy,
-        time.perf_counter() - start,
-    )
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command,
-        "config": cfg.model_dump(),
-        "hardware": hardware(),
-        "run_id": summary["run_id"],
-        "mlflow": summary["mlflow"],
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "rows": rows,
-    }
+    data = "fashion-mnist-all" if reference_limit is None else f"fashion-mnist-{reference_limit}"
+    for name, (what, recipe_cfg) in ceiling_rows(cfg).items():
+        if name not in todo:
+            continue
+        with table.timing(name):
+            start = time.perf_counter()
+            ref_root = reference_dataset(
+                storage.join(cfg.artifacts, "datasets", data), source, reference_limit
+            )
+            recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
+            reference_cfg = config.TeacherConfig(**{**recipe, "epochs": reference_epochs})
+            out = storage.join(run_url, "reference", reference_cfg.model)
+            reference = stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
+        table.add(
+            name,
+            time.perf_counter() - start,
+            what=f"{what}, {reference_epochs} epochs",
+            model=reference.model,
+            test_accuracy=reference.test_accuracy,
+            seed=seed,
+        )
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], names: list[str]) -> str:
     hw = result["hardware"]
     device = hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
+    ident = result["identity"]
+    done = {r["row"]: r for r in result["rows"]}
+    status = (
+        ""
+        if result["complete"]
+        else (
+            f" **Incomplete: {len(names) - len(done)} of {len(names)} rows still to run** "
+            "(`make bench-accuracy` goes on where it stopped)."
+        )
+    )
     lines = [
         "# Accuracy: Noisy Student on Fashion-MNIST, 100 labels per class",
         "",
-        f"Measured {result['date']} on {device} (torch {hw['torch']}), one seed "
-        f"({result['rows'][0]['seed']}); whole benchmark {result['wall_seconds'] / 60:.0f} "
-        "minutes.",
+        f"Last written {result['date']} on {device} (torch {hw['torch']}), seed "
+        f"{ident['config']['seed']}, {result['attempts']} attempt(s).{status}",
         "",
-        f"Command: `{result['command']}` (config: `pipeline_config/accuracy.yaml`; "
-        f"pipeline run `{result['run_id']}`, MLflow parent run "
-        f"`{result['mlflow']['parent_run_id']}`).",
+        f"Command: `{ident['command']}` (config: `{ident['preset']}`"
+        + (
+            f"; pipeline run `{result['run_id']}`, MLflow parent run "
+            f"`{result['mlflow']['parent_run_id']}`; the flow's wall time over all attempts "
+            f"{result['flow_wall_seconds'] / 60:.0f} min"
+            if "run_id" in result
+            else ""
+        )
+        + "). A row's wall time is its stage's (the students': labelling, selection and "
+        "training), summed over attempts where it was interrupted.",
         "",
-        "| row | model | test accuracy | pseudo labels right | wall time | what |",
-        "|---|---|---|---|---|---|",
+        "| row | model | test accuracy | its teacher | pseudo labels right | wall time | what |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        pl = r.get("pseudo_label_accuracy")
+    for name in names:
+        r = done.get(name)
+        if r is None:
+            lines.append(f"| {name} | | not yet run | | | | |")
+            continue
+        pl, tt = r.get("pseudo_label_accuracy"), r.get("teacher_test_accuracy")
         lines.append(
-            f"| {r['row']} | {r['model']} | {100 * r['test_accuracy']:.2f}% | "
+            f"| {name} | {r['model']} | {100 * r['test_accuracy']:.2f}% | "
+            f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
             f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min | "
             f"{r['what']} |"
         )
@@ -255,11 +384,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every row on a slice, in minutes")
     parser.add_argument("--reference-epochs", type=int, default=30)
+    parser.add_argument(
+        "--rows", nargs="+", metavar="ROW", help="only these rows (default: every row not yet run)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)
     flush_denormals()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: keep what ran
     overrides = (QUICK if args.quick else []) + args.set
     if args.quick:
         overrides += [
@@ -271,13 +404,32 @@ def main(argv: list[str] | None = None) -> None:
     else:
         reference_limit = None
     cfg = config.load(PRESET, overrides)
-    command = " ".join(["uv run python -m benchmarks.accuracy", *(argv or sys.argv[1:])])
-    result = run(cfg, command, args.reference_epochs, reference_limit)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    names = row_names(cfg)
+    unknown = [r for r in args.rows or [] if r not in names]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row {unknown[0]!r} (rows: {', '.join(names)})")
     stem = "accuracy-quick" if args.quick else "accuracy"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    command = (
+        "uv run python -m benchmarks.accuracy"
+        + (f" --reference-epochs {args.reference_epochs}" if not args.quick else " --quick")
+        + "".join(f" --set {s}" for s in args.set)
+    )
+    identity = {
+        "command": command,
+        "preset": str(PRESET.relative_to(REPO)),
+        "config": cfg.model_dump(mode="json"),
+        "reference_epochs": args.reference_epochs,
+    }
+    table = Table(RESULTS / f"{stem}.json", identity)
+    try:
+        run(cfg, table, args.rows or names, args.reference_epochs, reference_limit)
+    except KeyboardInterrupt:
+        (RESULTS / f"{stem}.md").write_text(markdown(table.save(), names))
+        print(f"interrupted: the rows so far are in {RESULTS / stem}.md; run again to go on")
+        raise SystemExit(130) from None
+    result = table.save(complete=all(table.has(n) for n in names))
+    (RESULTS / f"{stem}.md").write_text(markdown(result, names))
+    print(markdown(result, names))
     print(f"written: {RESULTS / stem}.md and .json")
 
 

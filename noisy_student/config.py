@@ -153,8 +153,21 @@ class TeacherConfig(TrainConfig):
     epochs: int = Field(100, gt=0, description="Passes over the labelled images")
 
 
+# Passes over the pseudo-labelled images when a student's `epochs` is not given: a student
+# started from its teacher's weights needs few; a larger one from scratch needs more to beat
+# its teacher (benchmarks/results/scratch-students.md: at 3 epochs resnet18d gained 0.30
+# points over resnet10t and mobilenetv3_large_100 lost 0.60 to mobilenetv3_small_100).
+STUDENT_EPOCHS = {"from_teacher": 3, "from_scratch": 8}
+
+
 class StudentConfig(TrainConfig):
-    epochs: int = Field(3, gt=0, description="Passes over the selected pseudo-labelled images")
+    epochs: int | None = Field(
+        None,
+        gt=0,
+        description="Passes over the selected pseudo-labelled images; null: "
+        f"{STUDENT_EPOCHS['from_teacher']} with init_from_teacher, "
+        f"{STUDENT_EPOCHS['from_scratch']} from scratch",
+    )
     unlabelled_ratio: float = Field(
         3.0, gt=0, description="Pseudo-labelled images per labelled image in every batch"
     )
@@ -177,6 +190,14 @@ class StudentConfig(TrainConfig):
     drop_path_rate: float = Field(
         0.2, ge=0, lt=1, description="Stochastic depth: survival 0.8 at the last block, linear"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_epochs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is None:
+            start = "from_teacher" if data.get("init_from_teacher") else "from_scratch"
+            data = {**data, "epochs": STUDENT_EPOCHS[start]}
+        return data
 
 
 class InferenceConfig(Strict):

@@ -1,0 +1,70 @@
+"""The accuracy benchmark's bookkeeping: it runs for hours, so a killed run keeps the rows
+it measured and goes on where it stopped (the rows themselves are measured by
+`make bench-accuracy`, not here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import accuracy
+from noisy_student import config
+from tests.conftest import REPO
+
+
+def _identity(seed: int = 0) -> dict:
+    return {"command": "bench", "preset": "p.yaml", "config": {"seed": seed}, "epochs": 1}
+
+
+def _row(table: accuracy.Table, name: str, seconds: float, acc: float = 0.9) -> None:
+    table.add(name, seconds, what=name, model="resnet10t", test_accuracy=acc, seed=0)
+
+
+def test_a_killed_benchmark_keeps_its_rows_and_the_seconds_of_the_row_it_was_in(tmp_path):
+    path = tmp_path / "accuracy.json"
+    first = accuracy.Table(path, _identity())
+    _row(first, "teacher", 60.0)
+    with pytest.raises(KeyboardInterrupt), first.timing("student 1"):
+        raise KeyboardInterrupt  # SIGINT, or SIGTERM through the benchmark's handler
+    saved = json.loads(path.read_text())
+    assert [r["row"] for r in saved["rows"]] == ["teacher"] and not saved["complete"]
+    assert set(saved["interrupted_seconds"]) == {"student 1"}
+
+    again = accuracy.Table(path, _identity())
+    assert again.attempts == 2 and again.has("teacher") and not again.has("student 1")
+    _row(again, "student 1", 100.0)
+    [student] = [r for r in json.loads(path.read_text())["rows"] if r["row"] == "student 1"]
+    assert student["wall_seconds"] >= 100.0 and not again.interrupted
+
+    # another config (here: another seed) starts the table over
+    other = accuracy.Table(path, _identity(seed=1))
+    assert other.attempts == 1 and not other.rows and not other.interrupted
+
+
+def test_the_table_names_every_row_and_marks_those_not_yet_run(tmp_path):
+    cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
+    names = accuracy.row_names(cfg)
+    assert names[:4] == ["teacher", "student 1", "student 2", "student 3"]
+    assert names[4:7] == ["ablation: no noise", "ablation: hard labels", "ablation: no balancing"]
+    assert "fully supervised" in names
+    table = accuracy.Table(tmp_path / "accuracy.json", _identity())
+    _row(table, "teacher", 30.0, acc=0.8502)
+    text = accuracy.markdown(table.save(), names)
+    assert "| teacher | resnet10t | 85.02% |" in text
+    assert f"Incomplete: {len(names) - 1} of {len(names)} rows still to run" in text
+    assert "| student 3 | | not yet run |" in text
+
+
+def test_a_schedule_that_grows_has_a_ceiling_for_each_end():
+    cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
+    same_net = [s.model_copy(update={"model": cfg.teacher.model}) for s in cfg.students]
+    same = cfg.model_copy(update={"students": same_net})
+    assert list(accuracy.ceiling_rows(same)) == ["fully supervised"]
+    grown = cfg.model_copy(
+        update={"students": [s.model_copy(update={"model": "resnet26d"}) for s in cfg.students]}
+    )
+    rows = accuracy.ceiling_rows(grown)
+    assert list(rows) == ["fully supervised", f"fully supervised: {cfg.teacher.model}"]
+    assert rows["fully supervised"][1].model == "resnet26d"
+    assert rows[f"fully supervised: {cfg.teacher.model}"][1].model == cfg.teacher.model
