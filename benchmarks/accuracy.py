@@ -6,8 +6,11 @@ Rows, all in one architecture family and on the same split:
 - three ablations of iteration 1's student, each trained from the same teacher and the
   same pseudo labels as the real one: no noise (no RandAugment, dropout or stochastic
   depth), hard instead of soft labels, no class balancing;
-- the fully supervised reference: the largest student's architecture and recipe on all
-  60,000 labels (the ceiling).
+- the fully supervised ceilings: the final student's network and recipe on all 60,000
+  labels, and the teacher's network with that recipe where the schedule grows.
+
+The result file is written after every row: run it again after a kill and it goes on
+where it stopped (`--rows NAME...` runs named rows only).
 
     uv run python -m benchmarks.accuracy            # the table (hours on 2 CPU cores)
     uv run python -m benchmarks.accuracy --quick    # every row on a slice, to check the harness
@@ -24,7 +27,7 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,16 +112,40 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.TrainConfig
     return rows
 
 
+def ablations(
+    cfg: PipelineConfig,
+) -> dict[str, tuple[str, config.SelectionConfig, config.StudentConfig]]:
+    """Iteration 1's student with one change each: (what, selection, student config)."""
+    student_cfg = cfg.students[0]
+    return {
+        "no noise": (
+            "iteration 1 without RandAugment, dropout or stochastic depth",
+            cfg.selection,
+            student_cfg.model_copy(
+                update={"rand_augment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}
+            ),
+        ),
+        "hard labels": (
+            "iteration 1 with hard pseudo labels (label smoothing "
+            f"{cfg.selection.hard_label_smoothing})",
+            cfg.selection.model_copy(update={"labels": "hard"}),
+            student_cfg,
+        ),
+        "no balancing": (
+            "iteration 1 without class balancing",
+            cfg.selection.model_copy(update={"balance": False}),
+            student_cfg,
+        ),
+    }
+
+
 def row_names(cfg: PipelineConfig) -> list[str]:
     return [
         "teacher",
         *(f"student {k}" for k in range(1, len(cfg.students) + 1)),
-        *(f"ablation: {a}" for a in ABLATIONS),
+        *(f"ablation: {a}" for a in ablations(cfg)),
         *ceiling_rows(cfg),
     ]
-
-
-ABLATIONS = ("no noise", "hard labels", "no balancing")
 
 
 class Table:
@@ -169,10 +196,11 @@ class Table:
         return result
 
     @contextmanager
-    def timing(self, name: str) -> Iterator[None]:
+    def timing(self, name: str) -> Iterator[Callable[[], float]]:
+        """Yields the seconds since the row started; on SIGINT/SIGTERM keeps them."""
         start = time.perf_counter()
         try:
-            yield
+            yield lambda: time.perf_counter() - start
         except KeyboardInterrupt:
             self.interrupted[name] = self.interrupted.get(name, 0.0) + time.perf_counter() - start
             self.save()
@@ -194,13 +222,11 @@ def run(
     todo = [n for n in names if n in wanted and not table.has(n)]
     if not todo:
         return
-    flow_rows = [n for n in todo if n == "teacher" or n.startswith("student")]
     # the flow first, every time: its cached stages come back in seconds, and every other
     # row is a child of its MLflow run
-    with table.timing("the flow"):
-        started = time.perf_counter()
+    with table.timing("the flow") as elapsed:
         summary = noisy_student(cfg)
-    flow_seconds = time.perf_counter() - started + table.interrupted.pop("the flow", 0.0)
+    flow_seconds = elapsed() + table.interrupted.pop("the flow", 0.0)
     table.extra.update(
         run_id=summary["run_id"],
         mlflow=summary["mlflow"],
@@ -209,7 +235,7 @@ def run(
     run_url, data_root = summary["artifacts_url"], summary["data_root"]
     parent = summary["mlflow"]["parent_run_id"]
     first = summary["iterations"][0]
-    if "teacher" in flow_rows:
+    if "teacher" in todo:
         table.add(
             "teacher",
             first["stage_seconds"]["train_teacher"],
@@ -220,7 +246,7 @@ def run(
         )
     for it in summary["iterations"]:
         name = f"student {it['iteration']}"
-        if name not in flow_rows:
+        if name not in todo:
             continue
         sec = it["stage_seconds"]
         student_cfg = cfg.students[it["iteration"] - 1]
@@ -249,33 +275,11 @@ def run(
         0.0,
     )
     shards = pseudo_label_shards(first["pseudo_labels"]["probabilities_url"])
-    student_cfg = cfg.students[0]
-    ablations = {
-        "no noise": (
-            "iteration 1 without RandAugment, dropout or stochastic depth",
-            cfg.selection,
-            student_cfg.model_copy(
-                update={"rand_augment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}
-            ),
-        ),
-        "hard labels": (
-            "iteration 1 with hard pseudo labels (label smoothing "
-            f"{cfg.selection.hard_label_smoothing})",
-            cfg.selection.model_copy(update={"labels": "hard"}),
-            student_cfg,
-        ),
-        "no balancing": (
-            "iteration 1 without class balancing",
-            cfg.selection.model_copy(update={"balance": False}),
-            student_cfg,
-        ),
-    }
-    for ablation, (what, selection_cfg, train_cfg) in ablations.items():
+    for ablation, (what, selection_cfg, train_cfg) in ablations(cfg).items():
         name = f"ablation: {ablation}"
         if name not in todo:
             continue
-        with table.timing(name):
-            start = time.perf_counter()
+        with table.timing(name) as elapsed:
             here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
             selected = stages.filter_and_balance(
                 shards,
@@ -300,7 +304,7 @@ def run(
             )
         table.add(
             name,
-            time.perf_counter() - start,
+            elapsed(),
             what=what,
             model=student.model,
             test_accuracy=student.test_accuracy,
@@ -313,8 +317,7 @@ def run(
     for name, (what, recipe_cfg) in ceiling_rows(cfg).items():
         if name not in todo:
             continue
-        with table.timing(name):
-            start = time.perf_counter()
+        with table.timing(name) as elapsed:
             ref_root = reference_dataset(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
@@ -324,7 +327,7 @@ def run(
             reference = stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
         table.add(
             name,
-            time.perf_counter() - start,
+            elapsed(),
             what=f"{what}, {reference_epochs} epochs",
             model=reference.model,
             test_accuracy=reference.test_accuracy,

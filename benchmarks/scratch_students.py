@@ -8,7 +8,7 @@ initialised from the teacher, `students[].epochs` passes over the pseudo-labelle
 RandAugment, dropout, stochastic depth). The robustness stage runs on one corruption only:
 this benchmark is about clean accuracy.
 
-    uv run python -m benchmarks.scratch_students             # both families (about 1 hour)
+    uv run python -m benchmarks.scratch_students             # both families (about 40 minutes)
     uv run python -m benchmarks.scratch_students --family mobilenetv3
     uv run python -m benchmarks.scratch_students --quick     # a slice, to check the harness
 
