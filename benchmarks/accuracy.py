@@ -2,7 +2,8 @@
 
 Rows, all in one architecture family and on the same split:
 - the supervised teacher (1,000 labels) and the students of iterations 1-3, from one run
-  of the real flow on `pipeline_config/accuracy.yaml`;
+  of the real flow on `pipeline_config/accuracy.yaml`; the teacher again with two more
+  seeds (its mean and spread);
 - three ablations of iteration 1's student, each trained from the same teacher and the
   same pseudo labels as the real one: no noise (no RandAugment, dropout or stochastic
   depth), hard instead of soft labels, no class balancing;
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,9 +141,18 @@ def ablations(
     }
 
 
+SEEDS = (1, 2)  # the teacher again, beside the flow's seed: its spread over three seeds
+
+
+def seed_rows(cfg: PipelineConfig) -> dict[str, int]:
+    """The teacher with other seeds (its initialisation and batch order; the same split)."""
+    return {f"teacher: seed {cfg.seed + k}": cfg.seed + k for k in SEEDS}
+
+
 def row_names(cfg: PipelineConfig) -> list[str]:
     return [
         "teacher",
+        *seed_rows(cfg),
         *(f"student {k}" for k in range(1, len(cfg.students) + 1)),
         *(f"ablation: {a}" for a in ablations(cfg)),
         *ceiling_rows(cfg),
@@ -264,6 +275,21 @@ def run(
             seed=seed,
         )
 
+    for name, teacher_seed in seed_rows(cfg).items():
+        if name not in todo:
+            continue
+        with table.timing(name) as elapsed:
+            out = storage.join(run_url, "seeds", f"teacher-{teacher_seed}")
+            again = stages.train_teacher(cfg.teacher, data_root, out, parent, teacher_seed)
+        table.add(
+            name,
+            elapsed(),
+            what=f"the teacher's recipe and labels with seed {teacher_seed}",
+            model=again.model,
+            test_accuracy=again.test_accuracy,
+            seed=teacher_seed,
+        )
+
     # Ablations of iteration 1's student: same teacher, same pseudo labels, one change each.
     teacher = stages.TrainedModel(
         "teacher",
@@ -380,6 +406,20 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min | "
             f"{r['what']} |"
         )
+    teachers = [
+        done[n]["test_accuracy"]
+        for n in names
+        if n in done and (n == "teacher" or n.startswith("teacher: seed "))
+    ]
+    if len(teachers) > 1:
+        mean = statistics.mean(teachers)
+        lines += [
+            "",
+            f"The teacher over {len(teachers)} seeds: mean {100 * mean:.2f}%, standard "
+            f"deviation {100 * statistics.stdev(teachers):.2f} points, range "
+            f"{100 * min(teachers):.2f}-{100 * max(teachers):.2f}%. The students ran with "
+            "one seed: each more is the whole three-iteration chain again.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -45,8 +45,9 @@ def test_a_killed_benchmark_keeps_its_rows_and_the_seconds_of_the_row_it_was_in(
 def test_the_table_names_every_row_and_marks_those_not_yet_run(tmp_path):
     cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
     names = accuracy.row_names(cfg)
-    assert names[:4] == ["teacher", "student 1", "student 2", "student 3"]
-    assert names[4:7] == ["ablation: no noise", "ablation: hard labels", "ablation: no balancing"]
+    assert names[:3] == ["teacher", "teacher: seed 1", "teacher: seed 2"]
+    assert names[3:6] == ["student 1", "student 2", "student 3"]
+    assert names[6:9] == ["ablation: no noise", "ablation: hard labels", "ablation: no balancing"]
     assert "fully supervised" in names
     table = accuracy.Table(tmp_path / "accuracy.json", _identity())
     _row(table, "teacher", 30.0, acc=0.8502)
@@ -54,6 +55,12 @@ def test_the_table_names_every_row_and_marks_those_not_yet_run(tmp_path):
     assert "| teacher | resnet10t | 85.02% |" in text
     assert f"Incomplete: {len(names) - 1} of {len(names)} rows still to run" in text
     assert "| student 3 | | not yet run |" in text
+    assert "over 1 seeds" not in text  # one teacher: no spread to give
+
+    _row(table, "teacher: seed 1", 30.0, acc=0.8402)
+    _row(table, "teacher: seed 2", 30.0, acc=0.8602)
+    text = accuracy.markdown(table.save(), names)
+    assert "The teacher over 3 seeds: mean 85.02%, standard deviation 1.00 points" in text
 
 
 def test_a_schedule_that_grows_has_a_ceiling_for_each_end():
