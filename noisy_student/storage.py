@@ -374,11 +374,21 @@ def write_parquet(url: str, table: pa.Table, row_group_size: int) -> str:
 
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    """The file's table (or its `columns`); a damaged file, or one without those columns,
+    is a one-line UserError naming the URL. A missing file raises FileNotFoundError."""
     fs, path = filesystem(url)
 
     def read() -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            try:
+                return pq.read_table(f, columns=columns)
+            except (pa.ArrowException, UnicodeDecodeError) as e:
+                if is_transient(e):
+                    raise
+                wanted = f" (columns {', '.join(columns)})" if columns else ""
+                raise UserError(
+                    f"{url}: not a readable Parquet file{wanted}: {_one_line(e)}"
+                ) from None
 
     return call(url, read)
 

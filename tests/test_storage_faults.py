@@ -7,8 +7,10 @@ import errno
 import os
 import random
 import socket
+from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pytest
 import s3fs
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -269,3 +271,20 @@ def test_wrong_credentials_are_a_one_line_error_naming_the_url(s3_endpoint, monk
         assert not isinstance(e.value, StorageUnavailable)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path):
+    good = str(tmp_path / "good.parquet")
+    storage.write_parquet(good, pa.table({"id": ["a", "b"]}), row_group_size=2)
+    assert storage.read_parquet(good, ["id"]).column("id").to_pylist() == ["a", "b"]
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(Path(good).read_bytes()[:-12] + b"\0" * 12)  # footer overwritten
+    with pytest.raises(UserError, match=r"damaged\.parquet: not a readable Parquet file") as e:
+        storage.read_parquet(str(damaged))
+    assert "\n" not in str(e.value)
+    with pytest.raises(
+        UserError, match=r"good\.parquet: not a readable Parquet file \(columns label\)"
+    ):
+        storage.read_parquet(good, ["label"])
+    with pytest.raises(FileNotFoundError):
+        storage.read_parquet(str(tmp_path / "missing.parquet"))
