@@ -103,7 +103,7 @@ def pseudo_label_shards(probabilities_url: str) -> list[Any]:
     ]
 
 
-def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.TrainConfig]]:
+def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.StudentConfig]]:
     """The fully supervised rows: the final student's network and recipe, and, where it is
     another network, the teacher's (the ceiling each end of the schedule has)."""
     last = cfg.students[-1]
@@ -414,13 +414,18 @@ def run(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
             recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
-            reference_cfg = config.TeacherConfig(**{**recipe, "epochs": reference_epochs})
+            # a student's step holds batch_size labelled and unlabelled_ratio times as many
+            # pseudo-labelled images: the same number of labelled ones here, at its rate
+            batch = round(recipe_cfg.batch_size * (1 + recipe_cfg.unlabelled_ratio))
+            reference_cfg = config.TeacherConfig(
+                **{**recipe, "epochs": reference_epochs, "batch_size": batch}
+            )
             out = storage.join(run_url, "reference", reference_cfg.model)
             reference = stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
         table.add(
             name,
             elapsed(),
-            what=f"{what}, {reference_epochs} epochs",
+            what=f"{what}, {reference_epochs} epochs of batches of {reference_cfg.batch_size}",
             model=reference.model,
             test_accuracy=reference.test_accuracy,
             seed=seed,
