@@ -209,6 +209,19 @@ class Table:
         tmp.replace(self.path)
         return result
 
+    def measure(self, name: str, what: str, seed: int, train: Callable[[], Any]) -> None:
+        """One row: `train()` (a stage returning a TrainedModel) timed, and its accuracy."""
+        with self.timing(name) as elapsed:
+            trained = train()
+        self.add(
+            name,
+            elapsed(),
+            what=what,
+            model=trained.model,
+            test_accuracy=trained.test_accuracy,
+            seed=seed,
+        )
+
     @contextmanager
     def timing(self, name: str) -> Iterator[Callable[[], float]]:
         """Yields the seconds since the row started; on SIGINT/SIGTERM keeps them."""
@@ -352,56 +365,35 @@ def run(
     run_url, data_root, parent, teacher = base.run_url, base.data_root, base.parent, base.teacher
 
     for name, teacher_seed in seed_rows(cfg).items():
-        if name not in todo:
-            continue
-        with table.timing(name) as elapsed:
+        if name in todo:
             out = storage.join(run_url, "seeds", f"teacher-{teacher_seed}")
-            again = stages.train_teacher(cfg.teacher, data_root, out, parent, teacher_seed)
-        table.add(
-            name,
-            elapsed(),
-            what=f"the teacher's recipe and labels with seed {teacher_seed}",
-            model=again.model,
-            test_accuracy=again.test_accuracy,
-            seed=teacher_seed,
-        )
+            table.measure(
+                name,
+                f"the teacher's recipe and labels with seed {teacher_seed}",
+                teacher_seed,
+                lambda out=out, s=teacher_seed: stages.train_teacher(
+                    cfg.teacher, data_root, out, parent, s
+                ),
+            )
 
     # Ablations of iteration 1's student: same teacher, same pseudo labels, one change each.
     for ablation, (what, selection_cfg, train_cfg) in ablations(cfg).items():
         name = f"ablation: {ablation}"
         if name not in todo:
             continue
-        with table.timing(name) as elapsed:
-            here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
+        here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
+
+        def ablated(here=here, selection_cfg=selection_cfg, train_cfg=train_cfg) -> Any:
             selected = stages.filter_and_balance(
-                base.shards,
-                selection_cfg,
-                data_root,
-                base.probabilities_url,
-                storage.join(here, "selected"),
-                teacher,
-                parent,
-                1,
-                seed,
-            )
-            student = stages.train_student(
-                train_cfg,
-                data_root,
-                selected,
-                teacher,
-                storage.join(here, "student"),
-                parent,
-                1,
-                seed,
-            )
-        table.add(
-            name,
-            elapsed(),
-            what=what,
-            model=student.model,
-            test_accuracy=student.test_accuracy,
-            seed=seed,
-        )
+                base.shards, selection_cfg, data_root, base.probabilities_url,
+                storage.join(here, "selected"), teacher, parent, 1, seed,
+            )  # fmt: skip
+            return stages.train_student(
+                train_cfg, data_root, selected, teacher, storage.join(here, "student"), parent,
+                1, seed,
+            )  # fmt: skip
+
+        table.measure(name, what, seed, ablated)
 
     # The ceilings: a network and recipe of the schedule on every training label.
     source = cfg.data.fashion_mnist.source
@@ -409,26 +401,23 @@ def run(
     for name, (what, recipe_cfg) in ceiling_rows(cfg).items():
         if name not in todo:
             continue
-        with table.timing(name) as elapsed:
+        recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
+        # a student's step holds batch_size labelled and unlabelled_ratio times as many
+        # pseudo-labelled images: the same number of labelled ones here, at its rate
+        batch = round(recipe_cfg.batch_size * (1 + recipe_cfg.unlabelled_ratio))
+        reference_cfg = config.TeacherConfig(
+            **{**recipe, "epochs": reference_epochs, "batch_size": batch}
+        )
+
+        def ceiling(reference_cfg=reference_cfg) -> Any:
             ref_root = reference_dataset(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
-            recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
-            # a student's step holds batch_size labelled and unlabelled_ratio times as many
-            # pseudo-labelled images: the same number of labelled ones here, at its rate
-            batch = round(recipe_cfg.batch_size * (1 + recipe_cfg.unlabelled_ratio))
-            reference_cfg = config.TeacherConfig(
-                **{**recipe, "epochs": reference_epochs, "batch_size": batch}
-            )
             out = storage.join(run_url, "reference", reference_cfg.model)
-            reference = stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
-        table.add(
-            name,
-            elapsed(),
-            what=f"{what}, {reference_epochs} epochs of batches of {reference_cfg.batch_size}",
-            model=reference.model,
-            test_accuracy=reference.test_accuracy,
-            seed=seed,
+            return stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
+
+        table.measure(
+            name, f"{what}, {reference_epochs} epochs of batches of {batch}", seed, ceiling
         )
 
 
