@@ -27,9 +27,9 @@ REFERENCE_EPOCHS ?= 10
 bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 3 hours on 2 CPU cores; a killed run resumes)
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
-# every tier: this -m replaces the quick default of pyproject.toml's addopts
-# every tier (plain `pytest` leaves out the slow and integration ones), after the lint and
-# the layer contract, so that CI checks both
+# every tier (this -m replaces the quick default of pyproject.toml's addopts, which leaves
+# out the slow and integration ones), after the lint and the layer contract, so that CI
+# checks both
 test: setup compose-cli lint
 	$(UV) run pytest -q -m "slow or not slow"
 
