@@ -327,7 +327,7 @@ def first_iteration_again(cfg: PipelineConfig, table: Table) -> FirstIteration:
                 probabilities,
                 cfg.inference.batch_size,
                 cfg.inference.precision,
-            )  # fmt: skip
+            )
             for i in stages.unlabelled_shards(data_root)
         ]
     [row] = [r for r in table.rows if r["row"] == "teacher"]
