@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import random
+import socket
 import tempfile
 import time
 import uuid
@@ -220,15 +221,43 @@ def read_bytes(url: str) -> bytes:
 
 
 TMP_SUFFIX = ".tmp-"
+# Who wrote a temporary file: this host (a short hash of its name) and process. A write
+# removes only the leftovers of writers that are gone, never one still writing beside it.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}{TMP_SUFFIX}{_HOST}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _left_by_a_dead_writer(tmp: str) -> bool:
+    """True for a temporary file whose writer is known to be gone: a process of this host
+    that no longer runs, or a name of no known layout (a killed write of an older version).
+    Files of live processes (this one's other threads included) and of other hosts sharing
+    the file system are left alone; `noisy-student gc` removes those by age."""
+    owner = tmp.rsplit(TMP_SUFFIX, 1)[-1].split("-", 1)[0]
+    host, _, pid = owner.partition(".")
+    if not pid.isdigit():
+        return True
+    if host != _HOST:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
 
 
 def _write_local(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # What a killed attempt left behind: never read (the name differs), removed here.
     for stale in glob.glob(glob.escape(path) + TMP_SUFFIX + "*"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(stale)
-    tmp = f"{path}{TMP_SUFFIX}{uuid.uuid4().hex[:8]}"
+        if _left_by_a_dead_writer(stale):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -254,7 +283,7 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def _create_local(path: str, data: bytes) -> bool:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_SUFFIX}{uuid.uuid4().hex[:8]}"
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

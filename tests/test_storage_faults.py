@@ -212,6 +212,29 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
 
 
+def test_a_write_leaves_the_temporary_files_of_writers_still_running_alone(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "_manifest.json"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host = storage._HOST
+    # another thread of this process, midway through its own write of the same name
+    beside = tmp_path / f"_manifest.json{storage.TMP_SUFFIX}{host}.{os.getpid()}-0000beef"
+    # a writer on another host sharing this file system
+    remote = tmp_path / f"_manifest.json{storage.TMP_SUFFIX}ffffff.{os.getpid()}-0000cafe"
+    # a process of this host that is gone
+    dead = tmp_path / f"_manifest.json{storage.TMP_SUFFIX}{host}.{finished.pid}-0000dead"
+    for f in (beside, remote, dead):
+        f.write_bytes(b"in progress")
+    storage.write_bytes(str(target), b"complete")
+    assert target.read_bytes() == b"complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["_manifest.json", beside.name, remote.name]
+    )
+
+
 def test_a_write_failing_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "_manifest.json"
     target.write_bytes(b"old")
