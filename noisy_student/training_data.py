@@ -435,8 +435,9 @@ class TestBatches:
 
     def _read(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for shard in range(len(self.manifest.shards)):
+            # laid out for the model: these batches only ever meet `engine.batch_probs`
             for part in dataset.iter_shard_batches(
-                self.manifest, shard, self.batch_size, self.pin_memory
+                self.manifest, shard, self.batch_size, self.pin_memory, channels_last=True
             ):
                 yield part.images, part.labels
 

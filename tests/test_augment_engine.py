@@ -317,6 +317,15 @@ def test_predict_probs_puts_the_model_in_eval_mode_and_rows_sum_to_one():
     torch.testing.assert_close(engine.predict_probs(model, x, batch_size=10), probs)
 
 
+def test_batch_probs_is_the_same_for_either_layout_of_the_uint8_batch():
+    model = engine.for_inference(models.create("test_resnet", 4, 3))
+    x = torch.randint(
+        0, 256, (5, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(engine.batch_probs(model, last), engine.batch_probs(model, x))
+
+
 def test_accuracy_compares_argmax_with_labels():
     model = models.create("test_resnet", 2, 1)
     x, _ = _bright_and_dark(6, seed=0)

@@ -265,6 +265,24 @@ def test_shard_batches_regroup_row_groups_and_match_the_whole_shard(tmp_path, ba
     assert torch.cat([b.labels for b in batches]).tolist() == [-1] * n
 
 
+def test_channels_last_batches_are_the_same_pixels_in_the_models_layout_without_a_copy(
+    tmp_path,
+):
+    url = str(tmp_path / "ds")
+    rng = np.random.default_rng(3)
+    arrays = rng.integers(0, 256, (9, 8, 6, 3), dtype=np.uint8)
+    with DatasetWriter(url, "unlabelled", CLASSES, 8, 6, "RGB", rows_per_shard=9) as w:
+        for i, a in enumerate(arrays):
+            w.add(f"img-{i}", dataset_writer.encode_png(a), None)
+    manifest = dataset.read_manifest(url)
+    [plain] = dataset.iter_shard_batches(manifest, 0, 9)
+    [last] = dataset.iter_shard_batches(manifest, 0, 9, channels_last=True)
+    assert plain.images.is_contiguous() and not last.images.is_contiguous()
+    assert last.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(last.images, plain.images)
+    assert torch.equal(last.images.permute(0, 2, 3, 1), torch.from_numpy(arrays))
+
+
 def test_shard_batches_check_the_checksum_before_yielding_anything(tmp_path):
     url = str(tmp_path / "ds")
     manifest = _one_shard(url, 10)

@@ -70,7 +70,9 @@ def read_ahead(manifest: dataset.Manifest, shard_index: int, batch_size: int) ->
     """The shard's decoded batches, read two ahead in a background thread, in memory that
     holds a few batches whatever the shard's size; pinned for asynchronous copies on a GPU."""
     pin = engine.device().type == "cuda"
-    return prefetch(dataset.iter_shard_batches(manifest, shard_index, batch_size, pin))
+    return prefetch(
+        dataset.iter_shard_batches(manifest, shard_index, batch_size, pin, channels_last=True)
+    )
 
 
 def label_batches(
