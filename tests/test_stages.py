@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
 from pathlib import Path
 
 import pytest
 import s3fs
+import torch
 
 from noisy_student import config, dataset, dataset_writer, ingest, stages, storage
 from noisy_student.errors import UserError
@@ -173,6 +176,30 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))
     torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
     assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("torch_threads", [1, 64])
+def test_labelling_decodes_beside_the_forward_pass_only_where_a_core_is_spare(
+    tiny_dataset, monkeypatch, torch_threads
+):
+    # where torch's threads fill every core a reader thread only takes turns with them
+    module = importlib.import_module("noisy_student.stages.infer_pseudo_labels")
+    monkeypatch.setattr(module, "COMPUTE_THREADS", torch_threads)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1})
+    decoded_in, decode = [], dataset.decode_images
+    monkeypatch.setattr(
+        dataset,
+        "decode_images",
+        lambda *a, **k: decoded_in.append(threading.current_thread()) or decode(*a, **k),
+    )
+    manifest = dataset.read_manifest(f"{tiny_dataset}/{dataset.UNLABELLED}")
+    with module.read_ahead(manifest, 1, 32) as batches:
+        images = torch.cat([b.images for b in batches])
+    batches_decoded_in = list(decoded_in)
+    assert torch.equal(images, dataset.load_shard(manifest, 1).images)
+    assert len(batches_decoded_in) == 4  # 100 rows in batches of 32
+    here = {t is threading.current_thread() for t in batches_decoded_in}
+    assert here == ({False} if torch_threads == 1 else {True})
 
 
 @pytest.mark.slow  # trains a teacher and labels with it: 12 s

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from torch import nn
 
 from noisy_student import dataset, engine, faults, models, storage, tracking
-from noisy_student.prefetch import prefetch
+from noisy_student.prefetch import COMPUTE_THREADS, prefetch
 from noisy_student.stages.records import PseudoLabelShard, TrainedModel
 
 
@@ -28,7 +30,6 @@ def infer_pseudo_labels(
     start = time.perf_counter()
     faults.kill_point(f"pseudo-labels:shard={shard_index}")
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    # reading and decoding start now, in a background thread, while the teacher loads
     with read_ahead(manifest, shard_index, batch_size) as batches:
         teacher = cached_teacher(teacher_url)
         ids, probs = label_batches(teacher, batches, manifest.num_classes, precision)
@@ -66,12 +67,29 @@ def cached_teacher(url: str) -> nn.Module:
         return _teacher_cache[key]
 
 
-def read_ahead(manifest: dataset.Manifest, shard_index: int, batch_size: int) -> prefetch:
-    """The shard's decoded batches, read two ahead in a background thread, in memory that
-    holds a few batches whatever the shard's size; pinned for asynchronous copies on a GPU."""
-    pin = engine.device().type == "cuda"
-    return prefetch(
-        dataset.iter_shard_batches(manifest, shard_index, batch_size, pin, channels_last=True)
+def read_ahead(
+    manifest: dataset.Manifest, shard_index: int, batch_size: int
+) -> contextlib.AbstractContextManager[Iterator[dataset.ImageSet]]:
+    """The shard's decoded batches, in memory that holds a few batches whatever the shard's
+    size, laid out for the model.
+
+    On a GPU, or where torch computes on fewer threads than the process has cores, they are
+    read two ahead in a background thread that starts at once (while the teacher loads),
+    pinned for asynchronous copies on a GPU: the reader has a core of its own. Where torch's
+    threads already fill every core, a reader thread beside them only takes turns with
+    them, so each batch is decoded between forward passes instead. Six interleaved rounds
+    here (2 cores): 0.96 of the forward pass alone at 28 px PNG against 0.92 with the
+    reader thread, 0.96 against 0.94 at 96 px RGB JPEG; decoding those JPEG rows on two
+    threads between passes (simplejpeg releases the GIL) made no difference beyond the
+    noise (0.95), decoding being 5% of the stage (benchmarks/results/history.md)."""
+    cuda = engine.device().type == "cuda"
+    if cuda or len(os.sched_getaffinity(0)) > COMPUTE_THREADS:
+        batches = dataset.iter_shard_batches(
+            manifest, shard_index, batch_size, pin_memory=cuda, channels_last=True
+        )
+        return prefetch(batches)
+    return contextlib.closing(
+        dataset.iter_shard_batches(manifest, shard_index, batch_size, channels_last=True)
     )
 
 
