@@ -16,11 +16,14 @@ start from `_manifest.json` and follow `_manifests/` forward to the newest versi
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import os
 import re
 import struct
 import zlib
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -328,6 +331,24 @@ class _Jpeg:
         return self._array
 
 
+_pool: futures.ThreadPoolExecutor | None = None
+
+
+def _decoders() -> futures.ThreadPoolExecutor:
+    """The process's decode threads (one per core), started on first use."""
+    global _pool
+    if _pool is None:
+        _pool = futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+    return _pool
+
+
+def decodes_without_gil(manifest: Manifest) -> bool:
+    """Whether the split's decoder releases the GIL, so that `decode_images(threads=k)`
+    decodes k rows at once: simplejpeg for JPEG and PIL for PNG do; pyspng, which
+    `decode_images` uses for small PNG rows, does not."""
+    return manifest.encoding == "jpeg" or manifest.height * manifest.width > _Png.MAX_PIXELS
+
+
 def decode_images(
     manifest: Manifest,
     shard_url: str,
@@ -335,6 +356,7 @@ def decode_images(
     first_row: int = 0,
     release_gil: bool = False,
     channels_last: bool = False,
+    threads: int = 1,
 ) -> torch.Tensor:
     """PNG/JPEG bytes -> uint8 N x C x H x W, checking every image against the manifest.
     `first_row` is the table's offset in the shard, for error messages. An image's header is
@@ -343,7 +365,9 @@ def decode_images(
     see `_Png`), for readers that decode beside a thread running Python. `channels_last`:
     the decoders' own pixel order (N x H x W x C in memory) seen as N x C x H x W without a
     copy, the layout a model's forward pass takes (`engine.batch_probs`); otherwise the
-    tensor is contiguous, as the augmentations expect."""
+    tensor is contiguous, as the augmentations expect. `threads`: the rows split into that
+    many runs decoded at once, for decoders that release the GIL (`decodes_without_gil`);
+    a bad row is reported as in one thread, the first in row order."""
     ids = table.column("id").to_pylist()
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
@@ -356,25 +380,39 @@ def decode_images(
     def corrupt(i: int, e: Exception) -> UserError:
         return UserError(f"{where(i)}: corrupt image: {describe_error(e)}")
 
-    for i, blob in enumerate(table.column("image").to_pylist()):
-        try:  # whatever a decoder trips on, the bytes are a bad image
-            if jpeg:
-                img = _Jpeg(blob)
-            else:
-                img = (None if release_gil else _Png.open(blob)) or Image.open(io.BytesIO(blob))
-        except Exception as e:
-            raise corrupt(i, e) from None
-        if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
-            raise UserError(
-                f"{where(i)}: image is {img.mode} {img.size[0]}x{img.size[1]}, manifest says "
-                f"{manifest.mode} {manifest.width}x{manifest.height}"
-            )
-        try:
-            img.load()
-        except Exception as e:
-            raise corrupt(i, e) from None
-        arr = np.asarray(img)
-        out[i] = arr[..., None] if arr.ndim == 2 else arr
+    blobs = table.column("image").to_pylist()
+
+    def decode(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            blob = blobs[i]
+            try:  # whatever a decoder trips on, the bytes are a bad image
+                if jpeg:
+                    img = _Jpeg(blob)
+                else:
+                    img = (None if release_gil else _Png.open(blob)) or Image.open(io.BytesIO(blob))
+            except Exception as e:
+                raise corrupt(i, e) from None
+            if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
+                raise UserError(
+                    f"{where(i)}: image is {img.mode} {img.size[0]}x{img.size[1]}, manifest says "
+                    f"{manifest.mode} {manifest.width}x{manifest.height}"
+                )
+            try:
+                img.load()
+            except Exception as e:
+                raise corrupt(i, e) from None
+            arr = np.asarray(img)
+            out[i] = arr[..., None] if arr.ndim == 2 else arr
+
+    runs = min(threads, len(blobs))
+    if runs > 1:
+        bounds = [len(blobs) * k // runs for k in range(runs + 1)]
+        parts = [_decoders().submit(decode, a, b) for a, b in itertools.pairwise(bounds)]
+        futures.wait(parts)
+        for part in parts:  # in row order: the first bad row is the one reported
+            part.result()
+    else:
+        decode(0, len(blobs))
     images = torch.from_numpy(out).permute(0, 3, 1, 2)
     return images if channels_last else images.contiguous()
 
@@ -399,17 +437,20 @@ def iter_shard_batches(
     batch_size: int,
     pin_memory: bool = False,
     channels_last: bool = False,
+    decode_threads: int = 1,
 ) -> Iterator[ImageSet]:
     """One shard as decoded batches of `batch_size` rows (the last may be smaller), in
     constant memory whatever the shard's size: the file is checked by `open_shard`, then
     read row group by row group. `pin_memory` pins each batch for asynchronous copies to a
-    GPU; `channels_last` is `decode_images`'s, for batches that go straight to a model."""
+    GPU; `channels_last` and `decode_threads` (its `threads`) are `decode_images`'s."""
     with open_shard(manifest, index) as (url, parquet):
         pending: list[pa.RecordBatch] = []
         buffered, row = 0, 0
 
         def emit(table: pa.Table) -> ImageSet:
-            images = decode_images(manifest, url, table, row, channels_last=channels_last)
+            images = decode_images(
+                manifest, url, table, row, channels_last=channels_last, threads=decode_threads
+            )
             return ImageSet(
                 ids=table.column("id").to_pylist(),
                 images=images.pin_memory() if pin_memory else images,

@@ -8,6 +8,7 @@ import re
 from unittest import mock
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -281,6 +282,28 @@ def test_channels_last_batches_are_the_same_pixels_in_the_models_layout_without_
     assert last.images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(last.images, plain.images)
     assert torch.equal(last.images.permute(0, 2, 3, 1), torch.from_numpy(arrays))
+
+
+def test_decoding_on_threads_gives_the_same_pixels_and_names_the_first_bad_row(tmp_path):
+    url = str(tmp_path / "ds")
+    arrays = np.random.default_rng(4).integers(0, 256, (10, 8, 6, 3), dtype=np.uint8)
+    with DatasetWriter(
+        url, "unlabelled", CLASSES, 8, 6, "RGB", rows_per_shard=10, encoding="jpeg"
+    ) as w:
+        for i, a in enumerate(arrays):
+            w.add(f"img-{i}", dataset_writer.encode_jpeg(a, 90), None)
+    manifest = dataset.read_manifest(url)
+    assert dataset.decodes_without_gil(manifest)
+    table = pq.read_table(f"{url}/part-00000.parquet")
+    one = dataset.decode_images(manifest, "s", table)
+    for threads in (2, 3, 16):
+        assert torch.equal(dataset.decode_images(manifest, "s", table, threads=threads), one)
+    blobs = table.column("image").to_pylist()
+    blobs[3] = blobs[8] = b"\xff\xd8 not the rest of a JPEG"
+    bad = table.set_column(1, "image", pa.array(blobs, pa.binary()))
+    for threads in (1, 2):  # row 8 is in the second thread's run, row 3 in the first's
+        with pytest.raises(UserError, match=r"^s: row 13 \(id 'img-3'\): corrupt image"):
+            dataset.decode_images(manifest, "s", bad, first_row=10, threads=threads)
 
 
 def test_shard_batches_check_the_checksum_before_yielding_anything(tmp_path):

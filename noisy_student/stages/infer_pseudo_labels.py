@@ -88,8 +88,11 @@ def read_ahead(
             manifest, shard_index, batch_size, pin_memory=cuda, channels_last=True
         )
         return prefetch(batches)
+    threads = COMPUTE_THREADS if dataset.decodes_without_gil(manifest) else 1
     return contextlib.closing(
-        dataset.iter_shard_batches(manifest, shard_index, batch_size, channels_last=True)
+        dataset.iter_shard_batches(
+            manifest, shard_index, batch_size, channels_last=True, decode_threads=threads
+        )
     )
 
 
