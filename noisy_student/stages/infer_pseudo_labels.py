@@ -77,11 +77,12 @@ def read_ahead(
     read two ahead in a background thread that starts at once (while the teacher loads),
     pinned for asynchronous copies on a GPU: the reader has a core of its own. Where torch's
     threads already fill every core, a reader thread beside them only takes turns with
-    them, so each batch is decoded between forward passes instead. Six interleaved rounds
-    here (2 cores): 0.96 of the forward pass alone at 28 px PNG against 0.92 with the
-    reader thread, 0.96 against 0.94 at 96 px RGB JPEG; decoding those JPEG rows on two
-    threads between passes (simplejpeg releases the GIL) made no difference beyond the
-    noise (0.95), decoding being 5% of the stage (benchmarks/results/history.md)."""
+    them, so each batch is decoded between forward passes instead, its rows over one thread
+    per torch thread where the decoder releases the GIL (JPEG; small PNG rows go through
+    pyspng, which holds it). Six interleaved rounds here (2 cores): 0.96 of the forward pass
+    alone at 28 px PNG against 0.92 with the reader thread, 0.95-0.96 against 0.94 at 96 px
+    RGB JPEG, where two decode threads take a batch of 256 from 32 to 16 ms
+    (benchmarks/results/history.md)."""
     cuda = engine.device().type == "cuda"
     if cuda or len(os.sched_getaffinity(0)) > COMPUTE_THREADS:
         batches = dataset.iter_shard_batches(
