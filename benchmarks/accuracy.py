@@ -167,7 +167,9 @@ class Table:
     killed benchmark (hours on a CPU) goes on where it stopped: rows already measured with
     the same config are kept, the flow resumes from its cached stages, a training stage
     from its saved state. The seconds an interrupted row had run (SIGINT or SIGTERM) are
-    kept too and added when it finishes."""
+    kept too and given beside the finished row's own: they were spent, but whether the
+    attempt that finished it went on from them or started over (a fresh machine keeps no
+    saved state) only the log tells."""
 
     def __init__(self, path: Path, identity: dict[str, Any]):
         self.path, self.identity = path, identity
@@ -183,7 +185,8 @@ class Table:
         return any(r["row"] == name for r in self.rows)
 
     def add(self, name: str, seconds: float, **fields: Any) -> None:
-        seconds += self.interrupted.pop(name, 0.0)
+        if name in self.interrupted:
+            fields["interrupted_seconds"] = round(self.interrupted.pop(name), 1)
         self.rows = [r for r in self.rows if r["row"] != name]
         self.rows.append({"row": name, **fields, "wall_seconds": round(seconds, 1)})
         print(
@@ -382,18 +385,25 @@ def run(
         if name not in todo:
             continue
         here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
-
-        def ablated(here=here, selection_cfg=selection_cfg, train_cfg=train_cfg) -> Any:
+        with table.timing(name) as elapsed:
             selected = stages.filter_and_balance(
                 base.shards, selection_cfg, data_root, base.probabilities_url,
                 storage.join(here, "selected"), teacher, parent, 1, seed,
             )  # fmt: skip
-            return stages.train_student(
+            student = stages.train_student(
                 train_cfg, data_root, selected, teacher, storage.join(here, "student"), parent,
                 1, seed,
             )  # fmt: skip
-
-        table.measure(name, what, seed, ablated)
+        table.add(
+            name,
+            elapsed(),
+            what=what,
+            model=student.model,
+            test_accuracy=student.test_accuracy,
+            teacher_test_accuracy=teacher.test_accuracy,
+            pseudo_label_accuracy=selected.accuracy,
+            seed=seed,
+        )
 
     # The ceilings: a network and recipe of the schedule on every training label.
     source = cfg.data.fashion_mnist.source
@@ -449,7 +459,8 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             else ""
         )
         + "). A row's wall time is its stage's (the students': labelling, selection and "
-        "training), summed over attempts where it was interrupted.",
+        "training) in the attempt that finished it; the minutes of interrupted attempts "
+        "before it are given beside it.",
         "",
         "| row | model | test accuracy | its teacher | pseudo labels right | wall time | what |",
         "|---|---|---|---|---|---|---|",
@@ -463,15 +474,23 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
         lines.append(
             f"| {name} | {r['model']} | {100 * r['test_accuracy']:.2f}% | "
             f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
-            f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min | "
+            f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min"
+            + (
+                f" (+{r['interrupted_seconds'] / 60:.1f} min interrupted)"
+                if "interrupted_seconds" in r
+                else ""
+            )
+            + " | "
             f"{r['what']} |"
         )
-    for again in result.get("teacher_trained_again", []):
+    agains = result.get("teacher_trained_again", [])
+    if agains:
+        scores = ", ".join(f"{100 * a['test_accuracy']:.2f}%" for a in agains)
         lines += [
             "",
-            "An attempt after the flow's rows trained its first teacher again (same config "
-            f"and seed) for the rows it measured: {100 * again['test_accuracy']:.2f}% "
-            f"(the teacher row: {100 * again['table']:.2f}%).",
+            f"{len(agains)} attempt(s) after the flow's rows trained its first teacher again "
+            f"(same config and seed) for the rows they measured: {scores} (the teacher row: "
+            f"{100 * agains[0]['table']:.2f}%); those rows start from it.",
         ]
     teachers = [
         done[n]["test_accuracy"]

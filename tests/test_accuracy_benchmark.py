@@ -35,7 +35,11 @@ def test_a_killed_benchmark_keeps_its_rows_and_the_seconds_of_the_row_it_was_in(
     assert again.attempts == 2 and again.has("teacher") and not again.has("student 1")
     _row(again, "student 1", 100.0)
     [student] = [r for r in json.loads(path.read_text())["rows"] if r["row"] == "student 1"]
-    assert student["wall_seconds"] >= 100.0 and not again.interrupted
+    # the attempt that finished the row, and beside it what the interrupted one had spent
+    assert student["wall_seconds"] == 100.0 and not again.interrupted
+    assert 0.0 <= student["interrupted_seconds"] < 60.0
+    text = accuracy.markdown(again.save(), ["teacher", "student 1"])
+    assert "| 1.0 min |" in text and "| 1.7 min (+0.0 min interrupted) |" in text
 
     # another config (here: another seed) starts the table over
     other = accuracy.Table(path, _identity(seed=1))
