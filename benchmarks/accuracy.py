@@ -212,16 +212,20 @@ class Table:
         tmp.replace(self.path)
         return result
 
-    def measure(self, name: str, what: str, seed: int, train: Callable[[], Any]) -> None:
-        """One row: `train()` (a stage returning a TrainedModel) timed, and its accuracy."""
+    def measure(
+        self, name: str, what: str, seed: int, train: Callable[[], tuple[Any, dict[str, Any]]]
+    ) -> None:
+        """One row: `train()` timed, its TrainedModel's accuracy, and the further columns
+        it returns beside it (a student's teacher and pseudo-label accuracy)."""
         with self.timing(name) as elapsed:
-            trained = train()
+            trained, columns = train()
         self.add(
             name,
             elapsed(),
             what=what,
             model=trained.model,
             test_accuracy=trained.test_accuracy,
+            **columns,
             seed=seed,
         )
 
@@ -374,8 +378,9 @@ def run(
                 name,
                 f"the teacher's recipe and labels with seed {teacher_seed}",
                 teacher_seed,
-                lambda out=out, s=teacher_seed: stages.train_teacher(
-                    cfg.teacher, data_root, out, parent, s
+                lambda out=out, s=teacher_seed: (
+                    stages.train_teacher(cfg.teacher, data_root, out, parent, s),
+                    {},
                 ),
             )
 
@@ -385,7 +390,8 @@ def run(
         if name not in todo:
             continue
         here = storage.join(run_url, "ablations", ablation.replace(" ", "-"))
-        with table.timing(name) as elapsed:
+
+        def ablated(here=here, selection_cfg=selection_cfg, train_cfg=train_cfg) -> Any:
             selected = stages.filter_and_balance(
                 base.shards, selection_cfg, data_root, base.probabilities_url,
                 storage.join(here, "selected"), teacher, parent, 1, seed,
@@ -394,16 +400,13 @@ def run(
                 train_cfg, data_root, selected, teacher, storage.join(here, "student"), parent,
                 1, seed,
             )  # fmt: skip
-        table.add(
-            name,
-            elapsed(),
-            what=what,
-            model=student.model,
-            test_accuracy=student.test_accuracy,
-            teacher_test_accuracy=teacher.test_accuracy,
-            pseudo_label_accuracy=selected.accuracy,
-            seed=seed,
-        )
+            columns = {
+                "teacher_test_accuracy": teacher.test_accuracy,
+                "pseudo_label_accuracy": selected.accuracy,
+            }
+            return student, columns
+
+        table.measure(name, what, seed, ablated)
 
     # The ceilings: a network and recipe of the schedule on every training label.
     source = cfg.data.fashion_mnist.source
@@ -424,7 +427,7 @@ def run(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
             out = storage.join(run_url, "reference", reference_cfg.model)
-            return stages.train_teacher(reference_cfg, ref_root, out, parent, seed)
+            return stages.train_teacher(reference_cfg, ref_root, out, parent, seed), {}
 
         table.measure(
             name, f"{what}, {reference_epochs} epochs of batches of {batch}", seed, ceiling

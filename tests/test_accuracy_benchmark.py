@@ -79,3 +79,16 @@ def test_a_schedule_that_grows_has_a_ceiling_for_each_end():
     assert list(rows) == ["fully supervised", f"fully supervised: {cfg.teacher.model}"]
     assert rows["fully supervised"][1].model == "resnet26d"
     assert rows[f"fully supervised: {cfg.teacher.model}"][1].model == cfg.teacher.model
+
+
+def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp_path):
+    from types import SimpleNamespace
+
+    table = accuracy.Table(tmp_path / "accuracy.json", _identity())
+    student = SimpleNamespace(model="resnet18d", test_accuracy=0.8566)
+    columns = {"teacher_test_accuracy": 0.8514, "pseudo_label_accuracy": 0.8619}
+    table.measure("ablation: no noise", "no noise", 0, lambda: (student, columns))
+    [row] = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert row["model"] == "resnet18d" and row["teacher_test_accuracy"] == 0.8514
+    text = accuracy.markdown(table.save(), ["ablation: no noise"])
+    assert "| ablation: no noise | resnet18d | 85.66% | 85.14% | 86.19% |" in text
