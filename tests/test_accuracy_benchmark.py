@@ -92,3 +92,18 @@ def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp
     assert row["model"] == "resnet18d" and row["teacher_test_accuracy"] == 0.8514
     text = accuracy.markdown(table.save(), ["ablation: no noise"])
     assert "| ablation: no noise | resnet18d | 85.66% | 85.14% | 86.19% |" in text
+
+
+def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
+    table = accuracy.Table(tmp_path / "accuracy.json", _identity())
+    _row(table, "teacher", 30.0, acc=0.8500)
+    table.add("student 1", 60.0, what="s1", model="resnet18d", test_accuracy=0.8752, seed=0)
+    table.add("student 2", 60.0, what="s2", model="resnet18d", test_accuracy=0.8789, seed=0)
+    names = ["teacher", "student 1", "student 2", "student 3"]
+    assert "Below its teacher" not in accuracy.markdown(table.save(), names)
+    table.add("student 3", 60.0, what="s3", model="resnet18d", test_accuracy=0.8788, seed=0)
+    text = accuracy.markdown(table.save(), names)
+    assert text.count("Below its teacher") == 1
+    below = "student 3 (resnet18d, 87.88%) ends 0.01 points below its teacher (resnet18d, 87.89%)"
+    assert below in text
+    assert "try more students.2.epochs" in text
