@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import re
 import struct
 import zlib
@@ -37,7 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from noisy_student import storage
+from noisy_student import prefetch, storage
 from noisy_student.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -338,7 +337,7 @@ def _decoders() -> futures.ThreadPoolExecutor:
     """The process's decode threads (one per core), started on first use."""
     global _pool
     if _pool is None:
-        _pool = futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+        _pool = futures.ThreadPoolExecutor(prefetch.cores(), thread_name_prefix="decode")
     return _pool
 
 

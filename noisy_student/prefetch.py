@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,22 @@ _END = object()
 # torch's threads per computing thread, as the process started (OMP_NUM_THREADS, or one per
 # core); read at import, before any reader thread has called `one_torch_thread`
 COMPUTE_THREADS = torch.get_num_threads()
+
+
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or `taskset`'s
+    limit, which `os.cpu_count()` does not see) where the OS has one (Linux), else every
+    core (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def reader_has_a_core() -> bool:
+    """Whether a reader thread beside the computing one gets a core of its own: torch
+    computes on fewer threads than the process has cores. Where its threads fill every
+    core, a reader only takes turns with them (`stages.infer_pseudo_labels.read_ahead`)."""
+    return cores() > COMPUTE_THREADS
 
 
 def one_torch_thread() -> None:

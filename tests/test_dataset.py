@@ -430,6 +430,18 @@ def test_prefetch_stops_and_closes_the_producer_when_the_consumer_stops():
     assert closed == [True]
 
 
+def test_the_cores_counted_are_the_affinity_where_the_os_has_one_else_every_core(monkeypatch):
+    import os
+
+    from noisy_student import prefetch as module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert module.cores() == 1  # a container or taskset limit, which cpu_count() misses
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have none
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert module.cores() == 8
+
+
 # --- appends racing each other -------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import pytest
 import s3fs
 import torch
 
-from noisy_student import config, dataset, dataset_writer, ingest, stages, storage
+from noisy_student import config, dataset, dataset_writer, ingest, prefetch, stages, storage
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 
@@ -185,7 +185,8 @@ def test_labelling_decodes_beside_the_forward_pass_only_where_a_core_is_spare(
     # where torch's threads fill every core a reader thread only takes turns with them
     module = importlib.import_module("noisy_student.stages.infer_pseudo_labels")
     monkeypatch.setattr(module, "COMPUTE_THREADS", torch_threads)
-    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(prefetch, "COMPUTE_THREADS", torch_threads)
+    monkeypatch.setattr(prefetch, "cores", lambda: 2)
     decoded_in, decode = [], dataset.decode_images
     monkeypatch.setattr(
         dataset,

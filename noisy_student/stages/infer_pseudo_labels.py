@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -13,7 +12,7 @@ import pyarrow as pa
 from torch import nn
 
 from noisy_student import dataset, engine, faults, models, storage, tracking
-from noisy_student.prefetch import COMPUTE_THREADS, prefetch
+from noisy_student.prefetch import COMPUTE_THREADS, prefetch, reader_has_a_core
 from noisy_student.stages.records import PseudoLabelShard, TrainedModel
 
 
@@ -84,7 +83,7 @@ def read_ahead(
     RGB JPEG, where two decode threads take a batch of 256 from 32 to 16 ms
     (benchmarks/results/history.md)."""
     cuda = engine.device().type == "cuda"
-    if cuda or len(os.sched_getaffinity(0)) > COMPUTE_THREADS:
+    if cuda or reader_has_a_core():
         batches = dataset.iter_shard_batches(
             manifest, shard_index, batch_size, pin_memory=cuda, channels_last=True
         )
