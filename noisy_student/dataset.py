@@ -277,6 +277,11 @@ class _Png:
     _HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # signature, then a 13-byte IHDR
 
     @classmethod
+    def serves(cls, width: int, height: int) -> bool:
+        """Whether rows of this size go through pyspng (if they are 8-bit L or RGB)."""
+        return width * height <= cls.MAX_PIXELS
+
+    @classmethod
     def open(cls, blob: bytes) -> _Png | None:
         if blob[:16] != cls._HEAD or len(blob) < 33:
             return None
@@ -284,7 +289,7 @@ class _Png:
             raise ValueError("the PNG header's checksum is wrong")  # PIL: "not an image"
         width, height, depth, colour = struct.unpack(">IIBB", blob[16:26])
         mode = cls._MODES.get((colour, depth))
-        if mode is None or width * height > cls.MAX_PIXELS:
+        if mode is None or not cls.serves(width, height):
             return None
         return cls(blob, width, height, mode)
 
@@ -345,7 +350,7 @@ def decodes_without_gil(manifest: Manifest) -> bool:
     """Whether the split's decoder releases the GIL, so that `decode_images(threads=k)`
     decodes k rows at once: simplejpeg for JPEG and PIL for PNG do; pyspng, which
     `decode_images` uses for small PNG rows, does not."""
-    return manifest.encoding == "jpeg" or manifest.height * manifest.width > _Png.MAX_PIXELS
+    return manifest.encoding == "jpeg" or not _Png.serves(manifest.width, manifest.height)
 
 
 def decode_images(
