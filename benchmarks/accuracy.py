@@ -104,8 +104,10 @@ def pseudo_label_shards(probabilities_url: str) -> list[Any]:
 
 
 def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.StudentConfig]]:
-    """The fully supervised rows: the final student's network and recipe, and, where it is
-    another network, the teacher's (the ceiling each end of the schedule has)."""
+    """The fully supervised rows: the final student's network and recipe; where it is
+    another network, the teacher's (the ceiling each end of the schedule has); and where the
+    final student keeps timm's stem and its family has `half`, its network with `half`: what
+    a stem that keeps more of the image would buy the schedule, at the same steps."""
     last = cfg.students[-1]
     last = last.model_copy(update={"stem": last.stem or cfg.teacher.stem})  # null: the teacher's
     rows = {"fully supervised": ("all 60,000 training labels (the final student's ceiling)", last)}
@@ -114,7 +116,25 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.StudentConf
             "all 60,000 training labels, the teacher's network with the final student's recipe",
             last.model_copy(update={"model": cfg.teacher.model, "stem": cfg.teacher.stem}),
         )
+    if last.stem == "imagenet" and _has_half_stem(last.model):
+        rows[f"fully supervised: {last.model}, stem half"] = (
+            "all 60,000 training labels, the final student's network and recipe with stem: half",
+            last.model_copy(update={"stem": "half"}),
+        )
     return rows
+
+
+def _has_half_stem(model: str) -> bool:
+    import timm
+
+    from noisy_student import models
+    from noisy_student.errors import UserError
+
+    try:
+        models.apply_stem(timm.create_model(model, num_classes=10), model, "half")
+    except UserError:
+        return False
+    return True
 
 
 def ablations(

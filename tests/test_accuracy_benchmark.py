@@ -71,14 +71,28 @@ def test_a_schedule_that_grows_has_a_ceiling_for_each_end():
     cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
     same_net = [s.model_copy(update={"model": cfg.teacher.model}) for s in cfg.students]
     same = cfg.model_copy(update={"students": same_net})
-    assert list(accuracy.ceiling_rows(same)) == ["fully supervised"]
+    half = "fully supervised: resnet10t, stem half"  # timm's stem: what `half` would buy
+    assert list(accuracy.ceiling_rows(same)) == ["fully supervised", half]
     grown = cfg.model_copy(
         update={"students": [s.model_copy(update={"model": "resnet26d"}) for s in cfg.students]}
     )
     rows = accuracy.ceiling_rows(grown)
-    assert list(rows) == ["fully supervised", f"fully supervised: {cfg.teacher.model}"]
+    half = "fully supervised: resnet26d, stem half"
+    assert list(rows) == ["fully supervised", f"fully supervised: {cfg.teacher.model}", half]
     assert rows["fully supervised"][1].model == "resnet26d"
     assert rows[f"fully supervised: {cfg.teacher.model}"][1].model == cfg.teacher.model
+    assert (rows[half][1].model, rows[half][1].stem) == ("resnet26d", "half")
+
+
+def test_the_half_stem_ceiling_is_left_out_where_the_family_has_no_half_stem_or_uses_it():
+    cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
+
+    def final(**update):
+        students = [*cfg.students[:-1], cfg.students[-1].model_copy(update=update)]
+        return list(accuracy.ceiling_rows(cfg.model_copy(update={"students": students})))
+
+    assert not any("stem half" in r for r in final(model="test_vit", stem="imagenet"))
+    assert not any("stem half" in r for r in final(stem="half"))
 
 
 def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp_path):
