@@ -446,7 +446,8 @@ def run(
             ref_root = reference_dataset(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
-            out = storage.join(run_url, "reference", reference_cfg.model)
+            stem = "" if reference_cfg.stem == "imagenet" else f"-stem-{reference_cfg.stem}"
+            out = storage.join(run_url, "reference", reference_cfg.model + stem)
             return stages.train_teacher(reference_cfg, ref_root, out, parent, seed), {}
 
         table.measure(
