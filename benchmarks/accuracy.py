@@ -507,7 +507,7 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             + " | "
             f"{r['what']} |"
         )
-    lines += _below_teachers(done)
+    lines += _below_teachers(done, names)
     agains = result.get("teacher_trained_again", [])
     if agains:
         scores = ", ".join(f"{100 * a['test_accuracy']:.2f}%" for a in agains)
@@ -534,14 +534,17 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _below_teachers(done: dict[str, dict[str, Any]]) -> list[str]:
+def _below_teachers(done: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     """The students that end below their own teacher, with the flow's note of what to try
     (student k's teacher is student k-1, the first one's the supervised teacher)."""
     from noisy_student.stages.promote import below_teacher_note
 
     lines = []
-    for k in range(1, len(done) + 1):
-        s, t = done.get(f"student {k}"), done.get("teacher" if k == 1 else f"student {k - 1}")
+    students = [n for n in names if n.startswith("student ")]
+    for k, (name, teacher) in enumerate(
+        zip(students, ["teacher", *students], strict=False), start=1
+    ):
+        s, t = done.get(name), done.get(teacher)
         if s is None or t is None or s["test_accuracy"] >= t["test_accuracy"]:
             continue
         note = below_teacher_note(k, s["model"], s["test_accuracy"], t["model"], t["test_accuracy"])
