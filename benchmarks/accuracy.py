@@ -507,7 +507,7 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             + " | "
             f"{r['what']} |"
         )
-    lines += _below_teachers(done, names)
+    lines += _below_teachers(done, names, result["identity"]["config"])
     agains = result.get("teacher_trained_again", [])
     if agains:
         scores = ", ".join(f"{100 * a['test_accuracy']:.2f}%" for a in agains)
@@ -534,7 +534,9 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _below_teachers(done: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+def _below_teachers(
+    done: dict[str, dict[str, Any]], names: list[str], config: dict[str, Any]
+) -> list[str]:
     """The students that end below their own teacher, with the flow's note of what to try
     (student k's teacher is student k-1, the first one's the supervised teacher)."""
     from noisy_student.stages.promote import below_teacher_note
@@ -547,7 +549,9 @@ def _below_teachers(done: dict[str, dict[str, Any]], names: list[str]) -> list[s
         s, t = done.get(name), done.get(teacher)
         if s is None or t is None or s["test_accuracy"] >= t["test_accuracy"]:
             continue
-        note = below_teacher_note(k, s["model"], s["test_accuracy"], t["model"], t["test_accuracy"])
+        note = below_teacher_note(
+            k, s["model"], s["test_accuracy"], t["model"], t["test_accuracy"], config
+        )
         lines += ["", f"**Below its teacher:** {note}."]
     return lines
 

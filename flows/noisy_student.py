@@ -86,7 +86,7 @@ def noisy_student(
         promotion = promote(
             student=student, robustness=run.evaluations, registered_model=config.name,
             evaluation=config.evaluation, run_url=run.url, iteration=len(config.students),
-            **common,
+            config=config.model_dump(), **common,
         )  # fmt: skip
         summary = run.finish(promotion)
         publish_results(summary, config.name)

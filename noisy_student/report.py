@@ -210,7 +210,12 @@ def table(summary: dict[str, Any]) -> str:
             notes.append(
                 "! "
                 + below_teacher_note(
-                    it["iteration"], s["model"], s["test_accuracy"], t["model"], t["test_accuracy"]
+                    it["iteration"],
+                    s["model"],
+                    s["test_accuracy"],
+                    t["model"],
+                    t["test_accuracy"],
+                    summary["config"],
                 )
             )
         times = "/".join(

@@ -109,7 +109,8 @@ def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp
 
 
 def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
-    table = accuracy.Table(tmp_path / "accuracy.json", _identity())
+    cfg = config.load(accuracy.PRESET, []).model_dump(mode="json")
+    table = accuracy.Table(tmp_path / "accuracy.json", {**_identity(), "config": cfg})
     _row(table, "teacher", 30.0, acc=0.8500)
     table.add("student 1", 60.0, what="s1", model="resnet18d", test_accuracy=0.8752, seed=0)
     table.add("student 2", 60.0, what="s2", model="resnet18d", test_accuracy=0.8789, seed=0)
@@ -120,4 +121,5 @@ def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
     assert text.count("Below its teacher") == 1
     below = "student 3 (resnet18d, 87.88%) ends 0.01 points below its teacher (resnet18d, 87.89%)"
     assert below in text
-    assert "try more students.2.epochs" in text
+    assert "try more students.2.epochs, a larger student or a stem" in text
+    assert "init_from_teacher" not in text  # the preset's student 3 starts from its teacher

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from noisy_student import config, models, report, stages, tracking
 from noisy_student.stages import Robustness, TrainedModel
+from noisy_student.stages.promote import below_teacher_note
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 EVALUATION = config.EvaluationConfig(corruptions=["contrast"], severities=[1])
@@ -57,10 +58,29 @@ def _gate_log(caplog):
     caplog.set_level(logging.INFO, logger="noisy_student")  # the notes the gate logs
 
 
-def gate(student, robustness, experiment, tmp_path):
+def run_config(*students: dict, stem: str = "imagenet") -> dict:
+    """The parts of a run's configuration (`PipelineConfig.model_dump()`) that say what a
+    student below its teacher already had: the teacher's stem and these students."""
+    return {
+        "teacher": config.TeacherConfig(model="resnet10t", stem=stem).model_dump(),
+        "students": [
+            config.StudentConfig(**{"model": "resnet10t", **s}).model_dump() for s in students
+        ],
+    }
+
+
+def gate(student, robustness, experiment, tmp_path, cfg: dict | None = None):
     parent = tracking.start_run(experiment, "pipeline")
     return stages.promote(
-        student, robustness, experiment, EVALUATION, "unused", str(tmp_path / "run"), parent, 1
+        student,
+        robustness,
+        experiment,
+        EVALUATION,
+        "unused",
+        str(tmp_path / "run"),
+        parent,
+        1,
+        cfg or run_config({}, {}),
     )
 
 
@@ -179,6 +199,7 @@ def _summary(teacher: float, student: float) -> dict:
         ],
         "seconds": 5.0,
         "mlflow": {"parent_run_id": "p", "tracking_uri": "sqlite:///mlflow.db"},
+        "config": run_config({}),
     }
 
 
@@ -191,3 +212,27 @@ def test_the_results_table_flags_a_student_below_its_teacher_with_what_to_try():
         "try more students.0.epochs" in text
     )
     assert "below its teacher" not in report.table(_summary(0.81, 0.85))
+
+
+def _tries(iteration: int, student: str, teacher: str, cfg: dict) -> str:
+    note = below_teacher_note(iteration, student, 0.80, teacher, 0.85, cfg)
+    return note.split(": try ", 1)[1]
+
+
+def test_what_to_try_leaves_out_what_the_student_already_had():
+    # the teacher's network from scratch: starting from the teacher is worth a try
+    assert _tries(1, "resnet10t", "resnet10t", run_config({})) == (
+        "more students.0.epochs, students.0.init_from_teacher: true, a larger student or a "
+        "stem that keeps more of the image (teacher.stem: half)"
+    )
+    # already started from its teacher, on a stem that keeps half the image (inherited
+    # from the first teacher through a student that names none)
+    started = run_config({}, {"init_from_teacher": True}, stem="half")
+    assert _tries(2, "resnet18d", "resnet18d", started) == (
+        "more students.1.epochs or a larger student"
+    )
+    # another network cannot start from the teacher's weights; its own stem counts
+    other = run_config({"model": "resnet18d", "stem": "stride1"})
+    assert _tries(1, "resnet18d", "resnet10t", other) == (
+        "more students.0.epochs or a larger student"
+    )

@@ -73,20 +73,35 @@ def _label(m: dict[str, Any]) -> str:
 
 
 def below_teacher_note(
-    iteration: int, student_model: str, student: float, teacher_model: str, teacher: float
+    iteration: int,
+    student_model: str,
+    student: float,
+    teacher_model: str,
+    teacher: float,
+    config: dict[str, Any],
 ) -> str:
-    """What the results table and the log say of a student that ends below its teacher."""
+    """What the results table and the log say of a student that ends below its teacher.
+    `config` is the run's configuration as a dict (`PipelineConfig.model_dump()`): the
+    suggestions leave out what the student already had."""
     key = f"students.{iteration - 1}"
+    students = config["students"]
+    stem = config["teacher"]["stem"]
+    for s in students[:iteration]:  # a student's stem is null when it keeps its teacher's
+        stem = s.get("stem") or stem
+    tries = [f"more {key}.epochs"]
+    if student_model == teacher_model and not students[iteration - 1].get("init_from_teacher"):
+        tries.append(f"{key}.init_from_teacher: true")
+    tries.append("a larger student")
+    if stem == "imagenet":
+        tries.append("a stem that keeps more of the image (teacher.stem: half)")
     return (
         f"student {iteration} ({student_model}, {100 * student:.2f}%) ends "
         f"{100 * (teacher - student):.2f} points below its teacher ({teacher_model}, "
-        f"{100 * teacher:.2f}%): try more {key}.epochs, {key}.init_from_teacher: true (when it "
-        "is the teacher's network), a larger student, or a stem that keeps more of the image "
-        "(teacher.stem: half)"
+        f"{100 * teacher:.2f}%): try " + ", ".join(tries[:-1]) + f" or {tries[-1]}"
     )
 
 
-def students_below_teachers(robustness: list[Robustness]) -> list[str]:
+def students_below_teachers(robustness: list[Robustness], config: dict[str, Any]) -> list[str]:
     """One note per iteration whose student is less accurate than its own teacher."""
     notes = []
     for r in robustness:
@@ -95,7 +110,12 @@ def students_below_teachers(robustness: list[Robustness]) -> list[str]:
         if t and s and s["test_accuracy"] < t["test_accuracy"]:
             notes.append(
                 below_teacher_note(
-                    s["iteration"], s["model"], s["test_accuracy"], t["model"], t["test_accuracy"]
+                    s["iteration"],
+                    s["model"],
+                    s["test_accuracy"],
+                    t["model"],
+                    t["test_accuracy"],
+                    config,
                 )
             )
     return notes
@@ -132,8 +152,11 @@ def promote(
     run_url: str,
     parent_run_id: str,
     iteration: int,
+    config: dict[str, Any],
 ) -> dict[str, Any]:
-    """The promotion gate for the run's final student; returns the decision record."""
+    """The promotion gate for the run's final student; returns the decision record.
+    `config` is the run's configuration as a dict, for what the log suggests of a student
+    below its teacher."""
     version = tracking.model_version_of_run(registered_model, student.mlflow_run_id)
     current = tracking.model_version_by_alias(registered_model, CHAMPION)
     candidate = figures(robustness, student.mlflow_run_id)
@@ -154,7 +177,7 @@ def promote(
                 earlier=[r.table_url for r in robustness if r.table_url],
             )
             champion = figures([measured], current.run_id)
-    for note in students_below_teachers(robustness):
+    for note in students_below_teachers(robustness, config):
         logger.info(note)
     promoted, reasons = decide(candidate, champion)
     best = best_of_run(robustness, student.mlflow_run_id)
