@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -103,24 +103,48 @@ def pseudo_label_shards(probabilities_url: str) -> list[Any]:
     ]
 
 
-def ceiling_rows(cfg: PipelineConfig) -> dict[str, tuple[str, config.StudentConfig]]:
+class Ceiling(NamedTuple):
+    """A fully supervised row: what the table says of it, the network and recipe, and its
+    budget in multiples of --reference-epochs."""
+
+    what: str
+    recipe: config.StudentConfig
+    budget: int = 1
+
+
+LONGER = 3  # the longer ceiling's budget: is the final student's ceiling set by the epochs?
+
+
+def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
     """The fully supervised rows: the final student's network and recipe; where it is
-    another network, the teacher's (the ceiling each end of the schedule has); and where the
+    another network, the teacher's (the ceiling each end of the schedule has); where the
     final student keeps timm's stem and its family has `half`, its network with `half`: what
-    a stem that keeps more of the image would buy the schedule, at the same steps."""
+    a stem that keeps more of the image would buy the schedule, at the same steps; and the
+    final student's network and recipe for LONGER times the epochs: how much of the gap to
+    a higher ceiling is the budget."""
     last = cfg.students[-1]
     last = last.model_copy(update={"stem": last.stem or cfg.teacher.stem})  # null: the teacher's
-    rows = {"fully supervised": ("all 60,000 training labels (the final student's ceiling)", last)}
+    rows = {
+        "fully supervised": Ceiling(
+            "all 60,000 training labels (the final student's ceiling)", last
+        )
+    }
     if cfg.teacher.model != last.model or cfg.teacher.stem != last.stem:
-        rows[f"fully supervised: {cfg.teacher.model}"] = (
+        rows[f"fully supervised: {cfg.teacher.model}"] = Ceiling(
             "all 60,000 training labels, the teacher's network with the final student's recipe",
             last.model_copy(update={"model": cfg.teacher.model, "stem": cfg.teacher.stem}),
         )
     if last.stem == "imagenet" and _has_half_stem(last.model):
-        rows[f"fully supervised: {last.model}, stem half"] = (
+        rows[f"fully supervised: {last.model}, stem half"] = Ceiling(
             "all 60,000 training labels, the final student's network and recipe with stem: half",
             last.model_copy(update={"stem": "half"}),
         )
+    rows[f"fully supervised: {last.model}, {LONGER}x the epochs"] = Ceiling(
+        f"all 60,000 training labels, the final student's network and recipe for {LONGER} "
+        "times the epochs",
+        last,
+        LONGER,
+    )
     return rows
 
 
@@ -431,28 +455,29 @@ def run(
     # The ceilings: a network and recipe of the schedule on every training label.
     source = cfg.data.fashion_mnist.source
     data = "fashion-mnist-all" if reference_limit is None else f"fashion-mnist-{reference_limit}"
-    for name, (what, recipe_cfg) in ceiling_rows(cfg).items():
+    for name, (what, recipe_cfg, budget) in ceiling_rows(cfg).items():
         if name not in todo:
             continue
         recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
         # a student's step holds batch_size labelled and unlabelled_ratio times as many
         # pseudo-labelled images: the same number of labelled ones here, at its rate
         batch = round(recipe_cfg.batch_size * (1 + recipe_cfg.unlabelled_ratio))
-        reference_cfg = config.TeacherConfig(
-            **{**recipe, "epochs": reference_epochs, "batch_size": batch}
-        )
+        epochs = reference_epochs * budget
+        reference_cfg = config.TeacherConfig(**{**recipe, "epochs": epochs, "batch_size": batch})
 
-        def ceiling(reference_cfg=reference_cfg) -> Any:
+        def ceiling(reference_cfg=reference_cfg, budget=budget) -> Any:
             ref_root = reference_dataset(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
-            stem = "" if reference_cfg.stem == "imagenet" else f"-stem-{reference_cfg.stem}"
-            out = storage.join(run_url, "reference", reference_cfg.model + stem)
+            folder = reference_cfg.model
+            if reference_cfg.stem != "imagenet":
+                folder += f"-stem-{reference_cfg.stem}"
+            if budget != 1:
+                folder += f"-{budget}x"
+            out = storage.join(run_url, "reference", folder)
             return stages.train_teacher(reference_cfg, ref_root, out, parent, seed), {}
 
-        table.measure(
-            name, f"{what}, {reference_epochs} epochs of batches of {batch}", seed, ceiling
-        )
+        table.measure(name, f"{what}, {epochs} epochs of batches of {batch}", seed, ceiling)
 
 
 def markdown(result: dict[str, Any], names: list[str]) -> str:

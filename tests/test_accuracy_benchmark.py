@@ -72,13 +72,23 @@ def test_a_schedule_that_grows_has_a_ceiling_for_each_end():
     same_net = [s.model_copy(update={"model": cfg.teacher.model}) for s in cfg.students]
     same = cfg.model_copy(update={"students": same_net})
     half = "fully supervised: resnet10t, stem half"  # timm's stem: what `half` would buy
-    assert list(accuracy.ceiling_rows(same)) == ["fully supervised", half]
+    longer = "fully supervised: resnet10t, 3x the epochs"  # is the ceiling the budget's?
+    assert list(accuracy.ceiling_rows(same)) == ["fully supervised", half, longer]
+    assert accuracy.ceiling_rows(same)[longer].budget == 3
     grown = cfg.model_copy(
         update={"students": [s.model_copy(update={"model": "resnet26d"}) for s in cfg.students]}
     )
     rows = accuracy.ceiling_rows(grown)
     half = "fully supervised: resnet26d, stem half"
-    assert list(rows) == ["fully supervised", f"fully supervised: {cfg.teacher.model}", half]
+    longer = "fully supervised: resnet26d, 3x the epochs"
+    assert list(rows) == [
+        "fully supervised",
+        f"fully supervised: {cfg.teacher.model}",
+        half,
+        longer,
+    ]
+    assert [c.budget for c in rows.values()] == [1, 1, 1, 3]
+    assert (rows[longer].recipe.model, rows[longer].recipe.stem) == ("resnet26d", "imagenet")
     assert rows["fully supervised"][1].model == "resnet26d"
     assert rows[f"fully supervised: {cfg.teacher.model}"][1].model == cfg.teacher.model
     assert (rows[half][1].model, rows[half][1].stem) == ("resnet26d", "half")
