@@ -24,7 +24,7 @@ smoke: setup  ## the same pipeline on a slice of the data with tiny models (abou
 	$(UV) run noisy-student run -c pipeline_config/smoke.yaml
 
 REFERENCE_EPOCHS ?= 10
-bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 4 hours on 2 CPU cores, over several sittings: a killed run resumes)
+bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 5 hours on 2 CPU cores, over several sittings: a killed run resumes)
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
 
 # every tier (this -m replaces the quick default of pyproject.toml's addopts, which leaves

@@ -232,7 +232,9 @@ class Table:
         if name in self.interrupted:
             fields["interrupted_seconds"] = round(self.interrupted.pop(name), 1)
         self.rows = [r for r in self.rows if r["row"] != name]
-        self.rows.append({"row": name, **fields, "wall_seconds": round(seconds, 1)})
+        self.rows.append(
+            {"row": name, **fields, "hardware": hardware(), "wall_seconds": round(seconds, 1)}
+        )
         print(
             f"{name}: {100 * fields['test_accuracy']:.2f}% ({fields['model']}, {seconds:.0f} s)",
             flush=True,
@@ -480,9 +482,33 @@ def run(
         table.measure(name, f"{what}, {epochs} epochs of batches of {batch}", seed, ceiling)
 
 
+def device(hw: dict[str, Any]) -> str:
+    return (
+        hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
+    ) + f" (torch {hw['torch']})"
+
+
+def where_measured(result: dict[str, Any], names: list[str]) -> str:
+    """The hardware of the measured rows (the table spans sessions, and sessions hosts):
+    the most common, then the rows measured elsewhere. A row saved before rows kept their
+    own (an older file) counts as measured where the file was last written."""
+    rows = [r for n in names for r in result["rows"] if r["row"] == n]
+    hosts = [device(r.get("hardware", result["hardware"])) for r in rows]
+    if not hosts:
+        return ""
+    common = max(dict.fromkeys(hosts), key=hosts.count)
+    elsewhere: dict[str, list[str]] = {}
+    for r, h in zip(rows, hosts, strict=True):
+        if h != common:
+            elsewhere.setdefault(h, []).append(f"`{r['row']}`")
+    return (
+        f"Measured on {common}"
+        + "".join(f"; {', '.join(rs)} on {h}" for h, rs in elsewhere.items())
+        + "."
+    )
+
+
 def markdown(result: dict[str, Any], names: list[str]) -> str:
-    hw = result["hardware"]
-    device = hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
     ident = result["identity"]
     done = {r["row"]: r for r in result["rows"]}
     status = (
@@ -496,8 +522,8 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
     lines = [
         "# Accuracy: Noisy Student on Fashion-MNIST, 100 labels per class",
         "",
-        f"Last written {result['date']} on {device} (torch {hw['torch']}), seed "
-        f"{ident['config']['seed']}, {result['attempts']} attempt(s).{status}",
+        f"Last written {result['date']}, seed {ident['config']['seed']}, "
+        f"{result['attempts']} attempt(s). {where_measured(result, names)}{status}",
         "",
         f"Command: `{ident['command']}` (config: `{ident['preset']}`"
         + (

@@ -133,3 +133,28 @@ def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
     assert below in text
     assert "try more students.2.epochs, a larger student or a stem" in text
     assert "init_from_teacher" not in text  # the preset's student 3 starts from its teacher
+
+
+def test_each_row_keeps_the_hardware_it_was_measured_on(tmp_path, monkeypatch):
+    # the table spans sessions, and sessions hosts: the file's own "hardware" is the last
+    # writer's, so a row measured elsewhere must say where
+    def host(cpu):
+        return {"cpu": cpu, "cpu_cores": 2, "gpu": None, "torch": "2.x", "python": "3.11"}
+
+    table = accuracy.Table(tmp_path / "accuracy.json", _identity())
+    monkeypatch.setattr(accuracy, "hardware", lambda: host("AMD EPYC"))
+    _row(table, "teacher", 30.0)
+    _row(table, "student 1", 30.0)
+    monkeypatch.setattr(accuracy, "hardware", lambda: host("Intel Xeon"))
+    _row(table, "fully supervised", 30.0)
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [r["hardware"]["cpu"] for r in saved["rows"]] == ["AMD EPYC", "AMD EPYC", "Intel Xeon"]
+    assert saved["hardware"]["cpu"] == "Intel Xeon"
+    text = accuracy.markdown(saved, ["teacher", "student 1", "fully supervised"])
+    assert (
+        "Measured on AMD EPYC, 2 cores, no GPU (torch 2.x); `fully supervised` on Intel Xeon, "
+        "2 cores, no GPU (torch 2.x)." in text
+    )
+    assert "Measured on AMD EPYC, 2 cores, no GPU (torch 2.x)." in accuracy.markdown(
+        saved, ["teacher", "student 1"]
+    )
