@@ -299,7 +299,7 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     first = make_model_run(tmp_path, "first", experiment, 0.5)
     record = stages.promote(
         first, figures_of((first, 0.5, 0.4)), experiment, evaluation, tiny_dataset,
-        str(tmp_path / "run1"), parent, 1,
+        str(tmp_path / "run1"), parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
     assert record["decision"] == "champion" and record["champion"] is None
 
@@ -314,7 +314,7 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     worse = make_model_run(tmp_path, "worse", experiment, 0.45)
     record = stages.promote(
         worse, figures_of((teacher, 0.5, 0.4), (worse, 0.45, 0.41)), experiment, evaluation,
-        tiny_dataset, str(tmp_path / "run2"), parent, 1,
+        tiny_dataset, str(tmp_path / "run2"), parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
     assert record["decision"] == "challenger"
     assert record["champion"]["run_id"] == first.mlflow_run_id
@@ -356,7 +356,7 @@ def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     )
     record = stages.promote(
         student, [this_run], experiment, evaluation, tiny_dataset, str(tmp_path / "run"),
-        parent, 1,
+        parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
     measured = storage.read_parquet(str(tmp_path / "run/promotion/robustness/robustness.parquet"))
     assert set(measured.column("mlflow_run_id").to_pylist()) == {champion.mlflow_run_id}
