@@ -122,6 +122,8 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
     a stem that keeps more of the image would buy the schedule, at the same steps; and the
     final student's network and recipe for LONGER times the epochs: how much of the gap to
     a higher ceiling is the budget."""
+    from noisy_student import models
+
     last = cfg.students[-1]
     last = last.model_copy(update={"stem": last.stem or cfg.teacher.stem})  # null: the teacher's
     rows = {
@@ -134,7 +136,7 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
             "all 60,000 training labels, the teacher's network with the final student's recipe",
             last.model_copy(update={"model": cfg.teacher.model, "stem": cfg.teacher.stem}),
         )
-    if last.stem == "imagenet" and _has_half_stem(last.model):
+    if last.stem == "imagenet" and models.has_stem(last.model, "half"):
         rows[f"fully supervised: {last.model}, stem half"] = Ceiling(
             "all 60,000 training labels, the final student's network and recipe with stem: half",
             last.model_copy(update={"stem": "half"}),
@@ -146,19 +148,6 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
         LONGER,
     )
     return rows
-
-
-def _has_half_stem(model: str) -> bool:
-    import timm
-
-    from noisy_student import models
-    from noisy_student.errors import UserError
-
-    try:
-        models.apply_stem(timm.create_model(model, num_classes=10), model, "half")
-    except UserError:
-        return False
-    return True
 
 
 def ablations(

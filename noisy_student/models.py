@@ -158,6 +158,18 @@ def apply_stem(model: nn.Module, name: str, stem: str) -> nn.Module:
     return model
 
 
+def has_stem(name: str, stem: str) -> bool:
+    """Whether `apply_stem` builds timm's `name` with `stem` (the network is made on the
+    meta device: no weights are allocated, a fraction of a second)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=2)
+    try:
+        apply_stem(model, name, stem)
+    except UserError:
+        return False
+    return True
+
+
 # --- normalisation
 
 

@@ -236,3 +236,6 @@ def test_what_to_try_leaves_out_what_the_student_already_had():
     assert _tries(1, "resnet18d", "resnet10t", other) == (
         "more students.0.epochs or a larger student"
     )
+    # a family with no `half` stem is not told to try one
+    vit = run_config({"model": "test_vit"})
+    assert _tries(1, "test_vit", "resnet10t", vit) == "more students.0.epochs or a larger student"

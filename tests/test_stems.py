@@ -63,6 +63,12 @@ def test_a_family_without_a_known_stem_is_a_user_error_naming_the_option():
     with pytest.raises(UserError, match=r"^stem: half: not available for test_vit"):
         models.create("test_vit", 10, 1, stem="half")
     models.create("test_vit", 10, 1)  # timm's own stem works for every model
+    assert models.has_stem("test_vit", "imagenet") and not models.has_stem("test_vit", "half")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_has_stem_says_yes_for_every_stem_of_the_families_create_builds(name):
+    assert all(models.has_stem(name, stem) for stem in models.STEMS)
 
 
 def test_a_typo_in_the_stem_fails_with_its_config_key():

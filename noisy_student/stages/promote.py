@@ -21,7 +21,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from noisy_student import storage, tracking
+from noisy_student import models, storage, tracking
 from noisy_student.config import EvaluationConfig
 from noisy_student.stages.evaluate_robustness import evaluate_robustness
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
@@ -92,7 +92,7 @@ def below_teacher_note(
     if student_model == teacher_model and not students[iteration - 1].get("init_from_teacher"):
         tries.append(f"{key}.init_from_teacher: true")
     tries.append("a larger student")
-    if stem == "imagenet":
+    if stem == "imagenet" and models.has_stem(student_model, "half"):
         tries.append("a stem that keeps more of the image (teacher.stem: half)")
     return (
         f"student {iteration} ({student_model}, {100 * student:.2f}%) ends "
