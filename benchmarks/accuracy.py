@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from benchmarks.machine import cpu_name
+from benchmarks.machine import cpu_name, describe
 from noisy_student import config, dataset, dataset_writer, ingest, storage
 from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
@@ -471,28 +471,23 @@ def run(
         table.measure(name, f"{what}, {epochs} epochs of batches of {batch}", seed, ceiling)
 
 
-def device(hw: dict[str, Any]) -> str:
-    return (
-        hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
-    ) + f" (torch {hw['torch']})"
-
-
-def where_measured(result: dict[str, Any], names: list[str]) -> str:
+def where_measured(
+    result: dict[str, Any], done: dict[str, dict[str, Any]], names: list[str]
+) -> str:
     """The hardware of the measured rows (the table spans sessions, and sessions hosts):
     the most common, then the rows measured elsewhere. A row saved before rows kept their
     own (an older file) counts as measured where the file was last written."""
-    rows = [r for n in names for r in result["rows"] if r["row"] == n]
-    hosts = [device(r.get("hardware", result["hardware"])) for r in rows]
+    hosts: dict[str, list[str]] = {}  # in words -> the rows measured there
+    for name in names:
+        if name in done:
+            hw = done[name].get("hardware", result["hardware"])
+            hosts.setdefault(f"{describe(hw)} (torch {hw['torch']})", []).append(f"`{name}`")
     if not hosts:
         return ""
-    common = max(dict.fromkeys(hosts), key=hosts.count)
-    elsewhere: dict[str, list[str]] = {}
-    for r, h in zip(rows, hosts, strict=True):
-        if h != common:
-            elsewhere.setdefault(h, []).append(f"`{r['row']}`")
+    common = max(hosts, key=lambda h: len(hosts[h]))
     return (
         f"Measured on {common}"
-        + "".join(f"; {', '.join(rs)} on {h}" for h, rs in elsewhere.items())
+        + "".join(f"; {', '.join(rs)} on {h}" for h, rs in hosts.items() if h != common)
         + "."
     )
 
@@ -512,7 +507,7 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
         "# Accuracy: Noisy Student on Fashion-MNIST, 100 labels per class",
         "",
         f"Last written {result['date']}, seed {ident['config']['seed']}, "
-        f"{result['attempts']} attempt(s). {where_measured(result, names)}{status}",
+        f"{result['attempts']} attempt(s). {where_measured(result, done, names)}{status}",
         "",
         f"Command: `{ident['command']}` (config: `{ident['preset']}`"
         + (

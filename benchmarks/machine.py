@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Any
+
+
+def describe(hw: dict[str, Any]) -> str:
+    """A result file's `hardware` in words: the GPU, else the CPU and its cores."""
+    return hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
 
 
 def cpu_name() -> str:

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.machine import cpu_name
+from benchmarks.machine import cpu_name, describe
 from noisy_student import (
     config,
     dataset,
@@ -900,7 +900,7 @@ def _goal(name: str, ratio: float) -> str:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     hw, r = result["hardware"], result["results"]
-    device = hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
+    device = describe(hw)
     inf, photo, tr, tm, mem = (
         r["inference_efficiency"],
         r["inference_efficiency_photo"],

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import hardware
+from benchmarks.machine import describe
 from noisy_student import config
 from noisy_student.config import StudentConfig
 from noisy_student.engine import flush_denormals
@@ -93,7 +94,7 @@ def measure(family: str, quick: bool, command: str) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     hw = result["hardware"]
-    device = hw["gpu"] or f"{hw['cpu']}, {hw['cpu_cores']} cores, no GPU"
+    device = describe(hw)
     first = result["rows"][0]["student_config"]
     lines = [
         "# Larger students from scratch, under the documented defaults",
