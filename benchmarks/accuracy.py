@@ -124,8 +124,8 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
     a higher ceiling is the budget."""
     from noisy_student import models
 
-    last = cfg.students[-1]
-    last = last.model_copy(update={"stem": last.stem or cfg.teacher.stem})  # null: the teacher's
+    stem = config.student_stem(cfg.model_dump(), len(cfg.students))  # null: its teacher's
+    last = cfg.students[-1].model_copy(update={"stem": stem})
     rows = {
         "fully supervised": Ceiling(
             "all 60,000 training labels (the final student's ceiling)", last

@@ -341,6 +341,16 @@ class PipelineConfig(Strict):
     )
 
 
+def student_stem(config: dict[str, Any], k: int) -> str:
+    """The stem student k (from 1) is built with, from a run's config as a dict
+    (`PipelineConfig.model_dump()`): its own, else its teacher's, which after the first
+    iteration is student k-1's (as `models.student_options` builds it)."""
+    stem = config["teacher"]["stem"]
+    for s in config["students"][:k]:
+        stem = s.get("stem") or stem
+    return stem
+
+
 def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)

@@ -105,6 +105,16 @@ def test_the_half_stem_ceiling_is_left_out_where_the_family_has_no_half_stem_or_
     assert not any("stem half" in r for r in final(stem="half"))
 
 
+def test_the_ceilings_build_the_final_student_with_the_stem_it_inherits():
+    # a student that names no stem keeps its teacher's: here the first student's `half`
+    cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
+    first, *rest = cfg.students
+    students = [first.model_copy(update={"stem": "half"}), *rest]
+    rows = accuracy.ceiling_rows(cfg.model_copy(update={"students": students}))
+    assert rows["fully supervised"].recipe.stem == "half"
+    assert not any("stem half" in r for r in rows)
+
+
 def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp_path):
     from types import SimpleNamespace
 

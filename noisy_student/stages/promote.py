@@ -22,7 +22,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from noisy_student import models, storage, tracking
-from noisy_student.config import EvaluationConfig
+from noisy_student.config import EvaluationConfig, student_stem
 from noisy_student.stages.evaluate_robustness import evaluate_robustness
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
 from noisy_student.stages.records import Robustness, TrainedModel
@@ -84,14 +84,12 @@ def below_teacher_note(
     `config` is the run's configuration as a dict (`PipelineConfig.model_dump()`): the
     suggestions leave out what the student already had."""
     key = f"students.{iteration - 1}"
-    students = config["students"]
-    stem = config["teacher"]["stem"]
-    for s in students[:iteration]:  # a student's stem is null when it keeps its teacher's
-        stem = s.get("stem") or stem
     tries = [f"more {key}.epochs"]
-    if student_model == teacher_model and not students[iteration - 1].get("init_from_teacher"):
+    started = config["students"][iteration - 1].get("init_from_teacher")
+    if student_model == teacher_model and not started:
         tries.append(f"{key}.init_from_teacher: true")
     tries.append("a larger student")
+    stem = student_stem(config, iteration)
     if stem == "imagenet" and models.has_stem(student_model, "half"):
         tries.append("a stem that keeps more of the image (teacher.stem: half)")
     return (
