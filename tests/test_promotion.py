@@ -69,7 +69,7 @@ def run_config(*students: dict, stem: str = "imagenet") -> dict:
     }
 
 
-def gate(student, robustness, experiment, tmp_path, cfg: dict | None = None):
+def gate(student, robustness, experiment, tmp_path):
     parent = tracking.start_run(experiment, "pipeline")
     return stages.promote(
         student,
@@ -80,7 +80,7 @@ def gate(student, robustness, experiment, tmp_path, cfg: dict | None = None):
         str(tmp_path / "run"),
         parent,
         1,
-        cfg or run_config({}, {}),
+        run_config({}, {}),
     )
 
 
