@@ -41,24 +41,8 @@ def _add_image_folder(isub: Any) -> None:
     imf.add_argument("--labelled", required=True, help="folder with one sub-folder per class")
     imf.add_argument("--unlabelled", required=True, help="folder of images without classes")
     imf.add_argument("--test", required=True, help="folder with one sub-folder per class")
-    imf.add_argument(
-        "--size",
-        "--image-size",
-        dest="image_size",
-        type=int,
-        default=224,
-        help="every image becomes NxN: shorter side resized to N, then centre-cropped "
-        "(default 224, photos for timm's models)",
-    )
-    imf.add_argument("--mode", choices=["L", "RGB"], default="RGB", help="grayscale or colour")
     imf.add_argument("--rows-per-shard", type=int, default=8192)
-    imf.add_argument(
-        "--on-bad-image",
-        choices=["error", "skip"],
-        default="error",
-        help="a corrupt or non-image file stops the ingest (error), or is left out and "
-        "listed (skip)",
-    )
+    _add_image_options(imf)
     imf.add_argument(
         "--on-mismatch",
         choices=["convert", "error"],
@@ -66,14 +50,6 @@ def _add_image_folder(isub: Any) -> None:
         help="an image of another size or mode is converted and fitted to --size (convert), "
         "or is a bad image (error)",
     )
-    imf.add_argument(
-        "--format",
-        dest="encoding",
-        choices=["png", "jpeg"],
-        default="png",
-        help="how shards store images: png (lossless, small images) or jpeg (photos)",
-    )
-    imf.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
     imf.set_defaults(func=_image_folder)
 
 
@@ -96,7 +72,6 @@ def _add_parquet(isub: Any) -> None:
     pq.add_argument(
         "--label-column",
         default="label",
-        type=lambda name: name or None,
         help="class index or class name per row; '' for none (an unlabelled split)",
     )
     pq.add_argument("--id-column", help="unique ids (default: <file name>/<row>)")
@@ -106,9 +81,8 @@ def _add_parquet(isub: Any) -> None:
         help="comma-separated class names (default: the datasets features in the file, the "
         "dataset's other splits, or the label column's distinct names)",
     )
-    pq.add_argument("--image-size", type=int, help="resize every image to NxN")
-    pq.add_argument("--mode", choices=["L", "RGB"], help="grayscale or colour (default: kept)")
     pq.add_argument("--rows-per-shard", type=int, default=8192)
+    _add_image_options(pq)
     pq.set_defaults(func=_parquet)
 
 
@@ -124,14 +98,60 @@ def _add_append(isub: Any) -> None:
         "--id-prefix", help="prefix of the new ids (default: the folder's name); ids are unique"
     )
     app.add_argument("--rows-per-shard", type=int, default=8192)
+    _add_image_options(app)
     app.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
     app.set_defaults(func=_append)
 
 
-def _by_name(function: Callable[..., str], args: argparse.Namespace) -> str:
-    """`function` called with the parsed options named as its parameters."""
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every ingest that writes images (image-folder, parquet, append): one
+    name, default and help text each. Left out, an option is not passed, and the ingest
+    takes the dataset's own value where the dataset has one (so appended images and a new
+    split match the rest), else its source's rule."""
+    group = parser.add_argument_group("images (the same options for image-folder, parquet, append)")
+    group.add_argument(
+        "--size",
+        "--image-size",
+        dest="image_size",
+        type=int,
+        metavar="N",
+        help="every image becomes NxN: shorter side resized to N, then centre-cropped "
+        "(default: the dataset's size where it has one; else image-folder 224, photos for "
+        "timm's models, and parquet the images' own, which must then agree)",
+    )
+    group.add_argument(
+        "--mode",
+        choices=["L", "RGB"],
+        help="grayscale or colour (default: the dataset's where it has one; else image-folder "
+        "RGB, parquet the first image's)",
+    )
+    group.add_argument(
+        "--format",
+        dest="encoding",
+        choices=["png", "jpeg"],  # dataset.ENCODINGS, not imported: it would load torch
+        help="how shards store images: png (lossless, small images) or jpeg (photos) "
+        "(default: png; append: the split's)",
+    )
+    group.add_argument(
+        "--quality",
+        type=int,
+        help="JPEG quality, 1-100 (default 90; append: the split's)",
+    )
+    group.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="a bad image (corrupt, undecodable, not an image) stops the ingest (error), or "
+        "is left out and listed in its split's manifest under 'skipped' (skip)",
+    )
+
+
+def _by_name(function: Callable[..., Any], args: argparse.Namespace, **given: Any) -> Any:
+    """`function` called with the parsed options named as its parameters (an option left
+    out, None, takes the function's default) and `given`."""
     names = inspect.signature(function).parameters
-    return function(**{k: v for k, v in vars(args).items() if k in names})
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return function(**{**options, **given})
 
 
 def _fashion_mnist(args: argparse.Namespace) -> None:
@@ -147,9 +167,11 @@ def _image_folder(args: argparse.Namespace) -> None:
 
 
 def _parquet(args: argparse.Namespace) -> None:
-    from noisy_student import ingest_parquet
+    from noisy_student import ingest_parquet, storage
 
-    print(f"{args.split} split written to {_by_name(ingest_parquet.parquet, args)}")
+    root = _by_name(ingest_parquet.parquet, args)
+    print(f"{args.split} split written to {root}")
+    _print_skipped([storage.join(root, args.split)])
 
 
 def _append(args: argparse.Namespace) -> None:
@@ -162,12 +184,13 @@ def _append(args: argparse.Namespace) -> None:
 
         prefect_defaults()
         check_api()  # a refused auth string stops us before the data changes
-    before, after = ingest.append_unlabelled(root, args.images, args.id_prefix, args.rows_per_shard)
+    before, after = _by_name(ingest.append_unlabelled, args, root=root)
     print(
         f"unlabelled: version {before.version} -> {after.version}: "
         f"{after.num_rows - before.num_rows} images added in "
         f"{len(after.shards) - len(before.shards)} shard(s), {after.num_rows} in all"
     )
+    _print_skipped([after.url])
     if args.no_event:
         return
     if not announcing:
@@ -189,16 +212,26 @@ def _append(args: argparse.Namespace) -> None:
 def _print_dataset(root: str) -> None:
     from noisy_student import dataset, storage
 
-    skipped = []
-    for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST):
+    splits = (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)
+    for split in splits:
         m = dataset.read_manifest(storage.join(root, split))
-        skipped += storage.read_json(storage.join(m.url, dataset.MANIFEST)).get("skipped", [])
         print(
             f"{split:<10} {m.num_rows:>7} images in {len(m.shards)} shard(s), "
             f"{m.mode} {m.width}x{m.height}, {m.num_classes} classes"
         )
+    _print_skipped([storage.join(root, split) for split in splits])
+    print(f"dataset: {root}")
+
+
+def _print_skipped(split_urls: list[str]) -> None:
+    """The bad images an ingest left out, as its splits' manifests list them."""
+    from noisy_student import dataset, storage
+
+    skipped = []
+    for url in split_urls:
+        skipped += storage.read_json(storage.join(url, dataset.MANIFEST)).get("skipped", [])
     if skipped:
         print(f"skipped {len(skipped)} bad image(s) (listed in the manifests under 'skipped'):")
         for s in skipped:
-            print(f"  {s['file']}: {s['reason']}")
-    print(f"dataset: {root}")
+            row = f": row {s['row']}" if "row" in s else ""
+            print(f"  {s['file']}{row}: {s['reason']}")

@@ -307,12 +307,16 @@ def write_rows(
 
 
 def append_rows(
-    url: str, rows: Iterable[tuple[str, np.ndarray, int | None]], rows_per_shard: int = 8192
+    url: str,
+    rows: Iterable[tuple[str, np.ndarray, int | None]],
+    rows_per_shard: int = 8192,
+    extra: Callable[[], dict[str, Any]] | None = None,
 ) -> Manifest:
     """Add images to an existing dataset as new shards and a new manifest version.
 
     Earlier shards are not touched. Every image must match the dataset's size and mode,
-    and every id must be new: appending the same batch twice is refused.
+    and every id must be new: appending the same batch twice is refused. `extra` gives
+    more fields of the new manifest once the rows are consumed.
     """
     base = read_manifest(url)
     shape = (base.height, base.width) if base.channels == 1 else (base.height, base.width, 3)
@@ -338,4 +342,6 @@ def append_rows(
             writer.add_array(id, array, label)
         if writer.added_rows == 0:
             raise UserError(f"{url}: no images to append")
+        if extra is not None:
+            writer.extra.update(extra())
     return read_manifest(url)

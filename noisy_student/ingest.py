@@ -17,7 +17,7 @@ import posixpath
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -182,19 +182,46 @@ def fashion_mnist(
 
 @dataclass
 class BadImages:
-    """Images left out under `on_bad_image="skip"`: (URL, reason) pairs."""
+    """Images left out under `on_bad_image="skip"`, as manifest entries: the file, the row
+    of a table, and why."""
 
     policy: Literal["error", "skip"] = "error"
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
-    def reject(self, url: str, reason: str) -> None:
+    def reject(self, url: str, reason: str, row: int | None = None) -> None:
         if self.policy == "error":
-            raise UserError(f"{url}: {reason}")
-        self.skipped.append((url, reason))
+            raise UserError(f"{url}: {reason}" if row is None else f"{url}: row {row}: {reason}")
+        at_row = {} if row is None else {"row": row}
+        self.skipped.append({"file": url, **at_row, "reason": reason})
 
-    def of(self, folder: str) -> list[dict[str, str]]:
-        prefix = folder.rstrip("/") + "/"
-        return [{"file": u, "reason": r} for u, r in self.skipped if u.startswith(prefix)]
+    def listed(self, folder: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """The manifest field listing the images skipped (those under `folder`), if any."""
+        prefix = "" if folder is None else folder.rstrip("/") + "/"
+        under = [s for s in self.skipped if s["file"].startswith(prefix)]
+        return {"skipped": under} if under else {}
+
+
+def refuse_another_kind(whose: str, options: dict[str, tuple[Any, Any]], why: str) -> None:
+    """Images joining others take their kind: an option (name: (asked or None, held)) that
+    asks for another one is refused, naming both."""
+    for name, (asked, held) in options.items():
+        if asked is not None and asked != held:
+            raise UserError(f"{whose} {name} is {held!r}, not {asked!r} ({why})")
+
+
+def check_image_options(
+    image_size: int | None, mode: str | None, encoding: str | None, quality: int | None
+) -> None:
+    """The options every ingest that writes images takes (None: not given), each checked
+    before anything is read or written."""
+    if mode not in (None, "L", "RGB"):
+        raise UserError(f"mode must be 'L' or 'RGB', not {mode!r}")
+    if encoding not in (None, *ENCODINGS):
+        raise UserError(f"format must be one of {list(ENCODINGS)}, not {encoding!r}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise UserError(f"JPEG quality must be in [1, 100], not {quality}")
+    if image_size is not None and image_size < 1:
+        raise UserError(f"image size must be a positive number of pixels, not {image_size}")
 
 
 def _relative(url: str, root: str) -> str:
@@ -273,14 +300,7 @@ def image_folder(
     its split's manifest under `skipped`. Shards hold PNG (lossless; small images) or
     JPEG at `quality` (photos: about a fifth of PNG's bytes at 224 px, decoded faster).
     """
-    if mode not in ("L", "RGB"):
-        raise UserError(f"mode must be 'L' or 'RGB', not {mode!r}")
-    if encoding not in ENCODINGS:
-        raise UserError(f"format must be one of {list(ENCODINGS)}, not {encoding!r}")
-    if not 1 <= quality <= 100:
-        raise UserError(f"JPEG quality must be in [1, 100], not {quality}")
-    if image_size < 1:
-        raise UserError(f"image size must be a positive number of pixels, not {image_size}")
+    check_image_options(image_size, mode, encoding, quality)
     out = storage.resolve(out)
     bad = BadImages(on_bad_image)
     labelled, unlabelled, test = (storage.resolve(u) for u in (labelled, unlabelled, test))
@@ -308,7 +328,7 @@ def image_folder(
                 yield f"unlabelled/{_relative(url, root)}", img, None
 
     def skipped(root: str) -> Callable[[], dict]:
-        return lambda: {"skipped": bad.of(root)} if bad.of(root) else {}
+        return lambda: bad.listed(root)
 
     _write_splits(
         out,
@@ -327,15 +347,27 @@ def image_folder(
 
 
 def append_unlabelled(
-    root: str, images: str, id_prefix: str | None = None, rows_per_shard: int = 8192
+    root: str,
+    images: str,
+    id_prefix: str | None = None,
+    rows_per_shard: int = 8192,
+    image_size: int | None = None,
+    mode: str | None = None,
+    encoding: str | None = None,
+    quality: int | None = None,
+    on_bad_image: Literal["error", "skip"] = "error",
 ) -> tuple[Manifest, Manifest]:
     """Add a folder of images (any fsspec URL, sub-folders included) to the unlabelled
-    split of the dataset at `root`, converted and resized to the dataset's mode and size.
+    split of the dataset at `root`, converted and fitted to the split's mode and size and
+    encoded as its images are; an image option asking for another one is refused, since
+    one split holds one kind of image.
 
     Ids are `<id_prefix>/<path in the folder>`, the prefix defaulting to the folder's
     name, so appending the same batch twice is refused. A bad image stops the append and
-    leaves the dataset as it was. Returns the manifests before and after.
+    leaves the dataset as it was, or with `on_bad_image="skip"` is left out and listed in
+    the new version's manifest. Returns the manifests before and after.
     """
+    check_image_options(image_size, mode, encoding, quality)
     url = storage.join(storage.resolve(root), UNLABELLED)
     before = read_manifest(url)
     folder = storage.resolve(images)
@@ -343,13 +375,25 @@ def append_unlabelled(
         raise UserError(f"{images}: folder not found")
     if before.width != before.height:
         raise UserError(f"{url}: images are {before.width}x{before.height}, not square")
+    jpeg = before.encoding == "jpeg"
+    refuse_another_kind(
+        f"{url}: the split's",
+        {
+            "image size": (image_size, before.height),
+            "mode": (mode, before.mode),
+            "format": (encoding, before.encoding),
+            "JPEG quality": (quality if jpeg else None, before.quality),
+        },
+        "appended images are stored as the split's are",
+    )
     prefix = id_prefix or posixpath.basename(folder.rstrip("/"))
-    bad = BadImages("error")
+    bad = BadImages(on_bad_image)
 
     def rows() -> Rows:
         for image_url in _list_images(folder):
             img = _load_image(image_url, before.height, before.mode, "convert", bad)
-            yield f"{prefix}/{_relative(image_url, folder)}", img, None
+            if img is not None:
+                yield f"{prefix}/{_relative(image_url, folder)}", img, None
 
-    after = append_rows(url, rows(), rows_per_shard)
+    after = append_rows(url, rows(), rows_per_shard, extra=bad.listed)
     return before, after

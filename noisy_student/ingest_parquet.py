@@ -20,17 +20,32 @@ import io
 import json
 import posixpath
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from noisy_student import storage
-from noisy_student.dataset import LABELLED, MANIFEST, TEST, UNLABELLED, read_manifest
+from noisy_student.dataset import (
+    JPEG_QUALITY,
+    LABELLED,
+    MANIFEST,
+    TEST,
+    UNLABELLED,
+    describe_error,
+    read_manifest,
+)
 from noisy_student.errors import UserError
-from noisy_student.ingest import Rows, _write_splits
+from noisy_student.ingest import (
+    BadImages,
+    Rows,
+    _write_splits,
+    check_image_options,
+    fit,
+    refuse_another_kind,
+)
 
 BATCH_ROWS = 1024
 SPLITS = (LABELLED, UNLABELLED, TEST)
@@ -91,12 +106,14 @@ def _image_bytes(value: Any, where: str) -> bytes:
     return value
 
 
-def _decode(data: bytes, where: str) -> Image.Image:
+def _decode(data: bytes, url: str, row: int, bad: BadImages) -> Image.Image | None:
+    """The image, or None when `bad` skips an undecodable one."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{where}: undecodable image: {' '.join(str(e).split())}") from None
+    except Exception as e:  # whatever the decoder trips on, the image is a bad one
+        bad.reject(url, f"undecodable image: {describe_error(e)}", row)
+        return None
     return img
 
 
@@ -152,19 +169,24 @@ def parquet(
     image_size: int | None = None,
     mode: str | None = None,
     rows_per_shard: int = 8192,
+    encoding: Literal["png", "jpeg"] = "png",
+    quality: int = JPEG_QUALITY,
+    on_bad_image: Literal["error", "skip"] = "error",
 ) -> str:
     """Write split `split` of the dataset at `dataset` from the Parquet table(s) at `src`.
 
-    Images are converted to `mode` ("L" or "RGB") and resized to image_size^2 when given;
-    otherwise they keep the mode and size of the dataset's other splits, or of the first
-    image, and one of another size is an error. Ids are `id_column`'s values, or
-    `<file name>/<row>`. The label column is required for the labelled and test splits
-    and optional for the unlabelled one. Returns the dataset root's URL.
+    Images are converted to `mode` ("L" or "RGB") and fitted to image_size^2 (shorter side
+    resized, centre crop) when given; otherwise they take the mode and size of the
+    dataset's other splits, or, in a new dataset, those of the first image, and one of
+    another size is an error. An undecodable image stops the ingest, or with
+    `on_bad_image="skip"` is left out and listed in the manifest under `skipped`. Shards
+    hold PNG, or JPEG at `quality`. Ids are `id_column`'s values, or `<file name>/<row>`.
+    The label column is required for the labelled and test splits and optional for the
+    unlabelled one. Returns the dataset root's URL.
     """
     if split not in SPLITS:
         raise UserError(f"split must be one of {list(SPLITS)}, not {split!r}")
-    if mode not in (None, "L", "RGB"):
-        raise UserError(f"mode must be 'L' or 'RGB', not {mode!r}")
+    check_image_options(image_size, mode, encoding, quality)
     root = storage.resolve(dataset)
     if storage.exists(storage.join(root, split, MANIFEST)):
         raise UserError(
@@ -197,10 +219,23 @@ def parquet(
             f"from this table's {class_names}"
         )
     index = {name: i for i, name in enumerate(class_names)}
-    shape = {"mode": mode, "size": (image_size, image_size) if image_size else None}
+    # the size every image is fitted to (None: each must be `size`, the first image's)
+    fit_to, size = image_size, None
     if existing:
-        shape["mode"] = shape["mode"] or existing[0].mode
-        shape["size"] = shape["size"] or (existing[0].width, existing[0].height)
+        other = existing[0]
+        held = f"{other.width}x{other.height}"
+        refuse_another_kind(
+            f"{other.url}: the dataset's",
+            {
+                "image size": (image_size and f"{image_size}x{image_size}", held),
+                "mode": (mode, other.mode),
+            },
+            "its splits hold one kind of image",
+        )
+        mode = other.mode
+        square = other.width == other.height
+        fit_to, size = (other.height if square else None), (other.width, other.height)
+    bad = BadImages(on_bad_image)
     truth_ids: list[str] = []
     truth_labels: list[int] = []
 
@@ -223,6 +258,7 @@ def parquet(
         return int(value)
 
     def rows() -> Rows:
+        nonlocal mode, size
         seen: dict[str, str] = {}
         columns = [
             image_column,
@@ -240,36 +276,39 @@ def parquet(
                     if id in seen:
                         raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
                     seen[id] = where
-                    img = _decode(_image_bytes(values[image_column][i], where), where)
-                    if shape["mode"] is None:
-                        shape["mode"] = "L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB"
-                    img = img.convert(shape["mode"])
-                    if shape["size"] is None:
-                        shape["size"] = img.size
-                    elif img.size != shape["size"] and image_size is None:
-                        w, h = shape["size"]
+                    label = label_of(values[label_column][i], where) if labelled_rows else None
+                    img = _decode(_image_bytes(values[image_column][i], where), url, row, bad)
+                    row += 1
+                    if img is None:
+                        continue
+                    if mode is None:
+                        mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB"
+                    img = img.convert(mode)
+                    if fit_to is not None:
+                        img = fit(img, fit_to)
+                    elif size is None:
+                        size = img.size
+                    elif img.size != size:
                         raise UserError(
                             f"{where}: image is {img.size[0]}x{img.size[1]}, the others "
-                            f"{w}x{h} (give --image-size to resize them all)"
+                            f"{size[0]}x{size[1]} (give --size to fit them all to one)"
                         )
-                    elif img.size != shape["size"]:
-                        img = img.resize(shape["size"], Image.Resampling.BILINEAR)
-                    label = label_of(values[label_column][i], where) if labelled_rows else None
                     if split == UNLABELLED:
                         if label is not None:
                             truth_ids.append(id)
                             truth_labels.append(label)
                         label = None
                     yield id, np.asarray(img), label
-                    row += 1
 
     truth = (truth_ids, truth_labels) if split == UNLABELLED and labelled_rows else None
     _write_splits(
         root,
         class_names,
-        [(split, rows(), None)],
+        [(split, rows(), bad.listed)],
         rows_per_shard,
         truth=truth,
         every_class_labelled=split == LABELLED,
+        encoding=encoding,
+        quality=quality,
     )
     return root

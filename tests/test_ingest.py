@@ -118,14 +118,13 @@ def image_tree(tmp_path):
     return root
 
 
-def _ingest(root, out):
+def _ingest(root, out, **options):
     return ingest.image_folder(
         str(out),
         str(root / "labelled"),
         str(root / "unlabelled"),
         str(root / "test"),
-        image_size=16,
-        mode="RGB",
+        **{"image_size": 16, "mode": "RGB", **options},
     )
 
 
@@ -418,3 +417,76 @@ def test_an_empty_unlabelled_folder_is_refused_naming_it(image_tree, tmp_path):
     with pytest.raises(UserError, match="unlabelled: no images to write for split 'unlabelled'"):
         _ingest(image_tree, tmp_path / "out")
     _no_split_readable(tmp_path / "out")
+
+
+# --- one set of image options for image-folder, parquet and append
+
+IMAGE_OPTIONS = ("image_size", "mode", "encoding", "quality", "on_bad_image")
+
+
+def _ingest_parsers() -> dict[str, object]:
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    return next(a for a in commands["ingest"]._actions if a.dest == "source_kind").choices
+
+
+def test_image_folder_parquet_and_append_take_one_set_of_image_options():
+    parsers = _ingest_parsers()
+
+    def described(command: str) -> list[tuple]:
+        actions = {a.dest: a for a in parsers[command]._actions}
+        return [
+            (a.option_strings, a.choices, a.default, a.type, a.help)
+            for a in (actions[dest] for dest in IMAGE_OPTIONS)
+        ]
+
+    assert described("image-folder") == described("parquet") == described("append")
+    size, _, encoding, *_ = described("parquet")
+    assert size[0] == ["--size", "--image-size"]  # the old spelling still parses
+    assert list(encoding[1]) == list(dataset.ENCODINGS)
+    assert f"default {dataset.JPEG_QUALITY}" in described("parquet")[3][4]
+
+
+def test_append_skips_bad_images_when_asked_and_lists_them_in_the_new_version(
+    image_tree, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    root = _ingest(image_tree, tmp_path / "out")
+    batch = tmp_path / "batch"
+    _save(batch / "good.png", "L", (40, 30), 90)
+    (batch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cli.main(["ingest", "append", "--dataset", root, "--images", str(batch), "--on-bad-image",
+              "skip", "--size", "16", "--mode", "RGB", "--format", "png"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "1 images added" in printed and "skipped 1 bad image(s)" in printed
+    assert re.search(r"batch/broken\.png: corrupt image", printed)
+    m, unlabelled = _split(root, dataset.UNLABELLED)
+    assert m.version == 2 and "batch/good.png" in unlabelled.ids
+    listed = storage.read_json(storage.join(root, dataset.UNLABELLED, dataset.MANIFEST))
+    assert [s["file"] for s in listed["skipped"]] == [str(batch / "broken.png")]
+    # without skip, the same batch stops at the broken image and changes nothing
+    with pytest.raises(UserError, match=r"broken\.png: corrupt image"):
+        ingest.append_unlabelled(root, str(batch), id_prefix="again")
+    assert dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).version == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 24}, "the split's image size is 16, not 24"),
+        ({"mode": "L"}, "the split's mode is 'RGB', not 'L'"),
+        ({"encoding": "png"}, "the split's format is 'jpeg', not 'png'"),
+        ({"quality": 70}, "the split's JPEG quality is 90, not 70"),
+    ],
+)
+def test_append_refuses_image_options_that_would_mix_two_kinds_of_image_in_a_split(
+    image_tree, tmp_path, kwargs, message
+):
+    root = _ingest(image_tree, tmp_path / "out", encoding="jpeg")
+    batch = tmp_path / "batch"
+    _save(batch / "x.png", "RGB", (16, 16), 90)
+    with pytest.raises(UserError, match=re.escape(message)):
+        ingest.append_unlabelled(root, str(batch), **kwargs)
+    assert dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).version == 1
+    # the split's own values are accepted, and are what an append uses anyway
+    ingest.append_unlabelled(root, str(batch), image_size=16, mode="RGB", encoding="jpeg")

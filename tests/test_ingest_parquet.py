@@ -193,3 +193,65 @@ def test_the_cli_passes_class_names_and_an_empty_label_column_through(fashion, t
               "--label-column", ""])  # fmt: skip
     unlabelled = dataset.read_manifest(str(root / "unlabelled"))
     assert unlabelled.num_rows == 20 and unlabelled.class_names == list(CLASSES)
+
+
+def test_parquet_writes_jpeg_shards_fitted_to_the_size_and_mode_asked(fashion, tmp_path):
+    images, labels = fashion
+    src = hf_export(tmp_path / "train.parquet", images[:12], labels[:12])
+    root = tmp_path / "ds"
+    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "test",
+              "--format", "jpeg", "--quality", "95", "--size", "20", "--mode", "RGB"])  # fmt: skip
+    listed = storage.read_json(str(root / "test" / dataset.MANIFEST))
+    assert listed["image"] == {
+        "height": 20, "width": 20, "mode": "RGB", "encoding": "jpeg", "quality": 95
+    }  # fmt: skip
+    m, test = dataset.load(str(root / "test"))
+    blobs = pq.read_table(m.shard_urls()[0]).column("image").to_pylist()
+    assert all(b[:2] == b"\xff\xd8" for b in blobs)  # JPEG's start-of-image marker
+    # the pixels of each image fitted as image-folder fits them, up to JPEG's loss
+    fitted = [np.asarray(ingest.fit(Image.fromarray(a).convert("RGB"), 20)) for a in images[:12]]
+    error = np.abs(test.images.permute(0, 2, 3, 1).numpy().astype(int) - np.stack(fitted))
+    assert error.mean() < 3 and test.labels.tolist() == labels[:12].tolist()
+
+
+def test_skip_leaves_undecodable_rows_out_and_lists_them_by_file_and_row(fashion, tmp_path, capsys):
+    images, labels = fashion
+    encoded = [_png(a) for a in images[:10]]
+    encoded[2], encoded[7] = b"\x89PNG broken", b""
+    src = hf_export(tmp_path / "t.parquet", images[:10], labels[:10], image_bytes=encoded)
+    root = tmp_path / "ds"
+    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "unlabelled",
+              "--on-bad-image", "skip"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad image(s)" in printed
+    assert f"{src}: row 2: undecodable image" in printed
+    listed = storage.read_json(str(root / "unlabelled" / dataset.MANIFEST))["skipped"]
+    assert [(s["file"], s["row"]) for s in listed] == [(str(src), 2), (str(src), 7)]
+    _, unlabelled = dataset.load(str(root / "unlabelled"))
+    kept = [i for i in range(10) if i not in (2, 7)]
+    assert unlabelled.ids == [f"t.parquet/{i}" for i in kept]
+    assert np.array_equal(unlabelled.images[:, 0].numpy(), images[kept])
+    # the truth file holds the labels of the rows kept, and only those
+    truth = pq.read_table(root / dataset.UNLABELLED_TRUTH).to_pydict()
+    assert truth["label"] == labels[kept].tolist()
+
+
+def test_a_new_split_takes_the_datasets_size_and_mode_and_refuses_others(fashion, tmp_path):
+    images, labels = fashion
+    root = tmp_path / "ds"
+    first = hf_export(tmp_path / "a.parquet", images[:20], labels[:20])
+    ingest_parquet.parquet(str(first), str(root), "test", image_size=16)
+    # larger colour images: fitted to the dataset's 16x16 and converted to its L
+    big = np.stack([np.repeat(np.kron(a, np.ones((2, 2), np.uint8))[..., None], 3, 2)
+                    for a in images[20:30]])  # fmt: skip
+    second = hf_export(tmp_path / "b.parquet", big, labels[20:30])
+    ingest_parquet.parquet(str(second), str(root), "unlabelled")
+    m, unlabelled = dataset.load(str(root / "unlabelled"))
+    assert (m.height, m.width, m.mode) == (16, 16, "L")
+    expected = [np.asarray(ingest.fit(Image.fromarray(a).convert("L"), 16)) for a in big]
+    assert np.abs(unlabelled.images[:, 0].numpy().astype(int) - np.stack(expected)).max() <= 1
+    with pytest.raises(UserError, match="the dataset's image size is '16x16', not '28x28'"):
+        ingest_parquet.parquet(str(first), str(root), "labelled", image_size=28)
+    with pytest.raises(UserError, match="the dataset's mode is 'L', not 'RGB'"):
+        ingest_parquet.parquet(str(first), str(root), "labelled", mode="RGB")
+    assert not (root / "labelled").exists()
