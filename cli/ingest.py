@@ -67,7 +67,10 @@ def _add_parquet(isub: Any) -> None:
         help="the split these rows become (labels of an unlabelled split only score pseudo labels)",
     )
     pq.add_argument(
-        "--image-column", default="image", help="encoded images: bytes or {bytes, path}"
+        "--image-column",
+        default="image",
+        help="the images: encoded bytes, or datasets' {bytes, path} (without bytes, the file at "
+        "the path: a URL, an absolute path or one relative to the Parquet file's folder)",
     )
     pq.add_argument(
         "--label-column",
@@ -83,6 +86,13 @@ def _add_parquet(isub: Any) -> None:
     )
     pq.add_argument("--rows-per-shard", type=int, default=8192)
     _add_image_options(pq)
+    pq.add_argument(
+        "--on-missing-image",
+        choices=["error", "skip"],
+        default="error",
+        help="a row without an image (no bytes and no path, or no file at its path) stops the "
+        "ingest (error), or is left out and listed in the manifest under 'skipped' (skip)",
+    )
     pq.set_defaults(func=_parquet)
 
 

@@ -3,21 +3,24 @@ store's images, any table with a column of encoded images.
 
 One call writes one split (`labelled`, `unlabelled` or `test`) of a dataset root, from a
 Parquet file or a folder of them at any fsspec URL, read a record batch at a time. The
-image column holds encoded bytes or the `{bytes, path}` struct `datasets` writes; the
+image column holds encoded bytes, the `{bytes, path}` struct `datasets` writes (bytes for
+decoded images; only a path for images built from files, read from there), or paths; the
 optional label column holds class indices or class names. Class names come from
 `classes`, else the `datasets` features in the schema's metadata, else a split already in
 the dataset, else the label column's distinct strings (sorted). Labels of an unlabelled
 split are kept apart, as its true labels, only to score pseudo labels.
 
 All or nothing, as the other ingests: shards first, manifest last; the first bad row (no
-image, an undecodable one, a label outside the classes, a repeated id) stops the ingest
-with a one-line error naming the file and row, and removes what was written.
+image, a path to no file, an undecodable image, a label outside the classes, a repeated
+id) stops the ingest with a one-line error naming the file and row, and removes what was
+written, unless the skip policies leave missing or undecodable images out.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -93,26 +96,55 @@ def _batches(url: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
-def _image_bytes(value: Any, where: str) -> bytes:
+def image_url(table_url: str, path: str) -> str:
+    """Where a row's image path points: a URL (chained ones too) or an absolute path as it
+    is, a relative path in the Parquet file's folder, so that it means the same on every
+    machine and for a table at any URL."""
+    if "://" in path or "::" in path or os.path.isabs(path):
+        return path
+    if "://" in table_url:
+        scheme, rest = table_url.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), path))}"
+    return os.path.normpath(os.path.join(os.path.dirname(table_url), path))
+
+
+def _image(
+    value: Any, table_url: str, row: int, bad: BadImages, missing: BadImages
+) -> Image.Image | None:
+    """The row's image, decoded from its bytes, else from the file its path names (how
+    `datasets` stores an image built from a file); None when `missing` skips a row without
+    one, or `bad` an undecodable one."""
     if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-        data = value.get("bytes")
-        if data is None:
-            raise UserError(f"{where}: the image has no bytes (path {value.get('path')!r} only)")
-        return data
-    if value is None:
-        raise UserError(f"{where}: no image")
-    if not isinstance(value, bytes):
-        raise UserError(f"{where}: the image column holds {type(value).__name__}, not bytes")
-    return value
-
-
-def _decode(data: bytes, url: str, row: int, bad: BadImages) -> Image.Image | None:
-    """The image, or None when `bad` skips an undecodable one."""
+        data, path = value.get("bytes"), value.get("path") or None
+    elif isinstance(value, str):
+        data, path = None, value
+    elif value is None or isinstance(value, bytes):
+        data, path = value, None
+    else:
+        raise UserError(
+            f"{table_url}: row {row}: the image column holds {type(value).__name__}, not "
+            "bytes or a path"
+        )
+    source = ""  # the file the bytes come from, for the messages
+    if data is None:
+        if path is None:
+            missing.reject(table_url, "no image (neither bytes nor a path)", row)
+            return None
+        source = image_url(table_url, path)
+        try:
+            data = storage.read_bytes(source)
+        except FileNotFoundError:
+            missing.reject(table_url, f"image file not found: {source}", row)
+            return None
+        except IsADirectoryError:
+            bad.reject(table_url, f"not an image file: {source} is a folder", row)
+            return None
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # whatever the decoder trips on, the image is a bad one
-        bad.reject(url, f"undecodable image: {describe_error(e)}", row)
+        of = f" {source}" if source else ""
+        bad.reject(table_url, f"undecodable image{of}: {describe_error(e)}", row)
         return None
     return img
 
@@ -172,13 +204,17 @@ def parquet(
     encoding: Literal["png", "jpeg"] = "png",
     quality: int = JPEG_QUALITY,
     on_bad_image: Literal["error", "skip"] = "error",
+    on_missing_image: Literal["error", "skip"] = "error",
 ) -> str:
     """Write split `split` of the dataset at `dataset` from the Parquet table(s) at `src`.
 
     Images are converted to `mode` ("L" or "RGB") and fitted to image_size^2 (shorter side
     resized, centre crop) when given; otherwise they take the mode and size of the
     dataset's other splits, or, in a new dataset, those of the first image, and one of
-    another size is an error. An undecodable image stops the ingest, or with
+    another size is an error. A row holds its image's bytes, or its path (a URL, an
+    absolute path, or one relative to the Parquet file's folder) as `datasets` writes an
+    image built from a file. A row whose image is missing (no bytes and no path, or no file
+    at the path) or undecodable stops the ingest, or with `on_missing_image="skip"`,
     `on_bad_image="skip"` is left out and listed in the manifest under `skipped`. Shards
     hold PNG, or JPEG at `quality`. Ids are `id_column`'s values, or `<file name>/<row>`.
     The label column is required for the labelled and test splits and optional for the
@@ -236,6 +272,7 @@ def parquet(
         square = other.width == other.height
         fit_to, size = (other.height if square else None), (other.width, other.height)
     bad = BadImages(on_bad_image)
+    missing = BadImages(on_missing_image, bad.skipped)  # one list, in row order
     truth_ids: list[str] = []
     truth_labels: list[int] = []
 
@@ -277,7 +314,7 @@ def parquet(
                         raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
                     seen[id] = where
                     label = label_of(values[label_column][i], where) if labelled_rows else None
-                    img = _decode(_image_bytes(values[image_column][i], where), url, row, bad)
+                    img = _image(values[image_column][i], url, row, bad, missing)
                     row += 1
                     if img is None:
                         continue

@@ -1,10 +1,12 @@
-"""`ingest parquet`: tables shaped like a Hugging Face `datasets` export, into the dataset
-format, all or nothing."""
+"""`ingest parquet`: Parquet files written by Hugging Face `datasets` itself (images as
+bytes or by path, ClassLabel metadata), and hand-made tables for the edge cases, into the
+dataset format, all or nothing."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,37 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def save_pngs(folder: Path, images, labels) -> list[Path]:
+    """The images as PNG files, one sub-folder per class (an ImageFolder tree)."""
+    files = []
+    for i, (array, label) in enumerate(zip(images, labels, strict=True)):
+        files.append(folder / str(label) / f"{i}.png")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(files[-1])
+    return files
+
+
+def datasets_export(path: Path, labels, images=None, files=None, names=CLASSES) -> Path:
+    """A Parquet file written by `datasets` itself, with an Image and a ClassLabel feature.
+    Built from `files` (paths), it stores a path and no bytes per row; built from decoded
+    `images`, it embeds their bytes."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))}
+    )
+    column = [str(f) for f in files] if files is not None else [Image.fromarray(a) for a in images]
+    table = {"image": column, "label": [int(c) for c in labels]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+    return path
+
+
 def hf_export(path: Path, images, labels, names=CLASSES, image_bytes=None) -> Path:
-    """A Parquet file as `datasets` writes it: an Image struct, a ClassLabel int column and
-    the features in the schema's metadata."""
+    """A Parquet file shaped by hand as `datasets` writes it (an Image struct, a ClassLabel
+    int column, the features in the schema's metadata), for rows `datasets` would not
+    write: broken bytes, labels out of range."""
     features = {
         "image": {"_type": "Image"},
         "label": {"names": list(names), "_type": "ClassLabel"},
@@ -60,10 +90,10 @@ def hf_export(path: Path, images, labels, names=CLASSES, image_bytes=None) -> Pa
 
 def test_a_datasets_export_becomes_a_dataset_with_its_class_names(fashion, tmp_path):
     images, labels = fashion
-    src = hf_export(tmp_path / "train.parquet", images[:40], labels[:40])
+    src = datasets_export(tmp_path / "train.parquet", labels[:40], images=images[:40])
     folder = tmp_path / "unlabelled"  # a folder of two files
-    hf_export(folder / "a.parquet", images[40:50], labels[40:50])
-    hf_export(folder / "b.parquet", images[50:], labels[50:])
+    datasets_export(folder / "a.parquet", labels[40:50], images=images[40:50])
+    datasets_export(folder / "b.parquet", labels[50:], images=images[50:])
     root = str(tmp_path / "ds")
     # the test split as plain bytes with class-name labels
     pq.write_table(
@@ -197,7 +227,8 @@ def test_the_cli_passes_class_names_and_an_empty_label_column_through(fashion, t
 
 def test_parquet_writes_jpeg_shards_fitted_to_the_size_and_mode_asked(fashion, tmp_path):
     images, labels = fashion
-    src = hf_export(tmp_path / "train.parquet", images[:12], labels[:12])
+    files = save_pngs(tmp_path / "images", images[:12], labels[:12])
+    src = datasets_export(tmp_path / "train.parquet", labels[:12], files=files)
     root = tmp_path / "ds"
     cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "test",
               "--format", "jpeg", "--quality", "95", "--size", "20", "--mode", "RGB"])  # fmt: skip
@@ -255,3 +286,102 @@ def test_a_new_split_takes_the_datasets_size_and_mode_and_refuses_others(fashion
     with pytest.raises(UserError, match="the dataset's mode is 'L', not 'RGB'"):
         ingest_parquet.parquet(str(first), str(root), "labelled", mode="RGB")
     assert not (root / "labelled").exists()
+
+
+# --- images by path, as `datasets` writes an image built from a file
+
+
+def _load(root, split: str = dataset.LABELLED) -> dataset.ImageSet:
+    return dataset.load(storage.join(str(root), split))[1]
+
+
+def test_datasets_exports_by_path_and_by_bytes_ingest_to_the_same_content(
+    fashion, tmp_path, monkeypatch
+):
+    images, labels = fashion
+    images, labels = images[:40], labels[:40]  # all ten classes: a labelled split
+    files = save_pngs(tmp_path / "images", images, labels)
+    by_path = datasets_export(tmp_path / "by-path" / "train.parquet", labels, files=files)
+    by_bytes = datasets_export(tmp_path / "by-bytes" / "train.parquet", labels, images=images)
+    # paths relative to the Parquet file's folder (`datasets` reads them from the working
+    # directory: the export is written from there), ingested from another directory
+    (tmp_path / "rel").mkdir()
+    monkeypatch.chdir(tmp_path / "rel")
+    relative = [Path("..", "images", f.parent.name, f.name) for f in files]
+    by_relative_path = datasets_export(tmp_path / "rel" / "train.parquet", labels, files=relative)
+    monkeypatch.chdir(files[0].parent)  # where "../images/..." names no file
+    # what `datasets` wrote: paths and no bytes, or bytes
+    rows = pq.read_table(by_path).column("image").to_pylist()
+    assert all(r["bytes"] is None for r in rows) and rows[3]["path"] == str(files[3])
+    assert all(r["bytes"] for r in pq.read_table(by_bytes).column("image").to_pylist())
+    loaded = []
+    for src in (by_path, by_bytes, by_relative_path):
+        root = ingest_parquet.parquet(str(src), str(src.parent / "ds"), dataset.LABELLED)
+        manifest = dataset.read_manifest(storage.join(root, dataset.LABELLED))
+        assert manifest.class_names == CLASSES  # datasets' ClassLabel names
+        loaded.append(_load(root))
+    for split in loaded:
+        # row for row: the same ids, labels and decoded pixels, those of the source images
+        assert split.ids == [f"train.parquet/{i}" for i in range(40)]
+        assert split.labels.tolist() == labels.tolist()
+        assert np.array_equal(split.images[:, 0].numpy(), images)
+
+
+def test_a_missing_or_corrupt_image_file_names_the_row_and_the_path_or_is_skipped(
+    fashion, tmp_path, capsys
+):
+    images, labels = fashion
+    files = save_pngs(tmp_path / "images", images[:10], labels[:10])
+    src = datasets_export(tmp_path / "train.parquet", labels[:10], files=files)
+    files[4].unlink()
+    files[6].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    root = tmp_path / "ds"
+    with pytest.raises(UserError) as e:
+        ingest_parquet.parquet(str(src), str(root), "test")
+    assert str(e.value) == f"{src}: row 4: image file not found: {files[4]}"
+    with pytest.raises(UserError) as e:
+        ingest_parquet.parquet(str(src), str(root), "test", on_missing_image="skip")
+    assert str(e.value).startswith(f"{src}: row 6: undecodable image {files[6]}: ")
+    assert "\n" not in str(e.value) and _nothing_written(root)
+    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "test",
+              "--on-missing-image", "skip", "--on-bad-image", "skip"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad image(s)" in printed
+    assert f"{src}: row 4: image file not found: {files[4]}" in printed
+    listed = storage.read_json(str(root / "test" / dataset.MANIFEST))["skipped"]
+    assert [(s["file"], s["row"], s["reason"].split(":")[0]) for s in listed] == [
+        (str(src), 4, "image file not found"),
+        (str(src), 6, f"undecodable image {files[6]}"),
+    ]
+    test = _load(root, dataset.TEST)
+    kept = [i for i in range(10) if i not in (4, 6)]
+    assert test.ids == [f"train.parquet/{i}" for i in kept]
+    assert np.array_equal(test.images[:, 0].numpy(), images[kept])
+
+
+def test_images_on_s3_by_url_or_by_a_path_relative_to_a_table_on_s3(
+    fashion, tmp_path, s3_endpoint, monkeypatch
+):
+    images, labels = fashion
+    images, labels = images[:12], labels[:12]
+    # an export written beside its images, then the folder uploaded as it is
+    local, prefix = tmp_path / "export", "s3://ns-test/hf-export"
+    files = save_pngs(local / "images", images, labels)
+    monkeypatch.chdir(local)
+    relative = [f.relative_to(local) for f in files]
+    datasets_export(local / "train.parquet", labels, files=relative)
+    for f in (*files, local / "train.parquet"):
+        storage.write_bytes(f"{prefix}/{f.relative_to(local)}", f.read_bytes())
+    # and a local table naming the images by their URLs
+    urls = [f"{prefix}/{path}" for path in relative]
+    by_url = datasets_export(tmp_path / "by-url.parquet", labels, files=urls)
+    on_s3 = f"{prefix}/train.parquet"
+    for src, root in ((on_s3, tmp_path / "a"), (str(by_url), tmp_path / "b")):
+        ingest_parquet.parquet(src, str(root), "test", rows_per_shard=5)
+        test = _load(root, dataset.TEST)
+        assert test.labels.tolist() == labels.tolist()
+        assert np.array_equal(test.images[:, 0].numpy(), images)
+    storage.remove(urls[7])
+    missing = f"{on_s3}: row 7: image file not found: {urls[7]}"
+    with pytest.raises(UserError, match=re.escape(missing)):
+        ingest_parquet.parquet(on_s3, str(tmp_path / "c"), "test")
