@@ -43,6 +43,13 @@ class FashionMnistSource(Strict):
     labelled_per_class: int = Field(
         100, gt=0, description="Labelled images per class (the rest are unlabelled)"
     )
+    validation_per_class: int = Field(
+        0,
+        ge=0,
+        description="Labelled images per class set apart as the validation split, which every "
+        "choice of a run is made on (drawn after the labelled ones, removed from the "
+        "unlabelled pool: labels too); 0: none, choices are made on the test split",
+    )
     unlabelled_limit: int | None = Field(
         None, gt=0, description="Keep only this many unlabelled images"
     )
@@ -54,7 +61,10 @@ class FashionMnistSource(Strict):
 
 
 class DataConfig(Strict):
-    root: str = Field(description="Dataset root URL holding labelled/, unlabelled/, test/")
+    root: str = Field(
+        description="Dataset root URL holding labelled/, unlabelled/, test/ and optionally "
+        "validation/"
+    )
     fashion_mnist: FashionMnistSource | None = Field(
         None, description="Ingest Fashion-MNIST into `root` first if no dataset is there"
     )

@@ -47,8 +47,10 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.in
 ENCODINGS = ("png", "jpeg")  # the manifest's image.encoding: lossless small images, or photos
 JPEG_QUALITY = 90
 
-# The standard splits of a dataset root, as `noisy-student ingest` writes them.
-LABELLED, UNLABELLED, TEST = "labelled", "unlabelled", "test"
+# The standard splits of a dataset root, as `noisy-student ingest` writes them. Validation
+# is optional and labelled: every choice a run makes is made on it; test is only reported.
+LABELLED, UNLABELLED, TEST, VALIDATION = "labelled", "unlabelled", "test", "validation"
+SPLITS = (LABELLED, UNLABELLED, TEST, VALIDATION)
 UNLABELLED_TRUTH = "unlabelled_truth.parquet"
 
 

@@ -113,6 +113,11 @@ class DatasetWriter:
     def added_rows(self) -> int:
         return len(self._ids)
 
+    @property
+    def ids(self) -> set[str]:
+        """The ids this writer added."""
+        return self._ids
+
     def __enter__(self) -> DatasetWriter:
         if self.base is None:
             # A manifest from an earlier write would vouch for shards we are about to
@@ -262,10 +267,12 @@ def stage_rows(
     extra: Callable[[], dict[str, Any]] | None = None,
     encoding: str = "png",
     quality: int = JPEG_QUALITY,
+    existing_ids: set[str] | None = None,
 ) -> DatasetWriter:
     """Encode arrays (H x W or H x W x 3, uint8) as PNG or JPEG and write the shards of a
     dataset; its manifest waits for the writer's `commit()`. On an error the shards written
-    so far are removed. `extra` gives more manifest fields once the rows are consumed."""
+    so far are removed. `extra` gives more manifest fields once the rows are consumed; an
+    id among `existing_ids` (other splits') is refused."""
     writer: DatasetWriter | None = None
     try:
         for id, array, label in rows:
@@ -279,6 +286,7 @@ def stage_rows(
                     array.shape[1],
                     mode,
                     rows_per_shard,
+                    existing_ids=existing_ids,
                     encoding=encoding,
                     quality=quality,
                 ).__enter__()
@@ -311,12 +319,14 @@ def append_rows(
     rows: Iterable[tuple[str, np.ndarray, int | None]],
     rows_per_shard: int = 8192,
     extra: Callable[[], dict[str, Any]] | None = None,
+    taken_ids: set[str] | None = None,
 ) -> Manifest:
     """Add images to an existing dataset as new shards and a new manifest version.
 
     Earlier shards are not touched. Every image must match the dataset's size and mode,
-    and every id must be new: appending the same batch twice is refused. `extra` gives
-    more fields of the new manifest once the rows are consumed.
+    and every id must be new, to this dataset and to `taken_ids` (other splits' ids):
+    appending the same batch twice is refused. `extra` gives more fields of the new
+    manifest once the rows are consumed.
     """
     base = read_manifest(url)
     shape = (base.height, base.width) if base.channels == 1 else (base.height, base.width, 3)
@@ -329,7 +339,7 @@ def append_rows(
         base.mode,
         rows_per_shard,
         base=base,
-        existing_ids=read_ids(base),
+        existing_ids=read_ids(base) | (taken_ids or set()),
         encoding=base.encoding,
         quality=base.quality,
     )

@@ -1,8 +1,10 @@
 """Turn raw data into the dataset format: Fashion-MNIST IDX files or an ImageFolder tree.
 
-Both write a dataset root with the splits `labelled/`, `unlabelled/` and `test/`, and,
-when the true labels of the unlabelled images are known, `unlabelled_truth.parquet`
-beside them. Those labels never reach training: they only score the pseudo labels.
+Both write a dataset root with the splits `labelled/`, `unlabelled/`, `test/` and, when
+asked, `validation/` (labelled images the run makes its choices on), and, when the true
+labels of the unlabelled images are known, `unlabelled_truth.parquet` beside them. Those
+labels never reach training: they only score the pseudo labels. No image id is in two
+splits: a repeated id stops the ingest naming it.
 
 All or nothing: the shards of every split are written first, the manifests last and
 only when every split is complete; on an error the shards written are removed.
@@ -28,11 +30,15 @@ from noisy_student.dataset import (
     ENCODINGS,
     JPEG_QUALITY,
     LABELLED,
+    MANIFEST,
+    SPLITS,
     TEST,
     UNLABELLED,
     UNLABELLED_TRUTH,
+    VALIDATION,
     Manifest,
     describe_error,
+    read_ids,
     read_manifest,
 )
 from noisy_student.dataset_writer import DatasetWriter, append_rows, stage_rows
@@ -66,13 +72,27 @@ def read_idx(url: str) -> np.ndarray:
 
 def split_labelled(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Indices of `per_class` images of every class, drawn with a fixed seed."""
-    rng = np.random.default_rng(seed)
+    return draw_per_class(labels, np.arange(len(labels)), per_class, np.random.default_rng(seed))
+
+
+def draw_per_class(
+    labels: np.ndarray,
+    pool: np.ndarray,
+    per_class: int,
+    rng: np.random.Generator,
+    purpose: str = "",
+) -> np.ndarray:
+    """Sorted indices of `per_class` images of every class of `labels`, drawn from `pool`
+    (indices into `labels`) with `rng`: draws made one after another from one generator
+    take disjoint images when each draw's pool leaves out the ones before."""
     chosen = []
     for c in np.unique(labels):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < per_class:
-            raise UserError(f"class {c} has {len(pool)} images, fewer than {per_class} asked")
-        chosen.append(rng.choice(pool, size=per_class, replace=False))
+        candidates = pool[labels[pool] == c]
+        if len(candidates) < per_class:
+            raise UserError(
+                f"class {c} has {len(candidates)} images{purpose}, fewer than {per_class} asked"
+            )
+        chosen.append(rng.choice(candidates, size=per_class, replace=False))
     return np.sort(np.concatenate(chosen))
 
 
@@ -93,25 +113,33 @@ def _write_splits(
     every_class_labelled: bool = False,
     encoding: str = "png",
     quality: int = JPEG_QUALITY,
+    taken_ids: set[str] | None = None,
+    whole_root: bool = False,
 ) -> None:
     """Every split's shards, then the truth file, then the manifests: a failure anywhere
-    leaves no manifest, so no split of a half-ingested root can be read."""
+    leaves no manifest, so no split of a half-ingested root can be read. An id already
+    written to another split (or among `taken_ids`, the ids of the root's other splits)
+    stops the ingest: no image is in two splits. A `whole_root` ingest replaces the
+    dataset: the splits it does not write, and a truth file it has none for, are removed
+    (left from an earlier ingest, they would mix two datasets)."""
     writers: list[DatasetWriter] = []
     existed = storage.exists(out)
+    taken = set(taken_ids or ())
     try:
         for split, rows, extra in splits:
-            writers.append(
-                stage_rows(
-                    storage.join(out, split),
-                    split,
-                    class_names,
-                    rows,
-                    rows_per_shard,
-                    extra,
-                    encoding,
-                    quality,
-                )
+            writer = stage_rows(
+                storage.join(out, split),
+                split,
+                class_names,
+                rows,
+                rows_per_shard,
+                extra,
+                encoding,
+                quality,
+                existing_ids=taken,
             )
+            writers.append(writer)
+            taken = taken | writer.ids  # a new set: the writer keeps the one it was given
         labelled = next((w for w in writers if w.split == LABELLED), None)
         if every_class_labelled and labelled is not None:
             absent = [n for c, n in enumerate(class_names) if c not in labelled.labels_seen]
@@ -131,6 +159,13 @@ def _write_splits(
             ):
                 storage.remove(folder)
         raise
+    if whole_root:
+        written = {split for split, _, _ in splits}
+        for split in SPLITS:
+            if split not in written:
+                storage.remove(storage.join(out, split))
+        if truth is None:
+            storage.remove(storage.join(out, UNLABELLED_TRUTH))
     for w in writers:
         w.commit()
 
@@ -143,7 +178,16 @@ def fashion_mnist(
     test_limit: int | None = None,
     seed: int = 0,
     rows_per_shard: int = 8192,
+    validation_per_class: int = 0,
 ) -> str:
+    """The labelled split (`labelled_per_class` images of every class) and, when
+    `validation_per_class` > 0, the validation split are drawn from the 60,000 training
+    images with `seed`, in that order, so a validation split leaves the labelled one as it
+    was without it; the rest (or `unlabelled_limit` of it) is the unlabelled split, its
+    labels kept apart in the truth file. The test split is the 10,000 test images (or
+    `test_limit` of them)."""
+    if validation_per_class < 0:
+        raise UserError(f"validation per class must be 0 or more, not {validation_per_class}")
     out = storage.resolve(out)
     source = storage.resolve(source)
     if not storage.exists(source):
@@ -155,8 +199,16 @@ def fashion_mnist(
     x_test = read_idx(storage.join(source, "t10k-images-idx3-ubyte.gz"))
     y_test = read_idx(storage.join(source, "t10k-labels-idx1-ubyte.gz"))
 
-    labelled = split_labelled(y_train, labelled_per_class, seed)
-    rest = np.setdiff1d(np.arange(len(y_train)), labelled)
+    draws = np.random.default_rng(seed)
+    everything = np.arange(len(y_train))
+    labelled = draw_per_class(y_train, everything, labelled_per_class, draws)
+    rest = np.setdiff1d(everything, labelled)
+    validation = np.empty(0, dtype=np.int64)
+    if validation_per_class:
+        validation = draw_per_class(
+            y_train, rest, validation_per_class, draws, " left after the labelled draw"
+        )
+        rest = np.setdiff1d(rest, validation)
     if unlabelled_limit is not None:
         rest = np.sort(np.random.default_rng(seed + 1).permutation(rest)[:unlabelled_limit])
     test = np.arange(len(y_test))
@@ -166,16 +218,20 @@ def fashion_mnist(
     def rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray, prefix: str, keep_label: bool) -> Rows:
         return ((f"{prefix}-{i:05d}", x[i], int(y[i]) if keep_label else None) for i in idx)
 
+    splits = [
+        (LABELLED, rows(x_train, y_train, labelled, "train", True), None),
+        (UNLABELLED, rows(x_train, y_train, rest, "train", False), None),
+        (TEST, rows(x_test, y_test, test, "test", True), None),
+    ]
+    if len(validation):
+        splits.append((VALIDATION, rows(x_train, y_train, validation, "train", True), None))
     _write_splits(
         out,
         FASHION_MNIST_CLASSES,
-        [
-            (LABELLED, rows(x_train, y_train, labelled, "train", True), None),
-            (UNLABELLED, rows(x_train, y_train, rest, "train", False), None),
-            (TEST, rows(x_test, y_test, test, "test", True), None),
-        ],
+        splits,
         rows_per_shard,
         truth=([f"train-{i:05d}" for i in rest], [int(y_train[i]) for i in rest]),
+        whole_root=True,
     )
     return out
 
@@ -290,8 +346,10 @@ def image_folder(
     on_mismatch: Literal["convert", "error"] = "convert",
     encoding: Literal["png", "jpeg"] = "png",
     quality: int = JPEG_QUALITY,
+    validation: str | None = None,
 ) -> str:
-    """`labelled` and `test` hold one sub-folder per class; `unlabelled` holds images only.
+    """`labelled`, `test` and the optional `validation` hold one sub-folder per class (of
+    the labelled split's classes); `unlabelled` holds images only.
 
     Every image is converted to `mode` ("L" or "RGB") and brought to image_size^2 by
     `fit` (shorter side resized, centre crop), or, with `on_mismatch="error"`, one of
@@ -304,8 +362,9 @@ def image_folder(
     out = storage.resolve(out)
     bad = BadImages(on_bad_image)
     labelled, unlabelled, test = (storage.resolve(u) for u in (labelled, unlabelled, test))
-    for folder in (labelled, unlabelled, test):
-        if not storage.isdir(folder):
+    validation = storage.resolve(validation) if validation else None
+    for folder in (labelled, unlabelled, test, validation):
+        if folder is not None and not storage.isdir(folder):
             raise UserError(f"{folder}: folder not found")
     classes = storage.subfolders(labelled)
     if not classes:
@@ -330,16 +389,20 @@ def image_folder(
     def skipped(root: str) -> Callable[[], dict]:
         return lambda: bad.listed(root)
 
+    splits = [
+        (LABELLED, class_rows(labelled, LABELLED), skipped(labelled)),
+        (UNLABELLED, plain_rows(unlabelled), skipped(unlabelled)),
+        (TEST, class_rows(test, TEST), skipped(test)),
+    ]
+    if validation is not None:
+        splits.append((VALIDATION, class_rows(validation, VALIDATION), skipped(validation)))
     _write_splits(
         out,
         classes,
-        [
-            (LABELLED, class_rows(labelled, LABELLED), skipped(labelled)),
-            (UNLABELLED, plain_rows(unlabelled), skipped(unlabelled)),
-            (TEST, class_rows(test, TEST), skipped(test)),
-        ],
+        splits,
         rows_per_shard,
         every_class_labelled=True,
+        whole_root=True,
         encoding=encoding,
         quality=quality,
     )
@@ -363,9 +426,10 @@ def append_unlabelled(
     one split holds one kind of image.
 
     Ids are `<id_prefix>/<path in the folder>`, the prefix defaulting to the folder's
-    name, so appending the same batch twice is refused. A bad image stops the append and
-    leaves the dataset as it was, or with `on_bad_image="skip"` is left out and listed in
-    the new version's manifest. Returns the manifests before and after.
+    name, so appending the same batch twice is refused, as is an id of another split. A
+    bad image stops the append and leaves the dataset as it was, or with
+    `on_bad_image="skip"` is left out and listed in the new version's manifest. Returns the
+    manifests before and after.
     """
     check_image_options(image_size, mode, encoding, quality)
     url = storage.join(storage.resolve(root), UNLABELLED)
@@ -395,5 +459,17 @@ def append_unlabelled(
             if img is not None:
                 yield f"{prefix}/{_relative(image_url, folder)}", img, None
 
-    after = append_rows(url, rows(), rows_per_shard, extra=bad.listed)
+    taken = split_ids(root, exclude=UNLABELLED)
+    after = append_rows(url, rows(), rows_per_shard, extra=bad.listed, taken_ids=taken)
     return before, after
+
+
+def split_ids(root: str, exclude: str | None = None) -> set[str]:
+    """The ids of every split present at the dataset root (but `exclude`)."""
+    root = storage.resolve(root)
+    ids: set[str] = set()
+    for split in SPLITS:
+        url = storage.join(root, split)
+        if split != exclude and storage.exists(storage.join(url, MANIFEST)):
+            ids |= read_ids(read_manifest(url))
+    return ids

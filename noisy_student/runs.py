@@ -33,6 +33,10 @@ def run_identity(config: PipelineConfig, data_root: str) -> str:
         dataset.read_manifest(storage.join(data_root, split)).digest
         for split in (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)
     ]
+    validation = storage.join(data_root, dataset.VALIDATION)
+    if storage.exists(storage.join(validation, dataset.MANIFEST)):
+        # only where there is one: a dataset without keeps the identity it had
+        digests.append(dataset.read_manifest(validation).digest)
     text = json.dumps({"config": config.model_dump(mode="json"), "data": digests}, sort_keys=True)
     return f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 

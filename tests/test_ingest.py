@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import cli
-from noisy_student import dataset, ingest, storage
+from noisy_student import dataset, ingest, stages, storage
 from noisy_student.errors import UserError
 
 # --- Fashion-MNIST (via the session's tiny_dataset: 5 labelled/class, 300 unlabelled, 200 test)
@@ -93,6 +99,50 @@ def test_truncated_idx_file_is_a_user_error_naming_it(tmp_path):
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
     with pytest.raises(UserError, match=re.escape(str(path)) + ": truncated"):
         ingest.fashion_mnist(str(tmp_path / "out"), source, labelled_per_class=1)
+
+
+def _ids(root: str, split: str) -> list[str]:
+    return dataset.load(storage.join(root, split))[1].ids
+
+
+def test_fashion_mnist_validation_is_drawn_after_the_labelled_split_and_leaves_the_pool(tmp_path):
+    source = _fake_idx(tmp_path)  # 6 classes x 10 training images
+    plain = ingest.fashion_mnist(str(tmp_path / "plain"), source, labelled_per_class=2, seed=3)
+    held = ingest.fashion_mnist(
+        str(tmp_path / "held"), source, labelled_per_class=2, seed=3, validation_per_class=3
+    )
+    # the labelled split is the one a dataset without validation has: results stay comparable
+    assert _ids(held, dataset.LABELLED) == _ids(plain, dataset.LABELLED)
+    _, validation = _split(held, dataset.VALIDATION)
+    assert np.bincount(validation.labels.numpy(), minlength=6).tolist() == [3] * 6
+    assert not set(validation.ids) & set(_ids(held, dataset.LABELLED))
+    unlabelled = _ids(held, dataset.UNLABELLED)
+    assert sorted(unlabelled + validation.ids) == sorted(_ids(plain, dataset.UNLABELLED))
+    truth = pq.read_table(storage.join(held, dataset.UNLABELLED_TRUTH)).column("id").to_pylist()
+    assert truth == unlabelled  # the validation images' labels are not hidden truth
+    assert not (tmp_path / "plain" / dataset.VALIDATION).exists()
+
+
+def test_fashion_mnist_asking_more_validation_than_is_left_is_a_user_error(tmp_path):
+    source = _fake_idx(tmp_path)
+    with pytest.raises(UserError, match="6 images left after the labelled draw, fewer than 7"):
+        ingest.fashion_mnist(
+            str(tmp_path / "out"), source, labelled_per_class=4, validation_per_class=7
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_ingesting_a_root_again_leaves_no_split_or_truth_of_the_earlier_dataset(
+    image_tree, tmp_path
+):
+    out = tmp_path / "out"
+    source = _fake_idx(tmp_path)
+    ingest.fashion_mnist(str(out), source, labelled_per_class=2, validation_per_class=1)
+    assert (out / dataset.VALIDATION / dataset.MANIFEST).exists()
+    _ingest(image_tree, out)  # no validation split and no truth this time
+    assert not (out / dataset.VALIDATION).exists()
+    assert not (out / dataset.UNLABELLED_TRUTH).exists()
+    assert _split(str(out), dataset.LABELLED)[0].class_names == ["cat", "dog"]
 
 
 # --- ImageFolder
@@ -490,3 +540,185 @@ def test_append_refuses_image_options_that_would_mix_two_kinds_of_image_in_a_spl
     assert dataset.read_manifest(storage.join(root, dataset.UNLABELLED)).version == 1
     # the split's own values are accepted, and are what an append uses anyway
     ingest.append_unlabelled(root, str(batch), image_size=16, mode="RGB", encoding="jpeg")
+
+
+# --- the validation split of an ImageFolder
+
+
+def test_image_folder_validation_is_a_labelled_split_of_the_labelled_classes(image_tree, tmp_path):
+    _save(image_tree / "validation" / "dog" / "v1.png", "RGB", (16, 16), 30)
+    _save(image_tree / "validation" / "cat" / "v2.png", "RGB", (16, 16), 90)
+    out = ingest.image_folder(
+        str(tmp_path / "out"),
+        str(image_tree / "labelled"),
+        str(image_tree / "unlabelled"),
+        str(image_tree / "test"),
+        image_size=16,
+        validation=str(image_tree / "validation"),
+    )
+    m, validation = _split(out, dataset.VALIDATION)
+    assert m.class_names == ["cat", "dog"]
+    assert sorted(zip(validation.ids, validation.labels.tolist(), strict=True)) == [
+        ("validation/cat/v2.png", 0),
+        ("validation/dog/v1.png", 1),
+    ]
+    _save(image_tree / "validation" / "bird" / "v3.png", "RGB", (16, 16), 90)
+    with pytest.raises(UserError, match=r"validation/bird/v3\.png: class 'bird' not among"):
+        ingest.image_folder(
+            str(tmp_path / "again"),
+            str(image_tree / "labelled"),
+            str(image_tree / "unlabelled"),
+            str(image_tree / "test"),
+            validation=str(image_tree / "validation"),
+        )
+    assert not (tmp_path / "again").exists()
+
+
+# --- no image id in two splits, whatever ingests run (hypothesis)
+
+ORDINARY = settings(
+    max_examples=int(os.environ.get("NOISY_STUDENT_FUZZ_EXAMPLES", 25)),
+    deadline=20000,  # ms per example: a busy 2-core machine
+    database=None,  # nothing written into the repository
+    suppress_health_check=[HealthCheck.too_slow],
+)
+FILE_NAMES = st.sampled_from(["a.png", "b.png", "x/a.png"])
+
+
+def _every_id(root: str) -> list[str]:
+    """Every row's id in every split present, repeats kept."""
+    ids = []
+    for split in dataset.SPLITS:
+        url = storage.join(root, split)
+        if storage.exists(storage.join(url, dataset.MANIFEST)):
+            for shard in dataset.read_manifest(url).shard_urls():
+                ids += storage.read_parquet(shard, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def _write_tree(folder, files: list[str], classes: bool) -> str:
+    for i, name in enumerate(files):
+        path = folder / (f"{['cat', 'dog'][i % 2]}/{name}" if classes else name)
+        if not path.exists():
+            _save(path, "L", (4, 4), 10 * i)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+ingests = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("fashion-mnist"),
+            st.integers(1, 3),  # labelled per class
+            st.integers(0, 3),  # validation per class
+            st.sampled_from([None, 5, 40]),  # unlabelled limit
+            st.integers(0, 2),  # seed
+        ),
+        st.tuples(
+            st.just("image-folder"),
+            st.lists(FILE_NAMES, min_size=2, max_size=4),  # labelled, then test, validation
+            st.lists(FILE_NAMES, min_size=1, max_size=3),  # unlabelled
+            st.booleans(),  # with a validation folder
+        ),
+        st.tuples(
+            st.just("append"),
+            st.sampled_from([None, "labelled", "unlabelled", "validation", "test", "train-0"]),
+            st.lists(FILE_NAMES, min_size=1, max_size=3),
+        ),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@pytest.mark.slow  # about 20 s: 25 sequences of up to four small ingests
+@ORDINARY
+@given(steps=ingests)
+# an append named like a split of an ImageFolder ingest, onto its ids
+@example(
+    steps=[
+        ("image-folder", ["a.png", "b.png"], ["a.png"], True),
+        ("append", "validation", ["a.png"]),
+    ]
+)
+# a root ingested again without the validation split an earlier ingest drew from its pool
+@example(steps=[("fashion-mnist", 1, 3, None, 0), ("fashion-mnist", 1, 0, None, 1)])
+def test_no_image_id_is_in_two_splits_after_any_sequence_of_ingests(steps):
+    work = Path(tempfile.mkdtemp(prefix="splits-"))
+    try:
+        _ingest_and_check(work, steps)
+    finally:
+        shutil.rmtree(work)
+
+
+def _ingest_and_check(work: Path, steps: list[tuple]) -> None:
+    source = _fake_idx(work)
+    root = str(work / "data")
+    for n, step in enumerate(steps):
+        kind, *args = step
+        here = work / f"step-{n}"
+        try:
+            if kind == "fashion-mnist":
+                labelled, validation, limit, seed = args
+                ingest.fashion_mnist(
+                    root, source, labelled, None if limit is None else limit, None, seed,
+                    rows_per_shard=16, validation_per_class=validation,
+                )  # fmt: skip
+            elif kind == "image-folder":
+                labelled, unlabelled, with_validation = args
+                ingest.image_folder(
+                    root,
+                    _write_tree(here / "labelled", labelled, classes=True),
+                    _write_tree(here / "unlabelled", unlabelled, classes=False),
+                    _write_tree(here / "test", labelled, classes=True),
+                    image_size=4,
+                    mode="L",
+                    validation=_write_tree(here / "validation", labelled, classes=True)
+                    if with_validation
+                    else None,
+                )
+            else:
+                prefix, files = args
+                if storage.exists(storage.join(root, dataset.UNLABELLED, dataset.MANIFEST)):
+                    folder = _write_tree(here / (prefix or "batch"), files, classes=True)
+                    ingest.append_unlabelled(root, folder, prefix)
+        except UserError as e:
+            assert "\n" not in str(e)
+        ids = _every_id(root) if Path(root).exists() else []
+        assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+# --- prepare_data: the dataset `data.fashion_mnist` describes, or a one-line refusal
+
+
+def test_prepare_data_ingests_the_validation_split_and_chooses_on_it(tmp_path):
+    from noisy_student.config import FashionMnistSource
+
+    source = FashionMnistSource(
+        source=_fake_idx(tmp_path), labelled_per_class=2, validation_per_class=3
+    )
+    root = stages.prepare_data(str(tmp_path / "data"), source)
+    assert dataset.read_manifest(storage.join(root, dataset.VALIDATION)).num_rows == 18
+    assert stages.choice_split(root) == dataset.VALIDATION
+    assert stages.prepare_data(root, source) == root  # found, as it was described
+
+
+def test_a_dataset_ingested_without_the_validation_asked_is_refused_not_reused(tmp_path):
+    from noisy_student.config import FashionMnistSource
+
+    source = _fake_idx(tmp_path)
+    old = ingest.fashion_mnist(str(tmp_path / "old"), source, labelled_per_class=2)
+    assert stages.choice_split(old) == dataset.TEST
+    asked = FashionMnistSource(source=source, labelled_per_class=2, validation_per_class=3)
+    for root, held in ((old, "no validation split"), (stages.prepare_data(
+        str(tmp_path / "new"), asked), "3 images per class")):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            stages.check_data(root, asked.model_copy(update={"validation_per_class": 1}))
+        assert str(e.value) == (
+            f"{root}: the dataset holds {held}, data.fashion_mnist.validation_per_class asks "
+            "1 (it was ingested with other settings: point data.root at a new folder, or "
+            "delete this one to ingest it again)"
+        )
+    with pytest.raises(UserError, match="holds no validation split"):
+        stages.prepare_data(old, asked)
+    assert not (tmp_path / "old" / dataset.VALIDATION).exists()

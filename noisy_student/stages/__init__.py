@@ -10,7 +10,12 @@ from noisy_student.stages.evaluate_robustness import evaluate_robustness
 from noisy_student.stages.existing_teacher import CHAMPION, existing_teacher
 from noisy_student.stages.filter_and_balance import filter_and_balance
 from noisy_student.stages.infer_pseudo_labels import infer_pseudo_labels
-from noisy_student.stages.prepare_data import check_data, prepare_data, unlabelled_shards
+from noisy_student.stages.prepare_data import (
+    check_data,
+    choice_split,
+    prepare_data,
+    unlabelled_shards,
+)
 from noisy_student.stages.promote import CHALLENGER, promote
 from noisy_student.stages.records import (
     PseudoLabelShard,
@@ -28,6 +33,7 @@ __all__ = [
     "SelectedPseudoLabels",
     "TrainedModel",
     "check_data",
+    "choice_split",
     "evaluate_robustness",
     "existing_teacher",
     "filter_and_balance",

@@ -1,8 +1,13 @@
-"""Find the dataset, or ingest Fashion-MNIST into it on first use; open its splits."""
+"""Find the dataset, or ingest Fashion-MNIST into it on first use; open its splits.
+
+The validation split is optional: where it is present every choice is made on it, and
+where it is not, on the test split (`choice_split` says which).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -21,10 +26,54 @@ def _missing_split(root: str) -> str | None:
     return None
 
 
+def has_validation(root: str) -> bool:
+    return storage.exists(storage.join(root, dataset.VALIDATION, dataset.MANIFEST))
+
+
+def choice_split(root: str) -> str:
+    """The split a run makes its choices on: validation where the dataset has one, else
+    test (and every record of a choice says so)."""
+    return dataset.VALIDATION if has_validation(root) else dataset.TEST
+
+
+def _validation_per_class(root: str) -> list[int]:
+    """How many validation images each class present has (none: [])."""
+    if not has_validation(root):
+        return []
+    manifest = dataset.read_manifest(storage.join(root, dataset.VALIDATION))
+    labels = [
+        label
+        for url in manifest.shard_urls()
+        for label in storage.read_parquet(url, columns=["label"]).column("label").to_pylist()
+    ]
+    return sorted(set(Counter(labels).values()))
+
+
+def _check_validation(root: str, fashion_mnist: FashionMnistSource) -> None:
+    """A dataset found at `root` must have the validation split `data.fashion_mnist` asks
+    for: an older ingest without one (or with another size) is not silently reused."""
+    asked = fashion_mnist.validation_per_class
+    found = _validation_per_class(root)
+    if found != ([asked] if asked else []):
+        held = "no validation split"
+        if found:
+            counts = str(found[0]) if len(found) == 1 else f"{found[0]} to {found[-1]}"
+            held = f"{counts} images per class"
+        raise UserError(
+            f"{root}: the dataset holds {held}, data.fashion_mnist.validation_per_class "
+            f"asks {asked} (it was ingested with other settings: point data.root at a new "
+            "folder, or delete this one to ingest it again)"
+        )
+
+
 def check_data(root: str, fashion_mnist: FashionMnistSource | None) -> None:
-    """Fail before any work starts if there is no dataset and nothing to ingest it from."""
-    missing = _missing_split(storage.resolve(root))
+    """Fail before any work starts if there is no dataset and nothing to ingest it from,
+    or if the dataset found is not the one `fashion_mnist` describes."""
+    root = storage.resolve(root)
+    missing = _missing_split(root)
     if missing is None:
+        if fashion_mnist is not None:
+            _check_validation(root, fashion_mnist)
         return
     if fashion_mnist is None:
         raise UserError(
@@ -45,19 +94,21 @@ def prepare_data(root: str, fashion_mnist: FashionMnistSource | None) -> str:
     from noisy_student import ingest
 
     root = storage.resolve(root)
+    check_data(root, fashion_mnist)
     if _missing_split(root) is None:
         logger.info(f"dataset found at {root}")
+        logger.info(f"choices are made on its {choice_split(root)} split")
         return root
-    check_data(root, fashion_mnist)
     logger.info(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
     ingest.fashion_mnist(
         root,
         fashion_mnist.source,
-        fashion_mnist.labelled_per_class,
-        fashion_mnist.unlabelled_limit,
-        fashion_mnist.test_limit,
-        fashion_mnist.seed,
-        fashion_mnist.rows_per_shard,
+        labelled_per_class=fashion_mnist.labelled_per_class,
+        unlabelled_limit=fashion_mnist.unlabelled_limit,
+        test_limit=fashion_mnist.test_limit,
+        seed=fashion_mnist.seed,
+        rows_per_shard=fashion_mnist.rows_per_shard,
+        validation_per_class=fashion_mnist.validation_per_class,
     )
     return root
 
@@ -75,10 +126,13 @@ def labelled_rows(
     )
 
 
-def test_batches(root: str, batch_size: int) -> training_data.TestBatches:
-    """The test split in (images, labels) batches, read afresh on every pass."""
+def test_batches(
+    root: str, batch_size: int, split: str = dataset.TEST
+) -> training_data.TestBatches:
+    """A labelled split (test by default) in (images, labels) batches, read afresh on
+    every pass."""
     return training_data.TestBatches(
-        dataset.read_manifest(storage.join(root, dataset.TEST)),
+        dataset.read_manifest(storage.join(root, split)),
         batch_size,
         torch.cuda.is_available(),
     )
