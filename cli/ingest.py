@@ -28,6 +28,14 @@ def _add_fashion_mnist(isub: Any) -> None:
         help="folder with the IDX files (default: Debian's dataset-fashion-mnist)",
     )
     fm.add_argument("--labelled-per-class", type=int, default=100)
+    fm.add_argument(
+        "--validation-per-class",
+        type=int,
+        default=0,
+        help="labelled images per class set apart as the validation split, drawn after the "
+        "labelled ones and taken from the unlabelled pool (labels too); the run makes every "
+        "choice on it (default 0: none, choices on the test split)",
+    )
     fm.add_argument("--unlabelled-limit", type=int, help="keep only this many unlabelled images")
     fm.add_argument("--test-limit", type=int, help="keep only this many test images")
     fm.add_argument("--seed", type=int, default=0, help="seed of the labelled/unlabelled split")
@@ -41,6 +49,11 @@ def _add_image_folder(isub: Any) -> None:
     imf.add_argument("--labelled", required=True, help="folder with one sub-folder per class")
     imf.add_argument("--unlabelled", required=True, help="folder of images without classes")
     imf.add_argument("--test", required=True, help="folder with one sub-folder per class")
+    imf.add_argument(
+        "--validation",
+        help="folder with one sub-folder per class: labelled images the run makes every "
+        "choice on, the test split then only reported (default: none, choices on test)",
+    )
     imf.add_argument("--rows-per-shard", type=int, default=8192)
     _add_image_options(imf)
     imf.add_argument(
@@ -62,9 +75,10 @@ def _add_parquet(isub: Any) -> None:
     pq.add_argument("--dataset", required=True, help="dataset root URL to write the split into")
     pq.add_argument(
         "--split",
-        choices=["labelled", "unlabelled", "test"],
+        choices=["labelled", "unlabelled", "test", "validation"],  # dataset.SPLITS
         required=True,
-        help="the split these rows become (labels of an unlabelled split only score pseudo labels)",
+        help="the split these rows become (labels of an unlabelled split only score pseudo "
+        "labels; validation is labelled, and the run makes every choice on it)",
     )
     pq.add_argument(
         "--image-column",
@@ -222,7 +236,11 @@ def _append(args: argparse.Namespace) -> None:
 def _print_dataset(root: str) -> None:
     from noisy_student import dataset, storage
 
-    splits = (dataset.LABELLED, dataset.UNLABELLED, dataset.TEST)
+    splits = [
+        split
+        for split in dataset.SPLITS
+        if storage.exists(storage.join(root, split, dataset.MANIFEST))
+    ]
     for split in splits:
         m = dataset.read_manifest(storage.join(root, split))
         print(

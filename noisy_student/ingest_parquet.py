@@ -1,19 +1,20 @@
 """Parquet tables into the dataset format: a Hugging Face `datasets` export, a feature
 store's images, any table with a column of encoded images.
 
-One call writes one split (`labelled`, `unlabelled` or `test`) of a dataset root, from a
-Parquet file or a folder of them at any fsspec URL, read a record batch at a time. The
-image column holds encoded bytes, the `{bytes, path}` struct `datasets` writes (bytes for
-decoded images; only a path for images built from files, read from there), or paths; the
-optional label column holds class indices or class names. Class names come from
+One call writes one split (`labelled`, `unlabelled`, `test` or `validation`) of a dataset
+root, from a Parquet file or a folder of them at any fsspec URL, read a record batch at a
+time. The image column holds encoded bytes, the `{bytes, path}` struct `datasets` writes
+(bytes for decoded images; only a path for images built from files, read from there), or
+paths; the optional label column holds class indices or class names. Class names come from
 `classes`, else the `datasets` features in the schema's metadata, else a split already in
 the dataset, else the label column's distinct strings (sorted). Labels of an unlabelled
 split are kept apart, as its true labels, only to score pseudo labels.
 
 All or nothing, as the other ingests: shards first, manifest last; the first bad row (no
 image, a path to no file, an undecodable image, a label outside the classes, a repeated
-id) stops the ingest with a one-line error naming the file and row, and removes what was
-written, unless the skip policies leave missing or undecodable images out.
+id, an id of another split) stops the ingest with a one-line error naming the file and
+row, and removes what was written, unless the skip policies leave missing or undecodable
+images out.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from noisy_student.dataset import (
     JPEG_QUALITY,
     LABELLED,
     MANIFEST,
+    SPLITS,
     TEST,
     UNLABELLED,
+    VALIDATION,
     describe_error,
+    read_ids,
     read_manifest,
 )
 from noisy_student.errors import UserError
@@ -51,7 +55,6 @@ from noisy_student.ingest import (
 )
 
 BATCH_ROWS = 1024
-SPLITS = (LABELLED, UNLABELLED, TEST)
 
 
 def parquet_files(src: str) -> list[str]:
@@ -217,8 +220,9 @@ def parquet(
     at the path) or undecodable stops the ingest, or with `on_missing_image="skip"`,
     `on_bad_image="skip"` is left out and listed in the manifest under `skipped`. Shards
     hold PNG, or JPEG at `quality`. Ids are `id_column`'s values, or `<file name>/<row>`.
-    The label column is required for the labelled and test splits and optional for the
-    unlabelled one. Returns the dataset root's URL.
+    The label column is required for the labelled, test and validation splits and optional
+    for the unlabelled one. An id already in another split of the dataset is refused.
+    Returns the dataset root's URL.
     """
     if split not in SPLITS:
         raise UserError(f"split must be one of {list(SPLITS)}, not {split!r}")
@@ -230,7 +234,7 @@ def parquet(
             "unlabelled split with `ingest append`)"
         )
     files = parquet_files(src)
-    labels_needed = split in (LABELLED, TEST)
+    labels_needed = split in (LABELLED, TEST, VALIDATION)
     present = set()
     for url in files:
         names = set(_schema(url).names)
@@ -271,6 +275,8 @@ def parquet(
         mode = other.mode
         square = other.width == other.height
         fit_to, size = (other.height if square else None), (other.width, other.height)
+    # no image in two splits: the split each id of the dataset's other splits is in
+    taken = {id: m.split for m in existing for id in read_ids(m)}
     bad = BadImages(on_bad_image)
     missing = BadImages(on_missing_image, bad.skipped)  # one list, in row order
     truth_ids: list[str] = []
@@ -312,6 +318,8 @@ def parquet(
                     id = str(values[id_column][i]) if id_column else f"{stem}/{row}"
                     if id in seen:
                         raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
+                    if id in taken:
+                        raise UserError(f"{where}: id {id!r} is in the {taken[id]} split already")
                     seen[id] = where
                     label = label_of(values[label_column][i], where) if labelled_rows else None
                     img = _image(values[image_column][i], url, row, bad, missing)

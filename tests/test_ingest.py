@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import cli
-from noisy_student import dataset, ingest, stages, storage
+from noisy_student import dataset, dataset_writer, ingest, ingest_parquet, stages, storage
 from noisy_student.errors import UserError
 
 # --- Fashion-MNIST (via the session's tiny_dataset: 5 labelled/class, 300 unlabelled, 200 test)
@@ -621,6 +622,16 @@ ingests = st.lists(
             st.booleans(),  # with a validation folder
         ),
         st.tuples(
+            st.just("parquet"),
+            st.sampled_from(dataset.SPLITS),
+            st.lists(
+                st.sampled_from(["labelled/cat/a.png", "train-00001", "p1", "p2"]),
+                min_size=1,
+                max_size=3,
+                unique=True,
+            ),  # fmt: skip
+        ),
+        st.tuples(
             st.just("append"),
             st.sampled_from([None, "labelled", "unlabelled", "validation", "test", "train-0"]),
             st.lists(FILE_NAMES, min_size=1, max_size=3),
@@ -641,6 +652,8 @@ ingests = st.lists(
         ("append", "validation", ["a.png"]),
     ]
 )
+# a Parquet validation split holding an id of the training pool
+@example(steps=[("fashion-mnist", 1, 0, None, 0), ("parquet", "validation", ["train-00001"])])
 # a root ingested again without the validation split an earlier ingest drew from its pool
 @example(steps=[("fashion-mnist", 1, 3, None, 0), ("fashion-mnist", 1, 0, None, 1)])
 def test_no_image_id_is_in_two_splits_after_any_sequence_of_ingests(steps):
@@ -677,6 +690,24 @@ def _ingest_and_check(work: Path, steps: list[tuple]) -> None:
                     if with_validation
                     else None,
                 )
+            elif kind == "parquet":
+                split, ids = args
+                here.mkdir(parents=True)
+                rows = range(len(ids))
+                pq.write_table(
+                    pa.table(
+                        {
+                            "image": [
+                                dataset_writer.encode_png(np.full((4, 4), i, np.uint8))
+                                for i in rows
+                            ],  # fmt: skip
+                            "label": [i % 2 for i in rows],
+                            "id": ids,
+                        }
+                    ),
+                    here / "rows.parquet",
+                )
+                ingest_parquet.parquet(str(here / "rows.parquet"), root, split, id_column="id")
             else:
                 prefix, files = args
                 if storage.exists(storage.join(root, dataset.UNLABELLED, dataset.MANIFEST)):
@@ -722,3 +753,19 @@ def test_a_dataset_ingested_without_the_validation_asked_is_refused_not_reused(t
     with pytest.raises(UserError, match="holds no validation split"):
         stages.prepare_data(old, asked)
     assert not (tmp_path / "old" / dataset.VALIDATION).exists()
+
+
+def test_cli_ingests_validation_splits_and_lists_them(image_tree, tmp_path, capsys):
+    out = tmp_path / "fm"
+    cli.main(["ingest", "fashion-mnist", "--out", str(out), "--source", _fake_idx(tmp_path),
+              "--labelled-per-class", "2", "--validation-per-class", "3"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert re.search(r"^validation\s+18 images in 1 shard\(s\), L 4x4", printed, re.M)
+    assert re.search(r"^unlabelled\s+30 images", printed, re.M)  # 60 - 6 x (2 + 3)
+    _save(image_tree / "validation" / "dog" / "v1.png", "RGB", (16, 16), 30)
+    cli.main(["ingest", "image-folder", "--out", str(tmp_path / "if"), "--size", "16",
+              "--labelled", str(image_tree / "labelled"), "--unlabelled",
+              str(image_tree / "unlabelled"), "--test", str(image_tree / "test"),
+              "--validation", str(image_tree / "validation")])  # fmt: skip
+    assert re.search(r"^validation\s+1 images", capsys.readouterr().out, re.M)
+    assert _ids(str(tmp_path / "if"), dataset.VALIDATION) == ["validation/dog/v1.png"]

@@ -219,7 +219,9 @@ def test_the_cli_passes_class_names_and_an_empty_label_column_through(fashion, t
               "--classes", ",".join(CLASSES)])  # fmt: skip
     test = dataset.read_manifest(str(root / "test"))
     assert test.class_names == list(CLASSES) and test.num_rows == 20
-    cli.main(["ingest", "parquet", str(src), "--dataset", str(root), "--split", "unlabelled",
+    pool = tmp_path / "pool.parquet"  # other ids (from the file name): no image in two splits
+    pool.write_bytes(src.read_bytes())
+    cli.main(["ingest", "parquet", str(pool), "--dataset", str(root), "--split", "unlabelled",
               "--label-column", ""])  # fmt: skip
     unlabelled = dataset.read_manifest(str(root / "unlabelled"))
     assert unlabelled.num_rows == 20 and unlabelled.class_names == list(CLASSES)
@@ -385,3 +387,33 @@ def test_images_on_s3_by_url_or_by_a_path_relative_to_a_table_on_s3(
     missing = f"{on_s3}: row 7: image file not found: {urls[7]}"
     with pytest.raises(UserError, match=re.escape(missing)):
         ingest_parquet.parquet(on_s3, str(tmp_path / "c"), "test")
+
+
+def test_a_validation_split_is_labelled_and_takes_no_id_of_another_split(fashion, tmp_path, capsys):
+    images, labels = fashion
+
+    def table(name: str, first: int, count: int, with_labels: bool = True) -> str:
+        rows = range(first, first + count)
+        columns = {"image": [_png(images[i]) for i in rows], "key": [f"k{i}" for i in rows]}
+        if with_labels:
+            columns["label"] = [int(labels[i]) for i in rows]
+        pq.write_table(pa.table(columns), tmp_path / name)
+        return str(tmp_path / name)
+
+    root = tmp_path / "ds"
+    ingest_parquet.parquet(table("labelled.parquet", 0, 40), str(root), "labelled",
+                           id_column="key", classes=CLASSES)  # fmt: skip
+    overlapping = table("overlap.parquet", 35, 10)
+    with pytest.raises(UserError) as e:
+        ingest_parquet.parquet(overlapping, str(root), "validation", id_column="key")
+    assert str(e.value) == f"{overlapping}: row 0: id 'k35' is in the labelled split already"
+    with pytest.raises(UserError, match="no column 'label'"):
+        ingest_parquet.parquet(table("bare.parquet", 40, 10, with_labels=False), str(root),
+                               "validation", id_column="key")  # fmt: skip
+    assert not (root / dataset.VALIDATION / dataset.MANIFEST).exists()
+    cli.main(["ingest", "parquet", table("validation.parquet", 40, 20), "--dataset", str(root),
+              "--split", "validation", "--id-column", "key"])  # fmt: skip
+    assert "validation split written to" in capsys.readouterr().out
+    validation = _load(root, dataset.VALIDATION)
+    assert validation.ids == [f"k{i}" for i in range(40, 60)]
+    assert validation.labels.tolist() == labels[40:60].tolist()
