@@ -1,14 +1,15 @@
 """Does Noisy Student work here? The accuracy table on Fashion-MNIST, 100 labels per class.
 
-Rows, all in one architecture family and on the same split:
-- the supervised teacher (1,000 labels) and the students of iterations 1-3, from one run
+Rows, all on the same split:
+- the supervised teacher (1,000 labels) and the students of every iteration, from one run
   of the real flow on `pipeline_config/accuracy.yaml`; the teacher again with two more
-  seeds (its mean and spread);
-- three ablations of iteration 1's student, each trained from the same teacher and the
-  same pseudo labels as the real one: no noise (no RandAugment, dropout or stochastic
-  depth), hard instead of soft labels, no class balancing;
-- the fully supervised ceilings: the final student's network and recipe on all 60,000
-  labels, and the teacher's network with that recipe where the schedule grows.
+  seeds, and the final student again with two more seeds on the same pseudo labels as the
+  flow's (their means and spreads);
+- iteration 1's student without noise (no RandAugment, Cutout, dropout or stochastic
+  depth), trained from the same teacher and the same pseudo labels as the real one;
+- the fully supervised ceilings: the final student's network on all 60,000 labels with a
+  ceiling's recipe (ordinary augmentation: crops and flips, no noise), at the final
+  student's budget (as many training images) and at 3 times it.
 
 The result file is written after every row: run it again after a kill and it goes on
 where it stopped (`--rows NAME...` runs named rows only). The flow runs while one of its
@@ -19,7 +20,7 @@ outputs) trains only the first teacher again, with the same seed, and labels wit
     uv run python -m benchmarks.accuracy --quick    # every row on a slice, to check the harness
 
 Writes benchmarks/results/accuracy.json and accuracy.md (or accuracy-quick.*), with the
-command, seed, hardware and wall time of every row.
+command, seed, hardware, wall time and CPU time of every row.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import time
@@ -76,6 +78,16 @@ def hardware() -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its finished children. On a machine
+    shared with other jobs a row's wall time grows with theirs; its CPU time much less
+    (it still includes what sharing caches and cores costs)."""
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def reference_dataset(root: str, source: str, limit: int | None = None) -> str:
     """Every training image labelled (the first `limit` with --quick), and the whole test set."""
     root = storage.resolve(root)
@@ -105,49 +117,58 @@ def pseudo_label_shards(probabilities_url: str) -> list[Any]:
 
 class Ceiling(NamedTuple):
     """A fully supervised row: what the table says of it, the network and recipe, and its
-    budget in multiples of --reference-epochs."""
+    budget in multiples of the final student's."""
 
     what: str
-    recipe: config.StudentConfig
+    recipe: config.TeacherConfig
     budget: int = 1
 
 
 LONGER = 3  # the longer ceiling's budget: is the final student's ceiling set by the epochs?
+LABELLED_TRAINING_IMAGES = 60_000  # Fashion-MNIST's training set, every image labelled
+
+
+def student_images(cfg: PipelineConfig, k: int) -> int:
+    """The training images student k (from 1) sees: its passes over the pool (every image
+    the teacher labels is selected once, balancing keeps the count), each step adding a
+    labelled image for every `unlabelled_ratio` pseudo-labelled ones."""
+    fm = cfg.data.fashion_mnist
+    pool = (fm.unlabelled_limit or LABELLED_TRAINING_IMAGES) - 10 * fm.labelled_per_class
+    student = cfg.students[k - 1]
+    return round(student.epochs * pool * (1 + 1 / student.unlabelled_ratio))
 
 
 def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
-    """The fully supervised rows: the final student's network and recipe; where it is
-    another network, the teacher's (the ceiling each end of the schedule has); where the
-    final student keeps timm's stem and its family has `half`, its network with `half`: what
-    a stem that keeps more of the image would buy the schedule, at the same steps; and the
-    final student's network and recipe for LONGER times the epochs: how much of the gap to
-    a higher ceiling is the budget."""
-    from noisy_student import models
-
-    stem = config.student_stem(cfg.model_dump(), len(cfg.students))  # null: its teacher's
-    last = cfg.students[-1].model_copy(update={"stem": stem})
-    rows = {
-        "fully supervised": Ceiling(
-            "all 60,000 training labels (the final student's ceiling)", last
-        )
-    }
-    if cfg.teacher.model != last.model or cfg.teacher.stem != last.stem:
-        rows[f"fully supervised: {cfg.teacher.model}"] = Ceiling(
-            "all 60,000 training labels, the teacher's network with the final student's recipe",
-            last.model_copy(update={"model": cfg.teacher.model, "stem": cfg.teacher.stem}),
-        )
-    if last.stem == "imagenet" and models.has_stem(last.model, "half"):
-        rows[f"fully supervised: {last.model}, stem half"] = Ceiling(
-            "all 60,000 training labels, the final student's network and recipe with stem: half",
-            last.model_copy(update={"stem": "half"}),
-        )
-    rows[f"fully supervised: {last.model}, {LONGER}x the epochs"] = Ceiling(
-        f"all 60,000 training labels, the final student's network and recipe for {LONGER} "
-        "times the epochs",
-        last,
-        LONGER,
+    """The fully supervised rows: the final student's network (its stem and keyword
+    arguments) with a ceiling's recipe, the ordinary augmentation of a supervised model
+    (crops and flips; no RandAugment, Cutout, dropout or stochastic depth) and the final
+    student's optimiser, at its budget and at LONGER times it."""
+    k = len(cfg.students)
+    last = cfg.students[-1]
+    stem = config.student_stem(cfg.model_dump(), k)  # null: its teacher's
+    batch = round(last.batch_size * (1 + last.unlabelled_ratio))
+    epochs = max(1, round(student_images(cfg, k) / LABELLED_TRAINING_IMAGES))
+    recipe = config.TeacherConfig(
+        **last.model_dump(
+            include={"model", "model_kwargs", "lr", "weight_decay", "warmup_epochs"}
+            | {"weight_averaging", "ema_decay", "hflip", "crop_padding", "precision"}
+        ),
+        stem=stem,
+        batch_size=batch,
+        epochs=epochs,
     )
-    return rows
+    return {
+        "fully supervised": Ceiling(
+            "all 60,000 training labels, the final student's network with a ceiling's recipe "
+            "(crops and flips, no noise) at the final student's budget",
+            recipe,
+        ),
+        f"fully supervised: {LONGER}x the epochs": Ceiling(
+            f"the same for {LONGER} times the epochs",
+            recipe.model_copy(update={"epochs": epochs * LONGER}),
+            LONGER,
+        ),
+    }
 
 
 def ablations(
@@ -157,27 +178,17 @@ def ablations(
     student_cfg = cfg.students[0]
     return {
         "no noise": (
-            "iteration 1 without RandAugment, dropout or stochastic depth",
+            "iteration 1 without RandAugment, Cutout, dropout or stochastic depth",
             cfg.selection,
             student_cfg.model_copy(
-                update={"rand_augment": None, "drop_rate": 0.0, "drop_path_rate": 0.0}
+                update={"rand_augment": None, "cutout": 0.0, "drop_rate": 0.0}
+                | {"drop_path_rate": 0.0}
             ),
-        ),
-        "hard labels": (
-            "iteration 1 with hard pseudo labels (label smoothing "
-            f"{cfg.selection.hard_label_smoothing})",
-            cfg.selection.model_copy(update={"labels": "hard"}),
-            student_cfg,
-        ),
-        "no balancing": (
-            "iteration 1 without class balancing",
-            cfg.selection.model_copy(update={"balance": False}),
-            student_cfg,
         ),
     }
 
 
-SEEDS = (1, 2)  # the teacher again, beside the flow's seed: its spread over three seeds
+SEEDS = (1, 2)  # beside the flow's seed: the spread over three seeds
 
 
 def seed_rows(cfg: PipelineConfig) -> dict[str, int]:
@@ -185,11 +196,23 @@ def seed_rows(cfg: PipelineConfig) -> dict[str, int]:
     return {f"teacher: seed {cfg.seed + k}": cfg.seed + k for k in SEEDS}
 
 
+def final_student_seed_rows(cfg: PipelineConfig) -> dict[str, int]:
+    """The final student with other seeds (initialisation, batch order and noise), on the
+    same pseudo labels as the flow's final student."""
+    k = len(cfg.students)
+    return {f"student {k}: seed {cfg.seed + s}": cfg.seed + s for s in SEEDS}
+
+
+def student_names(cfg: PipelineConfig) -> list[str]:
+    return [f"student {k}" for k in range(1, len(cfg.students) + 1)]
+
+
 def row_names(cfg: PipelineConfig) -> list[str]:
     return [
         "teacher",
         *seed_rows(cfg),
-        *(f"student {k}" for k in range(1, len(cfg.students) + 1)),
+        *student_names(cfg),
+        *final_student_seed_rows(cfg),
         *(f"ablation: {a}" for a in ablations(cfg)),
         *ceiling_rows(cfg),
     ]
@@ -252,11 +275,13 @@ class Table:
     ) -> None:
         """One row: `train()` timed, its TrainedModel's accuracy, and the further columns
         it returns beside it (a student's teacher and pseudo-label accuracy)."""
+        cpu_start = cpu_seconds()
         with self.timing(name) as elapsed:
             trained, columns = train()
         self.add(
             name,
             elapsed(),
+            cpu_seconds=round(cpu_seconds() - cpu_start, 1),
             what=what,
             model=trained.model,
             test_accuracy=trained.test_accuracy,
@@ -287,14 +312,38 @@ class FirstIteration:
     teacher: Any  # stages.TrainedModel
     probabilities_url: str
     shards: list[Any]  # stages.PseudoLabelShard
+    # the final iteration's teacher and selected pseudo labels (the flow's run only)
+    final_teacher: Any = None  # stages.TrainedModel
+    final_selected: Any = None  # stages.SelectedPseudoLabels
+
+
+def _trained(entry: dict[str, Any], role: str, iteration: int) -> Any:
+    from noisy_student import stages
+
+    e = entry
+    return stages.TrainedModel(
+        role, iteration, e["model"], e["url"], e["mlflow_run_id"], e["test_accuracy"], 0.0
+    )
+
+
+def _selected(pseudo: dict[str, Any]) -> Any:
+    """The selected pseudo labels as summary.json records them."""
+    from noisy_student import stages
+
+    p = pseudo
+    return stages.SelectedPseudoLabels(
+        p["url"], p["probabilities_url"], p["mlflow_run_id"], p["inference_mlflow_run_id"],
+        p["total"], p["kept"], p["selected"], p["accuracy"], p["accuracy_all"], 0.0, 0.0,
+        p["per_class"],
+    )  # fmt: skip
 
 
 def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIteration:
     """The real flow (its cached stages come back in seconds on the machine that ran them),
     its rows added to the table."""
     from flows.noisy_student import noisy_student
-    from noisy_student import stages
 
+    cpu_start = cpu_seconds()
     with table.timing("the flow") as elapsed:
         summary = noisy_student(cfg)
     flow_seconds = elapsed() + table.interrupted.pop("the flow", 0.0)
@@ -302,6 +351,9 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
         run_id=summary["run_id"],
         mlflow=summary["mlflow"],
         flow_wall_seconds=round(flow_seconds + table.extra.get("flow_wall_seconds", 0.0), 1),
+        flow_cpu_seconds=round(
+            cpu_seconds() - cpu_start + table.extra.get("flow_cpu_seconds", 0.0), 1
+        ),
     )
     first = summary["iterations"][0]
     if "teacher" in todo:
@@ -332,18 +384,17 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
             pseudo_label_accuracy=it["pseudo_labels"]["accuracy"],
             seed=cfg.seed,
         )
-    t = first["teacher"]
-    teacher = stages.TrainedModel(
-        "teacher", 1, t["model"], t["url"], t["mlflow_run_id"], t["test_accuracy"], 0.0
-    )
+    last = summary["iterations"][-1]
     probabilities = first["pseudo_labels"]["probabilities_url"]
     return FirstIteration(
         summary["artifacts_url"],
         summary["data_root"],
         summary["mlflow"]["parent_run_id"],
-        teacher,
+        _trained(first["teacher"], "teacher", 1),
         probabilities,
         pseudo_label_shards(probabilities),
+        _trained(last["teacher"], "teacher", last["iteration"]),
+        _selected(last["pseudo_labels"]),
     )
 
 
@@ -369,6 +420,7 @@ def first_iteration_again(cfg: PipelineConfig, table: Table) -> FirstIteration:
                 probabilities,
                 cfg.inference.batch_size,
                 cfg.inference.precision,
+                cfg.inference.tta,
             )
             for i in stages.unlabelled_shards(data_root)
         ]
@@ -389,7 +441,6 @@ def run(
     cfg: PipelineConfig,
     table: Table,
     wanted: list[str],
-    reference_epochs: int,
     reference_limit: int | None = None,
 ) -> None:
     from noisy_student import stages
@@ -399,7 +450,8 @@ def run(
     todo = [n for n in names if n in wanted and not table.has(n)]
     if not todo:
         return
-    flow_rows = ["teacher", *(f"student {k}" for k in range(1, len(cfg.students) + 1))]
+    final_seeds = final_student_seed_rows(cfg)
+    flow_rows = ["teacher", *student_names(cfg), *final_seeds]
     if any(n in todo for n in flow_rows):
         base = the_flow(cfg, table, todo)
     else:  # e.g. a later session on a fresh machine: no need for the students again
@@ -418,6 +470,31 @@ def run(
                     {},
                 ),
             )
+
+    # The final student with other seeds: the same teacher and pseudo labels as the flow's.
+    k = len(cfg.students)
+    for name, student_seed in final_seeds.items():
+        if name not in todo:
+            continue
+        out = storage.join(run_url, "seeds", f"student-{k}-seed-{student_seed}")
+
+        def reseeded(out=out, s=student_seed) -> Any:
+            student = stages.train_student(
+                cfg.students[-1], data_root, base.final_selected, base.final_teacher, out,
+                parent, k, s,
+            )  # fmt: skip
+            columns = {
+                "teacher_test_accuracy": base.final_teacher.test_accuracy,
+                "pseudo_label_accuracy": base.final_selected.accuracy,
+            }
+            return student, columns
+
+        table.measure(
+            name,
+            f"student {k}'s recipe, teacher and pseudo labels with seed {student_seed}",
+            student_seed,
+            reseeded,
+        )
 
     # Ablations of iteration 1's student: same teacher, same pseudo labels, one change each.
     for ablation, (what, selection_cfg, train_cfg) in ablations(cfg).items():
@@ -443,32 +520,25 @@ def run(
 
         table.measure(name, what, seed, ablated)
 
-    # The ceilings: a network and recipe of the schedule on every training label.
+    # The ceilings: the final student's network on every training label.
     source = cfg.data.fashion_mnist.source
     data = "fashion-mnist-all" if reference_limit is None else f"fashion-mnist-{reference_limit}"
-    for name, (what, recipe_cfg, budget) in ceiling_rows(cfg).items():
+    for name, (what, recipe, budget) in ceiling_rows(cfg).items():
         if name not in todo:
             continue
-        recipe = recipe_cfg.model_dump(include=set(config.TrainConfig.model_fields))
-        # a student's step holds batch_size labelled and unlabelled_ratio times as many
-        # pseudo-labelled images: the same number of labelled ones here, at its rate
-        batch = round(recipe_cfg.batch_size * (1 + recipe_cfg.unlabelled_ratio))
-        epochs = reference_epochs * budget
-        reference_cfg = config.TeacherConfig(**{**recipe, "epochs": epochs, "batch_size": batch})
+        if reference_limit is not None:  # --quick: one epoch per budget
+            recipe = recipe.model_copy(update={"epochs": budget})
 
-        def ceiling(reference_cfg=reference_cfg, budget=budget) -> Any:
+        def ceiling(recipe=recipe, budget=budget) -> Any:
             ref_root = reference_dataset(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
-            folder = reference_cfg.model
-            if reference_cfg.stem != "imagenet":
-                folder += f"-stem-{reference_cfg.stem}"
-            if budget != 1:
-                folder += f"-{budget}x"
-            out = storage.join(run_url, "reference", folder)
-            return stages.train_teacher(reference_cfg, ref_root, out, parent, seed), {}
+            out = storage.join(run_url, "reference", f"ceiling-{budget}x")
+            return stages.train_teacher(recipe, ref_root, out, parent, seed), {}
 
-        table.measure(name, f"{what}, {epochs} epochs of batches of {batch}", seed, ceiling)
+        table.measure(
+            name, f"{what}: {recipe.epochs} epochs of batches of {recipe.batch_size}", seed, ceiling
+        )
 
 
 def where_measured(
@@ -594,7 +664,6 @@ def _below_teachers(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every row on a slice, in minutes")
-    parser.add_argument("--reference-epochs", type=int, default=30)
     parser.add_argument(
         "--rows", nargs="+", metavar="ROW", help="only these rows (default: every row not yet run)"
     )
@@ -605,15 +674,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: keep what ran
     overrides = (QUICK if args.quick else []) + args.set
+    reference_limit = None
     if args.quick:
         overrides += [
             f"students.{i}.{key}"
             for i in range(len(config.load(PRESET).students))
-            for key in ("model=test_resnet", "epochs=1")
+            for key in ("model=test_resnet", "epochs=1", "model_kwargs={}")
         ]
-        args.reference_epochs, reference_limit = 1, 6000
-    else:
-        reference_limit = None
+        reference_limit = 6000
     cfg = config.load(PRESET, overrides)
     names = row_names(cfg)
     unknown = [r for r in args.rows or [] if r not in names]
@@ -622,18 +690,17 @@ def main(argv: list[str] | None = None) -> None:
     stem = "accuracy-quick" if args.quick else "accuracy"
     command = (
         "uv run python -m benchmarks.accuracy"
-        + (f" --reference-epochs {args.reference_epochs}" if not args.quick else " --quick")
+        + (" --quick" if args.quick else "")
         + "".join(f" --set {s}" for s in args.set)
     )
     identity = {
         "command": command,
         "preset": str(PRESET.relative_to(REPO)),
         "config": cfg.model_dump(mode="json"),
-        "reference_epochs": args.reference_epochs,
     }
     table = Table(RESULTS / f"{stem}.json", identity)
     try:
-        run(cfg, table, args.rows or names, args.reference_epochs, reference_limit)
+        run(cfg, table, args.rows or names, reference_limit)
     except KeyboardInterrupt:
         (RESULTS / f"{stem}.md").write_text(markdown(table.save(), names))
         print(f"interrupted: the rows so far are in {RESULTS / stem}.md; run again to go on")

@@ -714,7 +714,7 @@ def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int =
         model,
         training_data.labelled_rows(manifest),
         _schedule(cfg.model_copy(update={"epochs": 1})),
-        _noise(cfg),
+        _noise(cfg, manifest),
         seed,
         pseudo=training_data.pseudo_labelled_rows(selected_url, unlabelled),
     )

@@ -68,6 +68,7 @@ def label_shards(
     out_url: str,
     batch_size: int,
     precision: str,
+    tta: str = "off",
 ) -> list[stages.PseudoLabelShard]:
     """One task per shard; each writes part-<shard>.parquet keyed by image id, so every
     image is labelled exactly once however the shards are spread over workers (a retried
@@ -79,6 +80,7 @@ def label_shards(
         out_url=unmapped(out_url),
         batch_size=unmapped(batch_size),
         precision=unmapped(precision),
+        tta=unmapped(tta),
     ).result()
 
 
@@ -95,4 +97,6 @@ def label_unlabelled(
     labelling = label_shards.with_options(
         task_runner=task_runner(cfg), result_storage=result_storage
     )
-    return labelling(shard_indices, data_root, teacher_url, out_url, cfg.batch_size, cfg.precision)
+    return labelling(
+        shard_indices, data_root, teacher_url, out_url, cfg.batch_size, cfg.precision, cfg.tta
+    )

@@ -2,31 +2,43 @@
 whatever device the batch lives on.
 
 RandAugment follows the official Noisy Student code (google-research/noisystudent,
-randaugment.py): the same 15 operations, each image draws N of them uniformly, and the
-magnitude M is on that code's scale, where 10 is an operation's nominal maximum (30 degrees
-of rotation, 0.3 shear, 45% translation, enhancement factors 0.1..1.9) and larger values
-extrapolate: the paper's largest students use M=27 (`_MAX_LEVEL = 10` there; timm clips at 10).
-Every image draws its own operations, magnitudes and signs. Images are grouped by the
-operation they drew, so each layer costs one batched call per operation (and one
-`grid_sample` for all geometric ones), never a Python loop over images.
+randaugment.py): its operations (Cutout among them, as its `--cutout_op` default has it),
+each image drawing N of them uniformly, and the magnitude M on that code's scale, where 10
+is an operation's nominal maximum and larger values extrapolate (the paper's largest
+students use M=27; timm clips at 10). Every image draws its own operations, magnitudes,
+signs and Cutout centres. Images are grouped by the operation they drew, so each layer
+costs one batched call per operation (and one `grid_sample` for all geometric ones), never
+a Python loop over images.
 
-Two choices differ from the TensorFlow code, both so that a larger M is always stronger noise:
-posterize and solarize grow with M (there, posterize keeps `int(M/10*4)` bits and solarize's
-threshold rises with M), and enhancement factors spread both ways around 1 (1 +- 0.09 M) with
-a random sign, like the geometric operations.
+That code has two sets of constants, and so has this module (`RandAugment.for_image`):
+photos (ImageNet at 224 px) translate by up to 100 px and cut out squares of up to 80 px
+at M=10; small images (its CIFAR/SVHN path, 32 px) by up to 1/8 of the side and squares
+of 1/4 of the side. Here both are fractions of the image, so they hold at any size:
+images of at most SMALL_IMAGE pixels a side get the small-image settings, larger ones the
+photos'. The small-image settings also fill uncovered pixels with the image's own border
+rather than grey, leave out invert, and map solarize, posterize and the enhancements
+so that a larger M is stronger: measured choices, see docs/algorithm.md ("The noise,
+measured"). A 224-px photo gets the paper's noise exactly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 NOMINAL_LEVEL = 10.0  # the magnitude at which every operation reaches its nominal maximum
 MAX_MAGNITUDE = 30.0
-FILL = 128.0  # grey fill where a geometric operation uncovers the border, as in the paper's code
+GREY = 128  # the official code's fill where an operation uncovers or cuts out pixels
+SMALL_IMAGE = 64  # px, the shorter side up to which an image gets the small-image settings
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+
+Fill = Literal["border", "mean"] | int
+Levels = Literal["official", "increasing"]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -34,9 +46,46 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+@dataclass(frozen=True)
+class RandAugment:
+    """RandAugment's settings for one image size. The defaults are the official code's for
+    photos; `for_image` fills the settings left as None by the image's size."""
+
+    num_ops: int = 2  # N
+    magnitude: float = 9.0  # M
+    magnitude_std: float = 0.0  # per-image Gaussian jitter of M
+    translate: float = 100 / 224  # the largest shift at M=10, as a fraction of the side
+    cutout: float = 80 / 224  # Cutout's square at M=10, a fraction of the shorter side; 0: none
+    fill: Fill = GREY  # what uncovered and cut-out pixels get: "border", "mean" or a value
+    invert: bool = True  # whether invert is among the operations drawn
+    levels: Levels = "official"  # how M maps to solarize, posterize and the enhancements
+
+    @classmethod
+    def for_image(cls, height: int, width: int, **given: float | str | bool | None) -> RandAugment:
+        """The settings for images of this size: each one given (not None) as it is, the
+        others the official photo settings, or the small-image ones up to SMALL_IMAGE px."""
+        base = cls()
+        if min(height, width) <= SMALL_IMAGE:
+            base = SMALL_IMAGES
+        return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+    def ops(self) -> tuple[str, ...]:
+        """The operations an image draws from, pixel operations first, geometric ones last."""
+        pixel = tuple(op for op in PIXEL_OPS if op != "invert" or self.invert)
+        return (*pixel, *(("cutout",) if self.cutout > 0 else ()), *GEOMETRIC_OPS)
+
+
+# The official small-image constants (translate and Cutout at 1/8 and 1/4 of the side), and
+# the choices measured on 28-px Fashion-MNIST (docs/algorithm.md, "The noise, measured").
+SMALL_IMAGES = RandAugment(
+    translate=1 / 8, cutout=1 / 4, fill="border", invert=False, levels="increasing"
+)
+
+
 # ---------------------------------------------------------------- pixel operations
-# Each takes float images in [0, 255] (n x C x H x W), the per-image level (magnitude / 10)
-# and sign (+1 or -1), and returns images in [0, 255] with integer values.
+# Each takes float images in [0, 255] (n x C x H x W) and one argument per image (n,), and
+# returns images in [0, 255] with integer values. `_ARGUMENTS` maps a level (M / 10) and a
+# sign (+1 or -1) to that argument, as the official code's `level_to_arg` does.
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -52,18 +101,14 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     return (degenerate + f * (x - degenerate)).clamp_(0, 255).round_()
 
 
-def _factor(level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    return (1.0 + sign * level * 0.9).clamp(min=0.0)
-
-
-def auto_contrast(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def auto_contrast(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     scaled = ((x - lo) * (255.0 / (hi - lo).clamp(min=1.0))).round_()
     return torch.where(hi > lo, scaled, x)
 
 
-def equalize(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def equalize(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     """PIL's ImageOps.equalize per image and channel, from batched histograms."""
     n, c, h, w = x.shape
     values = x.long().flatten(2)  # n, C, HW
@@ -78,41 +123,39 @@ def equalize(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.
     return torch.where(step.view(n, c, 1, 1) > 0, out, x)
 
 
-def invert(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def invert(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     return 255.0 - x
 
 
-def posterize(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Drop the low 4 bits at M=10 (the official code keeps 4), up to 7 of 8 bits."""
-    step = torch.pow(2.0, (level * 4).round().clamp(0, 7)).view(-1, 1, 1, 1)
+def posterize(x: torch.Tensor, dropped_bits: torch.Tensor) -> torch.Tensor:
+    step = torch.pow(2.0, dropped_bits).view(-1, 1, 1, 1)
     return torch.div(x, step, rounding_mode="floor") * step
 
 
-def solarize(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Invert pixels at or above a threshold that falls from 256 (no change) to 0 at M=10."""
-    threshold = (256.0 * (1.0 - level)).view(-1, 1, 1, 1)
-    return torch.where(x >= threshold, 255.0 - x, x)
+def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Invert the pixels at or above the threshold."""
+    return torch.where(x >= threshold.view(-1, 1, 1, 1), 255.0 - x, x)
 
 
-def solarize_add(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    added = (x + (level * 110.0).round().view(-1, 1, 1, 1)).clamp(0, 255)
+def solarize_add(x: torch.Tensor, addition: torch.Tensor) -> torch.Tensor:
+    added = (x + addition.view(-1, 1, 1, 1)).clamp(0, 255)
     return torch.where(x < 128, added, x)
 
 
-def color(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[1] == 1 else _blend(_luma(x).expand_as(x), x, _factor(level, sign))
+def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[1] == 1 else _blend(_luma(x).expand_as(x), x, factor)
 
 
-def contrast(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True).round()
-    return _blend(mean.expand_as(x), x, _factor(level, sign))
+    return _blend(mean.expand_as(x), x, factor)
 
 
-def brightness(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(x), x, _factor(level, sign))
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(torch.zeros_like(x), x, factor)
 
 
-def sharpness(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with PIL's SMOOTH filter of the image (the border pixels stay as they are)."""
     c = x.shape[1]
     kernel = torch.tensor(
@@ -121,10 +164,10 @@ def sharpness(x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch
     smooth = F.conv2d(x, kernel.expand(c, 1, 3, 3), groups=c).round_()
     degenerate = x.clone()
     degenerate[..., 1:-1, 1:-1] = smooth
-    return _blend(degenerate, x, _factor(level, sign))
+    return _blend(degenerate, x, factor)
 
 
-PIXEL_OPS = {
+PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "auto_contrast": auto_contrast,
     "equalize": equalize,
     "invert": invert,
@@ -138,20 +181,88 @@ PIXEL_OPS = {
 }
 # Geometric operations are one affine map each; all of them in a layer share one grid_sample.
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-OPS = (*PIXEL_OPS, *GEOMETRIC_OPS)
+_ENHANCEMENTS = ("color", "contrast", "brightness", "sharpness")
+
+Argument = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (level, sign) -> argument
 
 
-def _affine(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor):
+def _official_arguments() -> dict[str, Argument]:
+    """randaugment.py's `level_to_arg`: posterize keeps int(4 M/10) bits and solarize
+    inverts from int(256 M/10) up, so both weaken as M grows (at M=9: 3 bits kept, pixels
+    >= 230 inverted); every enhancement factor is 0.1 + 1.8 M/10 (1.72 at M=9: always
+    more, never less)."""
+    bits_kept = lambda level: (level * 4).floor().clamp(0, 8)  # noqa: E731
+    return {
+        "posterize": lambda level, sign: 8 - bits_kept(level),
+        "solarize": lambda level, sign: (level * 256).floor(),
+        **{op: (lambda level, sign: level * 1.8 + 0.1) for op in _ENHANCEMENTS},
+    }
+
+
+def _increasing_arguments() -> dict[str, Argument]:
+    """Every operation stronger as M grows (timm's "increasing" variants): posterize drops
+    round(4 M/10) of 8 bits, solarize's threshold falls from 256 (no change) to 0 at M=10,
+    enhancement factors spread both ways around 1 (1 +- 0.09 M), with a random sign."""
+    return {
+        "posterize": lambda level, sign: (level * 4).round().clamp(0, 7),
+        "solarize": lambda level, sign: 256.0 * (1.0 - level),
+        **{
+            op: (lambda level, sign: (1.0 + sign * level * 0.9).clamp(min=0.0))
+            for op in _ENHANCEMENTS
+        },
+    }
+
+
+_ARGUMENTS: dict[str, dict[str, Argument]] = {
+    "official": _official_arguments(),
+    "increasing": _increasing_arguments(),
+}
+_SHARED: dict[str, Argument] = {
+    "solarize_add": lambda level, sign: (level * 110.0).floor(),
+}
+
+
+def argument(op: str, levels: Levels, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The argument a pixel operation gets at these per-image levels and signs."""
+    mapping = _ARGUMENTS[levels].get(op) or _SHARED.get(op)
+    return mapping(level, sign) if mapping is not None else level
+
+
+# ---------------------------------------------------------------- fill, geometry, Cutout
+
+
+def fill_values(x: torch.Tensor, fill: Fill) -> torch.Tensor:
+    """Per image and channel (n x C x 1 x 1, float), what uncovered and cut-out pixels get:
+    the mean of the image's outermost pixels ("border"), of all its pixels ("mean"), or a
+    constant. Computed on the clean images, before any noise moves them."""
+    n, c, h, w = x.shape
+    if fill == "border":
+        x = x.float()
+        frame = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
+        return frame.mean(-1).round().view(n, c, 1, 1)
+    if fill == "mean":
+        return x.float().mean(dim=(2, 3), keepdim=True).round()
+    return torch.full((n, c, 1, 1), float(fill), device=x.device)
+
+
+def _affine(
+    x: torch.Tensor,
+    op: torch.Tensor,
+    level: torch.Tensor,
+    sign: torch.Tensor,
+    fill: torch.Tensor,
+    translate: float,
+) -> torch.Tensor:
     """One rotation, shear or translation per image (`op` indexes GEOMETRIC_OPS), about the
-    centre, in grid_sample's normalised coordinates; uncovered pixels get the grey FILL."""
+    centre, in grid_sample's normalised coordinates (a side is 2 long); uncovered pixels get
+    the image's fill."""
     h, w = x.shape[-2:]
     amount = sign * level
     angle = torch.where(op == 0, amount * math.radians(30.0), 0.0)
     shear_x = torch.where(op == 1, amount * 0.3, 0.0)
     shear_y = torch.where(op == 2, amount * 0.3, 0.0)
-    # 45% of the side at M=10, as timm's TranslateRel and the official 100 px at 224 px
-    shift_x = torch.where(op == 3, amount * 0.9, 0.0)
-    shift_y = torch.where(op == 4, amount * 0.9, 0.0)
+    shift_x = torch.where(op == 3, amount * 2 * translate, 0.0)
+    shift_y = torch.where(op == 4, amount * 2 * translate, 0.0)
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack(
         [
@@ -161,63 +272,133 @@ def _affine(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.
         1,
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    moved = F.grid_sample(x - FILL, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return moved + FILL
+    moved = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return moved + fill
 
 
-def draw(
-    n: int,
-    num_ops: int,
-    magnitude: float,
-    magnitude_std: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image and layer: the operation (index into OPS), its level (magnitude / 10, with
-    optional Gaussian jitter) and its sign."""
-    ops = torch.randint(len(OPS), (n, num_ops), generator=generator)
-    mags = torch.full((n, num_ops), float(magnitude))
-    if magnitude_std > 0:
-        mags += magnitude_std * torch.randn(n, num_ops, generator=generator)
+def cut_out(
+    x: torch.Tensor, side: torch.Tensor, centre: torch.Tensor, fill: torch.Tensor
+) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017), as the official code draws it: per image a square of
+    `side` pixels (n,) around a centre anywhere in the image (`centre`, n x 2, fractions of
+    the height and width), clipped to the image, set to the fill."""
+    h, w = x.shape[-2:]
+    half = (side / 2).round().view(-1, 1)
+    cy = (centre[:, :1] * h).floor()
+    cx = (centre[:, 1:] * w).floor()
+    rows = torch.arange(h, device=x.device).view(1, h)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    inside_rows = (rows >= cy - half) & (rows < cy + half)  # n x h
+    inside_cols = (cols >= cx - half) & (cols < cx + half)  # n x w
+    mask = (inside_rows.unsqueeze(2) & inside_cols.unsqueeze(1)).unsqueeze(1)
+    return torch.where(mask, fill, x)
+
+
+# ---------------------------------------------------------------- RandAugment
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Per image and layer: the operation (an index into `RandAugment.ops()`), its level
+    (M / 10, with the optional jitter), its sign, and where a Cutout would be centred."""
+
+    ops: torch.Tensor  # n x N, int64
+    levels: torch.Tensor  # n x N
+    signs: torch.Tensor  # n x N, +1 or -1
+    centres: torch.Tensor  # n x N x 2, in [0, 1)
+
+
+def draw(n: int, settings: RandAugment, generator: torch.Generator) -> Draws:
+    num_ops = settings.num_ops
+    ops = torch.randint(len(settings.ops()), (n, num_ops), generator=generator)
+    mags = torch.full((n, num_ops), float(settings.magnitude))
+    if settings.magnitude_std > 0:
+        mags += settings.magnitude_std * torch.randn(n, num_ops, generator=generator)
     levels = mags.clamp_(0.0, MAX_MAGNITUDE) / NOMINAL_LEVEL
     signs = torch.randint(2, (n, num_ops), generator=generator).float() * 2 - 1
-    return ops, levels, signs
+    centres = torch.rand(n, num_ops, 2, generator=generator)
+    return Draws(ops, levels, signs, centres)
+
+
+def apply_op(
+    name: str,
+    x: torch.Tensor,
+    level: torch.Tensor,
+    sign: torch.Tensor,
+    fill: torch.Tensor,
+    settings: RandAugment,
+    centre: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One operation on float images in [0, 255], every image at its own level and sign."""
+    if name in PIXEL_OPS:
+        return PIXEL_OPS[name](x, argument(name, settings.levels, level, sign))
+    if name == "cutout":
+        side = level * settings.cutout * min(x.shape[-2:])
+        if centre is None:
+            centre = torch.full((len(x), 2), 0.5, device=x.device)
+        return cut_out(x, side, centre, fill)
+    op = torch.full_like(level, GEOMETRIC_OPS.index(name), dtype=torch.long)
+    return _affine(x, op, level, sign, fill, settings.translate)
 
 
 def rand_augment(
     images: torch.Tensor,
-    num_ops: int,
-    magnitude: float,
+    settings: RandAugment,
     generator: torch.Generator,
-    magnitude_std: float = 0.0,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RandAugment with independent draws for every image; uint8 in, uint8 out.
+    """RandAugment with independent draws for every image; uint8 in, uint8 out. `fill`
+    (n x C x 1 x 1) is what uncovered pixels get, by default `fill_values` of `images`.
 
     `generator` is a CPU generator (the draws are tiny); the images may be on any device.
     """
     n = len(images)
-    if n == 0 or num_ops == 0:
+    if n == 0 or settings.num_ops == 0:
         return images
-    ops, levels, signs = draw(n, num_ops, magnitude, magnitude_std, generator)
+    names = settings.ops()
+    d = draw(n, settings, generator)
     dev = images.device
-    ops, levels, signs = ops.to(dev), levels.to(dev), signs.to(dev)
+    ops, levels, signs, centres = (t.to(dev) for t in (d.ops, d.levels, d.signs, d.centres))
+    fill = (fill_values(images, settings.fill) if fill is None else fill).to(dev)
     x = images.float()
-    n_pixel = len(PIXEL_OPS)
-    for layer in range(num_ops):
+    n_single = len(names) - len(GEOMETRIC_OPS)  # the operations applied one group each
+    for layer in range(settings.num_ops):
         op = ops[:, layer]
         # sort the batch by operation so that each one gets a contiguous slice
         order = torch.argsort(op)
-        counts = torch.bincount(op, minlength=len(OPS)).tolist()  # the one sync per layer
-        xs, lv, sg, op_sorted = x[order], levels[order, layer], signs[order, layer], op[order]
+        counts = torch.bincount(op, minlength=len(names)).tolist()  # the one sync per layer
+        xs, lv, sg, fl = x[order], levels[order, layer], signs[order, layer], fill[order]
         parts, start = [], 0
-        for fn, count in zip(PIXEL_OPS.values(), counts[:n_pixel], strict=True):
+        for name, count in zip(names[:n_single], counts[:n_single], strict=True):
             if count:
                 sl = slice(start, start + count)
-                parts.append(fn(xs[sl], lv[sl], sg[sl]))
+                parts.append(
+                    apply_op(
+                        name, xs[sl], lv[sl], sg[sl], fl[sl], settings, centres[order[sl], layer]
+                    )
+                )
             start += count
         if start < n:
-            parts.append(_affine(xs[start:], op_sorted[start:] - n_pixel, lv[start:], sg[start:]))
+            geometric = op[order][start:] - n_single
+            parts.append(
+                _affine(
+                    xs[start:], geometric, lv[start:], sg[start:], fl[start:], settings.translate
+                )
+            )
         x = torch.empty_like(x).index_copy_(0, order, torch.cat(parts))
     return x.clamp_(0, 255).to(torch.uint8)
+
+
+def cutout_every_image(
+    x: torch.Tensor, fraction: float, fill: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """A square of `fraction` of the shorter side cut out of every image at a random centre,
+    as the official small-image code does after RandAugment (half the side there)."""
+    if fraction <= 0 or len(x) == 0:
+        return x
+    centre = torch.rand(len(x), 2, generator=generator).to(x.device)
+    side = torch.full((len(x),), fraction * min(x.shape[-2:]), device=x.device)
+    return cut_out(x.float(), side, centre, fill.to(x.device)).to(x.dtype)
 
 
 def crop_and_flip(

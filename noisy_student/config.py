@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import timm
 import yaml
@@ -21,10 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from noisy_student import augment, models
 from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
 from noisy_student.overrides import Overrides, apply_overrides, override_pairs
@@ -71,7 +73,10 @@ class DataConfig(Strict):
 
 
 class RandAugmentConfig(Strict):
-    """RandAugment as the official Noisy Student code runs it (see noisy_student/augment.py)."""
+    """RandAugment as the official Noisy Student code runs it (see noisy_student/augment.py).
+    A setting left null is chosen by the image's size: up to 64 px a side, the small-image
+    settings (the official CIFAR/SVHN constants and the choices measured on Fashion-MNIST,
+    docs/algorithm.md); larger, the official ImageNet settings, the paper's noise."""
 
     num_ops: int = Field(2, ge=1, le=5, description="Operations drawn per image (N)")
     magnitude: float = Field(
@@ -81,6 +86,40 @@ class RandAugmentConfig(Strict):
         description="Strength M: 10 is each operation's nominal maximum, up to 30 (paper: 27)",
     )
     magnitude_std: float = Field(0.0, ge=0, description="Per-image Gaussian jitter of M")
+    translate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Largest translation at M=10, a fraction of the side; null: 1/8 for small "
+        "images, 100/224 for photos",
+    )
+    cutout: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Cutout among the operations: its square's side at M=10, a fraction of the "
+        "shorter side (0: not drawn); null: 1/4 for small images, 80/224 for photos",
+    )
+    fill: Literal["border", "mean"] | Annotated[int, Field(ge=0, le=255)] | None = Field(
+        None,
+        description="What pixels a transform uncovers or cuts out get: the image's border "
+        "(mean of its outermost pixels), its mean, or a value 0-255; null: border for small "
+        "images, 128 for photos",
+    )
+    invert: bool | None = Field(
+        None,
+        description="Draw invert among the operations; null: no for small images, yes for photos",
+    )
+    levels: Literal["official", "increasing"] | None = Field(
+        None,
+        description="How M maps to solarize, posterize and the enhancements: the official "
+        "code's, or stronger as M grows (timm's increasing); null: increasing for small "
+        "images, official for photos",
+    )
+
+    def for_image(self, height: int, width: int) -> augment.RandAugment:
+        """The settings for images of this size (the nulls filled in)."""
+        return augment.RandAugment.for_image(height, width, **self.model_dump())
 
 
 class TrainConfig(Strict):
@@ -93,6 +132,11 @@ class TrainConfig(Strict):
         "imagenet",
         description="Early downsampling: timm's ImageNet stem, half of it, or none (stride 1); "
         "see docs/models.md",
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further keyword arguments of timm.create_model, e.g. a ResNet's "
+        "{channels: [32, 64, 128, 256], stem_width: 16}; kept in model.json",
     )
     epochs: int = Field(gt=0)
     batch_size: int = Field(64, gt=0, description="Labelled images per step")
@@ -122,6 +166,13 @@ class TrainConfig(Strict):
     crop_padding: int = Field(2, ge=0, description="Random-crop translation in pixels")
     rand_augment: RandAugmentConfig | None = Field(
         None, description="RandAugment on the input (noise); null switches it off"
+    )
+    cutout: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Cutout on every image: a square of this fraction of the shorter side "
+        "(0: off; the official small-image code: 0.5), filled as rand_augment.fill",
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier")
     drop_path_rate: float = Field(
@@ -157,6 +208,16 @@ class TrainConfig(Strict):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             raise ValueError(f"unknown timm model {name!r} (close: {', '.join(close) or 'none'})")
         return name
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _known_model_kwargs(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "model" in info.data:  # else the model's own error is the one to show
+            try:
+                models.check_kwargs(info.data["model"], kwargs)
+            except UserError as e:
+                raise ValueError(str(e).removeprefix("model_kwargs.")) from None
+        return kwargs
 
 
 class TeacherConfig(TrainConfig):
@@ -212,6 +273,11 @@ class StudentConfig(TrainConfig):
 
 class InferenceConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="Images per forward pass")
+    tta: Literal["off", "flip"] = Field(
+        "off",
+        description="Pseudo labels from the image alone, or the mean over it and its mirror "
+        "image; keep off where a mirror image can change the class (digits, text)",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )

@@ -16,10 +16,11 @@ what they did before it existed.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import timm
@@ -53,6 +54,8 @@ class Options:
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
     interpolation: str = "bilinear"  # how `predict` resizes a photo to the input size
+    # further keyword arguments of timm.create_model (e.g. a ResNet's channels)
+    model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class ModelMeta:
     # timm's eval crop of ImageNet photos (resize to size / crop_pct, centre crop); None
     # resizes the whole image to the input size, as the datasets here are stored
     crop_pct: float | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         # JSON gives lists back: tuples keep the metadata comparable and hashable
@@ -96,11 +100,12 @@ class ModelMeta:
             o.mean,
             o.std,
             o.interpolation,
+            model_kwargs=o.model_kwargs,
         )
 
     @property
     def options(self) -> Options:
-        return Options(self.stem, self.mean, self.std, self.interpolation)
+        return Options(self.stem, self.mean, self.std, self.interpolation, self.model_kwargs)
 
 
 def options_of(network: nn.Module) -> Options:
@@ -229,6 +234,12 @@ def _local_file(checkpoint: str) -> Iterator[str]:
         yield local
 
 
+def _unknown_kwarg(error: TypeError) -> str | None:
+    """The keyword a model's constructor refused, from its TypeError."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    return found.group(1) if found else None
+
+
 def create_timm(
     name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs: Any
 ) -> nn.Module:
@@ -247,6 +258,12 @@ def create_timm(
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except UserError:
         raise
+    except TypeError as e:
+        # a keyword the network's constructor does not take, or one of the wrong type
+        unknown = _unknown_kwarg(e)
+        if unknown is not None:
+            raise UserError(f"model_kwargs.{unknown}: not a parameter of {name}") from None
+        raise UserError(f"{name}: model_kwargs: {str(e).splitlines()[0]}") from None
     except (RuntimeError, OSError, ValueError) as e:
         # a hub that cannot be reached, a file of another architecture, a corrupt file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -260,6 +277,14 @@ def create_timm(
         raise UserError(f"{name}: {first}") from None
 
 
+def check_kwargs(name: str, model_kwargs: dict[str, Any]) -> None:
+    """Raises the one-line UserError `create` would for these keyword arguments, building
+    the network on the meta device (no weights are allocated)."""
+    if model_kwargs:
+        with torch.device("meta"):
+            create_timm(name, num_classes=2, **model_kwargs)
+
+
 def create(
     name: str,
     num_classes: int,
@@ -270,10 +295,13 @@ def create(
     checkpoint: str | None = None,
     stem: str = "imagenet",
     options: Options | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """A timm model for the data's channels and classes, with the stem `stem` and, with
-    `pretrained`, the normalisation its weights were trained with. `options` (a
-    checkpoint's) rebuilds a network exactly as it was, normalisation included."""
+    """A timm model for the data's channels and classes, with the stem `stem`, timm's
+    further `model_kwargs` and, with `pretrained`, the normalisation its weights were
+    trained with. `options` (a checkpoint's) rebuilds a network exactly as it was,
+    normalisation and keyword arguments included."""
+    kwargs = dict(options.model_kwargs if options is not None else model_kwargs or {})
     model = create_timm(
         name,
         pretrained,
@@ -282,9 +310,11 @@ def create(
         in_chans=in_chans,
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
+        **kwargs,
     )
     if options is None:
         options = pretrained_options(model, in_chans, stem) if pretrained else Options(stem)
+        options = replace(options, model_kwargs=kwargs)
     apply_stem(model, name, options.stem)
     return set_options(model, options)
 
@@ -334,17 +364,27 @@ def load(
 
 
 def student_options(
-    key: str, stem: str | None, init_from_teacher: bool, teacher_url: str
+    key: str,
+    stem: str | None,
+    init_from_teacher: bool,
+    teacher_url: str,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`create`'s stem and normalisation for a student of the teacher at `teacher_url`:
-    the teacher's stem unless the student names its own (`key` is its config path); a
-    student started from the teacher's weights is built and fed exactly as the teacher."""
+    """`create`'s stem, keyword arguments and normalisation for a student of the teacher at
+    `teacher_url`: the teacher's stem unless the student names its own (`key` is its config
+    path), its own keyword arguments; a student started from the teacher's weights is built
+    and fed exactly as the teacher."""
     teacher = load_meta(teacher_url)
     if not init_from_teacher:
-        return {"stem": stem or teacher.stem}
+        return {"stem": stem or teacher.stem, "model_kwargs": model_kwargs or {}}
     if stem is not None and stem != teacher.stem:
         raise UserError(
             f"{key}.stem: {stem}, but init_from_teacher starts from a teacher with stem "
             f"{teacher.stem}"
+        )
+    if model_kwargs and model_kwargs != teacher.model_kwargs:
+        raise UserError(
+            f"{key}.model_kwargs: {model_kwargs}, but init_from_teacher starts from a teacher "
+            f"built with {teacher.model_kwargs or 'none'}"
         )
     return {"options": teacher.options}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,9 @@ def test_to_float_maps_uint8_to_minus_one_to_one():
 
 # --- RandAugment
 
+PHOTO = augment.RandAugment()  # the official photo settings
+SMALL = augment.SMALL_IMAGES
+
 
 def _colour_ramp(n: int, channels: int, size: int = 16) -> torch.Tensor:
     """n copies of a mid-range image whose channels differ: every operation changes it."""
@@ -90,42 +95,76 @@ def _colour_ramp(n: int, channels: int, size: int = 16) -> torch.Tensor:
     return torch.stack(chans).to(torch.uint8).unsqueeze(0).repeat(n, 1, 1, 1)
 
 
-def _one_op(name: str, x: torch.Tensor, level: float, sign: float = 1.0) -> torch.Tensor:
+def _one_op(
+    name: str,
+    x: torch.Tensor,
+    level: float,
+    sign: float = 1.0,
+    settings: augment.RandAugment = PHOTO,
+    centre: tuple[float, float] = (0.5, 0.5),
+) -> torch.Tensor:
     n = len(x)
     lv, sg = torch.full((n,), level), torch.full((n,), sign)
-    if name in augment.PIXEL_OPS:
-        return augment.PIXEL_OPS[name](x.float(), lv, sg)
-    op = torch.full((n,), augment.GEOMETRIC_OPS.index(name))
-    return augment._affine(x.float(), op, lv, sg)
+    fill = augment.fill_values(x, settings.fill)
+    return augment.apply_op(
+        name, x.float(), lv, sg, fill, settings, torch.tensor([centre]).repeat(n, 1)
+    )
+
+
+def _ra(**changes) -> augment.RandAugment:
+    return dataclasses.replace(PHOTO, **changes)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_rand_augment_keeps_shape_and_dtype_and_changes_images(channels):
     x = _colour_ramp(64, channels)
-    out = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(0))
+    out = augment.rand_augment(x, _ra(cutout=0.0), torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     # every image gets two operations; on grey images only "color" is a no-op (1 in 15)
     assert sum(not torch.equal(o, x[0]) for o in out) >= 56
 
 
 def test_rand_augment_draws_operations_independently_for_every_image():
-    ops, levels, signs = augment.draw(3000, 2, 9, 0.0, torch.Generator().manual_seed(0))
-    # every operation is drawn for about 1/15 of the images in each layer
+    d = augment.draw(3000, PHOTO, torch.Generator().manual_seed(0))
+    k = len(PHOTO.ops())
+    assert k == 16  # the official code's 15 operations and Cutout
+    # every operation is drawn for about 1/16 of the images in each layer
     for layer in range(2):
-        counts = torch.bincount(ops[:, layer], minlength=len(augment.OPS)).float()
-        expected = 3000 / len(augment.OPS)
+        counts = torch.bincount(d.ops[:, layer], minlength=k).float()
+        expected = 3000 / k
         chi2 = ((counts - expected) ** 2 / expected).sum().item()
-        assert chi2 < 36.1  # the 0.1% point of chi-square with 14 degrees of freedom
-    # layers are independent: as many images draw the same op twice as chance says (1/15)
-    same = (ops[:, 0] == ops[:, 1]).float().mean().item()
-    assert abs(same - 1 / 15) < 0.02
-    assert 0.45 < (signs > 0).float().mean().item() < 0.55
-    assert torch.all(levels == 0.9)
+        assert chi2 < 37.7  # the 0.1% point of chi-square with 15 degrees of freedom
+    # layers are independent: as many images draw the same op twice as chance says (1/16)
+    same = (d.ops[:, 0] == d.ops[:, 1]).float().mean().item()
+    assert abs(same - 1 / k) < 0.02
+    assert 0.45 < (d.signs > 0).float().mean().item() < 0.55
+    assert torch.all(d.levels == 0.9)
+    assert d.centres.shape == (3000, 2, 2) and d.centres.min() >= 0 and d.centres.max() < 1
+
+
+def test_the_operations_drawn_follow_the_settings():
+    assert "invert" in PHOTO.ops() and "cutout" in PHOTO.ops()
+    assert "invert" not in SMALL.ops() and "cutout" in SMALL.ops()
+    assert "cutout" not in _ra(cutout=0.0).ops()
+    # geometric operations come last: they share one grid_sample
+    assert PHOTO.ops()[-len(augment.GEOMETRIC_OPS) :] == augment.GEOMETRIC_OPS
+
+
+def test_small_images_get_the_small_image_settings_and_photos_the_papers():
+    assert augment.RandAugment.for_image(28, 28) == SMALL
+    assert augment.RandAugment.for_image(64, 200) == SMALL  # the shorter side decides
+    photo = augment.RandAugment.for_image(224, 224, magnitude=27)
+    assert photo == _ra(magnitude=27)
+    # the official ImageNet constants: 100 px of translation and 80 px squares at 224 px
+    assert round(photo.translate * 224) == 100 and round(photo.cutout * 224) == 80
+    assert (photo.fill, photo.invert, photo.levels) == (128, True, "official")
+    # a setting given is kept, whatever the size
+    assert augment.RandAugment.for_image(28, 28, fill=0, invert=True).fill == 0
 
 
 def test_rand_augment_gives_at_least_95_percent_of_a_batch_their_own_draw():
     x = _colour_ramp(256, 3)
-    out = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(1))
+    out = augment.rand_augment(x, PHOTO, torch.Generator().manual_seed(1))
     outputs = [bytes(o.numpy().tobytes()) for o in out]
     most_common = max(outputs.count(o) for o in set(outputs))
     # one draw per batch would make all 256 identical
@@ -134,37 +173,45 @@ def test_rand_augment_gives_at_least_95_percent_of_a_batch_their_own_draw():
 
 def test_rand_augment_is_deterministic_for_a_generator_seed():
     x = _colour_ramp(32, 3)
-    a = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(5), magnitude_std=0.5)
-    b = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(5), magnitude_std=0.5)
-    c = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(6), magnitude_std=0.5)
+    jittered = _ra(magnitude_std=0.5)
+    a = augment.rand_augment(x, jittered, torch.Generator().manual_seed(5))
+    b = augment.rand_augment(x, jittered, torch.Generator().manual_seed(5))
+    c = augment.rand_augment(x, jittered, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_stronger_magnitude_moves_images_further():
+@pytest.mark.parametrize(
+    "settings", [dataclasses.replace(PHOTO, levels="increasing"), SMALL], ids=["photo", "small"]
+)
+def test_stronger_magnitude_moves_images_further_with_increasing_levels(settings):
+    # (the official levels do not: posterize at M=1 keeps no bit, a black image)
     x = _colour_ramp(512, 3)
 
     def distance(m: float) -> float:
-        out = augment.rand_augment(x, 2, m, torch.Generator().manual_seed(0))
+        ra = dataclasses.replace(settings, magnitude=m)
+        out = augment.rand_augment(x, ra, torch.Generator().manual_seed(0))
         return (out.float() - x.float()).abs().mean().item()
 
-    # above ~20 a 16-pixel image is translated out of frame and the distance saturates
     d = [distance(m) for m in (1, 5, 10, 15, 20)]
-    assert d == sorted(d) and d[0] < d[-1] / 2
+    assert d[0] < d[2] < d[-1] and d[0] < d[-1] / 2
 
 
-@pytest.mark.parametrize("name", augment.OPS)
+@pytest.mark.parametrize("name", [*PHOTO.ops(), "invert"])
+@pytest.mark.parametrize("levels", ["official", "increasing"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_every_operation_keeps_shape_and_stays_in_the_uint8_range(name, channels):
+def test_every_operation_keeps_shape_and_stays_in_the_uint8_range(name, levels, channels):
     x = _colour_ramp(4, channels)
-    out = _one_op(name, x, 2.7)
+    out = _one_op(name, x, 2.7, settings=_ra(levels=levels))
     assert out.shape == x.shape
     assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.round())
 
 
-@pytest.mark.parametrize("name", [*augment.GEOMETRIC_OPS, "posterize", "solarize", "sharpness"])
-def test_operations_with_a_magnitude_do_nothing_at_magnitude_zero(name):
+@pytest.mark.parametrize(
+    "name", [*augment.GEOMETRIC_OPS, "posterize", "solarize", "sharpness", "cutout"]
+)
+def test_increasing_operations_do_nothing_at_magnitude_zero(name):
     x = _colour_ramp(4, 3)
-    assert torch.equal(_one_op(name, x, 0.0), x.float())
+    assert torch.equal(_one_op(name, x, 0.0, settings=_ra(levels="increasing")), x.float())
 
 
 def test_rotate_by_90_degrees_turns_the_image_a_quarter():
@@ -174,18 +221,78 @@ def test_rotate_by_90_degrees_turns_the_image_a_quarter():
     assert any(torch.equal(out, t) for t in turned)
 
 
-def test_translation_fills_the_uncovered_border_with_grey():
+@pytest.mark.parametrize(("translate", "columns"), [(100 / 224, 9), (0.1, 2)])
+def test_translation_moves_by_its_fraction_of_the_side(translate, columns):
     x = torch.zeros(1, 1, 20, 20, dtype=torch.uint8)
-    out = _one_op("translate_x", x, 1.0)  # 45% of the width: 9 columns
-    assert (out == augment.FILL).sum().item() == 9 * 20 and (out == 0).sum().item() == 11 * 20
+    x[..., :, 10:] = 200  # the right half bright
+    out = _one_op("translate_x", x, 1.0, settings=_ra(translate=translate, fill=77))
+    # uncovered columns get the fill; the bright half moved left by round(20 * translate)
+    assert (out == 77).sum().item() == columns * 20
+    assert (out == 200).sum().item() == 10 * 20
+
+
+@pytest.mark.parametrize(("fill", "expected"), [("border", 10), ("mean", 45), (128, 128), (0, 0)])
+def test_uncovered_pixels_get_the_fill(fill, expected):
+    x = torch.full((1, 1, 20, 20), 10, dtype=torch.uint8)
+    x[..., 5:15, 5:15] = (
+        150  # a bright square on a dark background: mean (100 x 150 + 300 x 10) / 400
+    )
+    assert augment.fill_values(x, fill).item() == expected
+    out = _one_op("translate_y", x, 1.0, settings=_ra(fill=fill))
+    assert (out[0, 0, -9:] == expected).all()  # 45% of 20 rows uncovered at the bottom
+
+
+def test_border_fill_is_per_image_and_channel():
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    x[0, 1] = 90
+    x[1, 2, 0, :] = 255  # one of 28 border pixels
+    fill = augment.fill_values(x, "border")
+    assert fill.shape == (2, 3, 1, 1)
+    assert fill.flatten().tolist() == [0, 90, 0, 0, 0, round(255 * 8 / 28)]
+
+
+def test_cutout_cuts_a_square_of_its_fraction_of_the_side_at_the_centre_drawn():
+    x = torch.full((1, 1, 16, 16), 200, dtype=torch.uint8)
+    out = _one_op("cutout", x, 1.0, settings=_ra(cutout=0.5, fill=0), centre=(0.5, 0.5))
+    assert (out == 0).sum().item() == 8 * 8 and (out[0, 0, 4:12, 4:12] == 0).all()
+    # a centre near the corner: the square is clipped to the image
+    corner = _one_op("cutout", x, 1.0, settings=_ra(cutout=0.5, fill=0), centre=(0.0, 0.0))
+    assert (corner == 0).sum().item() == 4 * 4 and (corner[0, 0, :4, :4] == 0).all()
+
+
+def test_cutout_on_every_image_cuts_each_at_its_own_place():
+    x = torch.full((64, 1, 16, 16), 200, dtype=torch.uint8)
+    fill = torch.zeros(64, 1, 1, 1)
+    out = augment.cutout_every_image(x, 0.5, fill, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and (out == 0).flatten(1).any(1).all()
+    assert _distinct_outputs(out) > 32
+    assert torch.equal(augment.cutout_every_image(x, 0.0, fill, torch.Generator()), x)
 
 
 def test_invert_posterize_and_solarize_match_their_definitions():
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(_one_op("invert", x, 0.0), 255.0 - x.float())
-    assert torch.equal(_one_op("posterize", x, 1.0), (x // 16 * 16).float())  # 4 bits dropped
-    half = _one_op("solarize", x, 0.5)  # threshold 128
+    increasing = _ra(levels="increasing")
+    posterized = _one_op("posterize", x, 1.0, settings=increasing)
+    assert torch.equal(posterized, (x // 16 * 16).float())  # 4 bits dropped at M=10
+    half = _one_op("solarize", x, 0.5, settings=increasing)  # threshold 128
     assert torch.equal(half, torch.where(x >= 128, 255 - x.long(), x.long()).float())
+
+
+def test_official_levels_follow_the_official_code():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    # posterize keeps int(M/10 * 4) bits: 3 at M=9
+    assert torch.equal(_one_op("posterize", x, 0.9), (x // 32 * 32).float())
+    # solarize inverts from int(M/10 * 256) up: 230 at M=9
+    expected = torch.where(x >= 230, 255 - x.long(), x.long()).float()
+    assert torch.equal(_one_op("solarize", x, 0.9), expected)
+    # enhancement factor 0.1 + 1.8 M/10 whatever the sign: 1.0 (no change) at M=5
+    ramp = _colour_ramp(2, 3)
+    for op in ("color", "contrast", "brightness", "sharpness"):
+        assert torch.equal(_one_op(op, ramp, 0.5, -1.0), ramp.float())
+    assert torch.equal(
+        _one_op("brightness", ramp, 0.9, -1.0), (ramp.float() * 1.72).clamp(0, 255).round()
+    )
 
 
 def test_equalize_matches_pillow():
@@ -199,13 +306,14 @@ def test_equalize_matches_pillow():
         assert np.array_equal(mine[0].numpy().astype(np.uint8), expected)
 
 
-def test_enhancements_at_factor_zero_give_their_degenerate_image():
+def test_increasing_enhancements_at_factor_zero_give_their_degenerate_image():
     x = _colour_ramp(2, 3)
+    increasing = _ra(levels="increasing")
     # level 1/0.9 with a negative sign is factor 0: black, and the image's mean grey
-    assert torch.all(_one_op("brightness", x, 1 / 0.9, -1.0) == 0)
-    flat = _one_op("contrast", x, 1 / 0.9, -1.0)
+    assert torch.all(_one_op("brightness", x, 1 / 0.9, -1.0, increasing) == 0)
+    flat = _one_op("contrast", x, 1 / 0.9, -1.0, increasing)
     assert torch.all(flat == flat[:, :1, :1, :1])
-    grey = _one_op("color", x, 1 / 0.9, -1.0)
+    grey = _one_op("color", x, 1 / 0.9, -1.0, increasing)
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
 
 
@@ -218,7 +326,7 @@ def test_auto_contrast_stretches_every_channel_to_the_full_range():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rand_augment_runs_on_the_gpu_and_stays_there():
     x = _colour_ramp(64, 3).cuda()
-    out = augment.rand_augment(x, 2, 9, torch.Generator().manual_seed(0))
+    out = augment.rand_augment(x, PHOTO, torch.Generator().manual_seed(0))
     assert out.device.type == "cuda" and out.dtype == torch.uint8 and out.shape == x.shape
 
 
@@ -295,7 +403,7 @@ def test_fit_with_pseudo_labels_counts_epochs_over_the_pseudo_labelled_images():
         models.create("test_resnet", 2, 1),
         training_data.TensorRows(x, engine.one_hot(y, 2)),
         engine.Schedule(epochs=2, batch_size=4, lr=0.05, unlabelled_ratio=2.0, precision="fp32"),
-        engine.Noise(rand_augment_ops=1, rand_augment_magnitude=5),
+        engine.Noise(rand_augment=augment.RandAugment(num_ops=1, magnitude=5)),
         seed=0,
         pseudo=training_data.TensorRows(px, engine.one_hot(py, 2, 0.1)),
     )

@@ -177,8 +177,12 @@ def test_a_network_without_pretrained_weights_sees_the_input_unchanged():
 def test_a_student_takes_its_teachers_stem_unless_it_names_its_own(tmp_path):
     teacher = models.create("test_resnet", 10, 1, stem="half")
     url = models.save(teacher, _meta("test_resnet", stem="half"), str(tmp_path / "t"))
-    assert models.student_options("students.0", None, False, url) == {"stem": "half"}
-    assert models.student_options("students.0", "stride1", False, url) == {"stem": "stride1"}
+    own = {"model_kwargs": {}}
+    assert models.student_options("students.0", None, False, url) == {"stem": "half", **own}
+    assert models.student_options("students.0", "stride1", False, url) == {
+        "stem": "stride1",
+        **own,
+    }
     # started from the teacher's weights: built and fed exactly as the teacher
     same = models.student_options("students.0", None, True, url)
     assert same == {"options": models.Options(stem="half")}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from noisy_student import engine, models, storage, training_data
+from noisy_student import augment, engine, models, storage, training_data
 from noisy_student.errors import UserError
 from noisy_student.training_state import STATE, TrainingState, pack, unpack
 
@@ -62,7 +62,7 @@ def _fit(averaging: str, state: TrainingState | None) -> engine.FitResult:
             precision="fp32",
         ),
         # every source of randomness: crops, flips, RandAugment, dropout, drop path
-        engine.Noise(rand_augment_ops=2, rand_augment_magnitude=9),
+        engine.Noise(rand_augment=augment.RandAugment.for_image(16, 16)),
         seed=3,
         pseudo=training_data.TensorRows(px, soft_targets),
         evaluation=training_data.TensorBatches(ex, ey),

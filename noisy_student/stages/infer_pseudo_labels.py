@@ -23,15 +23,17 @@ def infer_pseudo_labels(
     out_url: str,
     batch_size: int,
     precision: str = "auto",
+    tta: str = "off",
 ) -> PseudoLabelShard:
     """Class probabilities for one shard of unlabelled images: the teacher in eval mode on
-    clean images (no augmentation, no dropout, no stochastic depth)."""
+    clean images (no augmentation, no dropout, no stochastic depth); with `tta="flip"` the
+    mean over each image and its mirror image."""
     start = time.perf_counter()
     faults.kill_point(f"pseudo-labels:shard={shard_index}")
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     with read_ahead(manifest, shard_index, batch_size) as batches:
         teacher = cached_teacher(teacher_url)
-        ids, probs = label_batches(teacher, batches, manifest.num_classes, precision)
+        ids, probs = label_batches(teacher, batches, manifest.num_classes, precision, tta)
     k = probs.shape[1]
     table = pa.table(
         {
@@ -101,6 +103,7 @@ def label_batches(
     batches: Iterable[dataset.ImageSet],
     num_classes: int,
     precision: str = "auto",
+    tta: str = "off",
 ) -> tuple[list[str], np.ndarray]:
     """Ids and class probabilities (rows x classes) of every batch, from a model made ready
     by `engine.for_inference` (as `cached_teacher` is), one batch on the device at a time;
@@ -109,7 +112,7 @@ def label_batches(
     parts: list[np.ndarray] = []
     for batch in batches:
         ids.extend(batch.ids)
-        parts.append(engine.batch_probs(model, batch.images, precision).numpy())
+        parts.append(engine.batch_probs(model, batch.images, precision, tta).numpy())
     if not parts:
         return ids, np.empty((0, num_classes), np.float32)
     return ids, np.concatenate(parts)

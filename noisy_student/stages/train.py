@@ -53,14 +53,14 @@ def _schedule(cfg: TrainConfig) -> engine.Schedule:
     )
 
 
-def _noise(cfg: TrainConfig) -> engine.Noise:
+def _noise(cfg: TrainConfig, manifest: dataset.Manifest) -> engine.Noise:
+    """The input noise for this data's images (RandAugment's settings follow their size)."""
     ra = cfg.rand_augment
     return engine.Noise(
         hflip=cfg.hflip,
         crop_padding=cfg.crop_padding,
-        rand_augment_ops=ra.num_ops if ra else 0,
-        rand_augment_magnitude=ra.magnitude if ra else 0.0,
-        rand_augment_magnitude_std=ra.magnitude_std if ra else 0.0,
+        rand_augment=ra.for_image(manifest.height, manifest.width) if ra else None,
+        cutout=cfg.cutout,
     )
 
 
@@ -188,12 +188,13 @@ def train_teacher(
             cfg.pretrained,
             cfg.checkpoint,
             cfg.stem,
+            model_kwargs=cfg.model_kwargs,
         )
         fit = engine.fit(
             model,
             labelled,
             _schedule(cfg),
-            _noise(cfg),
+            _noise(cfg, manifest),
             seed,
             evaluation=test,
             on_epoch=_epoch_logger(run_id, "teacher", cfg.epochs, on_progress),
@@ -272,7 +273,11 @@ def train_student(
             cfg.pretrained,
             cfg.checkpoint,
             **models.student_options(
-                f"students.{iteration - 1}", cfg.stem, cfg.init_from_teacher, teacher.url
+                f"students.{iteration - 1}",
+                cfg.stem,
+                cfg.init_from_teacher,
+                teacher.url,
+                cfg.model_kwargs,
             ),
         )
         if cfg.init_from_teacher:
@@ -287,7 +292,7 @@ def train_student(
             model,
             labelled,
             _schedule(cfg),
-            _noise(cfg),
+            _noise(cfg, manifest),
             seed + iteration,
             pseudo=pseudo,
             evaluation=test,
