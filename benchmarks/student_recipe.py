@@ -171,6 +171,28 @@ ARMS: dict[str, tuple[str, str, Recipe]] = {
 }
 
 
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """The first teacher: supervised on the labelled images, crops and flips only."""
+
+    model: str = "resnet10t"
+    stem: str = "imagenet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 100  # passes over the 1,000 labelled images, batches of 64
+
+
+TEACHER = TeacherRecipe()  # the accuracy preset's: it labels for every student arm
+# name -> (what, recipe): other first teachers, judged on dev (no student trained)
+TEACHER_ARMS: dict[str, tuple[str, TeacherRecipe]] = {
+    "teacher: resnet10t": ("the accuracy preset's teacher (the one that labels above)", TEACHER),
+    "teacher: resnet10t, 300 epochs": ("three times the epochs", replace(TEACHER, epochs=300)),
+    "teacher: the candidate's network": (
+        "resnet18d with the candidate student's half stem and narrow stages",
+        TeacherRecipe("resnet18d", "half", dict(NARROW)),
+    ),
+}
+
+
 # ---------------------------------------------------------------- data and teacher
 
 
@@ -212,25 +234,51 @@ def load_data(limit: int | None = None) -> Data:
     )
 
 
-def train_teacher(data: Data, quick: bool) -> torch.nn.Module:
-    """The accuracy preset's teacher: resnet10t, 100 epochs of 64, EMA, crops and flips."""
-    path = CACHE / ("teacher-quick.safetensors" if quick else "teacher.safetensors")
+def train_teacher(data: Data, recipe: TeacherRecipe, quick: bool) -> engine.FitResult:
+    """A first teacher: 64 images a step, SGD at 0.1, EMA, crops and flips."""
     torch.manual_seed(SEED)
-    model = models.create("resnet10t", CLASSES, 1)
-    if path.exists():
-        model.load_state_dict(models.load_safetensors(path.read_bytes()))
-        return model
+    model = models.create(
+        recipe.model, CLASSES, 1, stem=recipe.stem, model_kwargs=recipe.model_kwargs
+    )
     x, y = data.labelled
-    fit = engine.fit(
+    return engine.fit(
         model,
         training_data.TensorRows(x, engine.one_hot(y, CLASSES)),
-        engine.Schedule(epochs=10 if quick else 100, batch_size=64, lr=0.1),
+        engine.Schedule(epochs=10 if quick else recipe.epochs, batch_size=64, lr=0.1),
         engine.Noise(),
         SEED,
     )
+
+
+def labelling_teacher(data: Data, quick: bool) -> torch.nn.Module:
+    """TEACHER, trained once and kept: it labels the pool for every student arm."""
+    path = CACHE / ("teacher-quick.safetensors" if quick else "teacher.safetensors")
+    if path.exists():
+        model = models.create(TEACHER.model, CLASSES, 1)
+        model.load_state_dict(models.load_safetensors(path.read_bytes()))
+        return model
+    model = train_teacher(data, TEACHER, quick).model
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(models.save_safetensors(fit.model.state_dict()))
-    return fit.model
+    path.write_bytes(models.save_safetensors(model.state_dict()))
+    return model
+
+
+def teacher_arm(data: Data, recipe: TeacherRecipe, quick: bool) -> dict[str, Any]:
+    fit = train_teacher(data, recipe, quick)
+    out: dict[str, Any] = {
+        "steps": fit.steps,
+        "train_seconds": round(fit.seconds, 1),
+        "images_per_second": round(fit.steps * 64 / fit.seconds, 1),
+    }
+    for split, (images, labels) in (("dev", data.dev), ("test", data.test), ("pool", data.pool)):
+        for tta in engine.TTA:
+            probs = engine.predict_probs(fit.model, images, 1024, tta=tta)
+            right = probs.argmax(1).numpy() == labels.numpy()
+            key = f"{split}_accuracy" + ("" if tta == "off" else f"_{tta}")
+            out[key] = float(right.mean())
+            if split == "dev" and tta == "off":
+                out["dev_right"], out["dev_images"] = _packed(right), len(right)
+    return out
 
 
 def pseudo_labels(
@@ -376,6 +424,30 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {diff} | {p} | {100 * r['test_accuracy']:.2f}% | {r['images_per_second']:.0f} "
             f"| {r['train_seconds'] / 60:.1f} |"
         )
+    teachers = result.get("teachers", {})
+    if teachers:
+        lines += [
+            "",
+            "First teachers (100 labels per class, crops and flips, batches of 64), judged on "
+            "the same development images; flip: the mean over each image and its mirror "
+            "image (`inference.tta: flip`). Pseudo labels: the unlabelled pool.",
+            "",
+            "| teacher | what | dev accuracy (95% CI) | dev, flip | pseudo labels | pseudo "
+            "labels, flip | test accuracy | minutes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, (what, _) in TEACHER_ARMS.items():
+            t = teachers.get(name)
+            if t is None:
+                lines.append(f"| {name} | {what} | not yet run | | | | | |")
+                continue
+            lo, hi = wilson(round(t["dev_accuracy"] * t["dev_images"]), t["dev_images"])
+            lines.append(
+                f"| {name} | {what} | {100 * t['dev_accuracy']:.2f}% ({100 * lo:.1f}-"
+                f"{100 * hi:.1f}) | {100 * t['dev_accuracy_flip']:.2f}% | "
+                f"{100 * t['pool_accuracy']:.2f}% | {100 * t['pool_accuracy_flip']:.2f}% | "
+                f"{100 * t['test_accuracy']:.2f}% | {t['train_seconds'] / 60:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -385,9 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms")
     args = parser.parse_args(argv)
     flush_denormals()
-    unknown = [a for a in args.arms or [] if a not in ARMS]
+    unknown = [a for a in args.arms or [] if a not in ARMS and a not in TEACHER_ARMS]
     if unknown:
-        raise SystemExit(f"--arms: unknown arm {unknown[0]!r} (arms: {', '.join(ARMS)})")
+        names = ", ".join([*ARMS, *TEACHER_ARMS])
+        raise SystemExit(f"--arms: unknown arm {unknown[0]!r} (arms: {names})")
     stem = "student-recipe-quick" if args.quick else "student-recipe"
     path = RESULTS / f"{stem}.json"
     command = "uv run python -m benchmarks.student_recipe" + (" --quick" if args.quick else "")
@@ -399,14 +472,27 @@ def main(argv: list[str] | None = None) -> None:
         "arms": old.get("arms", {}) if old.get("identity") == identity else {},
     }
     data = load_data(limit=4000 if args.quick else None)
-    teacher = train_teacher(data, args.quick)
+    teacher = labelling_teacher(data, args.quick)
     for_tta = {}
     result["teacher"] = {}
     for tta in engine.TTA:
         images, targets, worth = pseudo_labels(teacher, data, tta)
         for_tta[tta] = (images, targets)
         result["teacher"][tta] = worth
-    for name in args.arms or list(ARMS):
+    result.setdefault(
+        "teachers", old.get("teachers", {}) if old.get("identity") == identity else {}
+    )
+    for name in args.arms or [*ARMS, *TEACHER_ARMS]:
+        if name in TEACHER_ARMS:
+            if name not in result["teachers"]:
+                start = time.perf_counter()
+                r = teacher_arm(data, TEACHER_ARMS[name][1], args.quick)
+                r["wall_seconds"] = round(time.perf_counter() - start, 1)
+                r["hardware"] = hardware()
+                result["teachers"][name] = r
+                print(f"{name}: dev {100 * r['dev_accuracy']:.2f}%", flush=True)
+                _save(path, result)
+            continue
         if name in result["arms"]:
             continue
         group, what, recipe = ARMS[name]

@@ -401,6 +401,18 @@ def cutout_every_image(
     return cut_out(x.float(), side, centre, fill.to(x.device)).to(x.dtype)
 
 
+def grid(rows: list[torch.Tensor], scale: int = 1, gap: int = 2) -> torch.Tensor:
+    """Batches of uint8 images (each n x C x H x W) laid out as one picture (C x H' x W'):
+    a row per batch, its images side by side, `gap` black pixels between them, every pixel
+    repeated `scale` times each way."""
+    n, c, h, w = rows[0].shape
+    out = torch.zeros(c, len(rows) * (h + gap) - gap, n * (w + gap) - gap, dtype=torch.uint8)
+    for i, batch in enumerate(rows):
+        for j, image in enumerate(batch):
+            out[:, i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = image
+    return out.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
 def crop_and_flip(
     x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator
 ) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
@@ -136,6 +137,17 @@ class Noise:
         if self.cutout:
             x = augment.cutout_every_image(x, self.cutout, fill, generator)
         return augment.to_float(x)
+
+
+def noise_picture(noise: Noise, images: torch.Tensor, draws: int = 4, seed: int = 0) -> np.ndarray:
+    """What the noise does to these uint8 images: the clean ones in the top row, under them
+    `draws` noised versions each; an H x W (grey) or H x W x 3 uint8 array, for a PNG."""
+    generator = torch.Generator().manual_seed(seed)
+    noised = [noise.apply(images, generator).add(1).mul(127.5).round() for _ in range(draws)]
+    rows = [images, *(x.clamp(0, 255).to(torch.uint8) for x in noised)]
+    scale = max(1, 96 // images.shape[-1])  # small images drawn large enough to see
+    picture = augment.grid(rows, scale).permute(1, 2, 0).numpy()
+    return picture[..., 0] if picture.shape[-1] == 1 else picture
 
 
 @dataclass

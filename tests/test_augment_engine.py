@@ -425,6 +425,21 @@ def test_predict_probs_puts_the_model_in_eval_mode_and_rows_sum_to_one():
     torch.testing.assert_close(engine.predict_probs(model, x, batch_size=10), probs)
 
 
+def test_flip_averaged_probabilities_are_the_mean_over_the_image_and_its_mirror_image():
+    model = engine.for_inference(models.create("test_resnet", 5, 1))
+    x = torch.randint(0, 256, (6, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.uint8)
+    averaged = engine.batch_probs(model, x, tta="flip")
+    expected = (engine.batch_probs(model, x) + engine.batch_probs(model, x.flip(-1))) / 2
+    torch.testing.assert_close(averaged, expected)
+    assert not torch.allclose(averaged, engine.batch_probs(model, x))
+    # an image that is its own mirror image gets what it gets alone
+    symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], -1)
+    torch.testing.assert_close(
+        engine.batch_probs(model, symmetric, tta="flip"), engine.batch_probs(model, symmetric)
+    )
+
+
 def test_batch_probs_is_the_same_for_either_layout_of_the_uint8_batch():
     model = engine.for_inference(models.create("test_resnet", 4, 3))
     x = torch.randint(

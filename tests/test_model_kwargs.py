@@ -132,6 +132,9 @@ def test_every_stage_and_predict_rebuild_the_network_with_its_keyword_arguments(
         cfg.students[0], tiny_dataset, selected, teacher, str(tmp_path / "st"), parent, 1, 0
     )
     assert models.load_meta(student.url).model_kwargs == NARROW
+    # the student's run shows its noise: labelled images clean and noised
+    picture = tracking.client().download_artifacts(student.mlflow_run_id, "noise.png", tmp_path)
+    assert Image.open(picture).size[0] > 8 * 28
 
     image = tmp_path / "shirt.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)).save(image)

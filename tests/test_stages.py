@@ -176,6 +176,13 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))
     torch.testing.assert_close(torch.from_numpy(probs), expected, rtol=1e-4, atol=1e-5)
     assert table.column("predicted").to_pylist() == expected.argmax(1).tolist()
+    # inference.tta: flip-averaged pseudo labels
+    flipped = stages.infer_pseudo_labels(
+        tiny_dataset, 1, teacher_url, str(tmp_path / "f"), 32, tta="flip"
+    )
+    averaged = engine.predict_probs(models.load(teacher_url)[0], shard.images, 100, tta="flip")
+    probs = np.stack(storage.read_parquet(flipped.url).column("probs").to_numpy(False))
+    torch.testing.assert_close(torch.from_numpy(probs), averaged, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("torch_threads", [1, 64])

@@ -15,7 +15,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from noisy_student import dataset, distributed, engine, models, storage, tracking, training_data
+from noisy_student import (
+    dataset,
+    dataset_writer,
+    distributed,
+    engine,
+    models,
+    storage,
+    tracking,
+    training_data,
+)
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
 from noisy_student.stages.prepare_data import labelled_rows, test_batches
@@ -25,6 +34,7 @@ from noisy_student.training_state import TrainingState
 logger = logging.getLogger(__name__)
 
 STATE_FOLDER = "_training_state"  # beside the model files, inside the stage's folder
+NOISE_PICTURE_IMAGES = 8
 
 
 def _train_params(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
@@ -62,6 +72,15 @@ def _noise(cfg: TrainConfig, manifest: dataset.Manifest) -> engine.Noise:
         rand_augment=ra.for_image(manifest.height, manifest.width) if ra else None,
         cutout=cfg.cutout,
     )
+
+
+def _log_noise_picture(
+    run_id: str, noise: engine.Noise, labelled: training_data.Rows, seed: int
+) -> None:
+    """noise.png in the student's run: labelled images clean, and under them noised."""
+    examples = labelled.decode(0, labelled.blocks[0].rows[:NOISE_PICTURE_IMAGES])
+    picture = engine.noise_picture(noise, examples, seed=seed)
+    tracking.log_bytes(run_id, dataset_writer.encode_png(picture), "noise.png")
 
 
 def _training_state(
@@ -280,6 +299,9 @@ def train_student(
                 cfg.model_kwargs,
             ),
         )
+        noise = _noise(cfg, manifest)
+        if run_id is not None:
+            _log_noise_picture(run_id, noise, labelled, seed + iteration)
         if cfg.init_from_teacher:
             teacher_meta = models.load_meta(teacher.url)
             if teacher_meta.model != cfg.model:
@@ -292,7 +314,7 @@ def train_student(
             model,
             labelled,
             _schedule(cfg),
-            _noise(cfg, manifest),
+            noise,
             seed + iteration,
             pseudo=pseudo,
             evaluation=test,
