@@ -12,38 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import scenes
 from noisy_student import config, corruptions, dataset, dataset_writer, ingest, models, storage
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 
 PHOTOS = REPO / "pipeline_config" / "photos.yaml"
 SIZE = 96  # photo-sized for the models (>= 96 px RGB), small enough for CPU tests
-CLASSES = ("dawn", "forest", "sea")
-
-
-def _photo(cls: str, rng: np.random.Generator) -> Image.Image:
-    """A photo-like scene of its class at a random size and aspect ratio: gradients, shapes
-    and sensor noise, so that every image differs and JPEG meets real texture."""
-    w, h = (int(v) for v in rng.integers(70, 260, 2))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    y, x = yy / h, xx / w
-    if cls == "dawn":  # warm sky, brighter towards a low sun
-        cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.5, 0.9)
-        glow = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) * rng.uniform(4, 10))
-        img = np.stack([200 + 55 * glow, 90 + 150 * glow * (1 - y), 40 + 60 * y], -1)
-    elif cls == "forest":  # dark green, trunks
-        img = np.stack([30 + 20 * y, 90 + 60 * np.sin(x * rng.uniform(8, 20)) ** 2, 30 + 0 * x], -1)
-        for left in rng.uniform(0, 1, 5):
-            trunk = np.abs(x - left) < rng.uniform(0.01, 0.04)
-            img[trunk] = (90, 60, 30)
-    else:  # sea under a pale sky, waves
-        horizon = rng.uniform(0.25, 0.5)
-        waves = np.sin(xx / rng.uniform(4, 9) + 3 * np.sin(yy / 5)) * 20
-        sea = np.stack([20 + 0 * x, 70 + waves, 150 + waves + 60 * y], -1)
-        sky = np.stack([170 + 0 * x, 200 + 0 * x, 235 - 30 * y], -1)
-        img = np.where((y < horizon)[..., None], sky, sea)
-    img = img + rng.normal(0, 6, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+CLASSES = scenes.CLASSES[:3]  # dawn, forest, sea: one of each pair, plain
 
 
 def _folder(root: Path, seed: int = 0) -> Path:
@@ -54,9 +30,9 @@ def _folder(root: Path, seed: int = 0) -> Path:
             for i in range(per_class):
                 path = root / split / cls / f"{cls}-{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _photo(cls, rng).save(path, quality=int(rng.integers(75, 96)))
+                scenes.photo(cls, rng).save(path, quality=int(rng.integers(75, 96)))
     for i in range(60):
-        photo = _photo(CLASSES[i % 3], rng)
+        photo = scenes.photo(CLASSES[i % 3], rng)
         # the odd PNG and a grayscale print among the camera JPEGs
         path = root / "unlabelled" / f"u{i:02d}.{'png' if i % 7 == 0 else 'jpg'}"
         path.parent.mkdir(parents=True, exist_ok=True)
