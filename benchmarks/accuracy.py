@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -622,21 +623,26 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             f"(same config and seed) for the rows they measured: {scores} (the teacher row: "
             f"{100 * agains[0]['table']:.2f}%); those rows start from it.",
         ]
-    teachers = [
-        done[n]["test_accuracy"]
-        for n in names
-        if n in done and (n == "teacher" or n.startswith("teacher: seed "))
-    ]
-    if len(teachers) > 1:
-        mean = statistics.mean(teachers)
-        lines += [
-            "",
-            f"The teacher over {len(teachers)} seeds: mean {100 * mean:.2f}%, standard "
-            f"deviation {100 * statistics.stdev(teachers):.2f} points, range "
-            f"{100 * min(teachers):.2f}-{100 * max(teachers):.2f}%. The students ran with "
-            "one seed: each more is the whole three-iteration chain again.",
+    final = student_names_in(names)[-1:]
+    for first, label in (("teacher", "The teacher"), *((f, f"Student {f[8:]}") for f in final)):
+        scores = [
+            done[n]["test_accuracy"]
+            for n in names
+            if n in done and (n == first or n.startswith(f"{first}: seed "))
         ]
+        if len(scores) > 1:
+            lines += [
+                "",
+                f"{label} over {len(scores)} seeds: mean {100 * statistics.mean(scores):.2f}%, "
+                f"standard deviation {100 * statistics.stdev(scores):.2f} points, range "
+                f"{100 * min(scores):.2f}-{100 * max(scores):.2f}%.",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def student_names_in(names: list[str]) -> list[str]:
+    """The iterations' student rows among a table's rows (not their other seeds)."""
+    return [n for n in names if re.fullmatch(r"student \d+", n)]
 
 
 def _below_teachers(
@@ -647,7 +653,7 @@ def _below_teachers(
     from noisy_student.stages.promote import below_teacher_note
 
     lines = []
-    students = [n for n in names if n.startswith("student ")]
+    students = student_names_in(names)
     for k, (name, teacher) in enumerate(
         zip(students, ["teacher", *students], strict=False), start=1
     ):
