@@ -134,7 +134,8 @@ def student_images(cfg: PipelineConfig, k: int) -> int:
     the teacher labels is selected once, balancing keeps the count), each step adding a
     labelled image for every `unlabelled_ratio` pseudo-labelled ones."""
     fm = cfg.data.fashion_mnist
-    pool = (fm.unlabelled_limit or LABELLED_TRAINING_IMAGES) - 10 * fm.labelled_per_class
+    set_apart = 10 * (fm.labelled_per_class + fm.validation_per_class)
+    pool = fm.unlabelled_limit or LABELLED_TRAINING_IMAGES - set_apart
     student = cfg.students[k - 1]
     return round(student.epochs * pool * (1 + 1 / student.unlabelled_ratio))
 

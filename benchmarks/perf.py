@@ -350,6 +350,20 @@ def student_batch(cfg: StudentConfig) -> int:
     return cfg.batch_size + max(1, round(cfg.batch_size * cfg.unlabelled_ratio))
 
 
+def student_network(cfg: StudentConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """The student's network as its stage builds it from scratch (a student that names no
+    stem has its teacher's; the presets' teachers keep timm's)."""
+    return models.create(
+        cfg.model,
+        num_classes,
+        in_chans,
+        cfg.drop_rate,
+        cfg.drop_path_rate,
+        stem=cfg.stem or "imagenet",
+        model_kwargs=cfg.model_kwargs,
+    )
+
+
 def synthetic_train_rate(
     cfg: StudentConfig, num_classes: int, in_chans: int, height: int, width: int, steps: int
 ) -> float:
@@ -358,7 +372,7 @@ def synthetic_train_rate(
     from timm.optim import create_optimizer_v2
 
     dev = engine.device()
-    model = models.create(cfg.model, num_classes, in_chans, cfg.drop_rate, cfg.drop_path_rate)
+    model = student_network(cfg, num_classes, in_chans)
     model.to(dev, memory_format=torch.channels_last).train()
     optimizer = create_optimizer_v2(
         model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9, foreach=True
@@ -669,7 +683,7 @@ def timm_train_rate(
         use_prefetcher=True,
         pin_memory=dev.type == "cuda",
     )
-    model = models.create(cfg.model, num_classes, in_chans, cfg.drop_rate, cfg.drop_path_rate)
+    model = student_network(cfg, num_classes, in_chans)
     model.to(dev, memory_format=torch.channels_last).train()
     optimizer = create_optimizer_v2(
         model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9, foreach=True
@@ -708,8 +722,7 @@ def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int =
 
     manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    model = models.create(cfg.model, manifest.num_classes, manifest.channels, cfg.drop_rate,
-                          cfg.drop_path_rate)  # fmt: skip
+    model = student_network(cfg, manifest.num_classes, manifest.channels)
     fit = engine.fit(
         model,
         training_data.labelled_rows(manifest),
