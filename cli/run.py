@@ -46,4 +46,7 @@ def _run(args: argparse.Namespace) -> None:
     summary = noisy_student(cfg, teacher=args.teacher, run_id=args.run_id)
     print()
     print(report.table(summary))
+    if "label_queue" in summary:
+        queue = summary["label_queue"]
+        print(f"label queue: {queue['size']} images by {queue['strategy']}: {queue['url']}")
     print(f"summary: {summary['summary_url']}")

@@ -11,6 +11,7 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 
 import tasks
+from flows.label_queue import queue_for_annotators
 from flows.labelling import label_unlabelled
 from flows.parameters import ConfigSource, Overrides, RunName, TeacherRef
 from noisy_student import config as config_mod
@@ -88,6 +89,8 @@ def noisy_student(
             evaluation=config.evaluation, run_url=run.url, iteration=len(config.students),
             config=config.model_dump(), **common,
         )  # fmt: skip
-        summary = run.finish(promotion)
+        # the unlabelled images whose human labels would help the next run most
+        queue = queue_for_annotators(run, data_root, shard_indices, student, shards)
+        summary = run.finish(promotion, queue)
         publish_results(summary, config.name)
     return summary

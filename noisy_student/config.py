@@ -29,6 +29,7 @@ from pydantic import (
 from noisy_student import augment, models
 from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
+from noisy_student.label_queue import Strategy
 from noisy_student.overrides import Overrides, apply_overrides, override_pairs
 
 
@@ -400,6 +401,21 @@ class EvaluationConfig(Strict):
         return sorted(set(steps))
 
 
+class LabellingConfig(Strict):
+    """The label queue written after a run: the unlabelled images a human should label
+    next (noisy_student/label_queue.py; docs/labelling.md)."""
+
+    queue_size: int = Field(
+        200, ge=0, description="Unlabelled images queued for a human label; 0: no queue"
+    )
+    strategy: Strategy = Field(
+        "margin",
+        description="Which images first: the final student's smallest top-two margin, "
+        "its lowest confidence, where it and its teacher disagree most, a class-balanced "
+        "mix of the three, or random (the control); see docs/labelling.md",
+    )
+
+
 class PipelineConfig(Strict):
     name: str = Field("noisy-student", description="MLflow experiment name")
     artifacts: str = Field("./artifacts", description="Root URL for every artifact of a run")
@@ -414,6 +430,9 @@ class PipelineConfig(Strict):
     evaluation: EvaluationConfig = Field(EvaluationConfig(), description="Robustness")
     distributed: DistributedConfig = Field(
         DistributedConfig(), description="Data-parallel training (noisy_student.train_distributed)"
+    )
+    labelling: LabellingConfig = Field(
+        LabellingConfig(), description="The label queue: which images to label next"
     )
 
 

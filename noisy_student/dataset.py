@@ -7,14 +7,20 @@ folder is never read: if the manifest is missing the dataset does not exist yet.
 
 New images are appended as new shards under a new manifest version; earlier shards are
 never rewritten, so shard i means the same images in every version, and every version's
-manifest stays readable under `_manifests/`. Appends may run at once: the version's
-manifest there is created only if that version does not exist yet, so exactly one writer
-gets each version and the others rebase onto it (see `dataset_writer.DatasetWriter.commit`). Readers
-start from `_manifest.json` and follow `_manifests/` forward to the newest version.
+manifest stays readable under `_manifests/`. Images leave a split the same way: a version
+may name `removed-*.parquet` files listing ids (and the class each was given, when they
+left the unlabelled pool for the labelled split), and readers skip those rows from that
+version on, as a table format's delete files do; the shards holding them stay as written.
+
+Appends may run at once: the version's manifest there is created only if that version does
+not exist yet, so exactly one writer gets each version and the others rebase onto it (see
+`dataset_writer.DatasetWriter.commit`). Readers start from `_manifest.json` and follow
+`_manifests/` forward to the newest version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -52,6 +58,8 @@ JPEG_QUALITY = 90
 LABELLED, UNLABELLED, TEST, VALIDATION = "labelled", "unlabelled", "test", "validation"
 SPLITS = (LABELLED, UNLABELLED, TEST, VALIDATION)
 UNLABELLED_TRUTH = "unlabelled_truth.parquet"
+REMOVED_PREFIX = "removed-"  # files of ids that left a split: `Manifest.removed_ids`
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int32())])
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,15 @@ class Manifest:
     version: int = 1
     encoding: str = "png"
     quality: int = JPEG_QUALITY  # of JPEG shards; what appended images are encoded at
+    # files listing the ids that left the split (up to this version), and those ids: their
+    # rows stay in the shards, and every reader here skips them
+    removed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    removed_ids: frozenset[str] = frozenset()
+
+    @property
+    def visible_rows(self) -> int:
+        """The rows readers see: those of the shards, less the ids that left the split."""
+        return self.num_rows - len(self.removed_ids)
 
     @property
     def num_classes(self) -> int:
@@ -85,6 +102,7 @@ class Manifest:
         return {
             "version": self.version,
             "rows": self.num_rows,
+            "removed": len(self.removed_ids),
             "shards": len(self.shards),
             "digest": self.digest,
         }
@@ -117,6 +135,10 @@ class _Shard(BaseModel):
     sha256: StrictStr
 
 
+class _Removed(_Shard):
+    file: str = Field(pattern=rf"^{REMOVED_PREFIX}[^/\\]+$")
+
+
 class _ManifestFile(BaseModel):
     """What `read_manifest` needs of a manifest file (writers add more keys: kept as is)."""
 
@@ -128,6 +150,7 @@ class _ManifestFile(BaseModel):
     class_names: list[StrictStr]
     image: _Image
     shards: list[_Shard]
+    removed: list[_Removed] = []
     digest: StrictStr
 
 
@@ -186,7 +209,25 @@ def read_manifest(url: str) -> Manifest:
         version=m.version,
         encoding=m.image.encoding,
         quality=m.image.quality,
+        removed=[r.model_dump() for r in m.removed],
+        removed_ids=frozenset(read_removed(url, [r.model_dump() for r in m.removed])["id"]),
     )
+
+
+def read_removed(url: str, files: list[dict[str, Any]]) -> dict[str, list]:
+    """The ids that left the split at `url` (and the class each was given, or None), from
+    its `removed-*` files, each checked against its checksum in the manifest."""
+    out: dict[str, list] = {"id": [], "label": []}
+    for entry in files:
+        file_url = storage.join(url, entry["file"])
+        data = storage.read_verified(file_url, entry["sha256"], f"{url}'s manifest")
+        try:
+            table = pq.read_table(io.BytesIO(data), columns=REMOVED_SCHEMA.names)
+        except (*READ_ERRORS, KeyError) as e:
+            raise UserError(f"{file_url}: not a list of removed ids: {describe_error(e)}") from None
+        for name in REMOVED_SCHEMA.names:
+            out[name] += table.column(name).to_pylist()
+    return out
 
 
 @contextmanager
@@ -457,11 +498,15 @@ def iter_shard_batches(
             images = decode_images(
                 manifest, url, table, row, channels_last=channels_last, threads=decode_threads
             )
-            return ImageSet(
-                ids=table.column("id").to_pylist(),
-                images=images.pin_memory() if pin_memory else images,
-                labels=labels_of(manifest, url, table, row),
+            part = without_removed(
+                manifest,
+                ImageSet(
+                    table.column("id").to_pylist(), images, labels_of(manifest, url, table, row)
+                ),
             )
+            if pin_memory:
+                part.images = part.images.pin_memory()
+            return part
 
         # row groups need not line up with batches: regroup them into batch_size rows. No
         # reader threads: row groups are small, and decoding already runs beside the consumer
@@ -480,11 +525,16 @@ def iter_shard_batches(
             buffered += batch.num_rows
             while buffered >= batch_size:
                 table = pa.Table.from_batches(pending)
-                yield emit(table.slice(0, batch_size))
+                yield from _unless_empty(emit(table.slice(0, batch_size)))
                 rest = table.slice(batch_size)
                 pending, buffered, row = rest.to_batches(), rest.num_rows, row + batch_size
         if buffered:
-            yield emit(pa.Table.from_batches(pending))
+            yield from _unless_empty(emit(pa.Table.from_batches(pending)))
+
+
+def _unless_empty(part: ImageSet) -> list[ImageSet]:
+    # a batch whose rows all left the split is no batch
+    return [part] if len(part) else []
 
 
 def iter_shards(manifest: Manifest) -> Iterator[ImageSet]:
@@ -495,11 +545,31 @@ def iter_shards(manifest: Manifest) -> Iterator[ImageSet]:
 def load_shard(manifest: Manifest, index: int, url: str | None = None) -> ImageSet:
     url = url or manifest.shard_urls()[index]
     table = read_shard(manifest, index)
-    return ImageSet(
-        ids=table.column("id").to_pylist(),
-        images=decode_images(manifest, url, table),
-        labels=labels_of(manifest, url, table),
+    return without_removed(
+        manifest,
+        ImageSet(
+            ids=table.column("id").to_pylist(),
+            images=decode_images(manifest, url, table),
+            labels=labels_of(manifest, url, table),
+        ),
     )
+
+
+def without_removed(manifest: Manifest, part: ImageSet) -> ImageSet:
+    """`part` less the rows whose ids left the split (`Manifest.removed_ids`), in the same
+    memory layout. Removed rows are decoded with the rest and dropped here, so that a bad
+    image is still reported at its row in the shard; they are few."""
+    if not manifest.removed_ids:
+        return part
+    keep = [k for k, i in enumerate(part.ids) if i not in manifest.removed_ids]
+    if len(keep) == len(part.ids):
+        return part
+    index = torch.tensor(keep, dtype=torch.long)
+    # indexed in the decoders' own N x H x W x C order, so a channels_last batch stays one
+    images = part.images.permute(0, 2, 3, 1)[index].permute(0, 3, 1, 2)
+    if part.images.is_contiguous():
+        images = images.contiguous()
+    return ImageSet([part.ids[k] for k in keep], images, part.labels[index])
 
 
 def load(url: str) -> tuple[Manifest, ImageSet]:
@@ -531,6 +601,8 @@ def require_labels(manifest: Manifest, images: ImageSet) -> None:
 
 
 def read_ids(manifest: Manifest) -> set[str]:
+    """Every id stored in the split's shards, those that left it included: an id is
+    never reused."""
     return {
         i
         for url in manifest.shard_urls()

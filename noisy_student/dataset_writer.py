@@ -1,9 +1,10 @@
 """Writing datasets: shards as rows arrive, the manifest last (see `dataset` for the format).
 
 New images are appended as new shards under a new manifest version; earlier shards are
-never rewritten. Appends may run at once: the version's manifest under `_manifests/` is
-created only if that version does not exist yet, so exactly one writer gets each version
-and the others rebase onto it (see `DatasetWriter.commit`).
+never rewritten, and images leave a split under a new version too (a `removed-*` file of
+their ids). Appends may run at once: the version's manifest under `_manifests/` is created
+only if that version does not exist yet, so exactly one writer gets each version and the
+others rebase onto it (see `DatasetWriter.commit`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,21 @@ from noisy_student.dataset import (
     HISTORY,
     JPEG_QUALITY,
     MANIFEST,
+    REMOVED_PREFIX,
+    REMOVED_SCHEMA,
     ROW_GROUP_SIZE,
     SCHEMA,
     SCHEMA_VERSION,
     Manifest,
     read_ids,
     read_manifest,
+    read_removed,
 )
 from noisy_student.errors import UserError
+
+
+class ConcurrentChange(UserError):
+    """Another writer committed the same ids first; nothing of this write was kept."""
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -67,7 +75,8 @@ class DatasetWriter:
     splits become visible together, once all of them are complete.
     With `base` (the current manifest) it appends: new shards after the existing ones,
     then the next manifest version; if the block raises, only the new shards are removed
-    and the current version stays in force.
+    and the current version stays in force. `remove` makes rows of the base leave the
+    split in that version.
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class DatasetWriter:
         self._pending: list[tuple[str, bytes, int | None]] = []
         self._shards: list[dict[str, Any]] = list(base.shards) if base else []
         self._first_new = len(self._shards)  # shards before this are the base's: never removed
+        self._removed: list[dict[str, Any]] = list(base.removed) if base else []
+        self._first_removed = len(self._removed)
+        self._removing: dict[str, int | None] = {}  # ids leaving the split -> their class
         self._published = False  # whether a manifest version names the new shards
         self._existing: set[str] = existing_ids or set()
         self._ids: set[str] = set()
@@ -151,6 +163,26 @@ class DatasetWriter:
         if len(self._pending) >= self.rows_per_shard:
             self._flush()
 
+    def remove(self, id: str, label: int | None = None) -> None:
+        """Row `id` of the base leaves the split with this version; `label` is the class it
+        was given (ids leaving the unlabelled pool for the labelled split)."""
+        if self.base is None:
+            raise ValueError("rows leave a split only in a later version (a writer with a base)")
+        if id in self.base.removed_ids or id in self._removing:
+            raise UserError(f"{self.url}: id {id!r} has already left the split")
+        self._removing[id] = label
+
+    def _write_removed(self) -> None:
+        if not self._removing:
+            return
+        table = pa.table(
+            {"id": list(self._removing), "label": list(self._removing.values())},
+            schema=REMOVED_SCHEMA,
+        )
+        name = f"{REMOVED_PREFIX}{len(self._removed):05d}-{uuid.uuid4().hex[:8]}.parquet"
+        sha256 = storage.write_parquet(storage.join(self.url, name), table, ROW_GROUP_SIZE * 64)
+        self._removed.append({"file": name, "rows": table.num_rows, "sha256": sha256})
+
     def _flush(self) -> None:
         if not self._pending:
             return
@@ -170,12 +202,14 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Remove the shards written so far: without a manifest nobody reads them anyway."""
-        for s in self._shards[self._first_new :]:
+        for s in self._shards[self._first_new :] + self._removed[self._first_removed :]:
             storage.remove(storage.join(self.url, s["file"]))
         self._shards, self._pending = self._shards[: self._first_new], []
+        self._removed = self._removed[: self._first_removed]
 
     def _manifest(self) -> dict[str, Any]:
-        digest = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode())
+        files = self._shards + self._removed
+        digest = hashlib.sha256("".join(s["sha256"] for s in files).encode())
         return {
             "format": "noisy-student-dataset",
             "schema_version": SCHEMA_VERSION,
@@ -192,6 +226,7 @@ class DatasetWriter:
                 **({"quality": self.quality} if self.encoding == "jpeg" else {}),
             },
             "shards": self._shards,
+            **({"removed": self._removed} if self._removed else {}),
             "digest": digest.hexdigest(),
             **self.extra,
         }
@@ -206,6 +241,7 @@ class DatasetWriter:
         version. So concurrent appends all land, in some order, and none is lost.
         """
         self._flush()
+        self._write_removed()
         faults.kill_point("append:commit" if self.base else "write:commit")
         if self.base is None:
             manifest = self._manifest()
@@ -228,23 +264,34 @@ class DatasetWriter:
 
     def _rebase(self, theirs: dict[str, Any]) -> None:
         """Another append committed version `self.version` first: go after it."""
-        known = self._first_new
-        if theirs["shards"][:known] != self._shards[:known]:
+        known, known_removed = self._first_new, self._first_removed
+        their_removed = theirs.get("removed", [])
+        if (
+            theirs["shards"][:known] != self._shards[:known]
+            or their_removed[:known_removed] != self._removed[:known_removed]
+        ):
             self.abort()
             raise UserError(f"{self.url}: version {theirs['version']} rewrote earlier shards")
         for shard in theirs["shards"][known:]:
             ids = storage.read_parquet(storage.join(self.url, shard["file"]), ["id"])
-            clash = self._ids.intersection(ids.column("id").to_pylist())
-            if clash:
-                self.abort()
-                raise UserError(
-                    f"{self.url}: id {min(clash)!r} was appended by another writer meanwhile"
-                    f" (version {theirs['version']}); nothing appended"
-                )
-        ours = self._shards[known:]
-        self._shards = [*theirs["shards"], *ours]
-        self._first_new = len(theirs["shards"])
+            self._refuse_clash(self._ids, ids.column("id").to_pylist(), theirs, "appended")
+        taken = read_removed(self.url, their_removed[known_removed:])["id"]
+        self._refuse_clash(self._removing.keys(), taken, theirs, "taken out of the split")
+        self._shards = [*theirs["shards"], *self._shards[known:]]
+        self._removed = [*their_removed, *self._removed[known_removed:]]
+        self._first_new, self._first_removed = len(theirs["shards"]), len(their_removed)
         self.version = theirs["version"] + 1
+
+    def _refuse_clash(
+        self, ours: Iterable[str], theirs: Iterable[str], manifest: dict[str, Any], what: str
+    ) -> None:
+        clash = set(ours).intersection(theirs)
+        if clash:
+            self.abort()
+            raise ConcurrentChange(
+                f"{self.url}: id {min(clash)!r} was {what} by another writer meanwhile"
+                f" (version {manifest['version']}); nothing written"
+            )
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

@@ -5,8 +5,9 @@
 `pseudo-labels:shard=<i>` (as shard i starts), `<run>:step=<n>` (after training step n)
 and `<run>:epoch=<e>` (after epoch e's training state is saved), where <run> is
 `teacher` or `student-<k>`; `append:commit` / `write:commit` (a dataset append or a new
-dataset, once its shards are written and before its manifest is). Unset, this costs one
-environment lookup.
+dataset, once its shards are written and before its manifest is); `labels:land` (`ingest
+labels`, between its claim on the unlabelled pool and the landing in labelled/). Unset,
+this costs one environment lookup.
 """
 
 from __future__ import annotations

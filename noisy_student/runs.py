@@ -23,7 +23,7 @@ from typing import Any
 
 from noisy_student import dataset, report, storage, tracking
 from noisy_student.config import PipelineConfig
-from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
+from noisy_student.stages import LabelQueue, Robustness, SelectedPseudoLabels, TrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ def run_identity(config: PipelineConfig, data_root: str) -> str:
     if storage.exists(storage.join(validation, dataset.MANIFEST)):
         # only where there is one: a dataset without keeps the identity it had
         digests.append(dataset.read_manifest(validation).digest)
-    text = json.dumps({"config": config.model_dump(mode="json"), "data": digests}, sort_keys=True)
+    # the label queue's settings change no model: another queue is the same run
+    trained = config.model_dump(mode="json", exclude={"labelling"})
+    text = json.dumps({"config": trained, "data": digests}, sort_keys=True)
     return f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -132,9 +134,12 @@ class PipelineRun:
         )
         self.evaluations.append(robustness)
 
-    def finish(self, promotion: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, promotion: dict[str, Any], label_queue: LabelQueue | None = None
+    ) -> dict[str, Any]:
         """summary.json beside the run's outputs and on the MLflow parent run, with the
-        lineage, the last robustness report and the final figures; returns the summary."""
+        lineage, the last robustness report, the final figures and where the label queue
+        is; returns the summary."""
         parent, last = self.parent_run_id, self.evaluations[-1]
         summary = report.summary(
             self.run_id,
@@ -149,6 +154,14 @@ class PipelineRun:
         # the last report covers every model of the run; it goes beside summary.json
         storage.write_bytes(summary["robustness"]["report_url"], last.report.encode())
         summary["promotion"] = promotion
+        if label_queue is not None:
+            summary["label_queue"] = {
+                "url": label_queue.url,
+                "strategy": label_queue.strategy,
+                "size": label_queue.size,
+                "files": label_queue.files,
+                "mlflow_run_id": label_queue.mlflow_run_id,
+            }
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
         tracking.log_dict(parent, report.lineage(self.iterations), "lineage.json")

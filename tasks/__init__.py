@@ -12,6 +12,7 @@ from tasks.evaluate_robustness import evaluate_robustness
 from tasks.existing_teacher import existing_teacher
 from tasks.filter_and_balance import filter_and_balance
 from tasks.infer_pseudo_labels import infer_pseudo_labels
+from tasks.label_queue import label_queue
 from tasks.prepare_data import prepare_data
 from tasks.promote import promote
 from tasks.train_student import train_student
@@ -28,4 +29,5 @@ __all__ = [
     "evaluate_robustness",
     "existing_teacher",
     "promote",
+    "label_queue",
 ]

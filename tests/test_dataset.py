@@ -586,3 +586,86 @@ def test_an_append_whose_commit_fails_leaves_no_shards_behind(tmp_path, monkeypa
     assert dataset.read_manifest(url) == before
     files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
     assert files == {s["file"] for s in before.shards}
+
+
+# --- images leaving a split -------------------------------------------------------------
+
+
+def _remover(url: str, ids: dict[str, int | None]) -> DatasetWriter:
+    """A version of the split at `url` without `ids` (with the class each was given)."""
+    base = dataset.read_manifest(url)
+    w = DatasetWriter(url, base.split, CLASSES, 8, 6, "L", base=base).__enter__()
+    for i, label in ids.items():
+        w.remove(i, label)
+    return w
+
+
+def test_rows_that_left_a_split_are_skipped_by_every_reader_from_that_version_on(tmp_path):
+    url = str(tmp_path / "ds")
+    arrays = _images(10)
+    _write(url, arrays, [None] * 10)
+    before = dataset.read_manifest(url)
+    _remover(url, {"img-2": 1, "img-7": None}).commit()
+
+    manifest = dataset.read_manifest(url)
+    assert manifest.version == 2 and manifest.removed_ids == {"img-2", "img-7"}
+    assert manifest.shards == before.shards  # the shards stay as written
+    assert (manifest.num_rows, manifest.visible_rows) == (10, 8)
+    assert manifest.digest != before.digest and manifest.state()["removed"] == 2
+    kept = [i for i in range(10) if i not in (2, 7)]
+    _, images = dataset.load(url)
+    assert images.ids == [f"img-{i}" for i in kept]
+    assert torch.equal(images.images[:, 0], torch.from_numpy(arrays[kept]))
+    assert dataset.load_shard(manifest, 0).ids == ["img-0", "img-1", "img-3"]
+    for channels_last in (False, True):
+        batches = list(dataset.iter_shard_batches(manifest, 1, 2, channels_last=channels_last))
+        assert [b.ids for b in batches] == [["img-4", "img-5"], ["img-6"]]  # none empty
+        assert torch.equal(batches[0].images[:, 0], torch.from_numpy(arrays[4:6]))
+        as_before = next(dataset.iter_shard_batches(before, 1, 2, channels_last=channels_last))
+        assert batches[0].images.stride() == as_before.images.stride()  # the same layout
+    # the removed ids and their classes are on record; ids stored stay taken
+    assert dataset.read_removed(url, manifest.removed) == {
+        "id": ["img-2", "img-7"],
+        "label": [1, None],
+    }
+    assert "img-2" in dataset.read_ids(manifest)
+    with pytest.raises(UserError, match=r"id 'img-2' has already left the split"):
+        _remover(url, {"img-2": 0})
+
+
+def test_a_damaged_list_of_removed_ids_fails_its_checksum_in_one_line(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url, _images(4), [None] * 4)
+    _remover(url, {"img-1": 0}).commit()
+    (name,) = [n for n in storage.find(url) if n.rsplit("/", 1)[-1].startswith("removed-")]
+    storage.write_bytes(name, b"PAR1 not really")
+    with pytest.raises(UserError, match=r"removed-.*\.parquet: checksum does not match") as e:
+        dataset.read_manifest(url)
+    assert "\n" not in str(e.value)
+
+
+def test_removals_and_appends_racing_from_one_version_all_land(store):
+    url = storage.join(store, "ds")
+    _write(url, _images(8), [None] * 8)
+    a = _remover(url, {"img-0": 0, "img-1": 1})
+    b = _appender(url, ["new-0", "new-1"], seed=3)
+    c = _remover(url, {"img-5": 2})
+    for w in (b, a, c):
+        w.commit()
+    manifest, images = dataset.load(url)
+    assert manifest.version == 4 and manifest.removed_ids == {"img-0", "img-1", "img-5"}
+    assert images.ids == ["img-2", "img-3", "img-4", "img-6", "img-7", "new-0", "new-1"]
+
+
+def test_a_removal_racing_another_of_the_same_id_is_refused_and_leaves_no_file(store):
+    url = storage.join(store, "ds")
+    _write(url, _images(4), [None] * 4)
+    a = _remover(url, {"img-1": 0, "img-2": 0})
+    b = _remover(url, {"img-3": 1, "img-2": 1})
+    a.commit()
+    with pytest.raises(dataset_writer.ConcurrentChange, match=r"id 'img-2' was taken out of"):
+        b.commit()
+    manifest = dataset.read_manifest(url)
+    assert manifest.version == 2 and manifest.removed_ids == {"img-1", "img-2"}
+    files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
+    assert files == {s["file"] for s in manifest.shards + manifest.removed}

@@ -115,6 +115,7 @@ def test_smoke_run_records_lineage_in_mlflow(smoke_run):
                 "evaluate_robustness",
             )
         ]
+        + [("label_queue", "2")]  # after the last iteration, by its student
     )
     by_id = {r.info.run_id: r for r in children}
     for it in summary["iterations"]:
@@ -289,3 +290,37 @@ def test_smoke_run_shows_each_training_stage_progress_as_an_artifact(smoke_run):
         "teacher: epochs trained",
     ]
     assert all(a.data == 100.0 for a in progress)
+
+
+def test_smoke_run_queues_the_images_to_label_next_for_annotators(smoke_run):
+    import base64
+
+    from prefect.artifacts import Artifact
+
+    summary, tmp = smoke_run
+    queue = summary["label_queue"]
+    assert (queue["strategy"], queue["size"]) == ("margin", 200)
+    table = pq.read_table(queue["files"]["parquet"]).to_pandas()
+    pool = dataset.read_manifest(storage.join(summary["data_root"], dataset.UNLABELLED))
+    assert table["id"].is_unique and set(table["id"]) <= dataset.read_ids(pool)
+    # ranked by the final student's margin, smallest first
+    assert table["margin"].is_monotonic_increasing and table["rank"].tolist() == list(range(1, 201))
+    scores = storage.read_json(storage.join(queue["url"], "scores", dataset.MANIFEST))
+    assert scores["teacher_run_id"] == summary["iterations"][-1]["student"]["mlflow_run_id"]
+    assert sum(s["rows"] for s in scores["shards"]) == 2000
+    tasks = json.loads(Path(queue["files"]["label_studio"]).read_text())
+    assert [t["data"]["image_id"] for t in tasks] == table["id"].tolist()
+    assert Path(queue["files"]["csv"]).read_text().startswith("id,class,model_class,")
+    sheet = Path(queue["files"]["contact_sheet"]).read_bytes()
+    # the contact sheet in MLflow and in the Prefect UI, the first rows as a table
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    logged = client.list_artifacts(summary["mlflow"]["parent_run_id"], "label_queue")
+    assert [f.path for f in logged] == ["label_queue/contact_sheet.png"]
+    stage = client.get_run(queue["mlflow_run_id"])
+    assert stage.data.tags["noisy_student.student_run_id"] == scores["teacher_run_id"]
+    assert stage.data.metrics["queued"] == 200
+    image = Artifact.get("noisy-student-smoke-label-queue-sheet")
+    assert image is not None and image.type == "image"
+    assert base64.b64decode(image.data.split(",", 1)[1]) == sheet
+    rows = json.loads(Artifact.get("noisy-student-smoke-label-queue").data)
+    assert [r["id"] for r in rows] == table["id"].tolist()[:50]

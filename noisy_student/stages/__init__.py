@@ -10,6 +10,7 @@ from noisy_student.stages.evaluate_robustness import evaluate_robustness
 from noisy_student.stages.existing_teacher import CHAMPION, existing_teacher
 from noisy_student.stages.filter_and_balance import filter_and_balance
 from noisy_student.stages.infer_pseudo_labels import infer_pseudo_labels
+from noisy_student.stages.label_queue import label_queue
 from noisy_student.stages.prepare_data import (
     check_data,
     choice_split,
@@ -18,6 +19,7 @@ from noisy_student.stages.prepare_data import (
 )
 from noisy_student.stages.promote import CHALLENGER, promote
 from noisy_student.stages.records import (
+    LabelQueue,
     PseudoLabelShard,
     Robustness,
     SelectedPseudoLabels,
@@ -28,6 +30,7 @@ from noisy_student.stages.train import train_student, train_teacher
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "LabelQueue",
     "PseudoLabelShard",
     "Robustness",
     "SelectedPseudoLabels",
@@ -38,6 +41,7 @@ __all__ = [
     "existing_teacher",
     "filter_and_balance",
     "infer_pseudo_labels",
+    "label_queue",
     "prepare_data",
     "promote",
     "train_student",

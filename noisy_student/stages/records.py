@@ -56,3 +56,14 @@ class Robustness:
     report: str = ""  # its Markdown, for a Prefect artifact
     suite_url: str = ""  # the corrupted test images every model is judged on
     baseline: dict[str, Any] = field(default_factory=dict)  # the model CE is relative to
+
+
+@dataclass
+class LabelQueue:
+    url: str  # the folder of the queue's files
+    strategy: str
+    size: int
+    files: dict[str, str]  # URL by kind: parquet, label_studio, label_config, csv, contact_sheet
+    mlflow_run_id: str
+    seconds: float
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the first rows, for the UI
