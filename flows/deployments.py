@@ -7,7 +7,9 @@
 - New data announces itself with the event `noisy-student.unlabelled-data.landed`:
   `noisy-student ingest append` emits it, and `watch` emits it for data that landed by
   other means (it compares the unlabelled manifest with the last version announced).
-- The trigger on that event fires on the first arrival and schedules the run one
+- Labels taken back from annotators (`noisy-student ingest labels`) announce themselves
+  with `noisy-student.labels.landed`, and retrain alike.
+- The trigger on those events fires on the first arrival and schedules the run one
   window later; arrivals within the window fold into that run, which labels everything
   in the manifest by then.
 
@@ -28,6 +30,7 @@ from prefect.variables import Variable
 
 from flows.events import (
     EVENT,
+    LABELS_EVENT,
     RESOURCE_PREFIX,
     announce,
     announced_variable,
@@ -72,12 +75,13 @@ def watch_data(config: ConfigSource, overrides: Overrides = None) -> dict[str, A
 
 
 def retrain_trigger(window: timedelta, root: str | None = None) -> DeploymentEventTrigger:
-    """Fires on the first new-data event and schedules the run `window` later; further
-    events within the window are absorbed by it. With `root`, only that dataset counts."""
+    """Fires on the first new-data or new-labels event and schedules the run `window`
+    later; further events within the window are absorbed by it. With `root`, only that
+    dataset counts."""
     resource = dataset_resource(root)["prefect.resource.id"] if root else f"{RESOURCE_PREFIX}*"
     return DeploymentEventTrigger(
-        name="noisy-student retrain on new unlabelled data",
-        expect={EVENT},
+        name="noisy-student retrain on new data or labels",
+        expect={EVENT, LABELS_EVENT},
         match={"prefect.resource.id": resource},
         posture="Reactive",
         threshold=1,

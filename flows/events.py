@@ -1,5 +1,6 @@
-"""The new-data event and the little state around it, kept light: `noisy-student ingest
-append` and `noisy-student results-storage` import this without torch or the flow."""
+"""The new-data and new-labels events and the little state around them, kept light:
+`noisy-student ingest append|labels` and `noisy-student results-storage` import this
+without torch or the flow."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prefect.variables import Variable
 from noisy_student import storage
 
 EVENT = "noisy-student.unlabelled-data.landed"
+LABELS_EVENT = "noisy-student.labels.landed"  # `ingest labels`: the labelled split grew
 RESOURCE_PREFIX = "noisy-student.dataset."
 RESULTS_BLOCK = "noisy-student-results"
 
@@ -42,9 +44,6 @@ def announce(
     """Emit the new-data event for the dataset at `root` (its unlabelled manifest is now
     `state`, see `Manifest.state`), then remember that version as announced. Needs
     PREFECT_API_URL."""
-    from prefect.events.clients import get_events_client
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
     previous = previous or {}
     event = Event(
         event=EVENT,
@@ -57,6 +56,36 @@ def announce(
             "source": source,
         },
     )
+    _emit(event)
+    remember(root, state)
+    return event
+
+
+def announce_labels(
+    root: str, labelled: dict[str, Any], unlabelled: dict[str, Any], new_labels: int
+) -> Event:
+    """Emit the new-labels event for the dataset at `root`, whose labelled and unlabelled
+    manifests are now `labelled` and `unlabelled` (`Manifest.state`). The unlabelled
+    version is remembered as announced: `watch` then sees nothing new in the pool."""
+    event = Event(
+        event=LABELS_EVENT,
+        resource=dataset_resource(root),
+        payload={
+            "dataset": storage.resolve(root),
+            "labelled": labelled,
+            "unlabelled": unlabelled,
+            "new_labels": new_labels,
+            "source": "ingest",
+        },
+    )
+    _emit(event)
+    remember(root, unlabelled)
+    return event
+
+
+def _emit(event: Event) -> None:
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     async def send() -> None:
         # A client of our own, opened and closed here: a short-lived command must not
@@ -65,8 +94,6 @@ def announce(
             await client.emit(event)
 
     run_coro_as_sync(send())
-    remember(root, state)
-    return event
 
 
 def remember(root: str, state: dict[str, Any]) -> None:

@@ -483,7 +483,7 @@ def test_compose_config_validates(tmp_path):
 
 
 def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron():
-    from flows.events import EVENT, RESOURCE_PREFIX
+    from flows.events import EVENT, LABELS_EVENT, RESOURCE_PREFIX
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
@@ -492,7 +492,7 @@ def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron(
     assert iterate["concurrency_limit"] == 1
     assert iterate["parameters"]["teacher"] == "champion"
     (trigger,) = iterate["triggers"]
-    assert trigger["expect"] == [EVENT]
+    assert trigger["expect"] == [EVENT, LABELS_EVENT]
     assert trigger["match"]["prefect.resource.id"] == f"{RESOURCE_PREFIX}*"
     assert trigger["within"] == trigger["schedule_after"] > 0
     assert iterate["schedules"][0]["cron"]
