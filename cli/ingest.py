@@ -15,7 +15,7 @@ from noisy_student.errors import UserError
 def add_parser(sub: Any) -> None:
     ingest = sub.add_parser("ingest", help="write raw images in the dataset format")
     isub = ingest.add_subparsers(dest="source_kind", required=True)
-    for add in (_add_fashion_mnist, _add_image_folder, _add_parquet, _add_append):
+    for add in (_add_fashion_mnist, _add_image_folder, _add_parquet, _add_append, _add_labels):
         add(isub)
 
 
@@ -127,6 +127,22 @@ def _add_append(isub: Any) -> None:
     app.set_defaults(func=_append)
 
 
+def _add_labels(isub: Any) -> None:
+    lab = isub.add_parser(
+        "labels",
+        help="take annotators' labels back: the images join the labelled split (a new "
+        "version) and leave the unlabelled pool; then emit the event that starts a retrain",
+    )
+    lab.add_argument(
+        "file",
+        help="a Label Studio JSON export of a label queue's tasks, or a CSV with the columns "
+        "id,class (e.g. the queue's queue.csv, filled in); any fsspec URL",
+    )
+    lab.add_argument("--dataset", required=True, help="dataset root URL the queue came from")
+    lab.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
+    lab.set_defaults(func=_labels)
+
+
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
     """The options of every ingest that writes images (image-folder, parquet, append): one
     name, default and help text each. Left out, an option is not passed, and the ingest
@@ -202,12 +218,7 @@ def _append(args: argparse.Namespace) -> None:
     from noisy_student import ingest, storage
 
     root = storage.resolve(args.dataset)
-    announcing = not args.no_event and bool(os.environ.get("PREFECT_API_URL"))
-    if announcing:
-        from flows.events import check_api
-
-        prefect_defaults()
-        check_api()  # a refused auth string stops us before the data changes
+    _check_prefect_first(args.no_event)
     before, after = _by_name(ingest.append_unlabelled, args, root=root)
     print(
         f"unlabelled: version {before.version} -> {after.version}: "
@@ -215,22 +226,79 @@ def _append(args: argparse.Namespace) -> None:
         f"{len(after.shards) - len(before.shards)} shard(s), {after.num_rows} in all"
     )
     _print_skipped([after.url])
-    if args.no_event:
+
+    def send():
+        from flows.events import announce
+
+        return announce(root, after.state(), before.state(), source="ingest")
+
+    _announce(args.no_event, send, f"the images were appended (version {after.version})")
+
+
+def _labels(args: argparse.Namespace) -> None:
+    from noisy_student import annotations, storage
+
+    root = storage.resolve(args.dataset)
+    _check_prefect_first(args.no_event)
+    taken = annotations.take_labels(root, args.file)
+    (before, after), (pool_before, pool) = taken.labelled, taken.unlabelled
+    print(
+        f"labelled: version {before.version} -> {after.version}: {taken.added} images "
+        f"labelled, {after.num_rows} in all"
+    )
+    print(
+        f"unlabelled: version {pool_before.version} -> {pool.version}: {taken.added} images "
+        f"left the pool, {pool.visible_rows} remain"
+    )
+    skipped = [
+        f"{n} row(s) {why}"
+        for n, why in (
+            (taken.unanswered, "without a class"),
+            (taken.already, "already labelled with the same class"),
+        )
+        if n
+    ]
+    if skipped:
+        print(f"skipped {' and '.join(skipped)}")
+    if taken.finished:
+        print(f"{taken.finished} image(s) claimed by an interrupted ingest landed too")
+    if after.version == before.version:
+        print("nothing new: no event")
         return
-    if not announcing:
+
+    def send():
+        from flows.events import announce_labels
+
+        return announce_labels(root, after.state(), pool.state(), taken.added)
+
+    _announce(args.no_event, send, f"the labels were taken back (labelled version {after.version})")
+
+
+def _check_prefect_first(no_event: bool) -> None:
+    """Where an event will follow, ask the Prefect server one authenticated question before
+    the data changes: a refused auth string stops the command there."""
+    if not no_event and os.environ.get("PREFECT_API_URL"):
+        from flows.events import check_api
+
+        prefect_defaults()
+        check_api()
+
+
+def _announce(no_event: bool, send: Callable[[], Any], landed: str) -> None:
+    """The event of data that has landed (`send` emits it), or why there is none."""
+    if no_event:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
         print("PREFECT_API_URL is not set: no event emitted (a `watch` deployment will notice)")
         return
-    from flows.events import EVENT, announce
-
     try:
-        event = announce(root, after.state(), before.state(), source="ingest")
-    except Exception as e:  # the append has landed: say so, and what did not happen
+        event = send()
+    except Exception as e:  # the data has landed: say so, and what did not happen
         raise UserError(
-            f"{os.environ['PREFECT_API_URL']}: the images were appended (version "
-            f"{after.version}) but the event was not sent ({type(e).__name__}); a `watch` "
-            "deployment will notice the new version"
+            f"{os.environ['PREFECT_API_URL']}: {landed} but the event was not sent "
+            f"({type(e).__name__}); a `watch` deployment will notice the new version"
         ) from None
-    print(f"event {EVENT} emitted for {event.resource.id}")
+    print(f"event {event.event} emitted for {event.resource.id}")
 
 
 def _print_dataset(root: str) -> None:

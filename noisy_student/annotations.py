@@ -37,7 +37,6 @@ from noisy_student.errors import UserError
 from noisy_student.label_queue import TASK_ID_KEY
 
 LANDING_ATTEMPTS = 10
-VALIDATION = "validation"  # the optional labelled split of DESIGN.md's dataset format
 
 
 @dataclass(frozen=True)
@@ -169,7 +168,7 @@ def _claims(unlabelled: Manifest) -> dict[str, int]:
 def _other_splits(root: str) -> dict[str, set[str]]:
     """The ids of the splits that never take labels back: test, and validation if any."""
     out = {}
-    for split in (dataset.TEST, VALIDATION):
+    for split in (dataset.TEST, dataset.VALIDATION):
         url = storage.join(root, split)
         if storage.exists(storage.join(url, dataset.MANIFEST)):
             out[split] = dataset.read_ids(read_manifest(url))

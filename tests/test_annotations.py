@@ -26,10 +26,23 @@ from noisy_student.ingest import FASHION_MNIST_CLASSES as CLASSES
 from tests.conftest import REPO
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, fashion_mnist_source) -> str:
+    """A real slice of Fashion-MNIST: 50 labelled, 20 validation, 300 unlabelled in three
+    shards, 200 test images."""
+    from noisy_student import ingest
+
+    return ingest.fashion_mnist(
+        str(tmp_path_factory.mktemp("labels") / "ds"), fashion_mnist_source,
+        labelled_per_class=5, validation_per_class=2, unlabelled_limit=300, test_limit=200,
+        rows_per_shard=100,
+    )  # fmt: skip
+
+
 @pytest.fixture()
-def root(tiny_dataset, tmp_path) -> str:
-    """A copy of the tiny dataset (50 labelled, 300 unlabelled in 3 shards, 200 test)."""
-    shutil.copytree(tiny_dataset, tmp_path / "ds")
+def root(source, tmp_path) -> str:
+    """A copy of the source dataset, for one test to change."""
+    shutil.copytree(source, tmp_path / "ds")
     return str(tmp_path / "ds")
 
 
@@ -163,6 +176,11 @@ BAD_FILES = {
         lambda ids: [(ids[0], "Shirt"), ("{test}", "Bag")],
         r"labels\.csv: line 3: id 'test-\d+' is in the test split; only unlabelled images take",
     ),
+    "a validation image": (
+        "csv",
+        lambda ids: [(ids[0], "Shirt"), ("{validation}", "Bag")],
+        r"labels\.csv: line 3: id 'train-\d+' is in the validation split; only unlabelled",
+    ),
     "an image labelled already, with another class": (
         "csv",
         lambda ids: [(ids[0], "Shirt"), ("{labelled}", "{other}")],
@@ -207,12 +225,14 @@ def test_a_bad_row_is_a_one_line_error_naming_it_and_nothing_is_written(root, tm
     ids = list(_truth(root).index[:3])
     labelled = dataset.load(_split(root, dataset.LABELLED).url)[1]
     test_id = dataset.load(_split(root, dataset.TEST).url)[1].ids[0]
+    validation_id = dataset.load(_split(root, dataset.VALIDATION).url)[1].ids[0]
     content = rows(ids)
     if kind.startswith("csv"):
         content = [
             tuple(
                 v.format(
                     test=test_id,
+                    validation=validation_id,
                     labelled=labelled.ids[0],
                     other=CLASSES[(labelled.labels[0] + 1) % 10],
                 )
@@ -298,3 +318,54 @@ def test_ingests_at_once_land_disjoint_labels_and_refuse_a_conflicting_one(root,
         assert len(failed) == 1, results  # one of them wins pool[0], the other writes nothing
         assert pool[0] in images.ids
     assert _split(root, dataset.UNLABELLED).removed_ids == set(images.ids[50:])
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def test_ingest_labels_command_says_what_moved_and_that_no_server_heard_of_it(
+    root, tmp_path, capsys, monkeypatch
+):
+    import cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    ids = list(_truth(root).index[:4])
+    path = _csv(tmp_path / "queue.csv", _answers(root, ids[:3]) + [(ids[3], "")])
+    cli.main(["ingest", "labels", path, "--dataset", root])
+    out = capsys.readouterr().out
+    assert "labelled: version 1 -> 2: 3 images labelled, 53 in all" in out
+    assert "unlabelled: version 1 -> 2: 3 images left the pool, 297 remain" in out
+    assert "skipped 1 row(s) without a class" in out
+    assert "PREFECT_API_URL is not set: no event emitted" in out
+    cli.main(["ingest", "labels", path, "--dataset", root])  # the same file again
+    out = capsys.readouterr().out
+    assert "already labelled with the same class" in out and "nothing new: no event" in out
+
+
+def test_ingest_labels_command_fails_in_one_line_and_exits_2(root, tmp_path, capsys):
+    import cli
+
+    path = _csv(tmp_path / "queue.csv", [(_truth(root).index[0], "Shrit")])
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ingest", "labels", path, "--dataset", root, "--no-event"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert "queue.csv: line 2: unknown class 'Shrit'" in err
+
+
+@pytest.mark.slow  # the session's Prefect test harness: 30 s to start
+def test_labels_announced_leave_watch_nothing_to_announce(root, tmp_path, prefect_harness):
+    from flows.deployments import watch_data
+    from flows.events import LABELS_EVENT, announce_labels
+
+    overrides = {"data.root": root}
+    smoke = str(REPO / "pipeline_config" / "smoke.yaml")
+    assert watch_data(smoke, overrides) is None  # the first look records version 1
+    answers = _answers(root, list(_truth(root).index[:2]))
+    taken = annotations.take_labels(root, _csv(tmp_path / "l.csv", answers))
+    labelled, pool = taken.labelled[1], taken.unlabelled[1]
+    event = announce_labels(root, labelled.state(), pool.state(), taken.added)
+    assert event.event == LABELS_EVENT and event.payload["new_labels"] == 2
+    assert event.payload["unlabelled"]["removed"] == 2
+    # the pool's new version was announced with the labels: no second retrain from watch
+    assert watch_data(smoke, overrides) is None
