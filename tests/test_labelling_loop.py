@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from noisy_student import dataset, storage
+from tests import test_deployment as deployment
 from tests.conftest import FASHION_MNIST, REPO
 from tests.test_deployment import Processes, bin_, free_port, responds, wait_until
 
@@ -32,28 +33,11 @@ pytestmark = pytest.mark.integration
 LABEL_STUDIO = "label-studio==1.23.2"
 LS_TOKEN = uuid.uuid4().hex  # Label Studio's legacy API token: 40 characters or fewer
 ANNOTATED = 24  # queued images the annotator answers
-TINY = {
+# the deployment test's tiny pipeline, in local folders, with a pool of 300 to queue from
+TINY = {k: v for k, v in deployment.TINY.items() if k not in ("artifacts", "data.root")} | {
     "name": "ns-labelling-loop",
     "data.fashion_mnist.source": FASHION_MNIST,
-    "data.fashion_mnist.labelled_per_class": 5,
     "data.fashion_mnist.unlabelled_limit": 300,
-    "data.fashion_mnist.test_limit": 100,
-    "data.fashion_mnist.rows_per_shard": 100,
-    "teacher.epochs": 3,
-    "teacher.eval_every": 3,
-    "selection.min_confidence": 0.05,  # a teacher this weak is rarely sure of anything
-    "students": [
-        {
-            "model": "test_resnet",
-            "epochs": 1,
-            "batch_size": 16,
-            "unlabelled_ratio": 1,
-            "ema_decay": 0.9,
-        }
-    ],  # fmt: skip
-    "evaluation.corruptions": ["contrast"],
-    "evaluation.severities": [1],
-    "evaluation.corruption_images": 50,
     "evaluation.fgsm_epsilons": [],
     "labelling.queue_size": 40,
 }
