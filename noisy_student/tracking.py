@@ -204,10 +204,24 @@ def log_checkpoint(run_id: str, checkpoint_url: str, artifact_path: str = "model
         client().log_artifacts(run_id, tmp, artifact_path)
 
 
-# What a server loading a logged model needs besides the project itself (installed where
-# `mlflow models serve --env-manager local` runs); given, so MLflow does not infer them by
-# loading the model in a subprocess.
-_SERVING_REQUIREMENTS = ("mlflow", "torch", "timm", "safetensors", "pillow", "pandas", "numpy")
+# What loading a logged model imports besides the project's core, which the model carries
+# (`code_paths`): what `noisy_student.serving` imports. Given, so MLflow does not infer them
+# by loading the model in a subprocess; tests/test_serving.py loads a model in a fresh
+# environment holding only these.
+_SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "pillow",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "fsspec",
+    "pyspng",
+    "simplejpeg",
+)
 
 
 def _requirements() -> list[str]:
@@ -220,8 +234,10 @@ def log_model(
     run_id: str, checkpoint_url: str, name: str, model_type: str, tags: dict[str, str]
 ) -> str:
     """The checkpoint as an MLflow logged model output by `run_id` (the Models tab): a pyfunc
-    around the safetensors files (see `serving`). It gets the run's params and the metrics
-    the run has logged at step 0. Returns the model id."""
+    around the safetensors files (see `serving`), carrying the project's core as its code, so
+    that an environment with only the model's requirements loads it (`mlflow models
+    build-docker`). It gets the run's params and the metrics the run has logged at step 0.
+    Returns the model id."""
     from mlflow.models import Model
 
     from noisy_student import serving
@@ -256,6 +272,9 @@ def log_model(
             signature=serving.SIGNATURE,
             input_example=pd.DataFrame({"image": [serving.example_image(meta)]}),
             pip_requirements=_requirements(),
+            # the package itself, as code/noisy_student: MLflow puts code/ on sys.path
+            # before it loads the model, where the package is not installed already
+            code_paths=[os.path.dirname(serving.__file__)],
         )
     return model.model_id
 
