@@ -156,6 +156,9 @@ def _nothing_written(root: Path) -> bool:
         ("missing image column", "no column 'picture'"),
         ("missing label column", "no column 'label'"),
         ("undecodable image", "row 3: undecodable image"),
+        ("path to no file", "row 2: image file not found: "),
+        ("neither bytes nor a path", "row 2: no image (neither bytes nor a path)"),
+        ("numbers for images", "row 0: the image column holds int, not bytes or a path"),
         ("index outside the classes", "row 5: label 12 outside the 10 classes"),
         ("name outside the classes", "row 5: label 'Robot' is not among the classes"),
         ("duplicate id", "row 4: duplicate id 'x1' (first at"),
@@ -172,6 +175,8 @@ def test_a_bad_table_fails_in_one_line_naming_the_row_and_writes_nothing(
         encoded[3] = b"\x89PNG broken"
     if case == "index outside the classes":
         labels[5] = 12
+    if case == "path to no file":  # datasets' {bytes: null, path: "2.png"}
+        encoded[2] = None
     src = hf_export(tmp_path / "src.parquet", images, labels, image_bytes=encoded)
     if case == "missing image column":
         kwargs["image_column"] = "picture"
@@ -181,6 +186,11 @@ def test_a_bad_table_fails_in_one_line_naming_the_row_and_writes_nothing(
         names = [CLASSES[c] for c in labels]
         names[5] = "Robot"
         pq.write_table(pa.table({"image": encoded, "label": names}), src)
+        kwargs["classes"] = CLASSES
+    if case in ("neither bytes nor a path", "numbers for images"):
+        encoded[2] = None
+        column = encoded if case == "neither bytes nor a path" else list(range(10))
+        pq.write_table(pa.table({"image": column, "label": labels}), src)
         kwargs["classes"] = CLASSES
     if case == "duplicate id":
         ids = [f"x{i}" for i in range(10)]
