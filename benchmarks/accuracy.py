@@ -26,6 +26,7 @@ command, seed, hardware, wall time and CPU time of every row.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -220,6 +221,16 @@ def row_names(cfg: PipelineConfig) -> list[str]:
     ]
 
 
+# what a table keeps beside its rows from one attempt to the next
+KEPT = (
+    "run_id",
+    "mlflow",
+    "flow_wall_seconds",
+    "flow_cpu_seconds",
+    "teacher_trained_again",
+)
+
+
 class Table:
     """The rows measured so far, kept in the result file itself after every row, so that a
     killed benchmark (hours on a CPU) goes on where it stopped: rows already measured with
@@ -227,7 +238,9 @@ class Table:
     from its saved state. The seconds an interrupted row had run (SIGINT or SIGTERM) are
     kept too and given beside the finished row's own: they were spent, but whether the
     attempt that finished it went on from them or started over (a fresh machine keeps no
-    saved state) only the log tells."""
+    saved state) only the log tells. Two benchmark processes may measure different rows of
+    one table at once (e.g. the ceilings beside the flow): every save merges the rows the
+    file holds, under a lock."""
 
     def __init__(self, path: Path, identity: dict[str, Any]):
         self.path, self.identity = path, identity
@@ -236,8 +249,7 @@ class Table:
         self.rows: list[dict[str, Any]] = old.get("rows", []) if same else []
         self.interrupted: dict[str, float] = old.get("interrupted_seconds", {}) if same else {}
         self.attempts = old.get("attempts", 0) + 1 if same else 1
-        kept = ("run_id", "mlflow", "flow_wall_seconds", "teacher_trained_again")
-        self.extra: dict[str, Any] = {k: old[k] for k in kept if same and k in old}
+        self.extra: dict[str, Any] = {k: old[k] for k in KEPT if same and k in old}
 
     def has(self, name: str) -> bool:
         return any(r["row"] == name for r in self.rows)
@@ -256,21 +268,39 @@ class Table:
         self.save()
 
     def save(self, complete: bool = False) -> dict[str, Any]:
-        result = {
-            "identity": self.identity,
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "hardware": hardware(),
-            "attempts": self.attempts,
-            "complete": complete,
-            **self.extra,
-            "rows": self.rows,
-            "interrupted_seconds": self.interrupted,
-        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_from_file()
+            result = {
+                "identity": self.identity,
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "hardware": hardware(),
+                "attempts": self.attempts,
+                "complete": complete,
+                **self.extra,
+                "rows": self.rows,
+                "interrupted_seconds": self.interrupted,
+            }
+            tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(self.path)
         return result
+
+    def _merge_from_file(self) -> None:
+        """Rows another process saved since this one read the file join this one's (a row
+        of the same name measured here wins)."""
+        if not self.path.exists():
+            return
+        theirs = json.loads(self.path.read_text())
+        if theirs.get("identity") != self.identity:
+            return
+        mine = {r["row"] for r in self.rows}
+        self.rows += [r for r in theirs.get("rows", []) if r["row"] not in mine]
+        done = {r["row"] for r in self.rows}
+        merged = {**theirs.get("interrupted_seconds", {}), **self.interrupted}
+        self.interrupted = {k: v for k, v in merged.items() if k not in done}
+        self.extra = {**{k: theirs[k] for k in KEPT if k in theirs}, **self.extra}
 
     def measure(
         self, name: str, what: str, seed: int, train: Callable[[], tuple[Any, dict[str, Any]]]
@@ -439,6 +469,16 @@ def first_iteration_again(cfg: PipelineConfig, table: Table) -> FirstIteration:
     return FirstIteration(run.url, data_root, run.parent_run_id, teacher, probabilities, shards)
 
 
+def ceilings_run(cfg: PipelineConfig) -> FirstIteration:
+    """A run folder and MLflow parent run for the ceiling rows alone (their own run id)."""
+    from noisy_student import runs, stages
+
+    data_root = stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
+    run_id = runs.run_identity(cfg, data_root) + "-ceilings"
+    with runs.PipelineRun.start(cfg, data_root, run_id=run_id) as run:
+        return FirstIteration(run.url, data_root, run.parent_run_id, None, "", [])
+
+
 def run(
     cfg: PipelineConfig,
     table: Table,
@@ -456,8 +496,11 @@ def run(
     flow_rows = ["teacher", *student_names(cfg), *final_seeds]
     if any(n in todo for n in flow_rows):
         base = the_flow(cfg, table, todo)
-    else:  # e.g. a later session on a fresh machine: no need for the students again
+    elif any(n not in ceiling_rows(cfg) for n in todo):
+        # e.g. a later session on a fresh machine: no need for the students again
         base = first_iteration_again(cfg, table)
+    else:  # only ceilings: they need a run folder and an MLflow parent, not the teacher
+        base = ceilings_run(cfg)
     run_url, data_root, parent, teacher = base.run_url, base.data_root, base.parent, base.teacher
 
     for name, teacher_seed in seed_rows(cfg).items():
@@ -586,12 +629,18 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             f"; pipeline run `{result['run_id']}`, MLflow parent run "
             f"`{result['mlflow']['parent_run_id']}`; the flow's wall time over all attempts "
             f"{result['flow_wall_seconds'] / 60:.0f} min"
+            + (
+                f", its CPU time {result['flow_cpu_seconds'] / 60:.0f} min"
+                if "flow_cpu_seconds" in result
+                else ""
+            )
             if "run_id" in result
             else ""
         )
         + "). A row's wall time is its stage's (the students': labelling, selection and "
-        "training) in the attempt that finished it; the minutes of interrupted attempts "
-        "before it are given beside it.",
+        "training) in the attempt that finished it, with its CPU time (all threads) where "
+        "the row was measured on its own; the minutes of interrupted attempts before it are "
+        "given beside it.",
         "",
         "| row | model | test accuracy | its teacher | pseudo labels right | wall time | what |",
         "|---|---|---|---|---|---|---|",
@@ -606,6 +655,7 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             f"| {name} | {r['model']} | {100 * r['test_accuracy']:.2f}% | "
             f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
             f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min"
+            + (f" ({r['cpu_seconds'] / 60:.0f} CPU min)" if "cpu_seconds" in r else "")
             + (
                 f" (+{r['interrupted_seconds'] / 60:.1f} min interrupted)"
                 if "interrupted_seconds" in r

@@ -46,6 +46,21 @@ def test_a_killed_benchmark_keeps_its_rows_and_the_seconds_of_the_row_it_was_in(
     assert other.attempts == 1 and not other.rows and not other.interrupted
 
 
+def test_two_processes_measuring_rows_of_one_table_keep_each_others_rows(tmp_path):
+    path = tmp_path / "accuracy.json"
+    flow, ceilings = accuracy.Table(path, _identity()), accuracy.Table(path, _identity())
+    _row(flow, "teacher", 60.0)
+    _row(ceilings, "fully supervised", 600.0)  # read the file before the teacher was in it
+    _row(flow, "student 1", 120.0)
+    rows = {r["row"] for r in json.loads(path.read_text())["rows"]}
+    assert rows == {"teacher", "fully supervised", "student 1"}
+    assert flow.has("fully supervised") and ceilings.has("teacher")
+    # another config's table is not merged into this one
+    other = accuracy.Table(path, _identity(seed=1))
+    _row(other, "teacher", 30.0)
+    assert [r["row"] for r in json.loads(path.read_text())["rows"]] == ["teacher"]
+
+
 def test_the_table_names_every_row_and_marks_those_not_yet_run(tmp_path):
     cfg = config.load(REPO / "pipeline_config/accuracy.yaml")
     k = len(cfg.students)
