@@ -1,4 +1,6 @@
-"""Draws docs/noise.png: what the student's input noise does to Fashion-MNIST's 28-px images.
+"""Draws docs/noise.png, what the student's input noise does to Fashion-MNIST's 28-px images,
+and writes the table of every operation's strength in docs/algorithm.md (between its
+`noise-strengths` markers), both from the code and the accuracy preset.
 
     uv run python docs/generate_noise_figure.py
 
@@ -59,11 +61,75 @@ def picture(images: torch.Tensor) -> np.ndarray:
     return torch.cat([top, band_row, bottom], 1)[0].numpy()
 
 
+PAGE = DOCS / "algorithm.md"
+START, END = "<!-- noise-strengths:start -->\n", "<!-- noise-strengths:end -->"
+# The official code's two sets of constants (randaugment.py, preprocessing.py), as fractions
+OFFICIAL_PHOTOS = augment.RandAugment()
+OFFICIAL_SMALL = augment.RandAugment(translate=1 / 8, cutout=1 / 4)  # + Cutout of 1/2 after
+
+
+def strengths(ra: augment.RandAugment, size: int, m: float) -> dict[str, str]:
+    """What each operation does at magnitude m to an image of `size` pixels a side."""
+    level = m / augment.NOMINAL_LEVEL
+    px = lambda fraction: f"{fraction * size:.1f} px ({100 * fraction:.0f}%)"  # noqa: E731
+    official = ra.levels == "official"
+    factor = (
+        f"x{0.1 + 1.8 * level:.2f}"
+        if official
+        else f"x{1 - 0.9 * level:.2f} or x{1 + 0.9 * level:.2f}"
+    )
+    bits = int(4 * level) if official else 8 - round(4 * level)
+    threshold = int(256 * level) if official else round(256 * (1 - level))
+    return {
+        "rotate": f"up to {30 * level:.0f} degrees",
+        "shear x, y": f"up to {0.3 * level:.2f}",
+        "translate x, y": f"up to {px(ra.translate * level)}",
+        "Cutout (an operation)": f"a square of {px(ra.cutout * level)}"
+        if ra.cutout
+        else "not drawn",
+        "posterize": f"keeps {min(max(bits, 0), 8)} of 8 bits",
+        "solarize": f"inverts pixels >= {threshold}",
+        "solarize add": f"+{int(110 * level)} to pixels < 128",
+        "color, contrast, brightness, sharpness": f"factor {factor}",
+        "invert": "drawn" if ra.invert else "not drawn",
+        "auto contrast, equalize": "drawn (no magnitude)",
+        "fill of uncovered pixels": "the image's border" if ra.fill == "border" else str(ra.fill),
+    }
+
+
+def strengths_markdown(m: float, cutout: float) -> str:
+    here_small = augment.RandAugment.for_image(28, 28, magnitude=m)
+    columns = [
+        ("official, photos (224 px)", strengths(OFFICIAL_PHOTOS, 224, m)),
+        ("official, small images (32 px)", strengths(OFFICIAL_SMALL, 32, m)),
+        ("here, photos (224 px)", strengths(augment.RandAugment.for_image(224, 224), 224, m)),
+        ("here, small images (28 px)", strengths(here_small, 28, m)),
+    ]
+    lines = [
+        f"| operation at M={m:g} | " + " | ".join(c for c, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for op in columns[0][1]:
+        lines.append(f"| {op} | " + " | ".join(c[op] for _, c in columns) + " |")
+    every = f"a square of {100 * cutout:.0f}% of the side" if cutout else "none"
+    lines.append(
+        f"| Cutout on every image, after | none | a square of 50% of the side | none | {every} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     images = ingest.read_idx(f"{ingest.FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz")[:10]
     out = DOCS / "noise.png"
     out.write_bytes(dataset_writer.encode_png(picture(torch.from_numpy(images.copy())[:, None])))
     print(f"written: {out}")
+    student = config.load(PRESET).students[0]
+    page = PAGE.read_text()
+    before, rest = page.split(START)
+    _, after = rest.split(END)
+    table = strengths_markdown(student.rand_augment.magnitude, student.cutout)
+    PAGE.write_text(before + START + table + END + after)
+    print(f"written: the operations' strengths in {PAGE}")
 
 
 if __name__ == "__main__":
