@@ -32,8 +32,7 @@ import numpy as np
 from benchmarks import scenes
 from benchmarks.accuracy import cpu_seconds, hardware
 from benchmarks.machine import describe
-from benchmarks.student_recipe import wilson
-from noisy_student import ingest
+from noisy_student import ingest, statistics
 from noisy_student.config import PipelineConfig, StudentConfig, TeacherConfig
 from noisy_student.engine import flush_denormals
 
@@ -89,9 +88,8 @@ def pipeline_config(data_root: str, quick: bool) -> PipelineConfig:
     )
 
 
-def _accuracy(value: float, n: int) -> dict[str, float]:
-    lo, hi = wilson(round(value * n), n)
-    return {"accuracy": value, "ci95": [lo, hi]}
+def _accuracy(value: float, n: int) -> dict[str, Any]:
+    return {"accuracy": value, "ci95": list(statistics.accuracy_interval(value, n))}
 
 
 def measure(quick: bool) -> dict[str, Any]:
@@ -165,8 +163,7 @@ def markdown(result: dict[str, Any]) -> str:
         t, s = it["teacher"], it["student"]
 
         def acc(m: dict[str, Any]) -> str:
-            lo, hi = m["ci95"]
-            return f"{100 * m['accuracy']:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+            return statistics.percent(m["accuracy"], m["ci95"])
 
         lines.append(
             f"| {it['iteration']} | {t['model']} | {acc(t)} | {s['model']} | {acc(s)} | "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ import torch
 
 from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
-from noisy_student import augment, engine, ingest, models, selection, training_data
+from noisy_student import augment, engine, ingest, models, selection, statistics, training_data
 from noisy_student.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -388,23 +387,6 @@ def train_student(
 # ---------------------------------------------------------------- statistics and report
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: b images only the arm got right, c only the
-    reference; under the null each discordant image is a fair coin."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 # what an arm, or each arm of a group, is compared with (the rest: with the candidate)
 REFERENCES = {
     "budget": "budget: candidate, 12 passes",
@@ -441,19 +423,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {what} | not yet run | | | | | |")
             continue
         n = r["dev_images"]
-        lo, hi = wilson(round(r["dev_accuracy"] * n), n)
+        dev = statistics.percent(
+            r["dev_accuracy"], statistics.accuracy_interval(r["dev_accuracy"], n)
+        )
         diff = p = ""
         ref_name = REFERENCES.get(name, REFERENCES.get(group, "candidate"))
         ref = arms.get(ref_name)
         if ref is not None and name != ref_name:
-            a = _unpacked(r["dev_right"], n)
-            b = _unpacked(ref["dev_right"], n)
-            diff = f"{100 * (a.mean() - b.mean()):+.2f}"
-            p = f"{mcnemar_exact(int((a & ~b).sum()), int((b & ~a).sum())):.3f}"
+            paired = statistics.mcnemar(
+                _unpacked(r["dev_right"], n), _unpacked(ref["dev_right"], n)
+            )
+            diff, p = f"{100 * paired.difference:+.2f}", f"{paired.p_value:.3f}"
         lines.append(
-            f"| {name} | {what} | {100 * r['dev_accuracy']:.2f}% ({100 * lo:.1f}-{100 * hi:.1f}) "
-            f"| {diff} | {p} | {100 * r['test_accuracy']:.2f}% | {r['images_per_second']:.0f} "
-            f"| {r['train_seconds'] / 60:.1f} |"
+            f"| {name} | {what} | {dev} | {diff} | {p} | {100 * r['test_accuracy']:.2f}% | "
+            f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} |"
         )
     teachers = result.get("teachers", {})
     if teachers:
@@ -472,10 +455,10 @@ def markdown(result: dict[str, Any]) -> str:
             if t is None:
                 lines.append(f"| {name} | {what} | not yet run | | | | | |")
                 continue
-            lo, hi = wilson(round(t["dev_accuracy"] * t["dev_images"]), t["dev_images"])
+            interval = statistics.accuracy_interval(t["dev_accuracy"], t["dev_images"])
             lines.append(
-                f"| {name} | {what} | {100 * t['dev_accuracy']:.2f}% ({100 * lo:.1f}-"
-                f"{100 * hi:.1f}) | {100 * t['dev_accuracy_flip']:.2f}% | "
+                f"| {name} | {what} | {statistics.percent(t['dev_accuracy'], interval)} | "
+                f"{100 * t['dev_accuracy_flip']:.2f}% | "
                 f"{100 * t['pool_accuracy']:.2f}% | {100 * t['pool_accuracy_flip']:.2f}% | "
                 f"{100 * t['test_accuracy']:.2f}% | {t['train_seconds'] / 60:.1f} |"
             )
