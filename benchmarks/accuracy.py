@@ -33,7 +33,6 @@ import platform
 import re
 import resource
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks.machine import cpu_name, describe
-from noisy_student import config, dataset, dataset_writer, ingest, storage
+from noisy_student import config, dataset, dataset_writer, ingest, statistics, storage
 from noisy_student.config import PipelineConfig
 from noisy_student.engine import flush_denormals
 
@@ -128,6 +127,7 @@ class Ceiling(NamedTuple):
 
 LONGER = 3  # the longer ceiling's budget: is the final student's ceiling set by the epochs?
 LABELLED_TRAINING_IMAGES = 60_000  # Fashion-MNIST's training set, every image labelled
+TEST_IMAGES = 10_000
 
 
 def student_images(cfg: PipelineConfig, k: int) -> int:
@@ -610,6 +610,7 @@ def where_measured(
 def markdown(result: dict[str, Any], names: list[str]) -> str:
     ident = result["identity"]
     done = {r["row"]: r for r in result["rows"]}
+    test_images = ident["config"]["data"]["fashion_mnist"]["test_limit"] or TEST_IMAGES
     status = (
         ""
         if result["complete"]
@@ -642,7 +643,8 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
         "the row was measured on its own; the minutes of interrupted attempts before it are "
         "given beside it.",
         "",
-        "| row | model | test accuracy | its teacher | pseudo labels right | wall time | what |",
+        "| row | model | test accuracy [95% interval] | its teacher | pseudo labels right | "
+        "wall time | what |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in names:
@@ -651,8 +653,9 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             lines.append(f"| {name} | | not yet run | | | | |")
             continue
         pl, tt = r.get("pseudo_label_accuracy"), r.get("teacher_test_accuracy")
+        interval = statistics.accuracy_interval(r["test_accuracy"], test_images)
         lines.append(
-            f"| {name} | {r['model']} | {100 * r['test_accuracy']:.2f}% | "
+            f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)} | "
             f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
             f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min"
             + (f" ({r['cpu_seconds'] / 60:.0f} CPU min)" if "cpu_seconds" in r else "")
@@ -682,11 +685,12 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             if n in done and (n == first or n.startswith(f"{first}: seed "))
         ]
         if len(scores) > 1:
+            spread = statistics.seed_spread(scores)
             lines += [
                 "",
-                f"{label} over {len(scores)} seeds: mean {100 * statistics.mean(scores):.2f}%, "
-                f"standard deviation {100 * statistics.stdev(scores):.2f} points, range "
-                f"{100 * min(scores):.2f}-{100 * max(scores):.2f}%.",
+                f"{label} over {spread['seeds']} seeds: mean {100 * spread['mean']:.2f}%, "
+                f"standard deviation {100 * spread['sd']:.2f} points, range "
+                f"{100 * spread['min']:.2f}-{100 * spread['max']:.2f}%.",
             ]
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,8 @@ from tests.conftest import REPO
 
 
 def _identity(seed: int = 0) -> dict:
-    return {"command": "bench", "preset": "p.yaml", "config": {"seed": seed}, "epochs": 1}
+    config = {"seed": seed, "data": {"fashion_mnist": {"test_limit": None}}}
+    return {"command": "bench", "preset": "p.yaml", "config": config, "epochs": 1}
 
 
 def _row(table: accuracy.Table, name: str, seconds: float, acc: float = 0.9) -> None:
@@ -76,7 +77,8 @@ def test_the_table_names_every_row_and_marks_those_not_yet_run(tmp_path):
     table = accuracy.Table(tmp_path / "accuracy.json", _identity())
     _row(table, "teacher", 30.0, acc=0.8502)
     text = accuracy.markdown(table.save(), names)
-    assert "| teacher | resnet10t | 85.02% |" in text
+    # the test accuracy with its 95% interval over the 10,000 test images (Wilson)
+    assert "| teacher | resnet10t | 85.02% [84.31, 85.71] |" in text
     assert f"Incomplete: {len(names) - 1} of {len(names)} rows still to run" in text
     assert f"| student {k} | | not yet run |" in text
     assert "over 1 seeds" not in text  # one teacher: no spread to give
@@ -141,7 +143,7 @@ def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp
     [row] = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
     assert row["model"] == "resnet18d" and row["teacher_test_accuracy"] == 0.8514
     text = accuracy.markdown(table.save(), ["ablation: no noise"])
-    assert "| ablation: no noise | resnet18d | 85.66% | 85.14% | 86.19% |" in text
+    assert "| ablation: no noise | resnet18d | 85.66% [84.96, 86.33] | 85.14% | 86.19% |" in text
 
 
 def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
