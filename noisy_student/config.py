@@ -75,9 +75,9 @@ class DataConfig(Strict):
 
 class RandAugmentConfig(Strict):
     """RandAugment as the official Noisy Student code runs it (see noisy_student/augment.py).
-    A setting left null is chosen by the image's size: up to 64 px a side, the small-image
-    settings (the official CIFAR/SVHN constants and the choices measured on Fashion-MNIST,
-    docs/algorithm.md); larger, the official ImageNet settings, the paper's noise."""
+    A setting left null is chosen by the image's size: up to 64 px a side, the official
+    CIFAR/SVHN settings with the image's own border as the fill (docs/algorithm.md); larger,
+    the official ImageNet settings, the paper's noise."""
 
     num_ops: int = Field(2, ge=1, le=5, description="Operations drawn per image (N)")
     magnitude: float = Field(

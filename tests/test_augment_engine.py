@@ -144,7 +144,8 @@ def test_rand_augment_draws_operations_independently_for_every_image():
 
 def test_the_operations_drawn_follow_the_settings():
     assert "invert" in PHOTO.ops() and "cutout" in PHOTO.ops()
-    assert "invert" not in SMALL.ops() and "cutout" in SMALL.ops()
+    assert "invert" in SMALL.ops() and "cutout" in SMALL.ops()
+    assert "invert" not in _ra(invert=False).ops()
     assert "cutout" not in _ra(cutout=0.0).ops()
     # geometric operations come last: they share one grid_sample
     assert PHOTO.ops()[-len(augment.GEOMETRIC_OPS) :] == augment.GEOMETRIC_OPS
@@ -158,6 +159,9 @@ def test_small_images_get_the_small_image_settings_and_photos_the_papers():
     # the official ImageNet constants: 100 px of translation and 80 px squares at 224 px
     assert round(photo.translate * 224) == 100 and round(photo.cutout * 224) == 80
     assert (photo.fill, photo.invert, photo.levels) == (128, True, "official")
+    # small images: the official small-image constants, filled with their own border
+    assert (SMALL.translate, SMALL.cutout, SMALL.fill) == (1 / 8, 1 / 4, "border")
+    assert (SMALL.invert, SMALL.levels) == (True, "official")
     # a setting given is kept, whatever the size
     assert augment.RandAugment.for_image(28, 28, fill=0, invert=True).fill == 0
 
@@ -181,7 +185,9 @@ def test_rand_augment_is_deterministic_for_a_generator_seed():
 
 
 @pytest.mark.parametrize(
-    "settings", [dataclasses.replace(PHOTO, levels="increasing"), SMALL], ids=["photo", "small"]
+    "settings",
+    [dataclasses.replace(s, levels="increasing") for s in (PHOTO, SMALL)],
+    ids=["photo", "small"],
 )
 def test_stronger_magnitude_moves_images_further_with_increasing_levels(settings):
     # (the official levels do not: posterize at M=1 keeps no bit, a black image)
