@@ -305,8 +305,9 @@ class Table:
     def measure(
         self, name: str, what: str, seed: int, train: Callable[[], tuple[Any, dict[str, Any]]]
     ) -> None:
-        """One row: `train()` timed, its TrainedModel's accuracy, and the further columns
-        it returns beside it (a student's teacher and pseudo-label accuracy)."""
+        """One row: `train()` timed, its TrainedModel's accuracy on the test split (see
+        `on_test`), and the further columns it returns beside it (a student's teacher and
+        pseudo-label accuracy)."""
         cpu_start = cpu_seconds()
         with self.timing(name) as elapsed:
             trained, columns = train()
@@ -316,7 +317,7 @@ class Table:
             cpu_seconds=round(cpu_seconds() - cpu_start, 1),
             what=what,
             model=trained.model,
-            test_accuracy=trained.test_accuracy,
+            test_accuracy=_test_accuracy(trained),
             **columns,
             seed=seed,
         )
@@ -349,12 +350,43 @@ class FirstIteration:
     final_selected: Any = None  # stages.SelectedPseudoLabels
 
 
+def _test_accuracy(trained: Any) -> float:
+    if trained.evaluated_on != dataset.TEST:
+        raise ValueError(f"{trained.role} {trained.model}: its accuracy is not on the test split")
+    return trained.final_accuracy
+
+
+def on_test(trained: Any, data_root: str) -> Any:
+    """The trained model (a stages.TrainedModel) with its accuracy on the test split: the
+    training stages evaluate on the split choices are made on (validation where the
+    dataset has one); the table reports test."""
+    import dataclasses
+
+    from noisy_student import engine, models
+    from noisy_student.stages.prepare_data import test_batches
+
+    if trained.evaluated_on == dataset.TEST:
+        return trained
+    model, _ = models.load(trained.url)
+    batches = test_batches(data_root, engine.Schedule.eval_batch_size)
+    accuracy = engine.accuracy(model.to(engine.device()), batches)
+    return dataclasses.replace(trained, final_accuracy=accuracy, evaluated_on=dataset.TEST)
+
+
 def _trained(entry: dict[str, Any], role: str, iteration: int) -> Any:
+    """A model of the flow as summary.json records it, with its test accuracy."""
     from noisy_student import stages
 
     e = entry
     return stages.TrainedModel(
-        role, iteration, e["model"], e["url"], e["mlflow_run_id"], e["test_accuracy"], 0.0
+        role=role,
+        iteration=iteration,
+        model=e["model"],
+        url=e["url"],
+        mlflow_run_id=e["mlflow_run_id"],
+        final_accuracy=e["test_accuracy"],
+        seconds=0.0,
+        evaluated_on=dataset.TEST,
     )
 
 
@@ -364,10 +396,21 @@ def _selected(pseudo: dict[str, Any]) -> Any:
 
     p = pseudo
     return stages.SelectedPseudoLabels(
-        p["url"], p["probabilities_url"], p["mlflow_run_id"], p["inference_mlflow_run_id"],
-        p["total"], p["kept"], p["selected"], p["accuracy"], p["accuracy_all"], 0.0, 0.0,
-        p["per_class"],
-    )  # fmt: skip
+        url=p["url"],
+        probabilities_url=p["probabilities_url"],
+        mlflow_run_id=p["mlflow_run_id"],
+        inference_mlflow_run_id=p["inference_mlflow_run_id"],
+        total=p["total"],
+        kept=p["kept"],
+        selected=p["selected"],
+        accuracy=p["accuracy"],
+        accuracy_all=p["accuracy_all"],
+        inference_seconds=0.0,
+        seconds=0.0,
+        per_class=p["per_class"],
+        scored_kept=p.get("scored_kept", 0),
+        scored_all=p.get("scored_all", 0),
+    )
 
 
 def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIteration:
@@ -440,8 +483,11 @@ def first_iteration_again(cfg: PipelineConfig, table: Table) -> FirstIteration:
     data_root = stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
     run_id = runs.run_identity(cfg, data_root) + "-first-iteration"
     with runs.PipelineRun.start(cfg, data_root, run_id=run_id) as run:
-        teacher = stages.train_teacher(
-            cfg.teacher, data_root, run.at(1, "teacher"), run.parent_run_id, cfg.seed
+        teacher = on_test(
+            stages.train_teacher(
+                cfg.teacher, data_root, run.at(1, "teacher"), run.parent_run_id, cfg.seed
+            ),
+            data_root,
         )
         probabilities = run.at(1, "pseudo_labels")
         shards = [
@@ -457,11 +503,11 @@ def first_iteration_again(cfg: PipelineConfig, table: Table) -> FirstIteration:
             for i in stages.unlabelled_shards(data_root)
         ]
     [row] = [r for r in table.rows if r["row"] == "teacher"]
-    again = {"test_accuracy": teacher.test_accuracy, "table": row["test_accuracy"]}
+    again = {"test_accuracy": teacher.final_accuracy, "table": row["test_accuracy"]}
     table.extra.setdefault("teacher_trained_again", []).append(again)
-    if teacher.test_accuracy != row["test_accuracy"]:
+    if teacher.final_accuracy != row["test_accuracy"]:
         print(
-            f"note: the teacher trained again scored {100 * teacher.test_accuracy:.2f}%, the "
+            f"note: the teacher trained again scored {100 * teacher.final_accuracy:.2f}%, the "
             f"table's teacher row {100 * row['test_accuracy']:.2f}% (other hardware or "
             "library versions); the rows measured now start from the new one",
             flush=True,
@@ -511,7 +557,9 @@ def run(
                 f"the teacher's recipe and labels with seed {teacher_seed}",
                 teacher_seed,
                 lambda out=out, s=teacher_seed: (
-                    stages.train_teacher(cfg.teacher, data_root, out, parent, s),
+                    on_test(
+                        stages.train_teacher(cfg.teacher, data_root, out, parent, s), data_root
+                    ),
                     {},
                 ),
             )
@@ -529,10 +577,10 @@ def run(
                 parent, k, s,
             )  # fmt: skip
             columns = {
-                "teacher_test_accuracy": base.final_teacher.test_accuracy,
+                "teacher_test_accuracy": _test_accuracy(base.final_teacher),
                 "pseudo_label_accuracy": base.final_selected.accuracy,
             }
-            return student, columns
+            return on_test(student, data_root), columns
 
         table.measure(
             name,
@@ -558,10 +606,10 @@ def run(
                 1, seed,
             )  # fmt: skip
             columns = {
-                "teacher_test_accuracy": teacher.test_accuracy,
+                "teacher_test_accuracy": _test_accuracy(teacher),
                 "pseudo_label_accuracy": selected.accuracy,
             }
-            return student, columns
+            return on_test(student, data_root), columns
 
         table.measure(name, what, seed, ablated)
 
@@ -579,7 +627,7 @@ def run(
                 storage.join(cfg.artifacts, "datasets", data), source, reference_limit
             )
             out = storage.join(run_url, "reference", f"ceiling-{budget}x")
-            return stages.train_teacher(recipe, ref_root, out, parent, seed), {}
+            return on_test(stages.train_teacher(recipe, ref_root, out, parent, seed), ref_root), {}
 
         table.measure(
             name, f"{what}: {recipe.epochs} epochs of batches of {recipe.batch_size}", seed, ceiling

@@ -327,8 +327,67 @@ class SelectionConfig(Strict):
     hard_label_smoothing: float = Field(0.1, ge=0, lt=1, description="Hard labels only")
 
 
+class GateConfig(Strict):
+    """The promotion gate (noisy_student/stages/promote.py): a paired test of the candidate
+    against the champion on the same images of the split choices are made on (validation
+    where the dataset has one, else test)."""
+
+    mode: Literal["superiority", "non_inferiority"] = Field(
+        "superiority",
+        description="superiority: promote only a candidate significantly more accurate than "
+        "the champion; non_inferiority: promote unless it is significantly less accurate "
+        "(for teams that prefer fresh models)",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level of the paired tests (two-sided)"
+    )
+    min_margin: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="superiority: the least accuracy gain that counts, as a fraction "
+        "(0.005 = half a point), on top of significance; non_inferiority: the largest loss "
+        "tolerated",
+    )
+    test: Literal["mcnemar", "bootstrap"] = Field(
+        "mcnemar",
+        description="Paired test of clean accuracy: exact McNemar on the images where the two "
+        "disagree, or a paired bootstrap over images",
+    )
+    resamples: int = Field(
+        10000, ge=100, description="Bootstrap resamples (the robustness check is a bootstrap)"
+    )
+    severities: list[int] = Field(
+        default_factory=lambda: [3],
+        min_length=1,
+        description="Severities of the gate's robustness check: the evaluation's corruptions "
+        "on the choice split's images (kept small: it is judged for every model)",
+    )
+    corruption_images: int | None = Field(
+        1000,
+        gt=0,
+        description="Choice-split images per corruption and severity of the gate's robustness "
+        "check (a fixed seeded subset); null = all",
+    )
+
+    @field_validator("severities")
+    @classmethod
+    def _gate_severity_range(cls, levels: list[int]) -> list[int]:
+        return _severities(levels)
+
+
+def _severities(levels: list[int]) -> list[int]:
+    for s in levels:
+        if not 1 <= s <= 5:
+            raise ValueError(f"severity {s} outside 1..5")
+    if len(set(levels)) != len(levels):
+        raise ValueError("a severity is listed twice")
+    return sorted(levels)
+
+
 class EvaluationConfig(Strict):
-    """The robustness benchmark of evaluate_robustness (see noisy_student/robustness.py)."""
+    """The robustness benchmark of evaluate_robustness (see noisy_student/robustness.py),
+    reported on the test split, and the promotion gate."""
 
     corruptions: list[str] = Field(
         default_factory=lambda: list(BENCHMARK),
@@ -370,7 +429,10 @@ class EvaluationConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
     )
-    seed: int = Field(0, description="Seed of the subset and of random corruptions")
+    seed: int = Field(
+        0, description="Seed of the subsets, of random corruptions and of bootstrap resamples"
+    )
+    gate: GateConfig = Field(GateConfig(), description="The promotion gate")
 
     @field_validator("corruptions")
     @classmethod
@@ -385,12 +447,7 @@ class EvaluationConfig(Strict):
     @field_validator("severities")
     @classmethod
     def _severity_range(cls, levels: list[int]) -> list[int]:
-        for s in levels:
-            if not 1 <= s <= 5:
-                raise ValueError(f"severity {s} outside 1..5")
-        if len(set(levels)) != len(levels):
-            raise ValueError("a severity is listed twice")
-        return sorted(levels)
+        return _severities(levels)
 
     @field_validator("fgsm_epsilons")
     @classmethod
@@ -427,7 +484,9 @@ class PipelineConfig(Strict):
     students: list[StudentConfig] = Field(
         min_length=1, description="One per iteration; each becomes the next teacher"
     )
-    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="Robustness")
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="Robustness, reported; the promotion gate"
+    )
     distributed: DistributedConfig = Field(
         DistributedConfig(), description="Data-parallel training (noisy_student.train_distributed)"
     )

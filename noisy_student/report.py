@@ -5,32 +5,46 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from noisy_student import storage, tracking
+from noisy_student import statistics, storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
-from noisy_student.stages.promote import below_teacher_note
+from noisy_student.stages.promote import CHOSEN_ON_TEST
 
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
     figures = next(m for m in robustness.models if m["mlflow_run_id"] == t.mlflow_run_id)
-    return _no_nan(
-        {
-            "model": t.model,
-            "url": t.url,
-            "mlflow_run_id": t.mlflow_run_id,
-            "test_accuracy": figures["test_accuracy"],
-            "corruption_accuracy": figures["corruption_accuracy"],
-            "per_corruption_accuracy": figures["per_corruption"],
-            "per_severity_accuracy": figures["per_severity"],
-            "mce": figures["mce"],
-            "relative_mce": figures["relative_mce"],
-            "corruption_error": figures["ce"],
-            "relative_corruption_error": figures["relative_ce"],
-            "ece_clean": figures["ece_clean"],
-            "ece_corrupted": figures["ece_corrupted"],
-            "fgsm_accuracy": figures["fgsm_accuracy"],
-        }
-    )
+    entry = {
+        "model": t.model,
+        "url": t.url,
+        "mlflow_run_id": t.mlflow_run_id,
+        # reported, never chosen on: each accuracy with its 95% interval
+        "test_accuracy": figures["test_accuracy"],
+        "test_accuracy_interval": figures.get("test_accuracy_interval"),
+        "test_images": figures.get("test_images"),
+        "corruption_accuracy": figures["corruption_accuracy"],
+        "corruption_accuracy_interval": figures.get("corruption_accuracy_interval"),
+        "per_corruption_accuracy": figures["per_corruption"],
+        "per_corruption_accuracy_interval": figures.get("per_corruption_interval"),
+        "per_severity_accuracy": figures["per_severity"],
+        "per_severity_accuracy_interval": figures.get("per_severity_interval"),
+        "mce": figures["mce"],
+        "relative_mce": figures["relative_mce"],
+        "corruption_error": figures["ce"],
+        "relative_corruption_error": figures["relative_ce"],
+        "ece_clean": figures["ece_clean"],
+        "ece_corrupted": figures["ece_corrupted"],
+        "fgsm_accuracy": figures["fgsm_accuracy"],
+        "fgsm_accuracy_interval": figures.get("fgsm_accuracy_interval"),
+        "per_class": figures.get("per_class"),
+    }
+    choice = figures.get("choice")
+    if choice:
+        # what choices were made on: validation, or (without one) the test split
+        entry["chosen_on"] = choice
+        if choice["split"] != "test":
+            entry[f"{choice['split']}_accuracy"] = choice["accuracy"]
+            entry[f"{choice['split']}_accuracy_interval"] = choice["accuracy_interval"]
+    return _no_nan(entry)
 
 
 def _no_nan(value: Any) -> Any:
@@ -69,7 +83,9 @@ def iteration_summary(
             "kept": selected.kept,
             "selected": selected.selected,
             "accuracy": selected.accuracy,
+            "accuracy_interval": _interval(selected.accuracy, selected.scored_kept),
             "accuracy_all": selected.accuracy_all,
+            "accuracy_all_interval": _interval(selected.accuracy_all, selected.scored_all),
             "url": selected.url,
             "probabilities_url": selected.probabilities_url,
             "mlflow_run_id": selected.mlflow_run_id,
@@ -89,6 +105,13 @@ def iteration_summary(
             "evaluate_robustness": robustness.seconds,
         },
     }
+
+
+def _interval(accuracy: float | None, images: int) -> list[float] | None:
+    """The Wilson interval of an accuracy over `images` independent images."""
+    if accuracy is None or not images:
+        return None
+    return list(statistics.accuracy_interval(accuracy, images))
 
 
 def diagnostics(selected_url: str) -> dict[str, Any] | None:
@@ -165,9 +188,18 @@ def _score(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _ci(x: float | None, interval: list[float] | None) -> str:
+    """A percentage with its 95% interval, one decimal: 87.6 [86.9, 88.2]."""
+    if x is None:
+        return "-"
+    if interval is None:
+        return f"{100 * x:.1f}"
+    return f"{100 * x:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
 def robustness_table(summary: dict[str, Any]) -> list[str]:
     """Every model of the run once (the first teacher, then each student): the headline
-    robustness figures."""
+    robustness figures on the test split, each accuracy with its 95% interval."""
     its = summary["iterations"]
     models = [("teacher 1", its[0]["teacher"])] + [
         (f"student {it['iteration']}", it["student"]) for it in its
@@ -175,49 +207,69 @@ def robustness_table(summary: dict[str, Any]) -> list[str]:
     eps = list(models[0][1]["fgsm_accuracy"])
     baseline = summary.get("robustness", {}).get("baseline", {})
     head = (
-        f"{'model':<11}{'':<14}{'clean':>8}  {'corrupted':>9}  {'mCE':>6}  {'rel mCE':>7}  "
-        f"{'ECE clean':>9}  {'ECE corr':>8}" + "".join(f"  {'FGSM ' + e:>10}" for e in eps)
+        f"{'model':<11}{'':<14}{'clean [95%]':>19}  {'corrupted [95%]':>19}  {'mCE':>6}  "
+        f"{'rel mCE':>7}  {'ECE clean':>9}  {'ECE corr':>8}"
+        + "".join(f"  {'FGSM ' + e:>19}" for e in eps)
     )
     lines = [
-        f"robustness: mCE and relative mCE in % of the baseline ({baseline.get('label', '?')} "
-        f"{baseline.get('model', '')}); FGSM accuracy at epsilon/255",
+        "robustness on the test split: accuracies in % [95% interval], mCE and relative mCE "
+        f"in % of the baseline ({baseline.get('label', '?')} {baseline.get('model', '')}); "
+        "FGSM accuracy at epsilon/255",
         head,
         "-" * len(head),
     ]
     for label, m in models:
+        fgsm_intervals = m.get("fgsm_accuracy_interval") or {}
         lines.append(
-            f"{label:<11}{m['model']:<14}{_pct(m['test_accuracy']):>8}  "
-            f"{_pct(m['corruption_accuracy']):>9}  {_score(m['mce']):>6}  "
-            f"{_score(m['relative_mce']):>7}  {_pct(m['ece_clean']):>9}  "
-            f"{_pct(m['ece_corrupted']):>8}"
-            + "".join(f"  {_pct(m['fgsm_accuracy'][e]):>10}" for e in eps)
+            f"{label:<11}{m['model']:<14}"
+            f"{_ci(m['test_accuracy'], m.get('test_accuracy_interval')):>19}  "
+            f"{_ci(m['corruption_accuracy'], m.get('corruption_accuracy_interval')):>19}  "
+            f"{_score(m['mce']):>6}  {_score(m['relative_mce']):>7}  "
+            f"{_pct(m['ece_clean']):>9}  {_pct(m['ece_corrupted']):>8}"
+            + "".join(f"  {_ci(m['fgsm_accuracy'][e], fgsm_intervals.get(e)):>19}" for e in eps)
         )
     return lines
 
 
+def _verdicts(summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The gate's student-against-teacher comparisons, by iteration."""
+    promotion = summary.get("promotion") or {}
+    return {v["iteration"]: v for v in promotion.get("students_against_teachers", [])}
+
+
+def chosen_on_line(summary: dict[str, Any]) -> str:
+    """Which split the run's choices were made on, in words."""
+    promotion = summary.get("promotion") or {}
+    split = promotion.get("chosen_on")
+    if split is None:
+        return "choices: no promotion gate ran"
+    if split == "test":
+        return (
+            f"choices (the promotion gate, the best model, student vs teacher): "
+            f"{CHOSEN_ON_TEST}, as the dataset has no validation split; the test figures "
+            "above are therefore not an unbiased estimate"
+        )
+    return (
+        f"choices (the promotion gate, the best model, student vs teacher) on the {split} "
+        "split; the test figures above are reported only, never chosen on"
+    )
+
+
 def table(summary: dict[str, Any]) -> str:
     head = (
-        f"{'iter':>4}  {'teacher':<14}{'acc':>8}  {'student':<14}{'acc':>8}  {'gain':>6}  "
-        f"{'pseudo kept':>13}  {'pl acc':>7}  {'mCE T -> S':>14}  stage times (s): "
+        f"{'iter':>4}  {'teacher':<14}{'test acc [95%]':>19}  {'student':<14}"
+        f"{'test acc [95%]':>19}  {'gain':>6}  {'student vs teacher':<26}  "
+        f"{'pseudo kept':>13}  {'pl acc [95%]':>19}  {'mCE T -> S':>14}  stage times (s): "
         "teacher/infer/filter/student/eval"
     )
     lines, notes = [head, "-" * len(head)], []
+    verdicts = _verdicts(summary)
     for it in summary["iterations"]:
         t, s, p, sec = it["teacher"], it["student"], it["pseudo_labels"], it["stage_seconds"]
         gain = 100 * (s["test_accuracy"] - t["test_accuracy"])
-        below = s["test_accuracy"] < t["test_accuracy"]
-        if below:
-            notes.append(
-                "! "
-                + below_teacher_note(
-                    it["iteration"],
-                    s["model"],
-                    s["test_accuracy"],
-                    t["model"],
-                    t["test_accuracy"],
-                    summary["config"],
-                )
-            )
+        v = verdicts.get(it["iteration"], {})
+        if "note" in v:
+            notes.append("! " + v["note"])
         times = "/".join(
             f"{sec[k]:.0f}"
             for k in (
@@ -229,17 +281,28 @@ def table(summary: dict[str, Any]) -> str:
             )
         )
         lines.append(
-            f"{it['iteration']:>4}  {t['model']:<14}{_pct(t['test_accuracy']):>8}  "
-            f"{s['model']:<14}{_pct(s['test_accuracy']):>8}  {gain:>+6.2f}{'!' if below else ' '} "
-            f"{p['kept']:>6}/{p['total']:<6}  {_pct(p['accuracy']):>7}  "
+            f"{it['iteration']:>4}  {t['model']:<14}"
+            f"{_ci(t['test_accuracy'], t.get('test_accuracy_interval')):>19}  "
+            f"{s['model']:<14}{_ci(s['test_accuracy'], s.get('test_accuracy_interval')):>19}  "
+            f"{gain:>+6.2f}  {v.get('verdict', '-'):<26}  "
+            f"{p['kept']:>6}/{p['total']:<6}  "
+            f"{_ci(p['accuracy'], p.get('accuracy_interval')):>19}  "
             f"{_score(t['mce']):>5} -> {_score(s['mce']):<5}  {times}"
         )
+    lines.append(chosen_on_line(summary))
+    lines += [v["sentence"] for _, v in sorted(verdicts.items()) if "sentence" in v]
     lines += notes
     promotion = summary.get("promotion") or {}
+    if promotion.get("decision"):
+        lines.append(
+            f"gate: models:/{promotion['registered_model']}/{promotion['version']} is the "
+            f"{promotion['decision']}: {'; '.join(promotion['reasons'])}"
+        )
     if (best := promotion.get("best_of_run")) and best.get("decision") == "champion":
         lines.append(
-            f"champion: {best['label']} ({best['model']}, {_pct(best['test_accuracy'])}), "
-            f"models:/{promotion['registered_model']}/{best['version']}, not the final student"
+            f"champion: {best['label']} ({best['model']}, {_pct(best['accuracy'])} on the "
+            f"{best['chosen_on']} split), models:/{promotion['registered_model']}/"
+            f"{best['version']}, not the final student"
         )
     lines += ["", *robustness_table(summary), ""]
     if diagnosed := diagnostics_table(summary):

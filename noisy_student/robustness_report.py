@@ -1,8 +1,10 @@
 """The robustness figures (PNG, matplotlib) and the Markdown report of evaluate_robustness.
 
-Each model is a dict: `label` ("teacher 1", "student 2"), `model`, `mlflow_run_id` and
-the figures of `robustness.score`. Figures use matplotlib's object API (no pyplot), so
-they are safe to draw in Prefect's worker threads.
+Each model is a dict: `label` ("teacher 1", "student 2"), `model`, `mlflow_run_id`, the
+figures of `robustness.score` (each accuracy with its 95% interval), and, where measured,
+`choice` (`robustness.choice_score`) and `per_class` (`robustness.class_report`). Figures
+use matplotlib's object API (no pyplot), so they are safe to draw in Prefect's worker
+threads.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 Model = dict[str, Any]
@@ -80,21 +83,57 @@ def fgsm_accuracy(models: list[Model]) -> bytes:
     return _png(fig)
 
 
+def confusion_matrix(m: Model, class_names: list[str]) -> bytes:
+    """The model's confusion matrix on the test split, each row (true class) in % of its
+    images, with the counts written in the cells."""
+    counts = np.array(m["per_class"]["confusion_matrix"], dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    fig = Figure(figsize=(0.55 * k + 2.5, 0.55 * k + 1.6), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            ax.text(j, i, f"{n:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{m['label']} ({m['model']}): test split", fontsize=9)
+    return _png(fig)
+
+
 def figures(
-    current: list[Model], run: list[Model], names: list[str], severities: list[int]
+    current: list[Model],
+    run: list[Model],
+    names: list[str],
+    severities: list[int],
+    class_names: list[str] | None = None,
 ) -> dict[str, bytes]:
-    """File name -> PNG: this iteration's teacher and student, and the run so far."""
+    """File name -> PNG: this iteration's teacher and student (and a confusion matrix of
+    each), and the run so far."""
     out = {
         "accuracy_vs_severity.png": accuracy_vs_severity(current, names, severities),
         "mce_per_iteration.png": mce_per_iteration(run),
     }
     if current and current[0]["fgsm_accuracy"]:
         out["fgsm_accuracy.png"] = fgsm_accuracy(current)
+    for m in current:
+        if class_names and "per_class" in m:
+            out[f"confusion_{m['role']}.png"] = confusion_matrix(m, class_names)
     return out
 
 
-def _pct(x: float) -> str:
+def _pct(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _with_interval(x: float | None, interval: list[float] | None) -> str:
+    """A percentage and its 95% interval, e.g. 87.5 [86.8, 88.2]."""
+    if interval is None:
+        return _pct(x)
+    return f"{_pct(x)} [{_pct(interval[0])}, {_pct(interval[1])}]"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -114,19 +153,24 @@ def markdown(
     suite: dict[str, Any],
     baseline: dict[str, Any],
     figure_names: list[str],
+    class_names: list[str] | None = None,
 ) -> str:
-    """The report: headline figures, CE per corruption, accuracy per corruption and
-    severity, for every model of the run so far."""
+    """The report: headline figures with their 95% intervals, the figures choices were made
+    on, CE per corruption, accuracy per corruption and severity, and precision and recall
+    per class, for every model of the run so far."""
     eps = list(run[0]["fgsm_accuracy"]) if run else []
+    chosen_on = suite.get("choice_split", "test")
     lines = [
         f"# Robustness after iteration {iteration}",
         "",
         f"Clean: the {suite['test_images']} test images. Corrupted: {suite['images']} of them "
         f"(seed {suite['seed']}) under {len(names)} corruptions at severities "
         f"{', '.join(map(str, severities))}, generated once into `{suite['url']}` and reused "
-        "by every model. All figures are percentages. CE and mCE are the model's "
-        "corruption errors (summed over severities) as a percentage of the baseline's, "
-        f"**{baseline['label']}** "
+        "by every model. All figures are percentages; every accuracy carries its 95% "
+        "interval in brackets (Wilson over the set's images; for an accuracy averaged over "
+        "corrupted copies of the same images, a bootstrap over images). CE and mCE are the "
+        "model's corruption errors (summed over severities) as a percentage of the "
+        f"baseline's, **{baseline['label']}** "
         f"({baseline['model']}, MLflow run `{baseline['mlflow_run_id']}`"
         f"{', from ' + baseline['source'] if baseline.get('source') else ''}); relative mCE "
         "counts only the rise above clean error. Lower is better; the baseline scores 100. "
@@ -134,24 +178,47 @@ def markdown(
         f"FGSM: accuracy after one signed-gradient step on {suite['adversarial_images']} "
         "test images.",
         "",
+        _chosen_on_sentence(chosen_on, suite),
+        "",
         "## Headline",
         "",
     ]
-    head = ["model", "clean error", "mCE", "relative mCE", "ECE clean", "ECE corrupted"]
-    head += [f"FGSM {e}" for e in eps]
+    head = ["model", "clean accuracy", "corrupted accuracy", "mCE", "relative mCE"]
+    head += ["ECE clean", "ECE corrupted", *(f"FGSM {e}" for e in eps)]
     rows = [
         [
             f"{m['label']} ({m['model']})",
-            _pct(m["clean_error"]),
+            _with_interval(m["test_accuracy"], m.get("test_accuracy_interval")),
+            _with_interval(m["corruption_accuracy"], m.get("corruption_accuracy_interval")),
             _pct(m["mce"]),
             _pct(m["relative_mce"]),
             _pct(m["ece_clean"]),
             _pct(m["ece_corrupted"]),
-            *(_pct(m["fgsm_accuracy"][e]) for e in eps),
+            *(
+                _with_interval(
+                    m["fgsm_accuracy"][e], (m.get("fgsm_accuracy_interval") or {}).get(e)
+                )
+                for e in eps
+            ),
         ]
         for m in run
     ]
     lines += _table(head, rows)
+    chosen = [m for m in run if m.get("choice")]
+    if chosen:
+        lines += ["", f"## The {chosen_on} split: what choices are made on", ""]
+        rows = [
+            [
+                f"{m['label']} ({m['model']})",
+                _with_interval(m["choice"]["accuracy"], m["choice"]["accuracy_interval"]),
+                _with_interval(
+                    m["choice"]["corruption_accuracy"],
+                    m["choice"]["corruption_accuracy_interval"],
+                ),
+            ]
+            for m in chosen
+        ]
+        lines += _table(["model", "clean accuracy", "corrupted accuracy (gate)"], rows)
     lines += ["", "## Corruption error (CE, baseline = 100)", ""]
     rows = [[name, groups[name], *(_pct(m["ce"][name]) for m in run)] for name in names]
     rows.append(["**mCE**", "", *(f"**{_pct(m['mce'])}**" for m in run)])
@@ -160,14 +227,42 @@ def markdown(
     for m in run:
         lines += [f"### {m['label']}: {m['model']} (MLflow run `{m['mlflow_run_id']}`)", ""]
         head = ["corruption", "clean", *map(str, severities), "mean"]
+        by_severity = m.get("per_severity_interval") or {}
+        by_corruption = m.get("per_corruption_interval") or {}
         rows = [
             [
                 name,
                 _pct(m["test_accuracy"]),
-                *(_pct(a) for a in m["per_severity"][name]),
-                _pct(m["per_corruption"][name]),
+                *(
+                    _with_interval(a, by_severity[name][i] if name in by_severity else None)
+                    for i, a in enumerate(m["per_severity"][name])
+                ),
+                _with_interval(m["per_corruption"][name], by_corruption.get(name)),
             ]
             for name in names
+        ]
+        lines += _table(head, rows) + [""]
+    with_classes = [m for m in run if m.get("per_class")]
+    if class_names and with_classes:
+        lines += [
+            "## Precision and recall (%) per class, on the test split",
+            "",
+            "Which classes each model gets right (recall) and how often its answer for a class "
+            "is right (precision); the confusion matrices are among the figures.",
+            "",
+        ]
+        head = ["class", "images", *(f"{m['label']} P / R" for m in with_classes)]
+        rows = [
+            [
+                name,
+                str(with_classes[0]["per_class"]["classes"][c]["images"]),
+                *(
+                    f"{_pct(m['per_class']['classes'][c]['precision'])} / "
+                    f"{_pct(m['per_class']['classes'][c]['recall'])}"
+                    for m in with_classes
+                ),
+            ]
+            for c, name in enumerate(class_names)
         ]
         lines += _table(head, rows) + [""]
     if figure_names:
@@ -180,3 +275,20 @@ def markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _chosen_on_sentence(split: str, suite: dict[str, Any]) -> str:
+    if split == "test":
+        return (
+            "**Chosen on the test split**: the dataset has no validation split, so the run's "
+            "choices (the promotion gate, the best model of the run) were made on these test "
+            "images, and the test figures above are not an unbiased estimate."
+        )
+    levels = suite.get("choice_severities", [])
+    severities = "severity" if len(levels) == 1 else "severities"
+    return (
+        f"Choices (the promotion gate, the best model of the run) are made on the {split} "
+        f"split ({suite.get('choice_images', '?')} images; its robustness check on "
+        f"{suite.get('choice_corrupted', '?')} of them at {severities} "
+        f"{', '.join(map(str, levels))}), never on the test split, which is only reported."
+    )

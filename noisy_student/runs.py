@@ -154,6 +154,8 @@ class PipelineRun:
         # the last report covers every model of the run; it goes beside summary.json
         storage.write_bytes(summary["robustness"]["report_url"], last.report.encode())
         summary["promotion"] = promotion
+        # the split every choice of the run was made on; the test split is only reported
+        summary["chosen_on"] = promotion.get("chosen_on")
         if label_queue is not None:
             summary["label_queue"] = {
                 "url": label_queue.url,

@@ -28,19 +28,32 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
 
+def _interval(interval: list[float] | None) -> str | None:
+    return None if interval is None else f"{100 * interval[0]:.2f}-{100 * interval[1]:.2f}"
+
+
 def results_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per iteration: the figures of the results table `noisy-student run` prints."""
     rows = []
+    verdicts = {
+        v["iteration"]: v["verdict"]
+        for v in (summary.get("promotion") or {}).get("students_against_teachers", [])
+    }
     for it in summary["iterations"]:
         t, s, p = it["teacher"], it["student"], it["pseudo_labels"]
         rows.append(
             {
                 "iteration": it["iteration"],
                 "teacher": t["model"],
-                "teacher accuracy %": _pct(t["test_accuracy"]),
+                "teacher test accuracy %": _pct(t["test_accuracy"]),
+                "teacher 95% interval": _interval(t.get("test_accuracy_interval")),
                 "student": s["model"],
-                "student accuracy %": _pct(s["test_accuracy"]),
+                "student test accuracy %": _pct(s["test_accuracy"]),
+                "student 95% interval": _interval(s.get("test_accuracy_interval")),
                 "gain (points)": round(100 * (s["test_accuracy"] - t["test_accuracy"]), 2),
+                f"student vs teacher ({summary.get('chosen_on') or 'test'})": verdicts.get(
+                    it["iteration"], "-"
+                ),
                 "pseudo labels kept": f"{p['kept']}/{p['total']}",
                 "pseudo-label accuracy %": _pct(p["accuracy"]),
                 "teacher mCE": _pct(t.get("mce")),

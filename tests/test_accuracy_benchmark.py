@@ -137,7 +137,9 @@ def test_a_measured_row_keeps_the_columns_its_stage_returns_beside_the_model(tmp
     from types import SimpleNamespace
 
     table = accuracy.Table(tmp_path / "accuracy.json", _identity())
-    student = SimpleNamespace(model="resnet18d", test_accuracy=0.8566)
+    student = SimpleNamespace(
+        role="student", model="resnet18d", final_accuracy=0.8566, evaluated_on="test"
+    )
     columns = {"teacher_test_accuracy": 0.8514, "pseudo_label_accuracy": 0.8619}
     table.measure("ablation: no noise", "no noise", 0, lambda: (student, columns))
     [row] = json.loads((tmp_path / "accuracy.json").read_text())["rows"]

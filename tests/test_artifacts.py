@@ -27,13 +27,23 @@ def test_results_rows_hold_one_row_per_iteration_in_percent():
             {
                 "iteration": 1,
                 "teacher": {**model, "test_accuracy": 0.8, "mce": 1.0, "mlflow_run_id": "t1"},
-                "student": {**model, "test_accuracy": 0.8234},
+                "student": {
+                    **model,
+                    "test_accuracy": 0.8234,
+                    "test_accuracy_interval": [0.8159, 0.8307],
+                },
                 "pseudo_labels": {"kept": 1500, "total": 2000, "accuracy": 0.9},
             }
-        ]
+        ],
+        "chosen_on": "validation",
+        "promotion": {
+            "students_against_teachers": [{"iteration": 1, "verdict": "significantly above"}]
+        },
     }
     (row,) = artifacts.results_rows(summary)
-    assert row["teacher accuracy %"] == 80.0 and row["student accuracy %"] == 82.34
+    assert row["teacher test accuracy %"] == 80.0 and row["student test accuracy %"] == 82.34
+    assert row["student 95% interval"] == "81.59-83.07" and row["teacher 95% interval"] is None
+    assert row["student vs teacher (validation)"] == "significantly above"
     assert row["gain (points)"] == 2.34 and row["pseudo labels kept"] == "1500/2000"
     assert row["teacher mCE"] == 100.0 and row["student ECE %"] == 3.1
     assert row["student MLflow run"] == "s1"

@@ -549,14 +549,7 @@ def test_append_refuses_image_options_that_would_mix_two_kinds_of_image_in_a_spl
 def test_image_folder_validation_is_a_labelled_split_of_the_labelled_classes(image_tree, tmp_path):
     _save(image_tree / "validation" / "dog" / "v1.png", "RGB", (16, 16), 30)
     _save(image_tree / "validation" / "cat" / "v2.png", "RGB", (16, 16), 90)
-    out = ingest.image_folder(
-        str(tmp_path / "out"),
-        str(image_tree / "labelled"),
-        str(image_tree / "unlabelled"),
-        str(image_tree / "test"),
-        image_size=16,
-        validation=str(image_tree / "validation"),
-    )
+    out = _ingest(image_tree, tmp_path / "out", validation=str(image_tree / "validation"))
     m, validation = _split(out, dataset.VALIDATION)
     assert m.class_names == ["cat", "dog"]
     assert sorted(zip(validation.ids, validation.labels.tolist(), strict=True)) == [
@@ -565,13 +558,7 @@ def test_image_folder_validation_is_a_labelled_split_of_the_labelled_classes(ima
     ]
     _save(image_tree / "validation" / "bird" / "v3.png", "RGB", (16, 16), 90)
     with pytest.raises(UserError, match=r"validation/bird/v3\.png: class 'bird' not among"):
-        ingest.image_folder(
-            str(tmp_path / "again"),
-            str(image_tree / "labelled"),
-            str(image_tree / "unlabelled"),
-            str(image_tree / "test"),
-            validation=str(image_tree / "validation"),
-        )
+        _ingest(image_tree, tmp_path / "again", validation=str(image_tree / "validation"))
     assert not (tmp_path / "again").exists()
 
 

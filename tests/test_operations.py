@@ -17,8 +17,7 @@ from PIL import Image
 
 from noisy_student import config, dataset, ingest, models, stages, storage, tracking
 from noisy_student.errors import UserError
-from noisy_student.stages import Robustness, TrainedModel
-from noisy_student.stages.promote import decide
+from noisy_student.stages import TrainedModel
 from tests.conftest import FASHION_MNIST, REPO
 
 SMOKE = REPO / "pipeline_config" / "smoke.yaml"
@@ -235,23 +234,6 @@ def test_announcements_at_once_keep_the_latest_version(prefect_harness, tmp_path
 # --- the promotion gate -----------------------------------------------------------------
 
 
-def test_gate_promotes_only_when_as_accurate_and_no_less_robust():
-    champion = {"test_accuracy": 0.80, "corruption_accuracy": 0.60, "mce": None}
-    assert decide({**champion}, None) == (True, ["there is no champion yet"])
-    same, reasons = decide(dict(champion), champion)
-    assert same and "test accuracy 0.8000 >= champion's 0.8000" in reasons[0]
-    assert not decide({**champion, "test_accuracy": 0.79}, champion)[0]
-    less_robust, reasons = decide(
-        {**champion, "test_accuracy": 0.9, "corruption_accuracy": 0.59}, champion
-    )
-    assert not less_robust and "accuracy under corruption 0.5900 < champion's 0.6000" in reasons[1]
-    # mCE (lower is better) decides robustness where both have one
-    with_mce = {**champion, "mce": 0.9}
-    ok, reasons = decide({**with_mce, "corruption_accuracy": 0.5, "mce": 0.85}, with_mce)
-    assert ok and reasons[1] == "mCE 0.8500 <= champion's 0.9000"
-    assert not decide({**with_mce, "mce": 0.95}, with_mce)[0]
-
-
 def make_model_run(tmp_path, name: str, experiment: str, accuracy: float) -> TrainedModel:
     """A tiny trained-looking model: a checkpoint, a finished MLflow run, a registered
     version. The weights are the same every time (seeded)."""
@@ -269,23 +251,9 @@ def make_model_run(tmp_path, name: str, experiment: str, accuracy: float) -> Tra
     return TrainedModel("student", 1, "test_resnet", url, run_id, accuracy, 1.0)
 
 
-def figures_of(*entries: tuple[TrainedModel, float, float]) -> list[Robustness]:
-    return [
-        Robustness(
-            "unused",
-            "unused",
-            0.0,
-            [
-                {"mlflow_run_id": m.mlflow_run_id, "test_accuracy": a, "corruption_accuracy": c}
-                for m, a, c in entries
-            ],
-        )
-    ]
-
-
-@pytest.mark.slow  # MLflow runs and registry: 8 s
+@pytest.mark.slow  # MLflow runs and registry, two small evaluations: 15-30 s
 def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
-    tmp_path, mlflow_uri, tiny_dataset
+    tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
 ):
     from mlflow import MlflowClient
 
@@ -297,40 +265,52 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     assert stages.existing_teacher("champion", experiment) is None
 
     first = make_model_run(tmp_path, "first", experiment, 0.5)
+    its_teacher = replace(make_model_run(tmp_path, "teacher", experiment, 0.5), role="teacher")
+    alone = stages.evaluate_robustness(
+        [its_teacher, first], evaluation, tiny_dataset, str(tmp_path / "eval1"), parent, 1
+    )
     record = stages.promote(
-        first, figures_of((first, 0.5, 0.4)), experiment, evaluation, tiny_dataset,
+        first, [alone], experiment, evaluation, tiny_dataset,
         str(tmp_path / "run1"), parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
     assert record["decision"] == "champion" and record["champion"] is None
 
     # the champion comes back as a teacher, from its checkpoint
     teacher = stages.existing_teacher("champion", experiment)
-    assert (teacher.mlflow_run_id, teacher.url, teacher.test_accuracy) == (
+    assert (teacher.mlflow_run_id, teacher.url, teacher.final_accuracy) == (
         first.mlflow_run_id,
         first.url,
         0.5,
     )
+    assert teacher.evaluated_on == "test"  # as its run logged it: final_test_accuracy
 
-    worse = make_model_run(tmp_path, "worse", experiment, 0.45)
+    # the same (seeded) weights again: no better beyond chance, so not promoted
+    same = make_model_run(tmp_path, "same", experiment, 0.5)
+    side_by_side = stages.evaluate_robustness(
+        [teacher, same], evaluation, tiny_dataset, str(tmp_path / "eval2"), parent, 1
+    )
     record = stages.promote(
-        worse, figures_of((teacher, 0.5, 0.4), (worse, 0.45, 0.41)), experiment, evaluation,
-        tiny_dataset, str(tmp_path / "run2"), parent, 1, config.load(SMOKE).model_dump(),
+        same, [side_by_side], experiment, evaluation, tiny_dataset, str(tmp_path / "run2"),
+        parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
     assert record["decision"] == "challenger"
     assert record["champion"]["run_id"] == first.mlflow_run_id
+    assert record["comparison"]["accuracy"]["only_first_right"] == 0
+    assert record["comparison"]["accuracy"]["p_value"] == 1.0
     client = MlflowClient(mlflow_uri)
     assert client.get_model_version_by_alias(experiment, "champion").run_id == first.mlflow_run_id
     challenger = client.get_model_version_by_alias(experiment, "challenger")
-    assert challenger.run_id == worse.mlflow_run_id
+    assert challenger.run_id == same.mlflow_run_id
     assert challenger.tags[f"{tracking.TAG}promotion"] == "challenger"
-    assert (
-        "test accuracy 0.4500 < champion's 0.5000"
-        in (challenger.tags[f"{tracking.TAG}promotion_reasons"])
-    )
-    assert client.get_run(worse.mlflow_run_id).data.tags[f"{tracking.TAG}promotion"] == (
+    reasons = challenger.tags[f"{tracking.TAG}promotion_reasons"]
+    assert "+0.00 points, no significant difference" in reasons
+    assert "(chosen on the test split: the dataset has no validation split)" in reasons
+    assert challenger.tags[f"{tracking.TAG}chosen_on"] == "test"
+    assert client.get_run(same.mlflow_run_id).data.tags[f"{tracking.TAG}promotion"] == (
         "challenger"
     )
     assert storage.read_json(str(tmp_path / "run2" / "promotion.json")) == record
+    assert record["note"] == "chosen on the test split"
     logged = client.download_artifacts(parent, "promotion.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["decision"] == "challenger"
 
@@ -339,8 +319,8 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
 def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
 ):
-    """A champion this run did not evaluate is evaluated on the same test images and seeded
-    corruptions as the student, so that the two are compared like for like."""
+    """A champion this run did not evaluate is evaluated on the same images and seeded
+    corruptions as the student, so that the two are compared image by image."""
     experiment = "ns-gate-side-by-side"
     parent = tracking.start_run(experiment, "pipeline")
     evaluation = config.EvaluationConfig(
@@ -361,10 +341,14 @@ def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     measured = storage.read_parquet(str(tmp_path / "run/promotion/robustness/robustness.parquet"))
     assert set(measured.column("mlflow_run_id").to_pylist()) == {champion.mlflow_run_id}
     # the same weights (seeded) measured the same way, against the same baseline (this
-    # run's teacher), give the same figures
-    for key in ("test_accuracy", "corruption_accuracy", "mce"):
+    # run's teacher), give the same figures, image by image: no difference at all
+    for key in ("accuracy", "corruption_accuracy"):
         assert record["champion"][key] == pytest.approx(record["candidate"][key]), key
-    assert record["decision"] == "champion"
+    assert record["champion"]["reported"] == record["candidate"]["reported"]
+    accuracy = record["comparison"]["accuracy"]
+    assert accuracy["only_first_right"] == accuracy["only_second_right"] == 0
+    assert record["comparison"]["verdict"] == "no significant difference"
+    assert record["decision"] == "challenger"  # superiority: it must be better beyond chance
 
 
 # --- Docker -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from noisy_student import config, corruptions, dataset, storage, tracking
+from noisy_student import config, corruptions, dataset, statistics, storage, tracking
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # the smoke preset through the real flow: 3 min on 2 busy cores
@@ -161,6 +161,7 @@ def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures
         pq.read_table(storage.join(it["robustness_url"], "robustness.parquet")).to_pandas()
         for it in summary["iterations"]
     ]
+    tables = [t[t["suite"] == "reported"] for t in tables]  # the gate's suite is apart
     digests = [
         t[t["corruption"] != "fgsm"].groupby(["corruption", "severity"])["images_digest"].agg(set)
         for t in tables
@@ -200,6 +201,39 @@ def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
     assert decision is not None and decision.type == "markdown"
     assert f"is the **{promotion['decision']}**" in decision.data
     assert all(reason in decision.data for reason in promotion["reasons"])
+    assert "Chosen on the **validation** split" in decision.data
+    for v in promotion["students_against_teachers"]:
+        assert f"student {v['iteration']} against its teacher: **{v['verdict']}**" in decision.data
+
+
+def test_smoke_run_gates_on_the_validation_split_with_paired_counts_and_p_values(smoke_run):
+    summary, tmp = smoke_run
+    root = summary["data_root"]
+    assert dataset.read_manifest(storage.join(root, dataset.VALIDATION)).num_rows == 200
+    promotion = json.loads(Path(summary["artifacts_url"], "promotion.json").read_text())
+    assert promotion == summary["promotion"] and summary["chosen_on"] == "validation"
+    assert promotion["chosen_on"] == "validation" and "note" not in promotion
+    for v in promotion["students_against_teachers"]:
+        accuracy = v["comparison"]["accuracy"]
+        assert accuracy["images"] == 200 and accuracy["test"] == "exact McNemar"
+        counts = [accuracy[k] for k in ("both_right", "only_first_right", "only_second_right",
+                                        "both_wrong")]  # fmt: skip
+        assert sum(counts) == 200 and 0 < accuracy["p_value"] <= 1
+        assert v["verdict"] in (statistics.ABOVE, statistics.TIED, statistics.BELOW)
+    for it in summary["iterations"]:
+        for role in ("teacher", "student"):
+            m = it[role]
+            assert m["chosen_on"]["split"] == "validation" and m["chosen_on"]["images"] == 200
+            low, high = m["validation_accuracy_interval"]
+            assert low <= m["validation_accuracy"] <= high
+            low, high = m["test_accuracy_interval"]
+            assert low <= m["test_accuracy"] <= high
+    # the runs's choices are tags of the pipeline run in MLflow
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    tags = client.get_run(summary["mlflow"]["parent_run_id"]).data.tags
+    assert tags[f"{tracking.TAG}chosen_on"] == "validation"
+    for v in promotion["students_against_teachers"]:
+        assert tags[f"{tracking.TAG}student_{v['iteration']}_vs_teacher"] == v["verdict"]
 
 
 def test_smoke_run_logs_a_model_per_trained_model_with_mlflow_lineage(smoke_run):
@@ -239,7 +273,7 @@ def test_smoke_run_publishes_the_results_table_keyed_by_pipeline_name(smoke_run)
     rows = json.loads(artifact.data)
     assert [r["iteration"] for r in rows] == [1, 2]
     assert rows[1]["student MLflow run"] == summary["iterations"][1]["student"]["mlflow_run_id"]
-    assert rows[0]["student accuracy %"] == pytest.approx(
+    assert rows[0]["student test accuracy %"] == pytest.approx(
         100 * summary["iterations"][0]["student"]["test_accuracy"], abs=0.01
     )
 

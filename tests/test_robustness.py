@@ -243,8 +243,24 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
         "ece",
         "images_digest",
     }
-    per_model = table.groupby("role").size().to_dict()
+    reported = table[table["suite"] == "reported"]
+    per_model = reported.groupby("role").size().to_dict()
     assert per_model == {"teacher": 1 + 4 + 1, "student": 1 + 4 + 1}  # clean, 2 x 2, FGSM
+    # the dataset has no validation split: the gate's suite is the test split's, clean and
+    # the 2 corruptions at the gate's severity 3, on all 200 test images
+    chosen = table[table["suite"] == "choice"]
+    assert chosen.groupby("role").size().to_dict() == {"teacher": 3, "student": 3}
+    assert set(chosen["split"]) == {"test"} and set(chosen["severity"]) == {0, 3}
+    assert (table["accuracy_low"] <= table["accuracy"]).all()
+    assert (table["accuracy"] <= table["accuracy_high"]).all()
+    predictions = pd.read_parquet(first.predictions_url)
+    clean = predictions[
+        (predictions["suite"] == "reported") & (predictions["corruption"] == "clean")
+    ]
+    clean_rows = reported[reported["corruption"] == "clean"].set_index("role")
+    for role, rows in clean.groupby("role"):
+        right = (rows["predicted"] == rows["label"]).mean()
+        assert right == pytest.approx(clean_rows.loc[role, "accuracy"])
     fgsm = table[table["corruption"] == "fgsm"]
     assert (fgsm["images"] == 20).all() and (fgsm["epsilon"] == 4 / 255).all()
 
@@ -252,20 +268,30 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     assert by_role["teacher"]["mce"] == pytest.approx(1.0)  # the first teacher is the baseline
     assert first.baseline["mlflow_run_id"] == teacher_id
     assert set(by_role["student"]["fgsm_accuracy"]) == {"4/255"}
-    for name in ("accuracy_vs_severity.png", "mce_per_iteration.png", "fgsm_accuracy.png"):
+    figures = ["accuracy_vs_severity.png", "mce_per_iteration.png", "fgsm_accuracy.png"]
+    figures += ["confusion_teacher.png", "confusion_student.png"]
+    for name in figures:
         assert storage.read_bytes(storage.join(out, "figures", name))[:4] == b"\x89PNG"
     text = storage.read_bytes(first.report_url).decode()
     assert text == first.report
     assert "| teacher 1 (test_resnet) |" in text and "### student 1" in text
     assert f"{100 * by_role['student']['mce']:.1f}" in text
+    low, high = by_role["student"]["test_accuracy_interval"]
+    assert (
+        f"{100 * by_role['student']['test_accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+        in text
+    )
+    assert "**Chosen on the test split**" in text and first.chosen_on == "test"
+    assert "## Precision and recall (%) per class, on the test split" in text
+    classes = by_role["student"]["per_class"]["classes"]
+    right = sum(c["recall"] * c["images"] for c in classes)
+    assert right == pytest.approx(200 * by_role["student"]["test_accuracy"])
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     files = {f.path for f in client.list_artifacts(first.mlflow_run_id, "figures")}
-    assert files == {
-        "figures/accuracy_vs_severity.png",
-        "figures/mce_per_iteration.png",
-        "figures/fgsm_accuracy.png",
-    }
+    assert files == {f"figures/{name}" for name in figures}
+    per_class = {f.path for f in client.list_artifacts(first.mlflow_run_id, "per_class")}
+    assert per_class == {"per_class/teacher.json", "per_class/student.json"}
     run = client.get_run(first.mlflow_run_id)
     assert run.data.metrics["teacher_mce"] == pytest.approx(1.0)
     assert "student_fgsm_4_accuracy" in run.data.metrics
@@ -292,6 +318,7 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     table2 = pd.read_parquet(second.table_url)
     reused = table2[table2["role"] == "teacher"].reset_index(drop=True)
     measured = table[table["role"] == "student"].reset_index(drop=True)
+    assert len(reused) == len(measured) == 6 + 3
     assert reused["accuracy"].tolist() == measured["accuracy"].tolist()
     assert (reused["iteration"] == 2).all() and (reused["mlflow_run_id"] == student_id).all()
     assert second.baseline["mlflow_run_id"] == teacher_id  # still the run's first teacher
@@ -375,7 +402,8 @@ def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memor
     for generated, cells_read in ((4, 0), (0, 4)):
         decoded.clear()
         suite = robustness.open_suite(root, ["gaussian_noise", "rotate"], [1, 3], 90, seed=0)
-        (measured,) = robustness.evaluate_models([model], suite, batch, "fp32", [4], 40, bins)
+        (evaluated,) = robustness.evaluate_models([model], suite, batch, "fp32", [4], 40, bins)
+        measured, predictions = evaluated.rows, evaluated.predictions
         assert suite.built == generated
         # no call decoded more than a batch: no set was ever held decoded
         assert decoded and max(decoded) <= batch
@@ -389,3 +417,9 @@ def test_the_suite_and_the_evaluation_stream_and_match_the_split_judged_in_memor
             assert (r["accuracy"], r["ece"], r["mean_confidence"]) == (accuracy, ece, confidence)
         assert by_key[("fgsm", 4)]["accuracy"] == fgsm[4]
         assert by_key[("fgsm", 4)]["images"] == 40
+        # every image's answer is kept, numbered by its row in the split
+        for (corruption, severity), rows in predictions.groupby(["corruption", "severity"]):
+            right = (rows["predicted"] == rows["label"]).mean()
+            assert right == pytest.approx(by_key[(corruption, severity)]["accuracy"])
+            expected_rows = range(len(test)) if corruption == "clean" else subset.tolist()
+            assert rows["row"].tolist() == list(expected_rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from noisy_student import model_ref, models, storage, tracking
+from noisy_student.dataset import TEST, VALIDATION
 from noisy_student.errors import UserError
 from noisy_student.stages.records import TrainedModel
 
@@ -23,14 +24,17 @@ def from_run(run_id: str) -> TrainedModel:
         url = tracking.download_model(run_id)
         logger.info(f"checkpoint of run {run_id} copied from MLflow to {url}")
     meta = models.load_meta(url)
+    # the training's last evaluation, on the split it named (validation, or test)
+    split = next((s for s in (VALIDATION, TEST) if f"final_{s}_accuracy" in data.metrics), None)
     return TrainedModel(
         role="teacher",
         iteration=0,
         model=meta.model,
         url=url,
         mlflow_run_id=run_id,
-        test_accuracy=data.metrics.get("final_test_accuracy"),
+        final_accuracy=data.metrics.get(f"final_{split}_accuracy"),
         seconds=0.0,
+        evaluated_on=split,
     )
 
 

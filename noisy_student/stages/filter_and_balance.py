@@ -250,4 +250,6 @@ def filter_and_balance(
             inference_seconds,
             time.perf_counter() - start,
             per_class.to_dict(orient="records"),
+            scored_kept,
+            scored_all,
         )

@@ -100,16 +100,7 @@ def prepare_data(root: str, fashion_mnist: FashionMnistSource | None) -> str:
         logger.info(f"choices are made on its {choice_split(root)} split")
         return root
     logger.info(f"ingesting Fashion-MNIST from {fashion_mnist.source} into {root}")
-    ingest.fashion_mnist(
-        root,
-        fashion_mnist.source,
-        labelled_per_class=fashion_mnist.labelled_per_class,
-        unlabelled_limit=fashion_mnist.unlabelled_limit,
-        test_limit=fashion_mnist.test_limit,
-        seed=fashion_mnist.seed,
-        rows_per_shard=fashion_mnist.rows_per_shard,
-        validation_per_class=fashion_mnist.validation_per_class,
-    )
+    ingest.fashion_mnist(root, **fashion_mnist.model_dump())  # its keys are the parameters
     return root
 
 

@@ -2,47 +2,45 @@
 replace the champion, the registered model's version in service?
 
 Every student is a version of the registered model named after the experiment. The alias
-`champion` marks the version in service; a student takes it only when it is at least as
-accurate as the champion and no less robust, measured side by side on the same test
-images and corruptions, and when no other model of its own run (its teacher, an earlier
-student) is more accurate on the clean test images. Otherwise it gets the alias
-`challenger`. When a model of the run beats the final student, that model goes through
-the same gate in its place: a first teacher better than its students becomes the
-champion of an empty registry (registered as a version for it), instead of the student
-below it. The decision and its reasons are kept as tags on the version and the student's
-run, and as `promotion.json` on the pipeline run and beside the run's artifacts.
+`champion` marks the version in service. The gate compares the candidate with the
+champion image by image on the split choices are made on (validation where the dataset
+has one; else test, and every record says "chosen on the test split"): a paired test of
+clean accuracy (`evaluation.gate.test`: exact McNemar, or a paired bootstrap) and a paired
+bootstrap of accuracy under the gate's corruptions of the same images. Under the default
+`superiority` mode the candidate takes `champion` only when it is significantly more
+accurate (two-sided p < `alpha`, gain >= `min_margin`) and not significantly less robust;
+under `non_inferiority`, unless it is significantly less accurate (or loses more than
+`min_margin`) or significantly less robust. Otherwise it gets the alias `challenger`.
+
+A model of the run significantly more accurate than the final student (its teacher, an
+earlier student) goes through the same gate in its place: a first teacher better than its
+students becomes the champion of an empty registry (registered as a version for it). The
+test split is never read here: its figures are reported by evaluate_robustness. The
+decision, its paired counts, p-values and margins are kept as tags on the version and the
+student's run, and as `promotion.json` on the pipeline run and beside the run's artifacts.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from noisy_student import models, storage, tracking
-from noisy_student.config import EvaluationConfig, student_stem
-from noisy_student.stages.evaluate_robustness import evaluate_robustness
+from noisy_student import dataset, models, robustness, statistics, storage, tracking
+from noisy_student.config import EvaluationConfig, GateConfig, student_stem
+from noisy_student.errors import UserError
+from noisy_student.stages.evaluate_robustness import CHOICE, evaluate_robustness, read_predictions
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
 from noisy_student.stages.records import Robustness, TrainedModel
 
 logger = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"  # the alias of a student that did not pass the gate
-
-
-def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
-    """A model's clean accuracy and robustness as an evaluation of this run measured them."""
-    for r in robustness:
-        for m in r.models:
-            if m["mlflow_run_id"] == run_id:
-                return {
-                    "test_accuracy": m["test_accuracy"],
-                    "corruption_accuracy": m.get("corruption_accuracy"),
-                    "mce": m.get("mce"),
-                }
-    return None
+CHOSEN_ON_TEST = "chosen on the test split"  # what every record of a choice says without validation
 
 
 def run_models(robustness: list[Robustness]) -> dict[str, dict[str, Any]]:
@@ -51,15 +49,182 @@ def run_models(robustness: list[Robustness]) -> dict[str, dict[str, Any]]:
     return {m["mlflow_run_id"]: m for r in robustness for m in r.models}
 
 
-def best_of_run(robustness: list[Robustness], student_run_id: str) -> dict[str, Any] | None:
-    """The most accurate model of this run on the clean test images when it is more
-    accurate than the student; None when the student is the best (a tie goes to it)."""
-    entries = run_models(robustness)
-    own = entries[student_run_id]["test_accuracy"]
-    better = [
-        m for run_id, m in entries.items() if run_id != student_run_id and m["test_accuracy"] > own
+def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
+    """A model's figures as an evaluation of this run measured them: those choices are
+    made on, and the test figures, which are only reported."""
+    m = run_models(robustness).get(run_id)
+    if m is None:
+        return None
+    choice = m.get("choice") or {}
+    return {
+        "chosen_on": choice.get("split"),
+        "accuracy": choice.get("accuracy"),
+        "accuracy_interval": choice.get("accuracy_interval"),
+        "corruption_accuracy": choice.get("corruption_accuracy"),
+        "corruption_accuracy_interval": choice.get("corruption_accuracy_interval"),
+        "reported": {
+            "test_accuracy": m["test_accuracy"],
+            "test_accuracy_interval": m.get("test_accuracy_interval"),
+            "corruption_accuracy": m.get("corruption_accuracy"),
+            "mce": m.get("mce"),
+        },
+    }
+
+
+# ------------------------------------------------------------------- paired comparisons
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One model against another on the same images of the choice split."""
+
+    split: str
+    accuracy: statistics.PairedTest  # clean accuracy, right/wrong per image
+    robustness: statistics.PairedTest  # each image's accuracy under the gate's corruptions
+    alpha: float
+
+    @property
+    def verdict(self) -> str:
+        return self.accuracy.verdict(self.alpha)
+
+    @property
+    def robustness_verdict(self) -> str:
+        return self.robustness.verdict(self.alpha)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            **({"note": CHOSEN_ON_TEST} if self.split == dataset.TEST else {}),
+            "verdict": self.verdict,
+            "accuracy": self.accuracy.record(),
+            "robustness_verdict": self.robustness_verdict,
+            "robustness": self.robustness.record(),
+            "alpha": self.alpha,
+        }
+
+
+def _choice_predictions(predictions: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    own = predictions[(predictions["mlflow_run_id"] == run_id) & (predictions["suite"] == CHOICE)]
+    if own.empty:
+        raise UserError(f"MLflow run {run_id!r}: no predictions on the choice split to compare")
+    return own[own["iteration"] == own["iteration"].min()]
+
+
+def compare(
+    predictions: pd.DataFrame,
+    first_id: str,
+    second_id: str,
+    gate: GateConfig,
+    corruption_names: list[str],
+    seed: int = 0,
+) -> Comparison:
+    """`first_id`'s model against `second_id`'s, image by image on the choice split: clean
+    right/wrong under the gate's test, and each image's accuracy over the gate's
+    corrupted copies under a paired bootstrap. Both must have been judged on the same
+    images (the same rows with the same labels)."""
+    first, second = (
+        _choice_predictions(predictions, first_id),
+        _choice_predictions(predictions, second_id),
+    )
+    split = first["split"].iloc[0]
+    a, b = robustness.clean_correct(first), robustness.clean_correct(second)
+    if not a.index.equals(b.index) or set(first["split"]) != set(second["split"]):
+        raise UserError(
+            f"MLflow runs {first_id!r} and {second_id!r} were not judged on the same images"
+        )
+    if gate.test == "mcnemar":
+        accuracy = statistics.mcnemar(a.to_numpy(), b.to_numpy())
+    else:
+        accuracy = statistics.paired_bootstrap(a.to_numpy(), b.to_numpy(), gate.resamples, seed)
+    ra = robustness.per_image_accuracy(first, corruption_names, gate.severities)
+    rb = robustness.per_image_accuracy(second, corruption_names, gate.severities)
+    if not ra.index.equals(rb.index):
+        raise UserError(
+            f"MLflow runs {first_id!r} and {second_id!r} were not judged on the same "
+            "corrupted images"
+        )
+    robust = statistics.paired_bootstrap(ra.to_numpy(), rb.to_numpy(), gate.resamples, seed)
+    return Comparison(split, accuracy, robust, gate.alpha)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _evidence(test: statistics.PairedTest, first: str, second: str) -> str:
+    """The paired counts (or the bootstrap) and the p-value, in words."""
+    if test.only_first_right is not None:
+        how = (
+            f"exact McNemar: {test.only_first_right} images right only by {first}, "
+            f"{test.only_second_right} only by {second}"
+        )
+    else:
+        how = f"paired bootstrap over {test.images} images"
+    return f"{how}, p = {test.p_value:.3g}"
+
+
+def describe(c: Comparison, first: str, second: str) -> list[str]:
+    """The comparison in two sentences: clean accuracy, and under corruption."""
+    where = f"on the same {c.accuracy.images} {c.split} images"
+    if c.split == dataset.TEST:
+        where += f" ({CHOSEN_ON_TEST}: the dataset has no validation split)"
+    a, r = c.accuracy, c.robustness
+    return [
+        f"{first} {_pct(a.first_accuracy)} vs {second} {_pct(a.second_accuracy)} {where}: "
+        f"{100 * a.difference:+.2f} points, {c.verdict} ({_evidence(a, first, second)}, "
+        f"alpha {c.alpha:g})",
+        f"under the gate's corruptions {_pct(r.first_accuracy)} vs {_pct(r.second_accuracy)}: "
+        f"{100 * r.difference:+.2f} points, {c.robustness_verdict} "
+        f"({_evidence(r, first, second)})",
     ]
-    return max(better, key=lambda m: m["test_accuracy"], default=None)
+
+
+def decide(c: Comparison | None, gate: GateConfig) -> tuple[bool, list[str]]:
+    """Promote or not, and why: see the module's docstring for the two modes."""
+    if c is None:
+        return True, ["there is no champion yet"]
+    reasons = describe(c, "the candidate", "the champion")
+    gain = c.accuracy.difference
+    if gate.mode == "superiority":
+        accurate = c.verdict == statistics.ABOVE and gain >= gate.min_margin
+        if c.verdict == statistics.ABOVE and not accurate:
+            reasons.append(
+                f"the gain {100 * gain:.2f} points is below evaluation.gate.min_margin "
+                f"{100 * gate.min_margin:.2f}"
+            )
+        elif not accurate:
+            reasons.append("superiority: the candidate must be significantly more accurate")
+    else:
+        accurate = c.verdict != statistics.BELOW and gain >= -gate.min_margin
+        if c.verdict != statistics.BELOW and not accurate:
+            reasons.append(
+                f"the loss {100 * -gain:.2f} points is above evaluation.gate.min_margin "
+                f"{100 * gate.min_margin:.2f}"
+            )
+    robust = c.robustness_verdict != statistics.BELOW
+    if not robust:
+        reasons.append("the candidate is significantly less robust")
+    return accurate and robust, reasons
+
+
+def best_of_run(
+    robustness: list[Robustness],
+    predictions: pd.DataFrame,
+    student_run_id: str,
+    evaluation: EvaluationConfig,
+) -> tuple[dict[str, Any], Comparison] | None:
+    """The most accurate model of this run on the choice split among those significantly
+    more accurate than the final student there; None when there is none (the student
+    stays the candidate)."""
+    better = []
+    for run_id, m in run_models(robustness).items():
+        if run_id == student_run_id or not run_id:
+            continue
+        c = compare(predictions, run_id, student_run_id, evaluation.gate, evaluation.corruptions,
+                    evaluation.seed)  # fmt: skip
+        if c.verdict == statistics.ABOVE:
+            better.append((m, c))
+    return max(better, key=lambda mc: mc[1].accuracy.first_accuracy, default=None)
 
 
 def _label(m: dict[str, Any]) -> str:
@@ -79,10 +244,12 @@ def below_teacher_note(
     teacher_model: str,
     teacher: float,
     config: dict[str, Any],
+    evidence: str = "",
 ) -> str:
     """What the results table and the log say of a student that ends below its teacher.
     `config` is the run's configuration as a dict (`PipelineConfig.model_dump()`): the
-    suggestions leave out what the student already had."""
+    suggestions leave out what the student already had. `evidence` (e.g. " on the
+    validation split, significantly below (exact McNemar ...)") follows the figures."""
     key = f"students.{iteration - 1}"
     tries = [f"more {key}.epochs"]
     started = config["students"][iteration - 1].get("init_from_teacher")
@@ -95,50 +262,45 @@ def below_teacher_note(
     return (
         f"student {iteration} ({student_model}, {100 * student:.2f}%) ends "
         f"{100 * (teacher - student):.2f} points below its teacher ({teacher_model}, "
-        f"{100 * teacher:.2f}%): try " + ", ".join(tries[:-1]) + f" or {tries[-1]}"
+        f"{100 * teacher:.2f}%){evidence}: try " + ", ".join(tries[:-1]) + f" or {tries[-1]}"
     )
 
 
-def students_below_teachers(robustness: list[Robustness], config: dict[str, Any]) -> list[str]:
-    """One note per iteration whose student is less accurate than its own teacher."""
-    notes = []
+def students_against_teachers(
+    robustness: list[Robustness],
+    predictions: pd.DataFrame,
+    evaluation: EvaluationConfig,
+    config: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Per iteration: the student against its own teacher on the choice split, and its
+    verdict; a student significantly below gets the note of what to try."""
+    out = []
     for r in robustness:
         roles = {m.get("role"): m for m in r.models}
         t, s = roles.get("teacher"), roles.get("student")
-        if t and s and s["test_accuracy"] < t["test_accuracy"]:
-            notes.append(
-                below_teacher_note(
-                    s["iteration"],
-                    s["model"],
-                    s["test_accuracy"],
-                    t["model"],
-                    t["test_accuracy"],
-                    config,
-                )
+        if not (t and s and t["mlflow_run_id"] and "choice" in s and "choice" in t):
+            continue
+        c = compare(predictions, s["mlflow_run_id"], t["mlflow_run_id"], evaluation.gate,
+                    evaluation.corruptions, evaluation.seed)  # fmt: skip
+        entry = {
+            "iteration": s["iteration"],
+            "verdict": c.verdict,
+            "comparison": c.record(),
+            "sentence": describe(c, f"student {s['iteration']}", "its teacher")[0],
+        }
+        if c.verdict == statistics.BELOW:
+            entry["note"] = below_teacher_note(
+                s["iteration"],
+                s["model"],
+                c.accuracy.first_accuracy,
+                t["model"],
+                c.accuracy.second_accuracy,
+                config,
+                f" on the {c.split} split, {c.verdict} "
+                f"({_evidence(c.accuracy, 'the student', 'the teacher')})",
             )
-    return notes
-
-
-def decide(candidate: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
-    """Promote when at least as accurate and no less robust: mCE (lower is better) when
-    both have one, else mean accuracy under corruption."""
-    if champion is None:
-        return True, ["there is no champion yet"]
-    reasons = []
-    c, h = candidate["test_accuracy"], champion["test_accuracy"]
-    accurate = c >= h
-    reasons.append(f"test accuracy {c:.4f} {'>=' if accurate else '<'} champion's {h:.4f}")
-    if candidate.get("mce") is not None and champion.get("mce") is not None:
-        c, h = candidate["mce"], champion["mce"]
-        robust = c <= h
-        reasons.append(f"mCE {c:.4f} {'<=' if robust else '>'} champion's {h:.4f}")
-    else:
-        c, h = candidate["corruption_accuracy"], champion["corruption_accuracy"]
-        robust = c >= h
-        reasons.append(
-            f"accuracy under corruption {c:.4f} {'>=' if robust else '<'} champion's {h:.4f}"
-        )
-    return accurate and robust, reasons
+        out.append(entry)
+    return out
 
 
 def promote(
@@ -157,47 +319,68 @@ def promote(
     below its teacher."""
     version = tracking.model_version_of_run(registered_model, student.mlflow_run_id)
     current = tracking.model_version_by_alias(registered_model, CHAMPION)
-    candidate = figures(robustness, student.mlflow_run_id)
-    champion = None
-    if current is not None:
-        champion = figures(robustness, current.run_id)
-        if champion is None:
-            # The champion was not evaluated in this run: measure it on the same test images
-            # and the same seeded corruptions as the student.
-            logger.info(f"evaluating the champion (version {current.version}) as the student was")
-            measured = evaluate_robustness(
-                [from_run(current.run_id)],
-                evaluation,
-                data_root,
-                storage.join(run_url, "promotion", "robustness"),
-                parent_run_id,
-                iteration,
-                earlier=[r.table_url for r in robustness if r.table_url],
-            )
-            champion = figures([measured], current.run_id)
-    for note in students_below_teachers(robustness, config):
-        logger.info(note)
-    promoted, reasons = decide(candidate, champion)
-    best = best_of_run(robustness, student.mlflow_run_id)
+    evaluations = list(robustness)
+    predictions = read_predictions([r.table_url for r in robustness if r.table_url])
+    if current is not None and figures(robustness, current.run_id) is None:
+        # The champion was not evaluated in this run: measure it on the same images and
+        # the same seeded corruptions as the student.
+        logger.info(f"evaluating the champion (version {current.version}) as the student was")
+        measured = evaluate_robustness(
+            [from_run(current.run_id)],
+            evaluation,
+            data_root,
+            storage.join(run_url, "promotion", "robustness"),
+            parent_run_id,
+            iteration,
+            earlier=[r.table_url for r in robustness if r.table_url],
+        )
+        evaluations.append(measured)
+        predictions = pd.concat(
+            [predictions, read_predictions([measured.table_url])], ignore_index=True
+        )
+    verdicts = students_against_teachers(robustness, predictions, evaluation, config)
+    for v in verdicts:
+        logger.info(v["sentence"])
+        if "note" in v:
+            logger.info(v["note"])
+    gate, seed, names = evaluation.gate, evaluation.seed, evaluation.corruptions
+    against = (
+        compare(predictions, student.mlflow_run_id, current.run_id, gate, names, seed)
+        if current is not None
+        else None
+    )
+    promoted, reasons = decide(against, gate)
+    best = best_of_run(robustness, predictions, student.mlflow_run_id, evaluation)
     stand_in = None
     if best is not None:
         promoted = False
+        m, c = best
         reasons.append(
-            f"test accuracy {candidate['test_accuracy']:.4f} < {_label(best)}'s "
-            f"{best['test_accuracy']:.4f} in this run"
+            f"{_label(m)} is significantly more accurate in this run: "
+            + describe(c, _label(m), "the final student")[0]
         )
-        stand_in = _stand_in(best, champion, current, registered_model, reasons)
+        stand_in = _stand_in(m, c, predictions, current, registered_model, evaluation, reasons)
     alias = CHAMPION if promoted else CHALLENGER
+    chosen_on = evaluations[-1].chosen_on if evaluations else dataset.TEST
     record = {
         "registered_model": registered_model,
         "version": version.version,
         "run_id": student.mlflow_run_id,
         "decision": alias,
+        "chosen_on": chosen_on,
+        **({"note": CHOSEN_ON_TEST} if chosen_on == dataset.TEST else {}),
+        "gate": gate.model_dump(),
         "reasons": reasons,
-        "candidate": candidate,
+        "candidate": figures(evaluations, student.mlflow_run_id),
         "champion": None
         if current is None
-        else {"version": current.version, "run_id": current.run_id, **champion},
+        else {
+            "version": current.version,
+            "run_id": current.run_id,
+            **(figures(evaluations, current.run_id) or {}),
+        },
+        "comparison": None if against is None else against.record(),
+        "students_against_teachers": verdicts,
         "best_of_run": stand_in,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -206,10 +389,18 @@ def promote(
         f"{tracking.TAG}promotion": alias,
         f"{tracking.TAG}promotion_reasons": "; ".join(reasons),
         f"{tracking.TAG}compared_with_version": current.version if current else "",
+        f"{tracking.TAG}chosen_on": chosen_on,
+        **_comparison_tags(against),
     }
     tracking.set_version_tags(registered_model, version.version, tags)
     tracking.set_tags(student.mlflow_run_id, tags)
-    tracking.set_tags(parent_run_id, {f"{tracking.TAG}promotion": alias})
+    for v in verdicts:
+        tracking.set_tags(
+            parent_run_id, {f"{tracking.TAG}student_{v['iteration']}_vs_teacher": v["verdict"]}
+        )
+    tracking.set_tags(
+        parent_run_id, {f"{tracking.TAG}promotion": alias, f"{tracking.TAG}chosen_on": chosen_on}
+    )
     tracking.log_dict(parent_run_id, record, "promotion.json")
     storage.write_json(storage.join(run_url, "promotion.json"), record)
     logger.info(
@@ -218,26 +409,59 @@ def promote(
     return record
 
 
+def _comparison_tags(c: Comparison | None) -> dict[str, str]:
+    """The gate's paired test as MLflow tags: verdict, counts, p-value, difference."""
+    if c is None:
+        return {}
+    a, t = c.accuracy, tracking.TAG
+    tags = {
+        f"{t}gate_verdict": c.verdict,
+        f"{t}gate_test": a.test,
+        f"{t}gate_p_value": f"{a.p_value:.4g}",
+        f"{t}gate_difference": f"{a.difference:.4f}",
+        f"{t}gate_robustness_verdict": c.robustness_verdict,
+    }
+    if a.only_first_right is not None:
+        tags[f"{t}gate_paired_counts"] = (
+            f"both right {a.both_right}, candidate only {a.only_first_right}, champion only "
+            f"{a.only_second_right}, both wrong {a.both_wrong}"
+        )
+    return tags
+
+
 def _stand_in(
     best: dict[str, Any],
-    champion: dict[str, Any] | None,
+    against_student: Comparison,
+    predictions: pd.DataFrame,
     current: Any,
     registered_model: str,
+    evaluation: EvaluationConfig,
     reasons: list[str],
 ) -> dict[str, Any]:
     """The run's best model at the gate in the final student's place: it takes `champion`
     on the same rule (a first teacher is registered as a version for it). Appends what
     happened to `reasons`; returns the record of it."""
     label, run_id = _label(best), best["mlflow_run_id"]
-    entry = {"label": label, "run_id": run_id, "model": best.get("model")}
-    entry["test_accuracy"] = best["test_accuracy"]
+    entry = {
+        "label": label,
+        "run_id": run_id,
+        "model": best.get("model"),
+        "chosen_on": against_student.split,
+        "accuracy": against_student.accuracy.first_accuracy,
+        "against_final_student": against_student.record(),
+        "test_accuracy": best["test_accuracy"],  # reported only
+    }
     if current is not None and run_id == current.run_id:
         reasons.append(f"{label} is the champion (version {current.version}): it stays")
         return {**entry, "version": str(current.version), "decision": CHAMPION}
     if not run_id:
         reasons.append(f"{label} has no MLflow run to register: the champion stays as it is")
         return {**entry, "version": None, "decision": None}
-    ok, why = decide(best, champion)
+    c = None
+    if current is not None:
+        c = compare(predictions, run_id, current.run_id, evaluation.gate, evaluation.corruptions,
+                    evaluation.seed)  # fmt: skip
+    ok, why = decide(c, evaluation.gate)
     if not ok:
         reasons.append(f"{label} does not pass the gate either: {'; '.join(why)}")
         return {**entry, "version": None, "decision": None}
@@ -250,6 +474,7 @@ def _stand_in(
         f"{tracking.TAG}promotion": CHAMPION,
         f"{tracking.TAG}promotion_reasons": "the run's best model, above its final student; "
         + "; ".join(why),
+        **_comparison_tags(c),
     }
     tracking.set_version_tags(registered_model, version, tags)
     reasons.append(f"{label} (models:/{registered_model}/{version}) is the champion in its place")

@@ -16,8 +16,11 @@ class TrainedModel:
     model: str
     url: str
     mlflow_run_id: str
-    test_accuracy: float | None
+    # the training's last evaluation, on `evaluated_on` (validation where the dataset has
+    # one: it may guide choices); test accuracy is measured once, by evaluate_robustness
+    final_accuracy: float | None
     seconds: float
+    evaluated_on: str | None = None
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SelectedPseudoLabels:
     inference_seconds: float
     seconds: float
     per_class: list[dict[str, Any]] = field(default_factory=list)  # counts and the name
+    scored_kept: int = 0  # kept images whose true label is known: what `accuracy` is over
+    scored_all: int = 0  # all images whose true label is known: what `accuracy_all` is over
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Robustness:
     report: str = ""  # its Markdown, for a Prefect artifact
     suite_url: str = ""  # the corrupted test images every model is judged on
     baseline: dict[str, Any] = field(default_factory=dict)  # the model CE is relative to
+    predictions_url: str = ""  # every model's predicted class per image, both suites
+    chosen_on: str = "test"  # the split choices are made on: validation, else test
+    choice_suite_url: str = ""  # its corrupted images, which the gate's robustness check reads
 
 
 @dataclass

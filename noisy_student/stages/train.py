@@ -27,7 +27,7 @@ from noisy_student import (
 )
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
 from noisy_student.errors import UserError
-from noisy_student.stages.prepare_data import labelled_rows, test_batches
+from noisy_student.stages.prepare_data import choice_split, labelled_rows, test_batches
 from noisy_student.stages.records import SelectedPseudoLabels, TrainedModel
 from noisy_student.training_state import TrainingState
 
@@ -115,9 +115,13 @@ Progress = Callable[[float], None]  # the share of the epochs done, 0 to 1
 
 
 def _epoch_logger(
-    run_id: str, role: str, epochs: int, on_progress: Progress | None = None
+    run_id: str, role: str, epochs: int, split: str, on_progress: Progress | None = None
 ) -> engine.EpochCallback:
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        # the engine's evaluation is of the split it was given: named for it
+        metrics = {
+            f"{split}_accuracy" if k == "test_accuracy" else k: v for k, v in metrics.items()
+        }
         tracking.log_metrics(run_id, metrics, step=epoch)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         logger.info(f"{role} epoch {epoch}: {shown}")
@@ -145,16 +149,17 @@ def _finish_training(
     out_url: str,
     run_id: str | None,
     start: float,
+    split: str,
 ) -> TrainedModel:
     seconds = time.perf_counter() - start
     if run_id is None:  # a torchrun rank other than 0: rank 0 saves and logs
-        return TrainedModel(role, iteration, cfg.model, out_url, "", None, seconds)
+        return TrainedModel(role, iteration, cfg.model, out_url, "", None, seconds, split)
     models.save(fit.model, models.ModelMeta.for_data(cfg.model, data, fit.model), out_url)
     tracking.log_checkpoint(run_id, out_url)
     tracking.log_metrics(
         run_id,
         {
-            "final_test_accuracy": fit.final_accuracy,
+            f"final_{split}_accuracy": fit.final_accuracy,
             "train_seconds": fit.seconds,
             "decode_seconds": fit.decode_seconds,
             "steps": fit.steps,
@@ -169,7 +174,9 @@ def _finish_training(
         {f"{tracking.TAG}checkpoint_url": out_url, f"{tracking.TAG}iteration": str(iteration)},
     )
     tracking.end_run(run_id)
-    return TrainedModel(role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, seconds)
+    return TrainedModel(
+        role, iteration, cfg.model, out_url, run_id, fit.final_accuracy, seconds, split
+    )
 
 
 def _decoded_cache(cfg: TrainConfig) -> training_data.DecodedCache:
@@ -188,7 +195,8 @@ def train_teacher(
     start = time.perf_counter()
     labelled = labelled_rows(data_root, cfg.label_smoothing, _decoded_cache(cfg))
     manifest = labelled.manifest
-    test = test_batches(data_root, engine.Schedule.eval_batch_size)
+    split = choice_split(data_root)  # epochs are evaluated where choices are made
+    evaluation = test_batches(data_root, engine.Schedule.eval_batch_size, split)
     run_id = _start_stage_run(
         parent_run_id,
         "train_teacher",
@@ -215,8 +223,8 @@ def train_teacher(
             _schedule(cfg),
             _noise(cfg, manifest),
             seed,
-            evaluation=test,
-            on_epoch=_epoch_logger(run_id, "teacher", cfg.epochs, on_progress),
+            evaluation=evaluation,
+            on_epoch=_epoch_logger(run_id, "teacher", cfg.epochs, split, on_progress),
             state=_training_state(
                 cfg, out_url, "teacher", seed, labelled=labelled.items, data_root=data_root
             ),
@@ -231,6 +239,7 @@ def train_teacher(
             out_url,
             run_id,
             start,
+            split,
         )
 
 
@@ -255,7 +264,8 @@ def train_student(
     manifest = labelled.manifest
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled, cache)
-    test = test_batches(data_root, engine.Schedule.eval_batch_size)
+    split = choice_split(data_root)  # epochs are evaluated where choices are made
+    evaluation = test_batches(data_root, engine.Schedule.eval_batch_size, split)
     run_id = _start_stage_run(
         parent_run_id,
         "train_student",
@@ -317,8 +327,8 @@ def train_student(
             noise,
             seed + iteration,
             pseudo=pseudo,
-            evaluation=test,
-            on_epoch=_epoch_logger(run_id, f"student {iteration}", cfg.epochs, on_progress),
+            evaluation=evaluation,
+            on_epoch=_epoch_logger(run_id, f"student {iteration}", cfg.epochs, split, on_progress),
             state=_training_state(
                 cfg,
                 out_url,
@@ -340,6 +350,7 @@ def train_student(
             out_url,
             run_id,
             start,
+            split,
         )
         if registered_model and run_id is not None:
             version = tracking.register(run_id, registered_model)
