@@ -328,6 +328,27 @@ def test_auto_contrast_stretches_every_channel_to_the_full_range():
     assert torch.all(out.amin(dim=(2, 3)) == 0) and torch.all(out.amax(dim=(2, 3)) == 255)
 
 
+def test_the_algorithm_page_gives_the_strengths_the_code_and_the_preset_have():
+    import importlib.util
+
+    from noisy_student import config
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_noise_figure", REPO / "docs" / "generate_noise_figure.py"
+    )
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    student = config.load(generator.PRESET).students[0]
+    expected = generator.strengths_markdown(student.rand_augment.magnitude, student.cutout)
+    page = (REPO / "docs" / "algorithm.md").read_text()
+    assert generator.START + expected + generator.END in page, (
+        "docs/algorithm.md is stale: `uv run python docs/generate_noise_figure.py`"
+    )
+    # the table follows the code: here, small images fill with their border
+    assert "| fill of uncovered pixels | 128 | 128 | 128 | the image's border |" in expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rand_augment_runs_on_the_gpu_and_stays_there():
