@@ -106,3 +106,32 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_iteration(cfg, data_root: str, folder: Path, experiment: str) -> tuple:
+    """The teacher and student stages of `cfg` (teacher and first student) called one by one
+    on `data_root`, every image kept for the student (no threshold, no balancing), outputs
+    under `folder`, MLflow runs under a parent run of `experiment`: (teacher, student)."""
+    from noisy_student import stages, tracking
+
+    parent = tracking.start_run(experiment, "run")
+    teacher = stages.train_teacher(cfg.teacher, data_root, str(folder / "t"), parent, 0)
+    shards = [
+        stages.infer_pseudo_labels(data_root, i, teacher.url, str(folder / "p"), 64)
+        for i in stages.unlabelled_shards(data_root)
+    ]
+    selected = stages.filter_and_balance(
+        shards,
+        cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
+        data_root,
+        str(folder / "p"),
+        str(folder / "s"),
+        teacher,
+        parent,
+        1,
+        0,
+    )
+    student = stages.train_student(
+        cfg.students[0], data_root, selected, teacher, str(folder / "st"), parent, 1, 0
+    )
+    return teacher, student

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import cli
-from noisy_student import config, models, stages, tracking
+from noisy_student import config, models, tracking
 from noisy_student.errors import UserError
 from noisy_student.ingest import FASHION_MNIST_CLASSES
-from tests.conftest import REPO
+from tests.conftest import REPO, one_iteration
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -110,27 +110,8 @@ def test_every_stage_and_predict_rebuild_the_network_with_its_keyword_arguments(
             "students.0.init_from_teacher=true",
         ],
     )
-    parent = tracking.start_run("kwargs-test", "run")
-    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
+    teacher, student = one_iteration(cfg, tiny_dataset, tmp_path, "kwargs-test")
     assert models.load_meta(teacher.url).model_kwargs == NARROW
-    shards = [
-        stages.infer_pseudo_labels(tiny_dataset, i, teacher.url, str(tmp_path / "p"), 64)
-        for i in stages.unlabelled_shards(tiny_dataset)
-    ]
-    selected = stages.filter_and_balance(
-        shards,
-        cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
-        tiny_dataset,
-        str(tmp_path / "p"),
-        str(tmp_path / "s"),
-        teacher,
-        parent,
-        1,
-        0,
-    )
-    student = stages.train_student(
-        cfg.students[0], tiny_dataset, selected, teacher, str(tmp_path / "st"), parent, 1, 0
-    )
     assert models.load_meta(student.url).model_kwargs == NARROW
     # the student's run shows its noise: labelled images clean and noised
     picture = tracking.client().download_artifacts(student.mlflow_run_id, "noise.png", tmp_path)

@@ -13,9 +13,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from noisy_student import augment, config, models, stages, tracking
+from noisy_student import augment, config, models
 from noisy_student.errors import UserError
 from noisy_student.ingest import FASHION_MNIST_CLASSES
+from tests.conftest import one_iteration
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -198,27 +199,8 @@ def test_teacher_and_student_stages_record_the_stem_and_label_with_it(
         REPO / "pipeline_config/smoke.yaml",
         ["teacher.epochs=1", "teacher.stem=half", "students.0.epochs=1"],
     )
-    parent = tracking.start_run("stem-test", "run")
-    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
+    teacher, student = one_iteration(cfg, tiny_dataset, tmp_path, "stem-test")
     assert models.load_meta(teacher.url).stem == "half"
-    shards = [
-        stages.infer_pseudo_labels(tiny_dataset, i, teacher.url, str(tmp_path / "p"), 64)
-        for i in stages.unlabelled_shards(tiny_dataset)
-    ]
-    selected = stages.filter_and_balance(
-        shards,
-        cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
-        tiny_dataset,
-        str(tmp_path / "p"),
-        str(tmp_path / "s"),
-        teacher,
-        parent,
-        1,
-        0,
-    )
-    student = stages.train_student(
-        cfg.students[0], tiny_dataset, selected, teacher, str(tmp_path / "st"), parent, 1, 0
-    )
     meta = models.load_meta(student.url)
     assert meta.stem == "half"  # students.0.stem is null: the teacher's
     net, _ = models.load(student.url)
