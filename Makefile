@@ -17,7 +17,7 @@ setup: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-demo: setup  ## the default pipeline on Fashion-MNIST (10-13 minutes on 2 CPU cores)
+demo: setup  ## the default pipeline on Fashion-MNIST (9-13 min on 2 CPU cores)
 	$(UV) run noisy-student run -c $(CONFIG)
 
 smoke: setup  ## the same pipeline on a slice of the data with tiny models (about a minute)
@@ -44,8 +44,8 @@ compose-cli:
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check . && $(UV) run lint-imports
 
-bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (10-17 min on 2 CPU cores)
+bench: setup  ## performance ratios side by side -> benchmarks/results/perf-cpu.md (about 10 min on 2 CPU cores)
 	$(UV) run python -m benchmarks.perf $(if $(SUMMARY),--summary $(SUMMARY))
 
-bench-quick: setup  ## the same measurements on a slice, to check the harness (< 3 min)
+bench-quick: setup  ## the same measurements on a slice, to check the harness (under 3 min)
 	$(UV) run python -m benchmarks.perf --quick $(if $(SUMMARY),--summary $(SUMMARY))

@@ -15,7 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from noisy_student import storage
+from mlflow.exceptions import MlflowException
+
+from noisy_student import storage, tracking
+from noisy_student.errors import UserError
 from noisy_student.models import META, WEIGHTS
 
 CHAMPION = "champion"
@@ -56,3 +59,29 @@ def parse(ref: str) -> ModelRef:
     if url.endswith((WEIGHTS, META)):
         url = url.rsplit("/", 1)[0]
     return ModelRef("checkpoint", url=url)
+
+
+def run_id(ref: str, parsed: ModelRef, asked_for: str) -> str:
+    """The MLflow run behind a `registered` or `run` reference; `asked_for` names what the
+    reference was given as (`--model`, `teacher`) in the one-line error."""
+    if parsed.kind == "run":
+        return parsed.run_id
+    try:
+        return tracking.registered_run_id(parsed.name, parsed.version, parsed.alias)
+    except MlflowException as e:  # no such model, version or alias; the registry refused
+        raise UserError(f"{asked_for} {ref}: {e.message}") from None
+
+
+def checkpoint_url(ref: str, asked_for: str) -> str:
+    """A checkpoint folder for a model reference: an MLflow run's logged model (a copy of
+    its `model/` artifacts), a registered model's version, or a stage's checkpoint URL."""
+    parsed = parse(ref)
+    if parsed.kind in ("registered", "run"):
+        found = run_id(ref, parsed, asked_for)
+        try:
+            return tracking.download_model(found)
+        except (MlflowException, OSError) as e:  # no such run, or no model/ in it
+            raise UserError(f"{asked_for} {ref}: no model in MLflow run {found} ({e})") from None
+    if parsed.kind != "checkpoint" or not storage.exists(storage.join(parsed.url, META)):
+        raise UserError(f"{asked_for} {ref}: not an MLflow run id, registered model or checkpoint")
+    return parsed.url

@@ -15,28 +15,8 @@ from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
-from noisy_student import engine, model_ref, models, storage, tracking
+from noisy_student import engine, model_ref, models, storage
 from noisy_student.errors import UserError
-
-
-def checkpoint_url(ref: str) -> str:
-    """A checkpoint folder for a model reference (`model_ref`): an MLflow run's logged
-    model, a registered model's version, or a stage's checkpoint URL."""
-    parsed = model_ref.parse(ref)
-    if parsed.kind == "registered":
-        try:
-            run_id = tracking.registered_run_id(parsed.name, parsed.version, parsed.alias)
-            return tracking.download_model(run_id)
-        except Exception as e:
-            raise UserError(f"--model {ref}: {e}") from None
-    if parsed.kind == "run":
-        try:
-            return tracking.download_model(parsed.run_id)
-        except Exception as e:
-            raise UserError(f"--model {ref}: no model in MLflow run ({e})") from None
-    if parsed.kind != "checkpoint" or not storage.exists(storage.join(parsed.url, models.META)):
-        raise UserError(f"--model {ref}: not an MLflow run id, registered model or checkpoint")
-    return parsed.url
 
 
 def class_names(model: nn.Module) -> list[str]:
@@ -83,7 +63,7 @@ def load_model(ref: str, checkpoint: str | None = None) -> tuple[nn.Module, mode
         return load_timm(parsed.name, checkpoint)
     if checkpoint:
         raise UserError(f"--checkpoint is for --model {model_ref.TIMM}NAME, not {ref}")
-    model, meta = models.load(checkpoint_url(ref))
+    model, meta = models.load(model_ref.checkpoint_url(ref, "--model"))
     return model.eval(), meta
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cli
-from noisy_student import model_ref, models, stages, storage, tracking
+from noisy_student import model_ref, models, predict, stages, storage, tracking
 from noisy_student.errors import UserError
 from noisy_student.ingest import FASHION_MNIST_CLASSES
 
@@ -298,7 +298,6 @@ def test_predict_a_timm_model_by_name_prints_imagenet_classes(noisy_student_b0, 
 
 
 def test_a_timm_model_sees_the_photo_as_timms_own_eval_transform_gives_it(noisy_student_b0, photo):
-    from noisy_student import predict
 
     net, meta = predict.load_timm("tf_efficientnet_b0.ns_jft_in1k", noisy_student_b0)
     assert (meta.height, meta.width, meta.crop_pct, meta.interpolation) == (
@@ -320,7 +319,6 @@ def test_a_timm_model_sees_the_photo_as_timms_own_eval_transform_gives_it(noisy_
 
 
 def test_a_timm_model_loads_its_weights_from_a_pytorch_file(tmp_path, photo):
-    from noisy_student import predict
 
     torch.manual_seed(5)
     state = timm.create_model("resnet10t", pretrained=False).state_dict()
@@ -391,3 +389,41 @@ def test_one_parser_reads_every_model_reference(ref, expected):
 def test_a_timm_model_is_no_teacher(mlflow_uri):
     with pytest.raises(UserError, match="teacher timm:resnet10t: a teacher is a model trained"):
         stages.existing_teacher("timm:resnet10t", "ns-test")
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("models:/nobody", "registered model 'nobody' has no versions"),
+        ("models:/nobody/3", "nobody"),
+        ("models:/nobody@champion", "nobody"),
+    ],
+)
+def test_a_registered_model_that_is_not_there_fails_in_one_line_for_predict_and_teacher(
+    ref, message, mlflow_uri
+):
+    """One resolver reads a reference for `predict --model` and for `run --teacher`."""
+    for asked_for, resolve in (
+        ("--model", lambda: predict.load_model(ref)),
+        ("teacher", lambda: stages.existing_teacher(ref, "ns-test")),
+    ):
+        with pytest.raises(UserError, match=f"^{asked_for} {ref}: .*{message}"):
+            resolve()
+
+
+def test_a_run_without_a_model_fails_in_one_line(mlflow_uri):
+    run_id = tracking.start_run("ns-unit", "no-model")
+    tracking.end_run(run_id)
+    with pytest.raises(UserError, match=f"--model {run_id}: no model in MLflow run {run_id}"):
+        predict.load_model(run_id)
+
+
+def test_a_registry_failure_that_is_not_mlflows_is_not_hidden(mlflow_uri, monkeypatch):
+    """Only MLflow's own exceptions become a one-line error; a bug keeps its traceback."""
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(tracking, "registered_run_id", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        model_ref.checkpoint_url("models:/ns-test/1", "--model")

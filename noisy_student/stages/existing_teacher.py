@@ -54,14 +54,8 @@ def existing_teacher(ref: str, registered_model: str) -> TrainedModel | None:
             f"(run {version.run_id})"
         )
         return from_run(version.run_id)
-    if parsed.kind == "registered":
-        try:
-            run_id = tracking.registered_run_id(parsed.name, parsed.version, parsed.alias)
-        except Exception as e:
-            raise UserError(f"teacher {ref}: {e}") from None
-        return from_run(run_id)
-    if parsed.kind == "run":
-        return from_run(parsed.run_id)
+    if parsed.kind in ("registered", "run"):
+        return from_run(model_ref.run_id(ref, parsed, "teacher"))
     if parsed.kind == "timm":
         raise UserError(f"teacher {ref}: a teacher is a model trained on this data, not timm's")
     meta = models.load_meta(parsed.url)  # one-line error when there is no checkpoint
