@@ -364,11 +364,12 @@ def on_test(trained: Any, data_root: str) -> Any:
 
     from noisy_student import engine, models
     from noisy_student.stages.prepare_data import test_batches
+    from noisy_student.stages.train import EVAL_BATCH_SIZE
 
     if trained.evaluated_on == dataset.TEST:
         return trained
     model, _ = models.load(trained.url)
-    batches = test_batches(data_root, engine.Schedule.eval_batch_size)
+    batches = test_batches(data_root, EVAL_BATCH_SIZE)
     accuracy = engine.accuracy(model.to(engine.device()), batches)
     return dataclasses.replace(trained, final_accuracy=accuracy, evaluated_on=dataset.TEST)
 

@@ -28,6 +28,7 @@ import torch
 from benchmarks.accuracy import hardware
 from noisy_student import engine, ingest, models
 from noisy_student.config import TeacherConfig
+from noisy_student.stages import train as training_stage
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -55,16 +56,9 @@ def train(
     cfg = TeacherConfig(model=model_name, epochs=epochs, batch_size=batch_size)
     torch.manual_seed(seed)
     model = models.create(model_name, 10, 1, stem=stem)
-    schedule = engine.Schedule(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_epochs=cfg.warmup_epochs,
-        ema_decay=cfg.ema_decay,
-        eval_every=epochs,
-    )
-    noise = engine.Noise(hflip=cfg.hflip, crop_padding=cfg.crop_padding)
+    cfg = cfg.model_copy(update={"eval_every": epochs})
+    schedule = training_stage.schedule(cfg)
+    noise = training_stage.noise(cfg, 28, 28)
     fit = engine.fit(
         model,
         images,

@@ -38,7 +38,9 @@ import torch
 from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
 from noisy_student import augment, engine, ingest, models, selection, statistics, training_data
+from noisy_student.config import StudentConfig, TeacherConfig
 from noisy_student.engine import flush_denormals
+from noisy_student.stages import train
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -54,6 +56,11 @@ SEED = 0
 NARROW = {"channels": [32, 64, 128, 256], "stem_width": 16}
 
 
+def _noise_with(rand_augment: augment.RandAugment | None) -> engine.Noise:
+    """A teacher's default input noise (flips, 2 px crops) with this RandAugment."""
+    return replace(train.noise(TeacherConfig(model="resnet18d"), 28, 28), rand_augment=rand_augment)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A student's recipe: its network, input noise and schedule."""
@@ -62,8 +69,8 @@ class Recipe:
     stem: str = "half"
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(NARROW))
     noise: engine.Noise = field(
-        default_factory=lambda: engine.Noise(
-            rand_augment=augment.RandAugment.for_image(28, 28, num_ops=2, magnitude=9)
+        default_factory=lambda: _noise_with(
+            augment.RandAugment.for_image(28, 28, num_ops=2, magnitude=9)
         )
     )
     drop_rate: float = 0.5
@@ -81,7 +88,7 @@ TODAY = augment.RandAugment(num_ops=2, magnitude=9, cutout=0.0, levels="increasi
 
 
 def _noise(**ra: Any) -> engine.Noise:
-    return engine.Noise(rand_augment=replace(CANDIDATE.noise.rand_augment, **ra))
+    return _noise_with(replace(CANDIDATE.noise.rand_augment, **ra))
 
 
 # name -> (group, what, recipe)
@@ -90,7 +97,7 @@ ARMS: dict[str, tuple[str, str, Recipe]] = {
     "noise: today's": (
         "noise",
         "today's RandAugment: translate 45% of the side, grey fill, invert drawn, no Cutout",
-        replace(CANDIDATE, noise=engine.Noise(rand_augment=TODAY)),
+        replace(CANDIDATE, noise=_noise_with(TODAY)),
     ),
     "noise: translate 45%": (
         "noise",
@@ -136,7 +143,7 @@ ARMS: dict[str, tuple[str, str, Recipe]] = {
     "noise: no RandAugment": (
         "noise",
         "crops and flips only (dropout and stochastic depth kept)",
-        replace(CANDIDATE, noise=engine.Noise()),
+        replace(CANDIDATE, noise=_noise_with(None)),
     ),
     "network: resnet18d": (
         "network",
@@ -265,8 +272,10 @@ def train_teacher(data: Data, recipe: TeacherRecipe, quick: bool) -> engine.FitR
     return engine.fit(
         model,
         training_data.TensorRows(x, engine.one_hot(y, CLASSES)),
-        engine.Schedule(epochs=10 if quick else recipe.epochs, batch_size=64, lr=0.1),
-        engine.Noise(),
+        train.schedule(
+            TeacherConfig(model=recipe.model, epochs=10 if quick else recipe.epochs, lr=0.1)
+        ),
+        _noise_with(None),
         SEED,
     )
 
@@ -350,12 +359,15 @@ def train_student(
         stem=recipe.stem,
         model_kwargs=recipe.model_kwargs,
     )
-    schedule = engine.Schedule(
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        warmup_epochs=0.2,
-        unlabelled_ratio=recipe.unlabelled_ratio,
+    schedule = train.schedule(
+        StudentConfig(
+            model=recipe.model,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            warmup_epochs=0.2,
+            unlabelled_ratio=recipe.unlabelled_ratio,
+        )
     )
     fit = engine.fit(
         model,

@@ -47,6 +47,7 @@ def picture(images: torch.Tensor) -> np.ndarray:
             invert=BEFORE.invert,
             levels=BEFORE.levels,
         ),
+        cutout=student.cutout,
     )
     generator = torch.Generator().manual_seed(0)
 

@@ -117,14 +117,16 @@ def accuracy(
     return right / seen
 
 
-@dataclass
+# Schedule and Noise keep no defaults: the config schema (`config.TrainConfig`) is the one
+# place a training setting has one, and `stages.train` passes each field through by name.
+@dataclass(kw_only=True)
 class Noise:
     """What perturbs the inputs during training (the model's own noise is in its layers)."""
 
-    hflip: bool = True
-    crop_padding: int = 2
-    rand_augment: augment.RandAugment | None = None  # None switches it off
-    cutout: float = 0.0  # a square of this fraction of the shorter side cut from every image
+    hflip: bool
+    crop_padding: int
+    rand_augment: augment.RandAugment | None  # None switches it off
+    cutout: float  # a square of this fraction of the shorter side cut from every image
 
     def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 batch in, the float batch the model sees out, on the batch's device."""
@@ -150,25 +152,24 @@ def noise_picture(noise: Noise, images: torch.Tensor, draws: int = 4, seed: int 
     return picture[..., 0] if picture.shape[-1] == 1 else picture
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Schedule:
     epochs: int
     batch_size: int
     lr: float
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"  # any of timm's create_scheduler_v2 names: cosine, step, ...
-    lr_decay_epochs: float = 2.4  # step schedule: decay every this many epochs ...
-    lr_decay_rate: float = 0.97  # ... by this factor (the paper's 0.97 every 2.4 epochs)
-    warmup_epochs: float = 1.0
-    weight_averaging: str = "ema"  # "ema", "swa" or "none": what is evaluated and returned
-    ema_decay: float = 0.999
-    swa_start: float = 0.75  # SWA: average the weights over the last 25% of the steps
-    loss: str = "soft_target"  # or "distillation": half CE on labels, half KL to the teacher
-    distillation_temperature: float = 1.0
-    unlabelled_ratio: float = 1.0
-    eval_every: int = 1
-    eval_batch_size: int = 1024
-    precision: str = "auto"  # autocast of forward passes: "auto", "bf16" or "fp32"
+    weight_decay: float
+    lr_schedule: str  # any of timm's create_scheduler_v2 names: cosine, step, ...
+    lr_decay_epochs: float  # step schedule: decay every this many epochs ...
+    lr_decay_rate: float  # ... by this factor (the paper's 0.97 every 2.4 epochs)
+    warmup_epochs: float
+    weight_averaging: str  # "ema", "swa" or "none": what is evaluated and returned
+    ema_decay: float
+    swa_start: float  # SWA: average the weights over the last steps after this fraction
+    loss: str  # "soft_target" or "distillation": half CE on labels, half KL to the teacher
+    distillation_temperature: float
+    unlabelled_ratio: float
+    eval_every: int
+    precision: str  # autocast of forward passes: "auto", "bf16" or "fp32"
 
 
 @dataclass

@@ -3,11 +3,17 @@ test harness for the whole session (it costs ~8 s to start), a moto S3 server.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from noisy_student import engine
+from noisy_student.config import StudentConfig, TeacherConfig
+from noisy_student.stages import train
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -135,3 +141,14 @@ def one_iteration(cfg, data_root: str, folder: Path, experiment: str) -> tuple:
         cfg.students[0], data_root, selected, teacher, str(folder / "st"), parent, 1, 0
     )
     return teacher, student
+
+
+def schedule(**given: Any) -> engine.Schedule:
+    """The engine's schedule of a student configured with `given`: the config schema's
+    defaults for the rest (the engine keeps none of its own)."""
+    return train.schedule(StudentConfig(model="test_resnet", **given))
+
+
+def noise(**given: Any) -> engine.Noise:
+    """The input noise of a teacher's default config (for 28-px images), `given` replaced."""
+    return dataclasses.replace(train.noise(TeacherConfig(model="test_resnet"), 28, 28), **given)

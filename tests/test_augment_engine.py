@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from noisy_student import augment, engine, models, prefetch, training_data
 from noisy_student.errors import UserError
+from tests.conftest import noise, schedule
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -393,7 +394,7 @@ def test_fit_learns_a_separable_problem_and_reports_every_epoch():
     result = engine.fit(
         models.create("test_resnet", 2, 1),
         training_data.TensorRows(x, engine.one_hot(y, 2)),
-        engine.Schedule(
+        schedule(
             epochs=4,
             batch_size=8,
             lr=0.02,
@@ -402,7 +403,7 @@ def test_fit_learns_a_separable_problem_and_reports_every_epoch():
             eval_every=2,
             precision="fp32",
         ),
-        engine.Noise(hflip=True, crop_padding=2),
+        noise(hflip=True, crop_padding=2),
         seed=0,
         evaluation=training_data.TensorBatches(ex, ey),
         on_epoch=lambda epoch, m: seen.append((epoch, m)),
@@ -429,8 +430,8 @@ def test_fit_with_pseudo_labels_counts_epochs_over_the_pseudo_labelled_images():
     result = engine.fit(
         models.create("test_resnet", 2, 1),
         training_data.TensorRows(x, engine.one_hot(y, 2)),
-        engine.Schedule(epochs=2, batch_size=4, lr=0.05, unlabelled_ratio=2.0, precision="fp32"),
-        engine.Noise(rand_augment=augment.RandAugment(num_ops=1, magnitude=5)),
+        schedule(epochs=2, batch_size=4, lr=0.05, unlabelled_ratio=2.0, precision="fp32"),
+        noise(rand_augment=augment.RandAugment(num_ops=1, magnitude=5)),
         seed=0,
         pseudo=training_data.TensorRows(px, engine.one_hot(py, 2, 0.1)),
     )
@@ -518,7 +519,7 @@ def test_fit_with_swa_or_no_weight_averaging_learns_and_returns_an_eval_model(av
     result = engine.fit(
         models.create("test_resnet", 2, 1),
         training_data.TensorRows(x, engine.one_hot(y, 2)),
-        engine.Schedule(
+        schedule(
             epochs=4,
             batch_size=8,
             lr=0.02,
@@ -527,7 +528,7 @@ def test_fit_with_swa_or_no_weight_averaging_learns_and_returns_an_eval_model(av
             swa_start=0.5,
             precision="fp32",
         ),
-        engine.Noise(hflip=True, crop_padding=2),
+        noise(hflip=True, crop_padding=2),
         seed=0,
         evaluation=training_data.TensorBatches(ex, ey),
     )
@@ -541,7 +542,7 @@ def test_step_schedule_multiplies_the_lr_by_the_rate_every_interval():
     engine.fit(
         models.create("test_resnet", 2, 1),
         training_data.TensorRows(x, engine.one_hot(y, 2)),
-        engine.Schedule(
+        schedule(
             epochs=4,
             batch_size=8,
             lr=0.1,
@@ -551,7 +552,7 @@ def test_step_schedule_multiplies_the_lr_by_the_rate_every_interval():
             lr_decay_rate=0.5,
             precision="fp32",
         ),
-        engine.Noise(hflip=False, crop_padding=0),
+        noise(hflip=False, crop_padding=0),
         seed=0,
         on_epoch=lambda epoch, m: lrs.append(m["lr"]),
     )
@@ -579,7 +580,7 @@ def test_training_and_inference_in_a_thread_started_after_a_reader_use_every_tor
         rows = training_data.TensorRows(
             torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.eye(2)[[0, 1] * 4]
         )
-        engine.fit(model, rows, engine.Schedule(epochs=1, batch_size=4, lr=0.1), engine.Noise(), 0)
+        engine.fit(model, rows, schedule(epochs=1, batch_size=4, lr=0.1), noise(), 0)
         seen["training"] = torch.get_num_threads()
 
     def run() -> None:

@@ -4,11 +4,14 @@ and docs/configuration.md lists every key as the schema has it."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import MISSING, asdict, fields
 
 import pytest
 
-from noisy_student import config
+from noisy_student import config, engine
+from noisy_student.config import StudentConfig, TeacherConfig
 from noisy_student.errors import UserError
+from noisy_student.stages import train
 from tests.conftest import REPO
 
 PRESETS = sorted((REPO / "pipeline_config").glob("*.yaml"))
@@ -141,3 +144,57 @@ def test_configuration_page_lists_every_key_of_the_schema():
     for key in ("name", "data.root", "teacher.stem", "students[].rand_augment.magnitude"):
         assert f"| `{key}` |" in table
     assert "| `students[].unlabelled_ratio` | float | `3.0` |" in table
+
+
+ENGINE_SETTINGS = {f.name for kind in (engine.Schedule, engine.Noise) for f in fields(kind)}
+
+
+def test_every_training_setting_is_read_by_the_engine_or_named_as_read_elsewhere():
+    """A new field of TrainConfig fails here until the engine reads it (a field of Schedule
+    or Noise, passed through by name) or stages.train says who does."""
+    elsewhere = set(train.NOT_THE_ENGINES)
+    for schema in (TeacherConfig, StudentConfig):
+        assert set(schema.model_fields) - ENGINE_SETTINGS - elsewhere == set(), schema.__name__
+    assert elsewhere <= set(StudentConfig.model_fields)  # no stale entry
+    assert not ENGINE_SETTINGS & elsewhere
+    # every engine setting is a config field; only the teacher's loss settings are fixed
+    assert set(StudentConfig.model_fields) >= ENGINE_SETTINGS
+    assert ENGINE_SETTINGS - set(TeacherConfig.model_fields) == set(train.TEACHER_SCHEDULE)
+
+
+def test_the_engine_keeps_no_training_default_of_its_own():
+    for kind in (engine.Schedule, engine.Noise):
+        for f in fields(kind):
+            assert f.default is MISSING and f.default_factory is MISSING, (
+                f"{kind.__name__}.{f.name}"
+            )
+
+
+def test_each_training_setting_reaches_the_engine_as_configured():
+    cfg = StudentConfig(
+        model="test_resnet",
+        epochs=7,
+        batch_size=5,
+        lr=0.3,
+        weight_decay=1e-3,
+        lr_schedule="step",
+        lr_decay_epochs=1.5,
+        lr_decay_rate=0.5,
+        warmup_epochs=0.25,
+        weight_averaging="swa",
+        ema_decay=0.9,
+        swa_start=0.5,
+        loss="distillation",
+        distillation_temperature=2.0,
+        unlabelled_ratio=4.0,
+        eval_every=3,
+        precision="fp32",
+        hflip=False,
+        crop_padding=4,
+        cutout=0.25,
+    )
+    given = asdict(train.schedule(cfg)) | asdict(train.noise(cfg, 28, 28))
+    assert given.pop("rand_augment") == asdict(cfg.rand_augment.for_image(28, 28))
+    assert given == {name: getattr(cfg, name) for name in given}
+    teacher = train.schedule(TeacherConfig(model="test_resnet"))
+    assert {k: getattr(teacher, k) for k in train.TEACHER_SCHEDULE} == train.TEACHER_SCHEDULE

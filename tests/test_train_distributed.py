@@ -17,7 +17,7 @@ from noisy_student import (
     training_data,
 )
 from noisy_student.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, noise, schedule
 
 # A model without batch norm (group norm instead): with batch norm each rank would normalise
 # its own half of the batch, which is ordinary DDP but not the single-process computation.
@@ -81,8 +81,8 @@ def test_a_batch_that_does_not_split_evenly_over_the_processes_is_refused(monkey
         engine.fit(
             models.create("test_efficientnet_gn", 10, 1),
             training_data.TensorRows(images, targets),
-            engine.Schedule(epochs=1, batch_size=9, lr=0.01),
-            engine.Noise(),
+            schedule(epochs=1, batch_size=9, lr=0.01),
+            noise(),
             seed=0,
         )
 

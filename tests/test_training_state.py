@@ -11,6 +11,7 @@ import torch
 from noisy_student import augment, engine, models, storage, training_data
 from noisy_student.errors import UserError
 from noisy_student.training_state import STATE, TrainingState, pack, unpack
+from tests.conftest import noise, schedule
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -50,7 +51,7 @@ def _fit(averaging: str, state: TrainingState | None) -> engine.FitResult:
     return engine.fit(
         model,
         training_data.TensorRows(x, engine.one_hot(y, 3)),
-        engine.Schedule(
+        schedule(
             epochs=3,
             batch_size=4,
             lr=0.05,
@@ -62,7 +63,7 @@ def _fit(averaging: str, state: TrainingState | None) -> engine.FitResult:
             precision="fp32",
         ),
         # every source of randomness: crops, flips, RandAugment, dropout, drop path
-        engine.Noise(rand_augment=augment.RandAugment.for_image(16, 16)),
+        noise(rand_augment=augment.RandAugment.for_image(16, 16)),
         seed=3,
         pseudo=training_data.TensorRows(px, soft_targets),
         evaluation=training_data.TensorBatches(ex, ey),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import pandas as pd
@@ -41,35 +42,43 @@ def _train_params(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     return {**cfg.model_dump(), **extra}
 
 
-def _schedule(cfg: TrainConfig) -> engine.Schedule:
-    student = isinstance(cfg, StudentConfig)
-    return engine.Schedule(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        lr_schedule=cfg.lr_schedule,
-        lr_decay_epochs=cfg.lr_decay_epochs,
-        lr_decay_rate=cfg.lr_decay_rate,
-        warmup_epochs=cfg.warmup_epochs,
-        weight_averaging=cfg.weight_averaging,
-        ema_decay=cfg.ema_decay,
-        swa_start=cfg.swa_start,
-        loss=cfg.loss if student else "soft_target",
-        distillation_temperature=cfg.distillation_temperature if student else 1.0,
-        unlabelled_ratio=cfg.unlabelled_ratio if student else 1.0,
-        eval_every=cfg.eval_every,
-        precision=cfg.precision,
-    )
+# The teacher learns from labelled rows alone: one loss, no pseudo-labelled rows to mix in
+TEACHER_SCHEDULE = {"loss": "soft_target", "distillation_temperature": 1.0, "unlabelled_ratio": 1.0}
+# TrainConfig's fields the engine does not read, and who does
+NOT_THE_ENGINES = {
+    "model": "models.create",
+    "pretrained": "models.create",
+    "checkpoint": "models.create",
+    "stem": "models.create",
+    "model_kwargs": "models.create",
+    "drop_rate": "models.create",
+    "drop_path_rate": "models.create",
+    "init_from_teacher": "train_student",
+    "label_smoothing": "labelled_rows",
+    "decoded_cache_mb": "training_data.DecodedCache",
+    "checkpoint_every_steps": "TrainingState",
+    "checkpoint_min_seconds": "TrainingState",
+}
+# the batch size of the forward passes that judge an epoch (not a training setting: the
+# figures do not depend on it)
+EVAL_BATCH_SIZE = 1024
 
 
-def _noise(cfg: TrainConfig, manifest: dataset.Manifest) -> engine.Noise:
-    """The input noise for this data's images (RandAugment's settings follow their size)."""
+def schedule(cfg: TrainConfig) -> engine.Schedule:
+    """The engine's schedule: each of its settings the config's field of that name."""
+    given = cfg.model_dump()
+    if not isinstance(cfg, StudentConfig):
+        given |= TEACHER_SCHEDULE
+    return engine.Schedule(**{f.name: given[f.name] for f in fields(engine.Schedule)})
+
+
+def noise(cfg: TrainConfig, height: int, width: int) -> engine.Noise:
+    """The input noise for images of this size (RandAugment's settings follow their size)."""
     ra = cfg.rand_augment
     return engine.Noise(
         hflip=cfg.hflip,
         crop_padding=cfg.crop_padding,
-        rand_augment=ra.for_image(manifest.height, manifest.width) if ra else None,
+        rand_augment=ra.for_image(height, width) if ra else None,
         cutout=cfg.cutout,
     )
 
@@ -196,7 +205,7 @@ def train_teacher(
     labelled = labelled_rows(data_root, cfg.label_smoothing, _decoded_cache(cfg))
     manifest = labelled.manifest
     split = choice_split(data_root)  # epochs are evaluated where choices are made
-    evaluation = test_batches(data_root, engine.Schedule.eval_batch_size, split)
+    evaluation = test_batches(data_root, EVAL_BATCH_SIZE, split)
     run_id = _start_stage_run(
         parent_run_id,
         "train_teacher",
@@ -220,8 +229,8 @@ def train_teacher(
         fit = engine.fit(
             model,
             labelled,
-            _schedule(cfg),
-            _noise(cfg, manifest),
+            schedule(cfg),
+            noise(cfg, manifest.height, manifest.width),
             seed,
             evaluation=evaluation,
             on_epoch=_epoch_logger(run_id, "teacher", cfg.epochs, split, on_progress),
@@ -265,7 +274,7 @@ def train_student(
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled, cache)
     split = choice_split(data_root)  # epochs are evaluated where choices are made
-    evaluation = test_batches(data_root, engine.Schedule.eval_batch_size, split)
+    evaluation = test_batches(data_root, EVAL_BATCH_SIZE, split)
     run_id = _start_stage_run(
         parent_run_id,
         "train_student",
@@ -309,9 +318,9 @@ def train_student(
                 cfg.model_kwargs,
             ),
         )
-        noise = _noise(cfg, manifest)
+        input_noise = noise(cfg, manifest.height, manifest.width)
         if run_id is not None:
-            _log_noise_picture(run_id, noise, labelled, seed + iteration)
+            _log_noise_picture(run_id, input_noise, labelled, seed + iteration)
         if cfg.init_from_teacher:
             teacher_meta = models.load_meta(teacher.url)
             if teacher_meta.model != cfg.model:
@@ -323,8 +332,8 @@ def train_student(
         fit = engine.fit(
             model,
             labelled,
-            _schedule(cfg),
-            noise,
+            schedule(cfg),
+            input_noise,
             seed + iteration,
             pseudo=pseudo,
             evaluation=evaluation,
