@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import gc, ingest, predict, results_storage, run, serve, serve_model
+from cli import gc, ingest, notifications, predict, results_storage, run, serve, serve_model
 from noisy_student.errors import UserError
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and MLflow lineage.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (run, serve, serve_model, results_storage, ingest, gc, predict):
+    for command in (run, serve, serve_model, results_storage, notifications, ingest, gc, predict):
         command.add_parser(sub)
     return parser
 

@@ -13,8 +13,9 @@ from noisy_student.errors import UserError
 def add_parser(sub: Any) -> None:
     srv = sub.add_parser(
         "serve",
-        help="serve the deployments noisy-student/iterate and noisy-student-watch/watch "
-        "on the Prefect server at PREFECT_API_URL (runs until stopped)",
+        help="serve the deployments noisy-student/iterate, noisy-student-resume/resume and "
+        "noisy-student-watch/watch on the Prefect server at PREFECT_API_URL (runs until "
+        "stopped)",
     )
     srv.add_argument("-c", "--config", required=True, help="YAML config path or URL")
     srv.add_argument(
@@ -47,6 +48,33 @@ def add_parser(sub: Any) -> None:
         metavar="URL",
         help="keep Prefect's results there, e.g. s3://bucket/prefect-results",
     )
+    srv.add_argument(
+        "--max-resumes",
+        type=int,
+        default=3,
+        metavar="N",
+        help="a crashed run is started again by itself, resuming where it stopped, at most "
+        "N times (default 3; 0: never)",
+    )
+    srv.add_argument(
+        "--notify",
+        metavar="URL",
+        help="post promotion decisions, failed runs and crashed runs given up on to this "
+        "webhook (JSON: subject, body, text), e.g. a Slack incoming webhook",
+    )
+    srv.add_argument(
+        "--training-pool",
+        metavar="NAME",
+        help="run the training stages on this work pool (e.g. gpu; create it first), as "
+        "runs of noisy-student-train/NAME, which the pool's own workers run",
+    )
+    srv.add_argument(
+        "--gpu-limit",
+        type=int,
+        metavar="N",
+        help="with --training-pool: at most N trainings at once (the global concurrency "
+        "limit gpu; created with 1 where there is none)",
+    )
     srv.set_defaults(func=_serve)
 
 
@@ -58,6 +86,10 @@ def _serve(args: argparse.Namespace) -> None:
 
     overrides = dict(override_pairs(args.set or []))
     config_mod.load(args.config, overrides)  # one-line error before anything starts
+    if args.max_resumes < 0:
+        raise UserError(f"--max-resumes {args.max_resumes}: must be 0 or more")
+    if args.gpu_limit is not None and (args.gpu_limit < 1 or not args.training_pool):
+        raise UserError(f"--gpu-limit {args.gpu_limit}: needs --training-pool, and 1 or more")
     if not os.environ.get("PREFECT_API_URL"):
         raise UserError(
             "PREFECT_API_URL is not set: start `prefect server start` and export "
@@ -78,6 +110,10 @@ def _serve(args: argparse.Namespace) -> None:
         window=timedelta(seconds=args.batch_window),
         watch_every=args.watch_every or None,
         results=args.results,
+        training_pool=args.training_pool,
+        gpu_limit=args.gpu_limit,
+        max_resumes=args.max_resumes,
+        notify=args.notify,
     )
 
 

@@ -1,5 +1,5 @@
-"""The pipeline as a service: the deployment `iterate` of the flow `noisy-student`, and
-`watch` of the flow `noisy-student-watch`.
+"""The pipeline as a service: the deployment `iterate` of the flow `noisy-student`, `watch`
+of the flow `noisy-student-watch`, and `resume` of `noisy-student-resume`.
 
 - `iterate` retrains from the current champion: on demand (`prefect deployment run
   noisy-student/iterate`), on an optional cron schedule, and when new unlabelled data
@@ -12,9 +12,13 @@
 - The trigger on those events fires on the first arrival and schedules the run one
   window later; arrivals within the window fold into that run, which labels everything
   in the manifest by then.
+- A run that crashes is resumed by `noisy-student-resume/resume` (flows/resume.py), which
+  an automation runs when a run of the flow ends Crashed or Failed.
+- With a training pool, the training stages run as `noisy-student-train/<pool>` on that
+  work pool's machines (flows/training.py).
 
 Served by one long-lived process (`noisy-student serve`, which calls `serve` below) or
-deployed to a process work pool from `prefect.yaml`.
+deployed to process work pools from `prefect.yaml`.
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ from flows.events import (
     use_result_storage,
 )
 from flows.noisy_student import noisy_student
+from flows.notifications import save_webhook
 from flows.parameters import ConfigSource, Overrides
+from flows.resume import DEFAULT_MAX_RESUMES, resume_crashed, resume_trigger
+from flows.training import ensure_gpu_limit, training_deployment
 from noisy_student import config as config_mod
 from noisy_student import dataset, storage
+from noisy_student.errors import UserError
 
 
 @flow(name="noisy-student-watch", log_prints=True)
@@ -97,11 +105,17 @@ def iterate_deployment(
     cron: str | None,
     window: timedelta,
     root: str | None,
+    training_pool: str | None = None,
 ) -> RunnerDeployment:
     return noisy_student.to_deployment(
         name="iterate",
         description="Retrain from the champion on all unlabelled data; promote if better.",
-        parameters={"config": config, "overrides": overrides, "teacher": teacher},
+        parameters={
+            "config": config,
+            "overrides": overrides,
+            "teacher": teacher,
+            "training_pool": training_pool,
+        },
         cron=cron,
         concurrency_limit=1,
         triggers=[retrain_trigger(window, root)],
@@ -119,6 +133,30 @@ def watch_deployment(config: str, overrides: dict[str, Any], every: float) -> Ru
     )
 
 
+def resume_deployment(max_resumes: int = DEFAULT_MAX_RESUMES) -> RunnerDeployment:
+    return resume_crashed.to_deployment(
+        name="resume",
+        description="Resume a crashed run of noisy-student; tell someone of a failed one.",
+        parameters={"max_resumes": max_resumes},
+        triggers=[resume_trigger()],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def check_work_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise UserError(
+                f"work pool {pool!r} does not exist: create it first, e.g. "
+                f"`prefect work-pool create {pool} --type process`"
+            ) from None
+
+
 def serve(
     config: str,
     overrides: dict[str, Any],
@@ -127,17 +165,31 @@ def serve(
     window: timedelta = timedelta(minutes=10),
     watch_every: float | None = 300,
     results: str | None = None,
+    training_pool: str | None = None,
+    gpu_limit: int | None = None,
+    max_resumes: int = DEFAULT_MAX_RESUMES,
+    notify: str | None = None,
 ) -> None:
-    """Register `iterate` (and `watch`) with the Prefect server and run their flow runs
-    until stopped."""
+    """Register `iterate`, `resume` (and `watch`) with the Prefect server and run their
+    flow runs until stopped; with `training_pool`, register `noisy-student-train/<pool>`
+    on that work pool, whose own workers run it."""
     from prefect import serve as prefect_serve
 
     cfg = config_mod.resolve(config, overrides)  # a bad config fails now, not at 3 am
     source = config if "://" in config else os.path.abspath(config)
+    if training_pool:
+        check_work_pool(training_pool)
     if results:
         use_result_storage(results)
+    if notify:
+        save_webhook(notify)
+    if training_pool:
+        ensure_gpu_limit(gpu_limit)
+        training_deployment(training_pool).apply()
+    root = storage.resolve(cfg.data.root)
     deployments = [
-        iterate_deployment(source, overrides, teacher, cron, window, storage.resolve(cfg.data.root))
+        iterate_deployment(source, overrides, teacher, cron, window, root, training_pool),
+        resume_deployment(max_resumes),
     ]
     if watch_every:
         deployments.append(watch_deployment(source, overrides, watch_every))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +13,10 @@ from prefect.runtime import flow_run
 import tasks
 from flows.label_queue import queue_for_annotators
 from flows.labelling import label_unlabelled
-from flows.parameters import ConfigSource, Overrides, RunName, TeacherRef
+from flows.notifications import notify_promotion
+from flows.parameters import ConfigSource, Overrides, RunName, TeacherRef, TrainingPool
+from flows.resume import tag_pipeline_run
+from flows.training import on_pool
 from noisy_student import config as config_mod
 from noisy_student import runs
 from noisy_student.engine import flush_denormals
@@ -21,16 +24,17 @@ from tasks import existing_teacher, prepare_data, promote
 from tasks.artifacts import link_mlflow_run, publish_results
 
 
-def resumable(run: runs.PipelineRun) -> Iterator[Task]:
+def resumable(run: runs.PipelineRun, training_pool: str | None) -> Iterator[Task | Callable]:
     """The stages whose finished results are kept in the run folder, where a resumed run
-    finds them."""
+    finds them; with a training pool, the training stages run there."""
     for t in (
         tasks.train_teacher,
         tasks.filter_and_balance,
         tasks.train_student,
         tasks.evaluate_robustness,
     ):
-        yield t.with_options(result_storage=run.task_results)
+        t = t.with_options(result_storage=run.task_results)
+        yield on_pool(t, training_pool) if training_pool and t.name.startswith("train_") else t
 
 
 @flow(name="noisy-student", log_prints=True)
@@ -39,6 +43,7 @@ def noisy_student(
     overrides: Overrides = None,
     teacher: TeacherRef = None,
     run_id: RunName = None,
+    training_pool: TrainingPool = None,
 ) -> dict[str, Any]:
     """Noisy Student Training: a teacher (trained, or an existing model), then per student:
     label, select, train the noised student, evaluate; the student teaches the next round.
@@ -52,7 +57,10 @@ def noisy_student(
     flow_tags = {"prefect.flow_run_id": str(flow_run.id or "")}
     with runs.PipelineRun.start(config, data_root, first, teacher, run_id, flow_tags, start) as run:
         link_mlflow_run(config.name, run.parent_run_id)  # only where MLflow is a server
-        train_teacher, filter_and_balance, train_student, evaluate_robustness = resumable(run)
+        tag_pipeline_run(run.run_id)  # a resumed run is given the same pipeline run id
+        train_teacher, filter_and_balance, train_student, evaluate_robustness = resumable(
+            run, training_pool
+        )
         common = {"data_root": data_root, "parent_run_id": run.parent_run_id}
         # several training processes: the training stages run under torchrun, from this config
         torchrun = config if config.distributed.nproc_per_node > 1 else None
@@ -89,6 +97,7 @@ def noisy_student(
             evaluation=config.evaluation, run_url=run.url, iteration=len(config.students),
             config=config.model_dump(), **common,
         )  # fmt: skip
+        notify_promotion(promotion)  # the webhook, where one is configured
         # the unlabelled images whose human labels would help the next run most
         queue = queue_for_annotators(run, data_root, shard_indices, student, shards)
         summary = run.finish(promotion, queue)

@@ -99,3 +99,13 @@ RunName = Annotated[
         )
     ),
 ]
+TrainingPool = Annotated[
+    str | None,
+    WithJsonSchema(
+        _optional_string(
+            "Run the training stages on this work pool (e.g. gpu), as runs of the deployment "
+            "noisy-student-train/<pool>, which a worker of that pool runs. None: in this run's "
+            "own process."
+        )
+    ),
+]

@@ -18,9 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -147,18 +150,29 @@ class Stack:
 
     auth = {"Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()}
 
+    def request(
+        self, method: str, path: str, body: dict | None = None, ok: tuple[int, ...] = ()
+    ) -> httpx.Response:
+        """The answer; an error status raises, unless it is one of `ok`."""
+        # The server answers 503 while its SQLite database is locked by its own services (a
+        # busy machine); Prefect's clients retry that, and so does this one.
+        for attempt in range(6):
+            r = httpx.request(method, f"{self.api}{path}", json=body, headers=self.auth, timeout=30)
+            if r.status_code != 503:
+                break
+            time.sleep(2**attempt)
+        if r.status_code not in ok:
+            r.raise_for_status()
+        return r
+
     def post(self, path: str, body: dict | None = None):
-        r = httpx.post(f"{self.api}{path}", json=body or {}, headers=self.auth, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return self.request("POST", path, body or {}).json()
 
     def get(self, path: str):
-        r = httpx.get(f"{self.api}{path}", headers=self.auth, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return self.request("GET", path).json()
 
     def delete(self, path: str) -> None:
-        httpx.delete(f"{self.api}{path}", headers=self.auth, timeout=30).raise_for_status()
+        self.request("DELETE", path)
 
     def deployment(self, name: str) -> dict:
         return self.get(f"/deployments/name/{name}")
@@ -184,12 +198,36 @@ class Stack:
         return json.loads(self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
+class Webhook:
+    """An HTTP receiver on 127.0.0.1 that keeps every JSON body posted to it."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def subjects(self) -> list[str]:
+        return [m["subject"] for m in self.received]
+
+
+@contextmanager
+def running_stack(tmp: Path) -> Iterator[Stack]:
+    """A Prefect server, an MLflow server (both with their auth on) and moto's S3, with a
+    bucket BUCKET, on 127.0.0.1; their output in `tmp`."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    tmp = tmp_path_factory.mktemp("deployment")
     procs = Processes(tmp)
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -276,6 +314,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 os.environ[k] = v
         procs.stop_all()
         moto.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("deployment")) as running:
+        yield running
 
 
 def test_the_servers_refuse_requests_without_their_credentials(stack, tmp_path):
@@ -427,11 +471,12 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     rows_before = stack.read_json("datasets/smoke/unlabelled/_manifest.json")["num_rows"]
     # the same deployment, now served by one process instead of a work pool's worker
     stack.delete(f"/deployments/{first_run['deployment']['id']}")
+    webhook = Webhook()
     stack.procs.start(
         "serve",
         [bin_("noisy-student"), "serve", "-c", "pipeline_config/smoke.yaml",
          *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
-         "--batch-window", str(WINDOW), "--watch-every", "3600"],
+         "--batch-window", str(WINDOW), "--watch-every", "3600", "--notify", webhook.url],
         stack.env,
     )  # fmt: skip
 
@@ -451,6 +496,24 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     iterate = wait_until("noisy-student serve", served, 300, stack.procs)
     assert concurrency_limit(iterate) == 1
     assert iterate["parameters"]["teacher"] == "champion" and iterate["work_pool_name"] is None
+    assert iterate["parameters"]["training_pool"] is None
+    # crashed runs resume by themselves: the automation that runs `resume`
+    resume = stack.deployment("noisy-student-resume/resume")
+    assert resume["parameters"] == {"max_resumes": 3}
+    (automation,) = [
+        a
+        for a in stack.post("/automations/filter")
+        if any(x.get("deployment_id") == resume["id"] for x in a["actions"])
+    ]
+    assert set(automation["trigger"]["expect"]) == {
+        "prefect.flow-run.Crashed",
+        "prefect.flow-run.Failed",
+    }
+    # the webhook block keeps its URL as a secret
+    (block,) = [
+        b for b in stack.post("/block_documents/filter") if b["name"] == "noisy-student-notify"
+    ]
+    assert webhook.url not in json.dumps(block)
 
     # two batches at once (two commands starting one after the other take longer than the
     # window on a busy machine): one retrain for both
@@ -489,6 +552,11 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     assert promotion["champion"]["run_id"] == champion_run
     version = MlflowClient(stack.mlflow).get_model_version(EXPERIMENT, promotion["version"])
     assert version.tags["noisy_student.promotion"] == promotion["decision"]
+    model = f"models:/{EXPERIMENT}/{promotion['version']}"
+    (told,) = [m for m in webhook.received if model in m["subject"]]
+    assert told["subject"] == f"noisy-student: {model} is the {promotion['decision']}"
+    assert retrain["id"] in told["body"]
+    webhook.server.shutdown()
 
     # data landing by other means: the watch deployment notices and announces it
     import s3fs

@@ -48,7 +48,13 @@ def server_check(schema: dict, parameters: dict) -> str | None:
 
 
 def test_deployment_parameters_accept_a_config_path_and_dotted_overrides(iterate_schema):
-    assert set(iterate_schema["properties"]) == {"config", "overrides", "teacher", "run_id"}
+    assert set(iterate_schema["properties"]) == {
+        "config",
+        "overrides",
+        "teacher",
+        "run_id",
+        "training_pool",
+    }
     good = {
         "config": "pipeline_config/smoke.yaml",
         "overrides": {
@@ -379,6 +385,16 @@ def test_compose_file_has_the_services_and_takes_secrets_from_the_environment():
     assert worker_env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile"
+    # the training stages' worker: the pool gpu, the host's GPU reserved, a CUDA build
+    gpu = services["gpu-worker"]
+    assert gpu["profiles"] == ["gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert gpu["build"]["args"]["TORCH_BACKEND"] == "${GPU_TORCH_BACKEND:-cu128}"
+    assert "prefect worker start --pool gpu" in gpu["command"][-1]
+    # the same servers, unless SERVER_HOST names the CPU machine's
+    assert gpu["environment"]["PREFECT_API_URL"] == "http://${SERVER_HOST:-prefect-server}:4200/api"
+    assert "prefect deploy -n resume" in services["worker"]["command"][-1]
     # every secret is a ${VARIABLE} without a default, never a literal
     for name, service in services.items():
         env = service.get("environment", {})
@@ -481,6 +497,21 @@ def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron(
     assert trigger["within"] == trigger["schedule_after"] > 0
     assert iterate["schedules"][0]["cron"]
     assert by_name["watch"]["entrypoint"] == "flows.deployments.watch_data"
+    # crashed runs: `resume` on the end of a run of the flow noisy-student, given its id
+    resume = by_name["resume"]
+    assert resume["entrypoint"] == "flows.resume.resume_crashed"
+    (ended,) = resume["triggers"]
+    assert set(ended["expect"]) == {"prefect.flow-run.Crashed", "prefect.flow-run.Failed"}
+    from flows.noisy_student import noisy_student
+
+    assert ended["match_related"]["prefect.resource.name"] == noisy_student.name
+    assert ended["parameters"] == {"flow_run_id": "{{ event.resource.id }}"}
+    # training on the pool gpu: the deployment is named after its pool, which the flow uses
+    from flows.training import deployment_name
+
+    gpu = by_name["gpu"]
+    assert gpu["work_pool"]["name"] == "gpu" and gpu["pull"] == []
+    assert deployment_name("gpu") == f"noisy-student-train/{gpu['name']}"
     # what `prefect deploy` and the worker load: the real flows, with the real schema
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.callables import parameter_schema
@@ -488,10 +519,15 @@ def test_prefect_yaml_declares_iterate_with_a_limit_of_one_a_trigger_and_a_cron(
     for d in by_name.values():
         flow = load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False)
         schema = parameter_schema(flow).model_dump_for_openapi()
-        assert schema["properties"]["overrides"]["additionalProperties"] is False
+        assert set(d.get("parameters", {})) <= set(schema["properties"]), d["name"]
+        if "overrides" in schema["properties"]:
+            assert schema["properties"]["overrides"]["additionalProperties"] is False
 
 
-@pytest.mark.parametrize("argv", [["serve"], ["ingest", "append"], ["results-storage"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["serve"], ["serve-model"], ["ingest", "append"], ["results-storage"], ["notifications"]],
+)
 def test_the_operations_commands_have_help(argv):
     import cli
 
@@ -511,6 +547,16 @@ def test_serve_without_a_prefect_server_says_how_to_start_one(capsys, monkeypatc
     with pytest.raises(SystemExit):
         cli.main(["serve", "-c", str(SMOKE), "--set", "teacher.epochz=1"])
     assert "teacher.epochz" in capsys.readouterr().err
+    refused = {
+        "--gpu-limit 2": "--gpu-limit 2: needs --training-pool",
+        "--max-resumes -1": "--max-resumes -1: must be 0 or more",
+    }
+    for options, named in refused.items():
+        argv = options.split()
+        with pytest.raises(SystemExit):
+            cli.main(["serve", "-c", str(SMOKE), *argv])
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, err
 
 
 def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_path):
