@@ -286,8 +286,8 @@ def running_stack(tmp: Path) -> Iterator[Stack]:
         )  # fmt: skip
         api = f"http://127.0.0.1:{prefect_port}/api"
         mlflow = f"http://127.0.0.1:{mlflow_port}"
-        wait_until("the Prefect server", lambda: responds(f"{api}/health"), 180, procs)
-        wait_until("the MLflow server", lambda: responds(f"{mlflow}/health"), 180, procs)
+        wait_until("the Prefect server", lambda: responds(f"{api}/health"), 300, procs)
+        wait_until("the MLflow server", lambda: responds(f"{mlflow}/health"), 300, procs)
         env = base | {
             "PREFECT_API_URL": api,
             "PREFECT_HOME": str(tmp / "prefect-client"),
