@@ -8,7 +8,8 @@ What counts as named, folder by folder (a dataset split, a run's pseudo labels o
 selection, any folder holding `part-*` files):
 
 - a `part-*` file is named when `_manifest.json` or any version under `_manifests/` in
-  the same folder lists it in `shards`; named files are never touched;
+  the same folder lists it in `shards`, a `removed-*` file (ids that left a split) when
+  one lists it in `removed`; named files are never touched;
 - a folder of shards with no manifest at all is a write that never finished;
 - inside a pipeline run (`…/runs/<run-id>/`, as `artifacts` lays runs out), only a run
   that finished (its `summary.json` exists) is looked at: an unfinished run's files are
@@ -33,6 +34,8 @@ from noisy_student import dataset, storage
 from noisy_student.errors import UserError
 
 SHARD_PREFIX = "part-"
+# the files a manifest names: shards, and the ids that left the split
+NAMED_PREFIXES = (SHARD_PREFIX, dataset.REMOVED_PREFIX)
 RUNS = "runs"  # <artifacts>/runs/<run-id>/…: see flows/noisy_student.py
 SUMMARY = "summary.json"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -77,8 +80,8 @@ def _named_shards(folder: str, names: set[str], history: list[str]) -> set[str]:
     named: set[str] = set()
     for url in manifests:
         try:
-            shards = storage.read_json(url)["shards"]
-            named.update(s["file"] for s in shards)
+            manifest = storage.read_json(url)
+            named.update(s["file"] for s in manifest["shards"] + manifest.get("removed", []))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(
                 f"{url}: unreadable manifest ({type(e).__name__}); gc leaves this folder alone "
@@ -120,7 +123,7 @@ def find_orphans(url: str, older_than: float, now: float | None = None) -> list[
         for name, info in files.items():
             if storage.TMP_SUFFIX in name and (age := old(info)) is not None:
                 orphans.append(Orphan(info.url, info.size, age, "left by a killed write"))
-        shards = {n: i for n, i in files.items() if n.startswith(SHARD_PREFIX)}
+        shards = {n: i for n, i in files.items() if n.startswith(NAMED_PREFIXES)}
         shards = {n: i for n, i in shards.items() if storage.TMP_SUFFIX not in n}
         if not shards:
             continue

@@ -286,6 +286,28 @@ def test_a_kill_between_the_claim_and_the_landing_is_finished_by_the_next_ingest
     assert set(ids) <= set(images.ids) and len(images) == 53
 
 
+def test_a_claim_killed_before_its_commit_leaves_a_file_that_only_gc_sees(root, tmp_path):
+    from noisy_student import gc
+
+    first = list(_truth(root).index[:2])
+    annotations.take_labels(root, _csv(tmp_path / "a.csv", _answers(root, first)))
+    ids = list(_truth(root).index[2:5])
+    path = _csv(tmp_path / "labels.csv", _answers(root, ids))
+    code = f"from noisy_student import annotations; annotations.take_labels({root!r}, {path!r})"
+    env = os.environ | {"NOISY_STUDENT_KILL_AT": "append:commit"}  # the claim's commit
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, timeout=300)
+    assert done.returncode == -9
+    pool = _split(root, dataset.UNLABELLED)
+    assert pool.version == 2 and pool.removed_ids == set(first)  # the claim never happened
+    folder = Path(root, dataset.UNLABELLED)
+    (orphan,) = {p.name for p in folder.glob("removed-*")} - {r["file"] for r in pool.removed}
+    found = gc.find_orphans(root, older_than=0)
+    assert [o.url.rsplit("/", 1)[-1] for o in found] == [orphan]
+    gc.remove(found)
+    assert {p.name for p in folder.glob("removed-*")} == {r["file"] for r in pool.removed}
+    assert _split(root, dataset.UNLABELLED) == pool
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_ingests_at_once_land_disjoint_labels_and_refuse_a_conflicting_one(root, tmp_path, overlap):
     pool = list(_truth(root).index)
