@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= pipeline_config/fashion_mnist.yaml
 
-.PHONY: setup compose-cli demo smoke test lint bench-accuracy bench bench-quick
+.PHONY: setup compose-cli demo smoke test lint bench-accuracy bench-labelling bench bench-quick
 
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
@@ -26,6 +26,9 @@ smoke: setup  ## the same pipeline on a slice of the data with tiny models (abou
 REFERENCE_EPOCHS ?= 10
 bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 5 hours on 2 CPU cores, over several sittings: a killed run resumes)
 	$(UV) run python -m benchmarks.accuracy --reference-epochs $(REFERENCE_EPOCHS)
+
+bench-labelling: setup  ## does the label queue beat random labels? the table in benchmarks/results/labelling.md (hours on 2 CPU cores, over several sittings: a killed run resumes; QUICK=1 checks the harness in minutes)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(UV) run python -m benchmarks.labelling $(if $(QUICK),--quick)
 
 # every tier (this -m replaces the quick default of pyproject.toml's addopts, which leaves
 # out the slow and integration ones), after the lint and the layer contract, so that CI
