@@ -523,7 +523,19 @@ def select_everything(data_root: str, out_url: str, rows: int | None = None) -> 
         files.append({"file": name, "rows": len(ids), "sha256": sha})
     storage.write_json(storage.join(out_url, dataset.MANIFEST), {"shards": files})
     n = sum(f["rows"] for f in files)
-    return SelectedPseudoLabels(out_url, "", "", "", n, n, n, None, None, 0.0, 0.0)
+    return SelectedPseudoLabels(
+        url=out_url,
+        probabilities_url="",
+        mlflow_run_id="",
+        inference_run_id="",
+        total=n,
+        kept=n,
+        selected=n,
+        accuracy=None,
+        accuracy_all=None,
+        inference_seconds=0.0,
+        seconds=0.0,
+    )
 
 
 class _Enough(Exception):

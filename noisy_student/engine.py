@@ -422,13 +422,12 @@ def fit(
     on_epoch: EpochCallback | None = None,
     state: TrainingState | None = None,
 ) -> FitResult:
-    """Train on the labelled rows, plus pseudo-labelled ones when given; `evaluation`
-    gives (images, labels) batches of the test set, read afresh on every pass.
+    """Train on the labelled rows, plus pseudo-labelled ones when given; `evaluation` gives
+    (images, labels) batches to judge epochs on, read afresh on every pass.
 
-    An epoch is one pass over the pseudo-labelled items when there are any (the labelled
-    rows are cycled beside them, `unlabelled_ratio` pseudo per labelled image in every
-    batch), otherwise one pass over the labelled rows. Both are streamed block by block in
-    a new seeded order every epoch (`training_data`).
+    An epoch is one pass over the pseudo-labelled rows when there are any, the labelled
+    ones cycled beside them (`_streams`), else over the labelled rows; both stream block by
+    block in a new seeded order every epoch (`training_data`).
 
     With a `state`, everything that decides the next step (weights, optimizer, averaged
     weights, scheduler, stream positions, random generators) is saved as `state` says
@@ -440,96 +439,141 @@ def fit(
     one process would with the same batch size. Only rank 0 evaluates and reports.
     """
     compute_threads()
-    ranks, main = distributed.world_size(), distributed.is_main()
+    main = distributed.is_main()
     # Noise differs between ranks (rank 0 draws what a single process would); the order of
     # the data does not: the streams below share the seed on every rank.
     noise_seed = seed + 1_000_003 * distributed.rank()
     torch.manual_seed(noise_seed)  # dropout and stochastic depth draw from the global generator
-    generator = torch.Generator().manual_seed(noise_seed)
+    streams, sizes, steps_per_epoch = _streams(labelled, pseudo, schedule, seed)
+    trainer = _trainer(model, schedule, noise, noise_seed, steps_per_epoch)
+    progress = _Progress()
+    checkpoint = _Checkpoint(state, trainer, progress, streams)
+    resumed = checkpoint.restore()
+    result = FitResult(trainer.averager.module, resumed_from_step=progress.step if resumed else 0)
+    start = time.perf_counter()
+    batches = _Batches(streams, sizes, device())  # reads ahead from here on
+    try:
+        for epoch in range(progress.step // steps_per_epoch + 1, schedule.epochs + 1):
+            epoch_start = _epoch(trainer, progress, batches, checkpoint, epoch * steps_per_epoch)
+            last = epoch == schedule.epochs
+            if last:
+                trainer.averager.finish(
+                    lambda: _clean_batches(streams.values(), 4 * sizes["labelled"])
+                )
+            judged = main and evaluation is not None and (epoch % schedule.eval_every == 0 or last)
+            metrics = _epoch_metrics(progress, trainer, epoch_start, evaluation if judged else None)
+            if last:
+                result.final_accuracy = metrics.get("test_accuracy")
+            progress.history.append({"epoch": epoch, **metrics})
+            if on_epoch is not None and main:
+                on_epoch(epoch, metrics)
+            checkpoint.after_epoch(epoch, last)
+    finally:
+        batches.close()
+    return _finished(result, progress, trainer, streams, time.perf_counter() - start)
 
+
+def _streams(
+    labelled: training_data.Rows,
+    pseudo: training_data.Rows | None,
+    schedule: Schedule,
+    seed: int,
+) -> tuple[dict[str, training_data.Stream], dict[str, int], int]:
+    """The labelled stream and the pseudo-labelled one (when given), each one's rows per
+    batch, and the steps of an epoch: one pass over the pseudo-labelled rows when there
+    are any, else over the labelled ones."""
     sizes = {"labelled": schedule.batch_size}
     streams = {"labelled": training_data.Stream(labelled, seed)}
     if pseudo is not None and pseudo.items:
         sizes["pseudo"] = max(1, round(schedule.batch_size * schedule.unlabelled_ratio))
         streams["pseudo"] = training_data.Stream(pseudo, seed + 1)
     by = "pseudo" if "pseudo" in streams else "labelled"  # what an epoch is one pass over
-    steps_per_epoch = math.ceil(streams[by].items / sizes[by])
+    ranks = distributed.world_size()
     if any(n % ranks for n in sizes.values()):
         # an uneven split would weigh the smaller slices' images more in the averaged gradient
         raise UserError(
             f"batch_size {sizes['labelled']} (+{sizes.get('pseudo', 0)} pseudo-labelled) does "
             f"not split evenly over {ranks} processes"
         )
+    return streams, sizes, math.ceil(streams[by].items / sizes[by])
 
-    dev = device()
+
+def _trainer(
+    model: nn.Module, schedule: Schedule, noise: Noise, noise_seed: int, steps_per_epoch: int
+) -> _Trainer:
     # channels_last: +22% training images/s for resnet18 at 28 px on this CPU, and the
     # layout tensor cores want on GPUs
-    model.to(dev, memory_format=torch.channels_last)
+    model.to(device(), memory_format=torch.channels_last)
     optimizer, scheduler = _optimizer_and_scheduler(model, schedule, steps_per_epoch)
-    averager = _Averager(model, schedule, steps_per_epoch * schedule.epochs)
-    trainer = _Trainer(
+    return _Trainer(
         model=model,
         # DDP copies rank 0's weights to every rank, then all-reduces gradients in backward
-        trained=DistributedDataParallel(model) if ranks > 1 else model,
+        trained=DistributedDataParallel(model) if distributed.world_size() > 1 else model,
         optimizer=optimizer,
         scheduler=scheduler,
-        averager=averager,
+        averager=_Averager(model, schedule, steps_per_epoch * schedule.epochs),
         loss=loss_function(schedule),
         noise=noise,
-        generator=generator,
+        generator=torch.Generator().manual_seed(noise_seed),  # every input-noise draw
         precision=schedule.precision,
     )
-    progress = _Progress()
-    checkpoint = _Checkpoint(state, trainer, progress, streams)
-    result = FitResult(model=averager.module)
-    if checkpoint.restore():
-        result.resumed_from_step = progress.step
-    start = time.perf_counter()
-    batches = _Batches(streams, sizes, dev)  # reads ahead from here on
-    try:
-        for epoch in range(progress.step // steps_per_epoch + 1, schedule.epochs + 1):
-            trainer.trained.train()
-            epoch_start = time.perf_counter()
-            while progress.step < epoch * steps_per_epoch:
-                trainer.step(progress, *batches.next())
-                checkpoint.after_step(epoch_end=progress.step == epoch * steps_per_epoch)
-            last = epoch == schedule.epochs
-            if last:
-                averager.finish(lambda: _clean_batches(streams.values(), schedule.batch_size * 4))
-            metrics = _epoch_metrics(progress, optimizer, epoch_start, ranks)
-            if evaluation is not None and main and (epoch % schedule.eval_every == 0 or last):
-                metrics["test_accuracy"] = accuracy(averager.module, evaluation, schedule.precision)
-                if last:
-                    result.final_accuracy = metrics["test_accuracy"]
-            progress.history.append({"epoch": epoch, **metrics})
-            if on_epoch is not None and main:
-                on_epoch(epoch, metrics)
-            progress.loss_sum, progress.seen = 0.0, 0
-            checkpoint.after_epoch(epoch, last)
-    finally:
-        batches.close()
+
+
+def _epoch(
+    trainer: _Trainer,
+    progress: _Progress,
+    batches: _Batches,
+    checkpoint: _Checkpoint,
+    last_step: int,
+) -> float:
+    """The steps of one epoch (from where a resumed run left off); returns when it began."""
+    trainer.trained.train()
+    epoch_start = time.perf_counter()
+    while progress.step < last_step:
+        trainer.step(progress, *batches.next())
+        checkpoint.after_step(epoch_end=progress.step == last_step)
+    return epoch_start
+
+
+def _finished(
+    result: FitResult,
+    progress: _Progress,
+    trainer: _Trainer,
+    streams: dict[str, training_data.Stream],
+    seconds: float,
+) -> FitResult:
     result.history = progress.history
     if result.history and result.final_accuracy is None:
         # resumed from the state saved after the last epoch: nothing left to train
         result.final_accuracy = result.history[-1].get("test_accuracy")
     result.steps = progress.step
-    result.seconds = time.perf_counter() - start
+    result.seconds = seconds
     result.decode_seconds = sum(s.rows.decode_seconds for s in streams.values())
-    result.model = averager.module.eval().cpu().to(memory_format=torch.contiguous_format)
+    averaged = trainer.averager.module
+    result.model = averaged.eval().cpu().to(memory_format=torch.contiguous_format)
     return result
 
 
 def _epoch_metrics(
-    progress: _Progress, optimizer: torch.optim.Optimizer, epoch_start: float, ranks: int
+    progress: _Progress,
+    trainer: _Trainer,
+    epoch_start: float,
+    evaluation: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
 ) -> dict[str, float]:
+    """The epoch's loss, last lr and speed (the sums start again from zero), and its
+    accuracy on `evaluation` when given."""
     loss_sum, seen = progress.loss_sum, progress.seen
-    if ranks > 1:  # the epoch's figures over the global batches
+    progress.loss_sum, progress.seen = 0.0, 0
+    if distributed.world_size() > 1:  # the epoch's figures over the global batches
         loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen)
-    return {
+    metrics = {
         "train_loss": loss_sum / seen,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": trainer.optimizer.param_groups[0]["lr"],
         "images_per_second": seen / (time.perf_counter() - epoch_start),
     }
+    if evaluation is not None:
+        metrics["test_accuracy"] = accuracy(trainer.averager.module, evaluation, trainer.precision)
+    return metrics
 
 
 def _clean_batches(

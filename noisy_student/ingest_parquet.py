@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -235,6 +236,47 @@ def parquet(
         )
     files = parquet_files(src)
     labels_needed = split in (LABELLED, TEST, VALIDATION)
+    labelled_rows = _has_labels(src, files, image_column, id_column, label_column, labels_needed)
+    existing = _existing_splits(root)
+    class_names = _classes(src, files, label_column, labelled_rows, classes, existing)
+    reader = _Reader(
+        files=files,
+        split=split,
+        image_column=image_column,
+        label_column=label_column if labelled_rows else None,
+        id_column=id_column,
+        class_names=class_names,
+        labels_needed=labels_needed,
+        # no image in two splits: the split each id of the dataset's other splits is in
+        taken={id: m.split for m in existing for id in read_ids(m)},
+        bad=BadImages(on_bad_image),
+        **_image_shape(existing, image_size, mode),
+    )
+    reader.missing = BadImages(on_missing_image, reader.bad.skipped)  # one list, in row order
+    rows = reader.rows()  # read as the split is written, so `truth` fills as it goes
+    truth = (reader.truth_ids, reader.truth_labels)
+    _write_splits(
+        root,
+        class_names,
+        [(split, rows, reader.bad.listed)],
+        rows_per_shard,
+        truth=truth if split == UNLABELLED and labelled_rows else None,
+        every_class_labelled=split == LABELLED,
+        encoding=encoding,
+        quality=quality,
+    )
+    return root
+
+
+def _has_labels(
+    src: str,
+    files: list[str],
+    image_column: str,
+    id_column: str | None,
+    label_column: str | None,
+    labels_needed: bool,
+) -> bool:
+    """Whether the files hold labels; every file must have the columns asked for."""
     present = set()
     for url in files:
         names = set(_schema(url).names)
@@ -246,8 +288,18 @@ def parquet(
         present.add(bool(label_column) and label_column in names)
     if len(present) > 1:
         raise UserError(f"{src}: some files have the column {label_column!r}, others not")
-    labelled_rows = present == {True}
-    existing = _existing_splits(root)
+    return present == {True}
+
+
+def _classes(
+    src: str,
+    files: list[str],
+    label_column: str | None,
+    labelled_rows: bool,
+    classes: list[str] | None,
+    existing: list[Any],
+) -> list[str]:
+    """The class names, which must be the dataset's other splits' (when it has some)."""
     class_names = _class_names(files, label_column if labelled_rows else None, classes, existing)
     if class_names is None:
         if not labelled_rows:
@@ -258,102 +310,125 @@ def parquet(
             f"{existing[0].url}: the dataset's classes {existing[0].class_names} differ "
             f"from this table's {class_names}"
         )
-    index = {name: i for i, name in enumerate(class_names)}
-    # the size every image is fitted to (None: each must be `size`, the first image's)
-    fit_to, size = image_size, None
-    if existing:
-        other = existing[0]
-        held = f"{other.width}x{other.height}"
-        refuse_another_kind(
-            f"{other.url}: the dataset's",
-            {
-                "image size": (image_size and f"{image_size}x{image_size}", held),
-                "mode": (mode, other.mode),
-            },
-            "its splits hold one kind of image",
-        )
-        mode = other.mode
-        square = other.width == other.height
-        fit_to, size = (other.height if square else None), (other.width, other.height)
-    # no image in two splits: the split each id of the dataset's other splits is in
-    taken = {id: m.split for m in existing for id in read_ids(m)}
-    bad = BadImages(on_bad_image)
-    missing = BadImages(on_missing_image, bad.skipped)  # one list, in row order
-    truth_ids: list[str] = []
-    truth_labels: list[int] = []
+    return class_names
 
-    def label_of(value: Any, where: str) -> int | None:
-        if value is None:
-            if labels_needed:
-                raise UserError(f"{where}: no label")
-            return None
-        if isinstance(value, str):
-            if value not in index:
-                raise UserError(f"{where}: label {value!r} is not among the classes {class_names}")
-            return index[value]
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise UserError(f"{where}: label {value!r} is neither a class index nor a name")
-        if not 0 <= int(value) < len(class_names):
-            raise UserError(
-                f"{where}: label {value} outside the {len(class_names)} classes "
-                f"[0, {len(class_names)})"
-            )
-        return int(value)
 
-    def rows() -> Rows:
-        nonlocal mode, size
+def _image_shape(existing: list[Any], image_size: int | None, mode: str | None) -> dict[str, Any]:
+    """The mode, the side every image is fitted to (`fit_to`; None: each must have the first
+    image's `size`), and that size when the dataset's other splits fix it."""
+    if not existing:
+        return {"mode": mode, "fit_to": image_size, "size": None}
+    other = existing[0]
+    held = f"{other.width}x{other.height}"
+    refuse_another_kind(
+        f"{other.url}: the dataset's",
+        {
+            "image size": (image_size and f"{image_size}x{image_size}", held),
+            "mode": (mode, other.mode),
+        },
+        "its splits hold one kind of image",
+    )
+    square = other.width == other.height
+    return {
+        "mode": other.mode,
+        "fit_to": other.height if square else None,
+        "size": (other.width, other.height),
+    }
+
+
+@dataclass(kw_only=True)
+class _Reader:
+    """The rows of the Parquet files as the dataset writer takes them: (id, image array,
+    label), each id checked, each image converted and fitted; the unlabelled split's true
+    labels kept aside (`truth_ids`, `truth_labels`)."""
+
+    files: list[str]
+    split: str
+    image_column: str
+    label_column: str | None  # None: the files hold no labels
+    id_column: str | None
+    class_names: list[str]
+    labels_needed: bool
+    taken: dict[str, str]
+    bad: BadImages
+    missing: BadImages | None = None
+    mode: str | None
+    fit_to: int | None
+    size: tuple[int, int] | None
+    truth_ids: list[str] = field(default_factory=list)
+    truth_labels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.class_names)}
+
+    def rows(self) -> Rows:
         seen: dict[str, str] = {}
         columns = [
-            image_column,
-            *([label_column] if labelled_rows else []),
-            *([id_column] if id_column else []),
+            self.image_column,
+            *([self.label_column] if self.label_column else []),
+            *([self.id_column] if self.id_column else []),
         ]
-        for url in files:
+        for url in self.files:
             stem = posixpath.basename(url)
             row = 0
             for batch in _batches(url, columns):
                 values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
                 for i in range(batch.num_rows):
                     where = f"{url}: row {row}"
-                    id = str(values[id_column][i]) if id_column else f"{stem}/{row}"
-                    if id in seen:
-                        raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
-                    if id in taken:
-                        raise UserError(f"{where}: id {id!r} is in the {taken[id]} split already")
-                    seen[id] = where
-                    label = label_of(values[label_column][i], where) if labelled_rows else None
-                    img = _image(values[image_column][i], url, row, bad, missing)
+                    id = str(values[self.id_column][i]) if self.id_column else f"{stem}/{row}"
+                    self._check_id(id, where, seen)
+                    label = (
+                        self.label_of(values[self.label_column][i], where)
+                        if self.label_column
+                        else None
+                    )
+                    img = _image(values[self.image_column][i], url, row, self.bad, self.missing)
                     row += 1
                     if img is None:
                         continue
-                    if mode is None:
-                        mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB"
-                    img = img.convert(mode)
-                    if fit_to is not None:
-                        img = fit(img, fit_to)
-                    elif size is None:
-                        size = img.size
-                    elif img.size != size:
-                        raise UserError(
-                            f"{where}: image is {img.size[0]}x{img.size[1]}, the others "
-                            f"{size[0]}x{size[1]} (give --size to fit them all to one)"
-                        )
-                    if split == UNLABELLED:
+                    if self.split == UNLABELLED:
                         if label is not None:
-                            truth_ids.append(id)
-                            truth_labels.append(label)
+                            self.truth_ids.append(id)
+                            self.truth_labels.append(label)
                         label = None
-                    yield id, np.asarray(img), label
+                    yield id, np.asarray(self._fitted(img, where)), label
 
-    truth = (truth_ids, truth_labels) if split == UNLABELLED and labelled_rows else None
-    _write_splits(
-        root,
-        class_names,
-        [(split, rows(), bad.listed)],
-        rows_per_shard,
-        truth=truth,
-        every_class_labelled=split == LABELLED,
-        encoding=encoding,
-        quality=quality,
-    )
-    return root
+    def _check_id(self, id: str, where: str, seen: dict[str, str]) -> None:
+        if id in seen:
+            raise UserError(f"{where}: duplicate id {id!r} (first at {seen[id]})")
+        if id in self.taken:
+            raise UserError(f"{where}: id {id!r} is in the {self.taken[id]} split already")
+        seen[id] = where
+
+    def _fitted(self, img: Image.Image, where: str) -> Image.Image:
+        if self.mode is None:
+            self.mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB"
+        img = img.convert(self.mode)
+        if self.fit_to is not None:
+            return fit(img, self.fit_to)
+        if self.size is None:
+            self.size = img.size
+        elif img.size != self.size:
+            raise UserError(
+                f"{where}: image is {img.size[0]}x{img.size[1]}, the others "
+                f"{self.size[0]}x{self.size[1]} (give --size to fit them all to one)"
+            )
+        return img
+
+    def label_of(self, value: Any, where: str) -> int | None:
+        if value is None:
+            if self.labels_needed:
+                raise UserError(f"{where}: no label")
+            return None
+        names = self.class_names
+        if isinstance(value, str):
+            if value not in self._index:
+                raise UserError(f"{where}: label {value!r} is not among the classes {names}")
+            return self._index[value]
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise UserError(f"{where}: label {value!r} is neither a class index nor a name")
+        if not 0 <= int(value) < len(names):
+            raise UserError(
+                f"{where}: label {value} outside the {len(names)} classes [0, {len(names)})"
+            )
+        return int(value)

@@ -8,7 +8,7 @@ from typing import Any
 from noisy_student import statistics, storage, tracking
 from noisy_student.config import PipelineConfig
 from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
-from noisy_student.stages.promote import CHOSEN_ON_TEST
+from noisy_student.stages.records import CHOSEN_ON_TEST
 
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:

@@ -158,11 +158,36 @@ def markdown(
     """The report: headline figures with their 95% intervals, the figures choices were made
     on, CE per corruption, accuracy per corruption and severity, and precision and recall
     per class, for every model of the run so far."""
-    eps = list(run[0]["fgsm_accuracy"]) if run else []
     chosen_on = suite.get("choice_split", "test")
     lines = [
         f"# Robustness after iteration {iteration}",
         "",
+        _what_was_measured(names, severities, suite, baseline),
+        "",
+        _chosen_on_sentence(chosen_on, suite),
+        "",
+        "## Headline",
+        "",
+        *_headline(run),
+        *_choice_split(run, chosen_on),
+        "",
+        "## Corruption error (CE, baseline = 100)",
+        "",
+        *_corruption_errors(run, names, groups),
+        "",
+        "## Accuracy (%) per corruption and severity",
+        "",
+        *_per_severity(run, names, severities),
+        *_per_class(run, class_names),
+        *_figures(figure_names),
+    ]
+    return "\n".join(lines)
+
+
+def _what_was_measured(
+    names: list[str], severities: list[int], suite: dict[str, Any], baseline: dict[str, Any]
+) -> str:
+    return (
         f"Clean: the {suite['test_images']} test images. Corrupted: {suite['images']} of them "
         f"(seed {suite['seed']}) under {len(names)} corruptions at severities "
         f"{', '.join(map(str, severities))}, generated once into `{suite['url']}` and reused "
@@ -176,13 +201,12 @@ def markdown(
         "counts only the rise above clean error. Lower is better; the baseline scores 100. "
         f"ECE: expected calibration error, {suite['calibration_bins']} confidence bins. "
         f"FGSM: accuracy after one signed-gradient step on {suite['adversarial_images']} "
-        "test images.",
-        "",
-        _chosen_on_sentence(chosen_on, suite),
-        "",
-        "## Headline",
-        "",
-    ]
+        "test images."
+    )
+
+
+def _headline(run: list[Model]) -> list[str]:
+    eps = list(run[0]["fgsm_accuracy"]) if run else []
     head = ["model", "clean accuracy", "corrupted accuracy", "mCE", "relative mCE"]
     head += ["ECE clean", "ECE corrupted", *(f"FGSM {e}" for e in eps)]
     rows = [
@@ -203,27 +227,40 @@ def markdown(
         ]
         for m in run
     ]
-    lines += _table(head, rows)
+    return _table(head, rows)
+
+
+def _choice_split(run: list[Model], chosen_on: str) -> list[str]:
     chosen = [m for m in run if m.get("choice")]
-    if chosen:
-        lines += ["", f"## The {chosen_on} split: what choices are made on", ""]
-        rows = [
-            [
-                f"{m['label']} ({m['model']})",
-                _with_interval(m["choice"]["accuracy"], m["choice"]["accuracy_interval"]),
-                _with_interval(
-                    m["choice"]["corruption_accuracy"],
-                    m["choice"]["corruption_accuracy_interval"],
-                ),
-            ]
-            for m in chosen
+    if not chosen:
+        return []
+    rows = [
+        [
+            f"{m['label']} ({m['model']})",
+            _with_interval(m["choice"]["accuracy"], m["choice"]["accuracy_interval"]),
+            _with_interval(
+                m["choice"]["corruption_accuracy"],
+                m["choice"]["corruption_accuracy_interval"],
+            ),
         ]
-        lines += _table(["model", "clean accuracy", "corrupted accuracy (gate)"], rows)
-    lines += ["", "## Corruption error (CE, baseline = 100)", ""]
+        for m in chosen
+    ]
+    return [
+        "",
+        f"## The {chosen_on} split: what choices are made on",
+        "",
+        *_table(["model", "clean accuracy", "corrupted accuracy (gate)"], rows),
+    ]
+
+
+def _corruption_errors(run: list[Model], names: list[str], groups: dict[str, str]) -> list[str]:
     rows = [[name, groups[name], *(_pct(m["ce"][name]) for m in run)] for name in names]
     rows.append(["**mCE**", "", *(f"**{_pct(m['mce'])}**" for m in run)])
-    lines += _table(["corruption", "group", *(m["label"] for m in run)], rows)
-    lines += ["", "## Accuracy (%) per corruption and severity", ""]
+    return _table(["corruption", "group", *(m["label"] for m in run)], rows)
+
+
+def _per_severity(run: list[Model], names: list[str], severities: list[int]) -> list[str]:
+    lines = []
     for m in run:
         lines += [f"### {m['label']}: {m['model']} (MLflow run `{m['mlflow_run_id']}`)", ""]
         head = ["corruption", "clean", *map(str, severities), "mean"]
@@ -242,39 +279,48 @@ def markdown(
             for name in names
         ]
         lines += _table(head, rows) + [""]
+    return lines
+
+
+def _per_class(run: list[Model], class_names: list[str] | None) -> list[str]:
     with_classes = [m for m in run if m.get("per_class")]
-    if class_names and with_classes:
-        lines += [
-            "## Precision and recall (%) per class, on the test split",
-            "",
-            "Which classes each model gets right (recall) and how often its answer for a class "
-            "is right (precision); the confusion matrices are among the figures.",
-            "",
+    if not (class_names and with_classes):
+        return []
+    head = ["class", "images", *(f"{m['label']} P / R" for m in with_classes)]
+    rows = [
+        [
+            name,
+            str(with_classes[0]["per_class"]["classes"][c]["images"]),
+            *(
+                f"{_pct(m['per_class']['classes'][c]['precision'])} / "
+                f"{_pct(m['per_class']['classes'][c]['recall'])}"
+                for m in with_classes
+            ),
         ]
-        head = ["class", "images", *(f"{m['label']} P / R" for m in with_classes)]
-        rows = [
-            [
-                name,
-                str(with_classes[0]["per_class"]["classes"][c]["images"]),
-                *(
-                    f"{_pct(m['per_class']['classes'][c]['precision'])} / "
-                    f"{_pct(m['per_class']['classes'][c]['recall'])}"
-                    for m in with_classes
-                ),
-            ]
-            for c, name in enumerate(class_names)
-        ]
-        lines += _table(head, rows) + [""]
-    if figure_names:
-        lines += [
-            "## Figures",
-            "",
-            "In the MLflow run of this stage, under `figures/`, and beside the table: "
-            + ", ".join(f"`{f}`" for f in figure_names)
-            + ".",
-            "",
-        ]
-    return "\n".join(lines)
+        for c, name in enumerate(class_names)
+    ]
+    return [
+        "## Precision and recall (%) per class, on the test split",
+        "",
+        "Which classes each model gets right (recall) and how often its answer for a class "
+        "is right (precision); the confusion matrices are among the figures.",
+        "",
+        *_table(head, rows),
+        "",
+    ]
+
+
+def _figures(figure_names: list[str]) -> list[str]:
+    if not figure_names:
+        return []
+    return [
+        "## Figures",
+        "",
+        "In the MLflow run of this stage, under `figures/`, and beside the table: "
+        + ", ".join(f"`{f}`" for f in figure_names)
+        + ".",
+        "",
+    ]
 
 
 def _chosen_on_sentence(split: str, suite: dict[str, Any]) -> str:

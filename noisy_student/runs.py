@@ -23,7 +23,13 @@ from typing import Any
 
 from noisy_student import dataset, report, storage, tracking
 from noisy_student.config import PipelineConfig
-from noisy_student.stages import LabelQueue, Robustness, SelectedPseudoLabels, TrainedModel
+from noisy_student.stages import (
+    LabelQueue,
+    PromotionDecision,
+    Robustness,
+    SelectedPseudoLabels,
+    TrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +141,7 @@ class PipelineRun:
         self.evaluations.append(robustness)
 
     def finish(
-        self, promotion: dict[str, Any], label_queue: LabelQueue | None = None
+        self, promotion: PromotionDecision, label_queue: LabelQueue | None = None
     ) -> dict[str, Any]:
         """summary.json beside the run's outputs and on the MLflow parent run, with the
         lineage, the last robustness report, the final figures and where the label queue
@@ -153,9 +159,9 @@ class PipelineRun:
         summary["robustness"] = report.robustness_summary(self.url, last)
         # the last report covers every model of the run; it goes beside summary.json
         storage.write_bytes(summary["robustness"]["report_url"], last.report.encode())
-        summary["promotion"] = promotion
+        summary["promotion"] = promotion.record()
         # the split every choice of the run was made on; the test split is only reported
-        summary["chosen_on"] = promotion.get("chosen_on")
+        summary["chosen_on"] = promotion.chosen_on
         if label_queue is not None:
             summary["label_queue"] = {
                 "url": label_queue.url,

@@ -68,18 +68,18 @@ def _selected_record(url: str, run_id: str) -> stages.SelectedPseudoLabels:
     info = storage.read_json(storage.join(url, dataset.MANIFEST))
     per_class = info["per_class"]
     return stages.SelectedPseudoLabels(
-        url,
-        info["pseudo_labels_url"],
-        run_id,
-        "",
-        sum(c["predicted"] for c in per_class),
-        info["rows"],
-        info["selected"],
-        None,
-        None,
-        0.0,
-        0.0,
-        per_class,
+        url=url,
+        probabilities_url=info["pseudo_labels_url"],
+        mlflow_run_id=run_id,
+        inference_run_id="",
+        total=sum(c["predicted"] for c in per_class),
+        kept=info["rows"],
+        selected=info["selected"],
+        accuracy=None,
+        accuracy_all=None,
+        inference_seconds=0.0,
+        seconds=0.0,
+        per_class=per_class,
     )
 
 

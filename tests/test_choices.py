@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from noisy_student import config, dataset, dataset_writer, ingest, report, storage
-from noisy_student.stages.promote import CHOSEN_ON_TEST
+from noisy_student.stages.records import CHOSEN_ON_TEST
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # three small runs of the real flow: about 3 min on 2 busy cores

@@ -279,7 +279,7 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
         first, [alone], experiment, evaluation, tiny_dataset,
         str(tmp_path / "run1"), parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
-    assert record["decision"] == "champion" and record["champion"] is None
+    assert record.decision == "champion" and record.champion is None
 
     # the champion comes back as a teacher, from its checkpoint
     teacher = stages.existing_teacher("champion", experiment)
@@ -299,10 +299,10 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
         same, [side_by_side], experiment, evaluation, tiny_dataset, str(tmp_path / "run2"),
         parent, 1, config.load(SMOKE).model_dump(),
     )  # fmt: skip
-    assert record["decision"] == "challenger"
-    assert record["champion"]["run_id"] == first.mlflow_run_id
-    assert record["comparison"]["accuracy"]["only_first_right"] == 0
-    assert record["comparison"]["accuracy"]["p_value"] == 1.0
+    assert record.decision == "challenger"
+    assert record.champion["run_id"] == first.mlflow_run_id
+    assert record.comparison["accuracy"]["only_first_right"] == 0
+    assert record.comparison["accuracy"]["p_value"] == 1.0
     client = MlflowClient(mlflow_uri)
     assert client.get_model_version_by_alias(experiment, "champion").run_id == first.mlflow_run_id
     challenger = client.get_model_version_by_alias(experiment, "challenger")
@@ -315,8 +315,8 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     assert client.get_run(same.mlflow_run_id).data.tags[f"{tracking.TAG}promotion"] == (
         "challenger"
     )
-    assert storage.read_json(str(tmp_path / "run2" / "promotion.json")) == record
-    assert record["note"] == "chosen on the test split"
+    assert storage.read_json(str(tmp_path / "run2" / "promotion.json")) == record.record()
+    assert record.record()["note"] == "chosen on the test split"
     logged = client.download_artifacts(parent, "promotion.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["decision"] == "challenger"
 
@@ -349,12 +349,12 @@ def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     # the same weights (seeded) measured the same way, against the same baseline (this
     # run's teacher), give the same figures, image by image: no difference at all
     for key in ("accuracy", "corruption_accuracy"):
-        assert record["champion"][key] == pytest.approx(record["candidate"][key]), key
-    assert record["champion"]["reported"] == record["candidate"]["reported"]
-    accuracy = record["comparison"]["accuracy"]
+        assert record.champion[key] == pytest.approx(record.candidate[key]), key
+    assert record.champion["reported"] == record.candidate["reported"]
+    accuracy = record.comparison["accuracy"]
     assert accuracy["only_first_right"] == accuracy["only_second_right"] == 0
-    assert record["comparison"]["verdict"] == "no significant difference"
-    assert record["decision"] == "challenger"  # superiority: it must be better beyond chance
+    assert record.comparison["verdict"] == "no significant difference"
+    assert record.decision == "challenger"  # superiority: it must be better beyond chance
 
 
 # --- Docker -------------------------------------------------------------------------------

@@ -157,16 +157,16 @@ def test_under_the_default_gate_only_a_gain_beyond_chance_is_promoted(
     robustness = [evaluated(tmp_path, 1, champion, right_on(850), student, candidate)]
     record = gate(student, robustness, experiment, tmp_path)
 
-    assert record["decision"] == decision and record["chosen_on"] == "validation"
-    accuracy = record["comparison"]["accuracy"]
+    assert record.decision == decision and record.chosen_on == "validation"
+    accuracy = record.comparison["accuracy"]
     assert (accuracy["only_first_right"], accuracy["only_second_right"]) == counts
     assert accuracy["images"] == IMAGES and accuracy["test"] == "exact McNemar"
     assert accuracy["p_value"] == statistics.binomial_two_sided(counts[1], sum(counts))
     assert accuracy["difference"] == pytest.approx((counts[0] - counts[1]) / IMAGES)
     verdict = statistics.ABOVE if decision == "champion" else statistics.TIED
-    assert record["comparison"]["verdict"] == verdict
-    assert f"{100 * accuracy['difference']:+.2f} points, {verdict}" in record["reasons"][0]
-    assert f"{counts[0]} images right only by the candidate" in record["reasons"][0]
+    assert record.comparison["verdict"] == verdict
+    assert f"{100 * accuracy['difference']:+.2f} points, {verdict}" in record.reasons[0]
+    assert f"{counts[0]} images right only by the candidate" in record.reasons[0]
     version = alias(mlflow_uri, experiment, decision)
     assert version.run_id == student.mlflow_run_id
     assert version.tags[f"{tracking.TAG}gate_verdict"] == verdict
@@ -174,7 +174,7 @@ def test_under_the_default_gate_only_a_gain_beyond_chance_is_promoted(
         f"both right {850 - counts[1]}, candidate only {counts[0]}, champion only {counts[1]}"
     )
     on_disk = storage.read_json(str(tmp_path / "run" / "promotion.json"))
-    assert on_disk["comparison"] == record["comparison"]
+    assert on_disk["comparison"] == record.comparison
 
 
 def test_a_gain_below_the_margin_or_a_loss_of_robustness_keeps_the_champion():
@@ -217,15 +217,15 @@ def test_non_inferiority_keeps_a_fresh_model_unless_it_is_worse_beyond_chance(tm
     slightly_worse = right_on(850, wrong=range(6), right=range(850, 855))  # -0.1 point
     record = gate(close, [evaluated(tmp_path, 1, champion, right_on(850), close,
                                     slightly_worse)], experiment, tmp_path, fresh)  # fmt: skip
-    assert record["decision"] == "champion"
-    assert record["comparison"]["verdict"] == statistics.TIED
+    assert record.decision == "champion"
+    assert record.comparison["verdict"] == statistics.TIED
 
     worse = trained(tmp_path, experiment, "worse", "student", register=True)
     clearly_worse = right_on(850, wrong=range(40), right=range(850, 860))  # -3 points
     record = gate(worse, [evaluated(tmp_path, 1, close, slightly_worse, worse,
                                     clearly_worse)], experiment, tmp_path, fresh)  # fmt: skip
-    assert record["decision"] == "challenger"
-    assert record["comparison"]["verdict"] == statistics.BELOW
+    assert record.decision == "challenger"
+    assert record.comparison["verdict"] == statistics.BELOW
 
 
 @pytest.mark.slow  # registers models in MLflow: 5-10 s
@@ -245,12 +245,12 @@ def test_a_student_significantly_below_its_teacher_leaves_the_teacher_champion(
     assert champion.run_id == teacher.mlflow_run_id and str(champion.version) == "2"
     assert champion.tags[f"{tracking.TAG}promotion"] == "champion"
     assert alias(mlflow_uri, experiment, "challenger").run_id == student.mlflow_run_id
-    assert record["decision"] == "challenger"
-    best = record["best_of_run"]
+    assert record.decision == "challenger"
+    best = record.best_of_run
     assert (best["label"], best["version"], best["decision"]) == ("teacher 1", "2", "champion")
     assert best["accuracy"] == 0.85 and best["chosen_on"] == "validation"
     assert best["against_final_student"]["verdict"] == statistics.ABOVE
-    [versus] = record["students_against_teachers"]
+    [versus] = record.students_against_teachers
     assert versus["verdict"] == statistics.BELOW
     note = next(line for line in caplog.messages if line.startswith("student 1 ("))
     assert "ends 4.00 points below its teacher" in note and "try more students.0.epochs" in note
@@ -273,8 +273,8 @@ def test_a_student_below_its_teacher_by_chance_is_no_significant_difference(
         experiment, tmp_path,
     )  # fmt: skip
     # nothing is significantly better than the student: it is the first champion
-    assert record["decision"] == "champion" and record["best_of_run"] is None
-    assert record["students_against_teachers"][0]["verdict"] == statistics.TIED
+    assert record.decision == "champion" and record.best_of_run is None
+    assert record.students_against_teachers[0]["verdict"] == statistics.TIED
     assert not [line for line in caplog.messages if "below its teacher" in line]
     tags = MlflowClient(mlflow_uri).get_run(tracking.registered_run_id(experiment, "1")).data.tags
     assert tags[f"{tracking.TAG}promotion"] == "champion"
@@ -296,8 +296,8 @@ def test_an_earlier_student_significantly_better_than_the_last_is_promoted_in_it
     record = gate(last, robustness, experiment, tmp_path)
     assert str(alias(mlflow_uri, experiment, "champion").version) == "1"
     assert str(alias(mlflow_uri, experiment, "challenger").version) == "2"
-    assert record["best_of_run"]["label"] == "student 1"
-    verdicts = [v["verdict"] for v in record["students_against_teachers"]]
+    assert record.best_of_run["label"] == "student 1"
+    verdicts = [v["verdict"] for v in record.students_against_teachers]
     assert verdicts == [statistics.ABOVE, statistics.BELOW]
     notes = [line.split(" (")[0] for line in caplog.messages if "below its teacher" in line]
     assert notes == ["student 2"]
@@ -312,9 +312,9 @@ def test_a_champion_that_taught_a_worse_student_stays_champion(tmp_path, mlflow_
     student = trained(tmp_path, experiment, "student", "student", register=True)
     robustness = [evaluated(tmp_path, 1, champion, right_on(900), student, right_on(860))]
     record = gate(student, robustness, experiment, tmp_path)
-    assert record["decision"] == "challenger"
-    assert record["best_of_run"]["decision"] == "champion"
-    assert record["best_of_run"]["version"] == "1"
+    assert record.decision == "challenger"
+    assert record.best_of_run["decision"] == "champion"
+    assert record.best_of_run["version"] == "1"
     assert alias(mlflow_uri, experiment, "champion").run_id == champion.mlflow_run_id
     assert str(alias(mlflow_uri, experiment, "challenger").version) == "2"
 

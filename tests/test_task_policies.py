@@ -11,6 +11,7 @@ from prefect.serializers import JSONSerializer
 
 import noisy_student
 from noisy_student.stages.records import (
+    PromotionDecision,
     PseudoLabelShard,
     Robustness,
     SelectedPseudoLabels,
@@ -25,20 +26,33 @@ def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
         TrainedModel("teacher", 1, "resnet18", "/r/teacher", "abc", 0.81, 12.5),
         PseudoLabelShard(3, "/r/pseudo/part-00003.parquet", 8192, "f" * 64, 4.25),
         SelectedPseudoLabels(
-            "/r/selected",
-            "/r/pseudo",
-            "run1",
-            "run2",
-            100,
-            80,
-            90,
-            0.9,
-            None,
-            1.5,
-            2.5,
-            [{"class": 0, "kept": 8, "final": 9, "name": "T-shirt/top"}],
+            url="/r/selected",
+            probabilities_url="/r/pseudo",
+            mlflow_run_id="run1",
+            inference_run_id="run2",
+            total=100,
+            kept=80,
+            selected=90,
+            accuracy=0.9,
+            accuracy_all=None,
+            inference_seconds=1.5,
+            seconds=2.5,
+            per_class=[{"class": 0, "kept": 8, "final": 9, "name": "T-shirt/top"}],
         ),
         Robustness("/r/rob", "run3", 3.0, [{"role": "student", "per_corruption": {"fog": 0.5}}]),
+        PromotionDecision(
+            registered_model="ns",
+            version="2",
+            run_id="run4",
+            decision="challenger",
+            chosen_on="validation",
+            gate={"mode": "superiority", "alpha": 0.05},
+            reasons=["the candidate must be significantly more accurate"],
+            candidate={"accuracy": 0.8, "reported": {"test_accuracy": 0.79}},
+            champion=None,
+            comparison=None,
+            students_against_teachers=[{"iteration": 1, "verdict": "no significant difference"}],
+        ),
     ]
     serializer = JSONSerializer()
     for record in records:

@@ -20,6 +20,7 @@ from noisy_student.stages.prepare_data import (
 from noisy_student.stages.promote import CHALLENGER, promote
 from noisy_student.stages.records import (
     LabelQueue,
+    PromotionDecision,
     PseudoLabelShard,
     Robustness,
     SelectedPseudoLabels,
@@ -31,6 +32,7 @@ __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "LabelQueue",
+    "PromotionDecision",
     "PseudoLabelShard",
     "Robustness",
     "SelectedPseudoLabels",

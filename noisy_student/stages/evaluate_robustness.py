@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -81,6 +82,24 @@ def _of(predictions: pd.DataFrame, run_id: str, suite: str) -> pd.DataFrame:
     return own[own["iteration"] == own["iteration"].min()] if len(own) else own
 
 
+@dataclass
+class _Suites:
+    """The two suites a model is judged on, by name (REPORTED, CHOICE), and the FGSM
+    epsilons of each (attacks are reported, not chosen on)."""
+
+    by_name: dict[str, robustness.Suite]
+    fgsm: dict[str, list[int]]
+    choice_split: str
+
+    @property
+    def reported(self) -> robustness.Suite:
+        return self.by_name[REPORTED]
+
+    @property
+    def choice(self) -> robustness.Suite:
+        return self.by_name[CHOICE]
+
+
 def evaluate_robustness(
     trained: list[TrainedModel],
     cfg: EvaluationConfig,
@@ -96,217 +115,27 @@ def evaluate_robustness(
     among `trained` or in the `earlier` iterations' tables); write the table, the
     predictions, figures and report."""
     start = time.perf_counter()
-    split = choice_split(data_root)
-    suites = {
-        REPORTED: robustness.open_suite(
-            data_root, cfg.corruptions, cfg.severities, cfg.corruption_images, cfg.seed
-        ),
-        CHOICE: robustness.open_suite(
-            data_root,
-            cfg.corruptions,
-            cfg.gate.severities,
-            cfg.gate.corruption_images,
-            cfg.seed,
-            split,
-        ),
-    }
-    fgsm = {REPORTED: cfg.fgsm_epsilons, CHOICE: []}  # attacks are reported, not chosen on
-    run_id = tracking.start_stage_run(
-        parent_run_id,
-        "evaluate_robustness",
-        iteration,
-        {
-            **cfg.model_dump(),
-            "models": [t.mlflow_run_id for t in trained],
-            "suite": suites[REPORTED].url,
-            "choice_suite": suites[CHOICE].url,
-        },
-        {
-            **{f"{tracking.TAG}{t.role}_run_id": t.mlflow_run_id for t in trained},
-            f"{tracking.TAG}chosen_on": split,
-        },
-    )
+    suites = open_suites(cfg, data_root)
+    run_id = _start_run(trained, cfg, suites, parent_run_id, iteration)
     with tracking.failed_on_error(run_id):
-        before = pd.concat([_read_table(u) for u in earlier or []] or [pd.DataFrame()])
-        before_predictions = read_predictions(earlier or [])
-        identities, measured, judge = [], {}, []
-        for t in trained:
-            identity = {
-                "model": t.model,
-                "mlflow_run_id": t.mlflow_run_id,
-                "iteration": iteration,
-                "role": t.role,
-            }
-            identities.append(identity)
-            # this iteration's teacher was the last one's student, judged on the same images
-            found = {}
-            for name, suite in suites.items():
-                rows = None
-                kept = _of(before_predictions, t.mlflow_run_id, name)
-                if len(before) and len(kept):
-                    rows = robustness.earlier_rows(
-                        before[before["suite"] == name],
-                        t.mlflow_run_id,
-                        suite,
-                        fgsm[name],
-                        cfg.adversarial_images,
-                    )
-                if rows is not None:
-                    found[name] = robustness.Evaluated(rows, kept[robustness.PREDICTION_COLUMNS])
-            if len(found) == len(suites):
-                logger.info(f"{t.role} {t.model}: measured in an earlier iteration, not again")
-                measured[t.mlflow_run_id] = found
-            else:
-                judge.append(t)
-        # every model left is judged in one pass over each suite's sets: each batch is read
-        # (or generated, for cells not in the suite yet) once and meets every model
-        started = time.perf_counter()
-        loaded = []
-        for t in judge:
-            model, _ = models.load(t.url)
-            loaded.append(model.to(engine.device()))
-        results = {
-            name: robustness.evaluate_models(
-                loaded,
-                suite,
-                cfg.batch_size,
-                cfg.precision,
-                fgsm[name],
-                cfg.adversarial_images,
-                cfg.calibration_bins,
-            )
-            for name, suite in suites.items()
-        }
-        for i, t in enumerate(judge):
-            measured[t.mlflow_run_id] = {name: results[name][i] for name in suites}
-        for suite in suites.values():
-            logger.info(
-                f"{suite.split} corruption suite {suite.url}: {len(suite.cells)} sets of "
-                f"{len(suite.subset)} images ({suite.built} generated, "
-                f"{len(suite.cells) - suite.built} read back)"
-            )
-        if judge:
-            images = sum(r["images"] for name in suites for r in results[name][0].rows)
-            logger.info(
-                f"{', '.join(f'{t.role} {t.model}' for t in judge)}: {images} images each "
-                f"judged in {time.perf_counter() - started:.1f} s"
-            )
-        rows, predictions = [], []
-        for identity, t in zip(identities, trained, strict=True):
-            for name, suite in suites.items():
-                where = {**identity, "suite": name, "split": suite.split}
-                evaluated = measured[t.mlflow_run_id][name]
-                rows += [{**where, **r} for r in evaluated.rows]
-                predictions.append(evaluated.predictions.assign(**where))
-        table = pd.DataFrame(rows)
-        table_url = storage.join(out_url, TABLE)
-        storage.write_parquet(table_url, pa.Table.from_pandas(table, preserve_index=False), 65536)
-        kept = pd.concat(predictions, ignore_index=True)
-        storage.write_parquet(
-            storage.join(out_url, PREDICTIONS),
-            pa.Table.from_pandas(kept, preserve_index=False),
-            1 << 20,
+        earlier_table = pd.concat([_read_table(u) for u in earlier or []] or [pd.DataFrame()])
+        earlier_predictions = read_predictions(earlier or [])
+        measured = measure(trained, cfg, suites, earlier_table, earlier_predictions)
+        table_url, table, predictions = _write_measurements(
+            trained, measured, suites, iteration, out_url
         )
-        all_predictions = pd.concat([before_predictions, kept], ignore_index=True)
-
-        history = pd.concat([before, table], ignore_index=True) if len(before) else table
-        tested = reported(history)
-        if cfg.baseline:
-            source = _table_url(cfg.baseline)
-            base_rows, base = robustness.pick_baseline(
-                reported(_read_table(cfg.baseline)), cfg.baseline_mlflow_run_id, source
-            )
-        else:
-            source = None
-            base_rows, base = robustness.pick_baseline(
-                tested, cfg.baseline_mlflow_run_id, "this run (evaluation.baseline unset)"
-            )
-        robustness.check_baseline(reported(table), base_rows, source or "the run's first teacher")
-
-        class_names = suites[REPORTED].test.class_names
-        run: list[dict] = []
-        for m in robustness.chain(tested):
-            own = tested[
-                (tested["mlflow_run_id"] == m["mlflow_run_id"])
-                & (tested["iteration"] == m["iteration"])
-            ]
-            test_predictions = _of(all_predictions, m["mlflow_run_id"], REPORTED)
-            choice = history[
-                (history["mlflow_run_id"] == m["mlflow_run_id"])
-                & (history["iteration"] == m["iteration"])
-                & (history["suite"] == CHOICE)
-            ]
-            run.append(
-                {
-                    "label": f"{m['role']} {m['iteration']}",
-                    "role": m["role"],
-                    "iteration": int(m["iteration"]),
-                    "model": m["model"],
-                    "mlflow_run_id": m["mlflow_run_id"],
-                    **robustness.score(
-                        own,
-                        base_rows,
-                        cfg.corruptions,
-                        cfg.severities,
-                        test_predictions if len(test_predictions) else None,
-                        cfg.seed,
-                    ),
-                    **_choice_and_classes(
-                        choice,
-                        _of(all_predictions, m["mlflow_run_id"], CHOICE),
-                        test_predictions,
-                        cfg,
-                        class_names,
-                    ),
-                }
-            )
-        by_id = {m["mlflow_run_id"]: m for m in run}
-        current = []
-        for t in trained:
-            m, label = by_id[t.mlflow_run_id], f"{t.role} {iteration}"
-            if m["label"] != label:  # a teacher after iteration 1: an earlier student
-                label = f"{label} (= {m['label']})"
-            current.append({**m, "role": t.role, "label": label})
-        baseline = {
-            "label": by_id[base["mlflow_run_id"]]["label"]
-            if base["mlflow_run_id"] in by_id
-            else f"{base['role']} {base['iteration']}",
-            "model": base["model"],
-            "mlflow_run_id": base["mlflow_run_id"],
-            "source": source,
-        }
-
-        figures = report.figures(current, run, cfg.corruptions, cfg.severities, class_names)
-        for name, png in figures.items():
-            storage.write_bytes(storage.join(out_url, "figures", name), png)
-            tracking.log_bytes(run_id, png, f"figures/{name}")
-        choice_suite = suites[CHOICE]
-        text = report.markdown(
-            iteration,
-            run,
-            cfg.corruptions,
-            cfg.severities,
-            {n: corruptions.group_of(n) for n in cfg.corruptions},
-            {
-                "url": suites[REPORTED].url,
-                "images": len(suites[REPORTED].subset),
-                "test_images": suites[REPORTED].test.num_rows,
-                "seed": cfg.seed,
-                "calibration_bins": cfg.calibration_bins,
-                "adversarial_images": len(suites[REPORTED].adversarial(cfg.adversarial_images)),
-                "choice_split": split,
-                "choice_images": choice_suite.test.num_rows,
-                "choice_corrupted": len(choice_suite.subset),
-                "choice_severities": cfg.gate.severities,
-            },
-            baseline,
-            list(figures),
-            class_names,
+        history = (
+            pd.concat([earlier_table, table], ignore_index=True) if len(earlier_table) else table
         )
-        report_url = storage.join(out_url, REPORT)
-        storage.write_bytes(report_url, text.encode())
-        tracking.log_text(run_id, text, REPORT)
-
+        every_prediction = pd.concat([earlier_predictions, predictions], ignore_index=True)
+        baseline_rows, baseline_row, source = _baseline(cfg, history, table)
+        class_names = suites.reported.test.class_names
+        run = score(history, every_prediction, baseline_rows, cfg, class_names)
+        current = _this_stages_models(trained, run, iteration)
+        baseline = _baseline_record(baseline_row, source, run)
+        report_url, report_text = publish(
+            run_id, out_url, iteration, current, run, baseline, cfg, suites
+        )
         for m in current:
             _log_model(run_id, parent_run_id, iteration, m)
         tracking.end_run(run_id)
@@ -317,13 +146,316 @@ def evaluate_robustness(
             models=current,
             table_url=table_url,
             report_url=report_url,
-            report=text,
-            suite_url=suites[REPORTED].url,
+            report=report_text,
+            suite_url=suites.reported.url,
             baseline=baseline,
             predictions_url=storage.join(out_url, PREDICTIONS),
-            chosen_on=split,
-            choice_suite_url=choice_suite.url,
+            chosen_on=suites.choice_split,
+            choice_suite_url=suites.choice.url,
         )
+
+
+def open_suites(cfg: EvaluationConfig, data_root: str) -> _Suites:
+    """The test suite (reported) and the suite of the split choices are made on."""
+    split = choice_split(data_root)
+    reported_suite = robustness.open_suite(
+        data_root, cfg.corruptions, cfg.severities, cfg.corruption_images, cfg.seed
+    )
+    choice_suite = robustness.open_suite(
+        data_root, cfg.corruptions, cfg.gate.severities, cfg.gate.corruption_images, cfg.seed,
+        split,
+    )  # fmt: skip
+    return _Suites(
+        {REPORTED: reported_suite, CHOICE: choice_suite},
+        {REPORTED: cfg.fgsm_epsilons, CHOICE: []},
+        split,
+    )
+
+
+def _start_run(
+    trained: list[TrainedModel],
+    cfg: EvaluationConfig,
+    suites: _Suites,
+    parent_run_id: str,
+    iteration: int,
+) -> str:
+    return tracking.start_stage_run(
+        parent_run_id,
+        "evaluate_robustness",
+        iteration,
+        {
+            **cfg.model_dump(),
+            "models": [t.mlflow_run_id for t in trained],
+            "suite": suites.reported.url,
+            "choice_suite": suites.choice.url,
+        },
+        {
+            **{f"{tracking.TAG}{t.role}_run_id": t.mlflow_run_id for t in trained},
+            f"{tracking.TAG}chosen_on": suites.choice_split,
+        },
+    )
+
+
+Measured = dict[str, dict[str, robustness.Evaluated]]  # by MLflow run id, then suite name
+
+
+def _measured_before(
+    t: TrainedModel,
+    cfg: EvaluationConfig,
+    suites: _Suites,
+    earlier_table: pd.DataFrame,
+    earlier_predictions: pd.DataFrame,
+) -> dict[str, robustness.Evaluated] | None:
+    """A model's measurements of both suites in an earlier iteration (this iteration's
+    teacher was the last one's student, judged on the same images), or None."""
+    found = {}
+    for name, suite in suites.by_name.items():
+        kept = _of(earlier_predictions, t.mlflow_run_id, name)
+        if not (len(earlier_table) and len(kept)):
+            continue
+        rows = robustness.earlier_rows(
+            earlier_table[earlier_table["suite"] == name],
+            t.mlflow_run_id,
+            suite,
+            suites.fgsm[name],
+            cfg.adversarial_images,
+        )
+        if rows is not None:
+            found[name] = robustness.Evaluated(rows, kept[robustness.PREDICTION_COLUMNS])
+    return found if len(found) == len(suites.by_name) else None
+
+
+def measure(
+    trained: list[TrainedModel],
+    cfg: EvaluationConfig,
+    suites: _Suites,
+    earlier_table: pd.DataFrame,
+    earlier_predictions: pd.DataFrame,
+) -> Measured:
+    """Each model's measurements of both suites: read back when an earlier iteration made
+    them, else judged now."""
+    measured: Measured = {}
+    to_judge = []
+    for t in trained:
+        found = _measured_before(t, cfg, suites, earlier_table, earlier_predictions)
+        if found is not None:
+            logger.info(f"{t.role} {t.model}: measured in an earlier iteration, not again")
+            measured[t.mlflow_run_id] = found
+        else:
+            to_judge.append(t)
+    return measured | _judge(to_judge, cfg, suites)
+
+
+def _judge(to_judge: list[TrainedModel], cfg: EvaluationConfig, suites: _Suites) -> Measured:
+    """The models judged in one pass over each suite's sets: each batch is read (or
+    generated, for cells not in the suite yet) once and meets every model."""
+    started = time.perf_counter()
+    loaded = [models.load(t.url)[0].to(engine.device()) for t in to_judge]
+    results = {
+        name: robustness.evaluate_models(
+            loaded,
+            suite,
+            cfg.batch_size,
+            cfg.precision,
+            suites.fgsm[name],
+            cfg.adversarial_images,
+            cfg.calibration_bins,
+        )
+        for name, suite in suites.by_name.items()
+    }
+    for suite in suites.by_name.values():
+        logger.info(
+            f"{suite.split} corruption suite {suite.url}: {len(suite.cells)} sets of "
+            f"{len(suite.subset)} images ({suite.built} generated, "
+            f"{len(suite.cells) - suite.built} read back)"
+        )
+    if to_judge:
+        images = sum(r["images"] for name in suites.by_name for r in results[name][0].rows)
+        logger.info(
+            f"{', '.join(f'{t.role} {t.model}' for t in to_judge)}: {images} images each "
+            f"judged in {time.perf_counter() - started:.1f} s"
+        )
+    return {
+        t.mlflow_run_id: {name: results[name][i] for name in suites.by_name}
+        for i, t in enumerate(to_judge)
+    }
+
+
+def _write_measurements(
+    trained: list[TrainedModel],
+    measured: Measured,
+    suites: _Suites,
+    iteration: int,
+    out_url: str,
+) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """The table (a row per model, suite and set) and the per-image predictions, written
+    beside each other; returns the table's URL, the table and the predictions."""
+    rows, predictions = [], []
+    for t in trained:
+        identity = {
+            "model": t.model,
+            "mlflow_run_id": t.mlflow_run_id,
+            "iteration": iteration,
+            "role": t.role,
+        }
+        for name, suite in suites.by_name.items():
+            where = {**identity, "suite": name, "split": suite.split}
+            evaluated = measured[t.mlflow_run_id][name]
+            rows += [{**where, **r} for r in evaluated.rows]
+            predictions.append(evaluated.predictions.assign(**where))
+    table = pd.DataFrame(rows)
+    table_url = storage.join(out_url, TABLE)
+    storage.write_parquet(table_url, pa.Table.from_pandas(table, preserve_index=False), 65536)
+    kept = pd.concat(predictions, ignore_index=True)
+    storage.write_parquet(
+        storage.join(out_url, PREDICTIONS),
+        pa.Table.from_pandas(kept, preserve_index=False),
+        1 << 20,
+    )
+    return table_url, table, kept
+
+
+def _baseline(
+    cfg: EvaluationConfig, history: pd.DataFrame, table: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.Series, str | None]:
+    """The baseline's test rows, the row naming it, and its table's URL (None: this run's)."""
+    if cfg.baseline:
+        source = _table_url(cfg.baseline)
+        baseline_rows, baseline_row = robustness.pick_baseline(
+            reported(_read_table(cfg.baseline)), cfg.baseline_mlflow_run_id, source
+        )
+    else:
+        source = None
+        baseline_rows, baseline_row = robustness.pick_baseline(
+            reported(history), cfg.baseline_mlflow_run_id, "this run (evaluation.baseline unset)"
+        )
+    robustness.check_baseline(reported(table), baseline_rows, source or "the run's first teacher")
+    return baseline_rows, baseline_row, source
+
+
+def score(
+    history: pd.DataFrame,
+    every_prediction: pd.DataFrame,
+    baseline_rows: pd.DataFrame,
+    cfg: EvaluationConfig,
+    class_names: list[str],
+) -> list[dict[str, Any]]:
+    """Each model of the run so far, in the order the run made them, with its scores: the
+    test figures against the baseline, the choice split's, and per class."""
+    tested = reported(history)
+    run: list[dict[str, Any]] = []
+    for m in robustness.chain(tested):
+        test_predictions = _of(every_prediction, m["mlflow_run_id"], REPORTED)
+        run.append(
+            {
+                "label": f"{m['role']} {m['iteration']}",
+                "role": m["role"],
+                "iteration": int(m["iteration"]),
+                "model": m["model"],
+                "mlflow_run_id": m["mlflow_run_id"],
+                **robustness.score(
+                    _rows_of(tested, m),
+                    baseline_rows,
+                    cfg.corruptions,
+                    cfg.severities,
+                    test_predictions if len(test_predictions) else None,
+                    cfg.seed,
+                ),
+                **_choice_and_classes(
+                    _rows_of(history[history["suite"] == CHOICE], m),
+                    _of(every_prediction, m["mlflow_run_id"], CHOICE),
+                    test_predictions,
+                    cfg,
+                    class_names,
+                ),
+            }
+        )
+    return run
+
+
+def _rows_of(table: pd.DataFrame, m: pd.Series) -> pd.DataFrame:
+    """A model's rows of a table, as it was judged in the iteration `m` names."""
+    return table[
+        (table["mlflow_run_id"] == m["mlflow_run_id"]) & (table["iteration"] == m["iteration"])
+    ]
+
+
+def _this_stages_models(
+    trained: list[TrainedModel], run: list[dict[str, Any]], iteration: int
+) -> list[dict[str, Any]]:
+    """The scores of the models this stage was given, labelled by their role here."""
+    by_id = {m["mlflow_run_id"]: m for m in run}
+    current = []
+    for t in trained:
+        m, label = by_id[t.mlflow_run_id], f"{t.role} {iteration}"
+        if m["label"] != label:  # a teacher after iteration 1: an earlier student
+            label = f"{label} (= {m['label']})"
+        current.append({**m, "role": t.role, "label": label})
+    return current
+
+
+def _baseline_record(
+    baseline_row: pd.Series, source: str | None, run: list[dict[str, Any]]
+) -> dict[str, Any]:
+    by_id = {m["mlflow_run_id"]: m for m in run}
+    return {
+        "label": by_id[baseline_row["mlflow_run_id"]]["label"]
+        if baseline_row["mlflow_run_id"] in by_id
+        else f"{baseline_row['role']} {baseline_row['iteration']}",
+        "model": baseline_row["model"],
+        "mlflow_run_id": baseline_row["mlflow_run_id"],
+        "source": source,
+    }
+
+
+def publish(
+    run_id: str,
+    out_url: str,
+    iteration: int,
+    current: list[dict[str, Any]],
+    run: list[dict[str, Any]],
+    baseline: dict[str, Any],
+    cfg: EvaluationConfig,
+    suites: _Suites,
+) -> tuple[str, str]:
+    """The figures and the Markdown report, on storage and in the stage's MLflow run;
+    returns the report's URL and text."""
+    class_names = suites.reported.test.class_names
+    figures = report.figures(current, run, cfg.corruptions, cfg.severities, class_names)
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(out_url, "figures", name), png)
+        tracking.log_bytes(run_id, png, f"figures/{name}")
+    text = report.markdown(
+        iteration,
+        run,
+        cfg.corruptions,
+        cfg.severities,
+        {n: corruptions.group_of(n) for n in cfg.corruptions},
+        _suite_description(cfg, suites),
+        baseline,
+        list(figures),
+        class_names,
+    )
+    report_url = storage.join(out_url, REPORT)
+    storage.write_bytes(report_url, text.encode())
+    tracking.log_text(run_id, text, REPORT)
+    return report_url, text
+
+
+def _suite_description(cfg: EvaluationConfig, suites: _Suites) -> dict[str, Any]:
+    reported_suite, choice_suite = suites.reported, suites.choice
+    return {
+        "url": reported_suite.url,
+        "images": len(reported_suite.subset),
+        "test_images": reported_suite.test.num_rows,
+        "seed": cfg.seed,
+        "calibration_bins": cfg.calibration_bins,
+        "adversarial_images": len(reported_suite.adversarial(cfg.adversarial_images)),
+        "choice_split": suites.choice_split,
+        "choice_images": choice_suite.test.num_rows,
+        "choice_corrupted": len(choice_suite.subset),
+        "choice_severities": cfg.gate.severities,
+    }
 
 
 def _choice_and_classes(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -82,174 +85,257 @@ def filter_and_balance(
     previous_pseudo_url: str | None = None,
 ) -> SelectedPseudoLabels:
     """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
-    in two passes over the shards (selection.py says how). With `previous_pseudo_url` (the
-    last iteration's pseudo labels of the same images), count the labels that changed."""
+    in two passes over the shards (selection.py says how); with `previous_pseudo_url`,
+    count the labels that changed. Records the labelling stage's run too (from pass 1)."""
     start = time.perf_counter()
     shards = sorted(shards, key=lambda s: s.index)
-    lineage = {
-        f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
-        f"{tracking.TAG}teacher_url": teacher.url,
-        f"{tracking.TAG}pseudo_labels_url": pseudo_url,
-    }
+    lineage = _lineage(teacher, pseudo_url)
     inference_seconds = max(s.seconds for s in shards) if shards else 0.0
     inference_run = record_labelling(shards, teacher, pseudo_url, parent_run_id, iteration, lineage)
-
     run_id = tracking.start_stage_run(
         parent_run_id, "filter_and_balance", iteration, cfg.model_dump(), lineage
     )
     with tracking.failed_on_error(run_id, inference_run):
-        manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-        k = manifest.num_classes
-        truth = _truth(data_root, manifest)
+        pool = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+        truth = _truth(data_root, pool)
         total = sum(s.rows for s in shards)
         if total == 0:
-            raise UserError(f"{manifest.url}: the unlabelled set is empty")
-
-        # pass 1: per-class confidence histograms, two small columns per shard
-        histogram = np.zeros((k, selection.NUM_BINS), dtype=np.int64)
-        confidence_sum, right_all, scored_all = 0.0, 0, 0
-        stats = diagnostics.PseudoLabelStats()
-        previous = _previous_shards(previous_pseudo_url)
-        for s in shards:
-            table = _read_shard(s, ["id", "predicted", "confidence"])
-            ids = table.column("id").to_pylist()
-            predicted = table.column("predicted").to_numpy()
-            confidence = table.column("confidence").to_numpy()
-            histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
-            confidence_sum += float(confidence.sum())
-            masks = _correct(truth, ids, predicted)
-            if masks is not None:
-                right_all += int(masks[0].sum())
-                scored_all += int(masks[1].sum())
-            stats.add(confidence, *(masks or (None, None)))
-            before_url = previous.get(s.url.rsplit("/", 1)[-1])
-            if before_url:
-                before = storage.read_parquet(before_url, ["id", "predicted"]).to_pandas()
-                earlier = before.set_index("id")["predicted"].reindex(ids).to_numpy()
-                both = ~pd.isna(earlier)
-                stats.add_changes(earlier[both].astype(np.int64), predicted[both])
-        accuracy_all = right_all / scored_all if scored_all else None
+            raise UserError(f"{pool.url}: the unlabelled set is empty")
+        survey = _survey(shards, cfg, pool.num_classes, truth, previous_pseudo_url)
         finish_labelling_run(
-            inference_run, total, inference_seconds, confidence_sum, accuracy_all, scored_all
+            inference_run, total, inference_seconds, survey.confidence_sum,
+            survey.accuracy_all, survey.scored_all,
+        )  # fmt: skip
+        rule = selection.plan(survey.histogram, cfg.min_confidence, cfg.balance,
+                              cfg.per_class_quota)  # fmt: skip
+        chosen = _select(shards, cfg, rule, pool.num_classes, truth, seed, out_url)
+        per_class = selection.counts_frame(chosen.counts).assign(
+            name=lambda f: [pool.class_names[c] for c in f["class"]]
         )
-        rule = selection.plan(histogram, cfg.min_confidence, cfg.balance, cfg.per_class_quota)
+        diagnosis, figure = _diagnose(survey.stats, cfg, iteration, out_url)
+        _write_manifest(out_url, pseudo_url, rule, chosen.files, per_class, diagnosis)
+        result = SelectedPseudoLabels(
+            url=out_url,
+            probabilities_url=pseudo_url,
+            mlflow_run_id=run_id,
+            inference_run_id=inference_run,
+            total=total,
+            kept=int(per_class["kept"].sum()),
+            selected=int(per_class["final"].sum()),
+            accuracy=chosen.right / chosen.scored if chosen.scored else None,
+            accuracy_all=survey.accuracy_all,
+            inference_seconds=inference_seconds,
+            seconds=0.0,
+            per_class=per_class.to_dict(orient="records"),
+            scored_kept=chosen.scored,
+            scored_all=survey.scored_all,
+        )
+        _record(run_id, result, per_class, diagnosis, figure, iteration)
+        return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
-        # pass 2: apply the plan shard by shard, one selected file per pseudo-label shard
-        counts = np.zeros((k, len(selection.COUNTS)), dtype=np.int64)
-        files, right_kept, scored_kept = [], 0, 0
-        for s in shards:
-            table = _read_shard(s, ["id", "probs"])
-            ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-            column = table.column("probs").combine_chunks()
-            probs = column.values.to_numpy().reshape(len(column), k)
-            rows, shard_counts = selection.select_shard(
-                ids,
-                probs,
-                rule,
-                selection.shard_rng(seed, s.index),
-                cfg.labels,
-                cfg.temperature,
-                cfg.hard_label_smoothing,
-            )
-            counts += shard_counts
-            right, scored = _score(truth, list(rows["id"]), rows["predicted"].to_numpy())
-            right_kept, scored_kept = right_kept + right, scored_kept + scored
-            targets = np.stack(rows["target"].to_numpy()) if len(rows) else np.zeros((0, k))
-            name = f"part-{s.index:05d}.parquet"
-            sha256 = storage.write_parquet(
-                storage.join(out_url, name),
-                pa.table(
-                    {
-                        "id": rows["id"].astype(str).tolist(),
-                        "target": pa.FixedSizeListArray.from_arrays(
-                            pa.array(targets.reshape(-1).astype(np.float32)), k
-                        ),
-                        "confidence": rows["confidence"].to_numpy(),
-                        "predicted": rows["predicted"].to_numpy(),
-                        "copies": rows["copies"].to_numpy(),
-                    }
-                ),
-                row_group_size=65536,
-            )
-            files.append({"file": name, "rows": len(rows), "sha256": sha256})
 
-        per_class = selection.counts_frame(counts)
-        per_class["name"] = [manifest.class_names[c] for c in per_class["class"]]
-        kept, selected = int(per_class["kept"].sum()), int(per_class["final"].sum())
-        accuracy = right_kept / scored_kept if scored_kept else None
-        report = stats.summary(cfg.min_confidence)
-        figure = diagnostics.figure(
-            stats, cfg.min_confidence, f"pseudo labels of iteration {iteration}"
+def _lineage(teacher: TrainedModel, pseudo_url: str) -> dict[str, str]:
+    return {
+        f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
+        f"{tracking.TAG}teacher_url": teacher.url,
+        f"{tracking.TAG}pseudo_labels_url": pseudo_url,
+    }
+
+
+@dataclass
+class _Survey:
+    """Pass 1 over the shards: what the plan and the labelling run's figures need."""
+
+    histogram: np.ndarray  # per class and confidence bin
+    stats: diagnostics.PseudoLabelStats
+    confidence_sum: float = 0.0
+    right_all: int = 0
+    scored_all: int = 0  # images whose true label is known
+
+    @property
+    def accuracy_all(self) -> float | None:
+        return self.right_all / self.scored_all if self.scored_all else None
+
+
+def _survey(
+    shards: list[PseudoLabelShard],
+    cfg: SelectionConfig,
+    k: int,
+    truth: pd.Series | None,
+    previous_pseudo_url: str | None,
+) -> _Survey:
+    """Pass 1: per-class confidence histograms, two small columns per shard."""
+    survey = _Survey(np.zeros((k, selection.NUM_BINS), dtype=np.int64),
+                     diagnostics.PseudoLabelStats())  # fmt: skip
+    previous = _previous_shards(previous_pseudo_url)
+    for s in shards:
+        table = _read_shard(s, ["id", "predicted", "confidence"])
+        ids = table.column("id").to_pylist()
+        predicted = table.column("predicted").to_numpy()
+        confidence = table.column("confidence").to_numpy()
+        survey.histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
+        survey.confidence_sum += float(confidence.sum())
+        masks = _correct(truth, ids, predicted)
+        if masks is not None:
+            survey.right_all += int(masks[0].sum())
+            survey.scored_all += int(masks[1].sum())
+        survey.stats.add(confidence, *(masks or (None, None)))
+        before_url = previous.get(s.url.rsplit("/", 1)[-1])
+        if before_url:
+            before = storage.read_parquet(before_url, ["id", "predicted"]).to_pandas()
+            earlier = before.set_index("id")["predicted"].reindex(ids).to_numpy()
+            both = ~pd.isna(earlier)
+            survey.stats.add_changes(earlier[both].astype(np.int64), predicted[both])
+    return survey
+
+
+@dataclass
+class _Chosen:
+    """Pass 2: the selected files, the counts per class, and the kept labels' score."""
+
+    counts: np.ndarray  # per class and selection.COUNTS
+    files: list[dict[str, Any]] = field(default_factory=list)
+    right: int = 0
+    scored: int = 0  # kept images whose true label is known
+
+
+def _select(
+    shards: list[PseudoLabelShard],
+    cfg: SelectionConfig,
+    rule: selection.Plan,
+    k: int,
+    truth: pd.Series | None,
+    seed: int,
+    out_url: str,
+) -> _Chosen:
+    """Pass 2: apply the plan shard by shard, one selected file per pseudo-label shard."""
+    chosen = _Chosen(np.zeros((k, len(selection.COUNTS)), dtype=np.int64))
+    for s in shards:
+        table = _read_shard(s, ["id", "probs"])
+        ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+        column = table.column("probs").combine_chunks()
+        probs = column.values.to_numpy().reshape(len(column), k)
+        rows, shard_counts = selection.select_shard(
+            ids,
+            probs,
+            rule,
+            selection.shard_rng(seed, s.index),
+            cfg.labels,
+            cfg.temperature,
+            cfg.hard_label_smoothing,
         )
-        report["figure_url"] = storage.join(out_url, "pseudo_labels.png")
-        storage.write_bytes(report["figure_url"], figure)
-        storage.write_json(
-            storage.join(out_url, dataset.MANIFEST),
-            {
-                "format": "noisy-student-selection",
-                "rows": kept,
-                "selected": selected,
-                "quota": rule.quota,
-                "shards": files,
-                "pseudo_labels_url": pseudo_url,
-                "per_class": per_class.to_dict(orient="records"),
-                "diagnostics": report,
-            },
+        chosen.counts += shard_counts
+        right, scored = _score(truth, list(rows["id"]), rows["predicted"].to_numpy())
+        chosen.right, chosen.scored = chosen.right + right, chosen.scored + scored
+        name = f"part-{s.index:05d}.parquet"
+        sha256 = storage.write_parquet(
+            storage.join(out_url, name), _selected_table(rows, k), row_group_size=65536
         )
-        metrics = {"total": total, "kept": kept, "selected": selected, "dropped": total - kept}
-        if accuracy is not None:
-            metrics |= {
-                "pseudo_label_accuracy": accuracy,
-                "pseudo_label_accuracy_all": accuracy_all,
-                "pseudo_label_scored": scored_kept,
-            }
-        tracking.log_bytes(run_id, figure, "figures/pseudo_labels.png")
-        tracking.log_dict(run_id, report, "diagnostics.json")
-        for key in ("precision_at_min_confidence", "coverage_at_min_confidence"):
-            metrics[key] = report.get(key)
-        if report["changed_since_previous"] is not None:
-            metrics["changed_since_previous"] = report["changed_since_previous"]
-            metrics["changed_since_previous_fraction"] = report["changed_since_previous"] / max(
-                1, report["compared_with_previous"]
-            )
-        tracking.log_metrics(run_id, metrics)
-        if report["changed_since_previous"] is not None:
-            logger.info(
-                f"pseudo labels: {report['changed_since_previous']} of "
-                f"{report['compared_with_previous']} changed class since the last iteration"
-            )
-        tracking.log_dict(run_id, per_class.to_dict(orient="records"), "per_class.json")
-        tracking.log_dataset(run_id, per_class, out_url, f"selected-{iteration}", "pseudo_labels")
-        tracking.set_tags(
-            run_id,
-            {
-                f"{tracking.TAG}inference_run_id": inference_run,
-                f"{tracking.TAG}selected_url": out_url,
-            },
+        chosen.files.append({"file": name, "rows": len(rows), "sha256": sha256})
+    return chosen
+
+
+def _selected_table(rows: pd.DataFrame, k: int) -> pa.Table:
+    targets = np.stack(rows["target"].to_numpy()) if len(rows) else np.zeros((0, k))
+    return pa.table(
+        {
+            "id": rows["id"].astype(str).tolist(),
+            "target": pa.FixedSizeListArray.from_arrays(
+                pa.array(targets.reshape(-1).astype(np.float32)), k
+            ),
+            "confidence": rows["confidence"].to_numpy(),
+            "predicted": rows["predicted"].to_numpy(),
+            "copies": rows["copies"].to_numpy(),
+        }
+    )
+
+
+def _diagnose(
+    stats: diagnostics.PseudoLabelStats, cfg: SelectionConfig, iteration: int, out_url: str
+) -> tuple[dict[str, Any], bytes]:
+    """The pseudo labels' precision and coverage, and their figure, written beside them."""
+    diagnosis = stats.summary(cfg.min_confidence)
+    figure = diagnostics.figure(
+        stats, cfg.min_confidence, f"pseudo labels of iteration {iteration}"
+    )
+    diagnosis["figure_url"] = storage.join(out_url, "pseudo_labels.png")
+    storage.write_bytes(diagnosis["figure_url"], figure)
+    return diagnosis, figure
+
+
+def _write_manifest(
+    out_url: str,
+    pseudo_url: str,
+    rule: selection.Plan,
+    files: list[dict[str, Any]],
+    per_class: pd.DataFrame,
+    diagnosis: dict[str, Any],
+) -> None:
+    storage.write_json(
+        storage.join(out_url, dataset.MANIFEST),
+        {
+            "format": "noisy-student-selection",
+            "rows": int(per_class["kept"].sum()),
+            "selected": int(per_class["final"].sum()),
+            "quota": rule.quota,
+            "shards": files,
+            "pseudo_labels_url": pseudo_url,
+            "per_class": per_class.to_dict(orient="records"),
+            "diagnostics": diagnosis,
+        },
+    )
+
+
+def _record(
+    run_id: str,
+    result: SelectedPseudoLabels,
+    per_class: pd.DataFrame,
+    diagnosis: dict[str, Any],
+    figure: bytes,
+    iteration: int,
+) -> None:
+    """The selection's figures, files and lineage in its MLflow run, and one log line."""
+    total, kept, accuracy = result.total, result.kept, result.accuracy
+    metrics = {"total": total, "kept": kept, "selected": result.selected,
+               "dropped": total - kept}  # fmt: skip
+    if accuracy is not None:
+        metrics |= {
+            "pseudo_label_accuracy": accuracy,
+            "pseudo_label_accuracy_all": result.accuracy_all,
+            "pseudo_label_scored": result.scored_kept,
+        }
+    tracking.log_bytes(run_id, figure, "figures/pseudo_labels.png")
+    tracking.log_dict(run_id, diagnosis, "diagnostics.json")
+    for key in ("precision_at_min_confidence", "coverage_at_min_confidence"):
+        metrics[key] = diagnosis.get(key)
+    changed = diagnosis["changed_since_previous"]
+    if changed is not None:
+        metrics["changed_since_previous"] = changed
+        metrics["changed_since_previous_fraction"] = changed / max(
+            1, diagnosis["compared_with_previous"]
         )
-        tracking.end_run(run_id)
+    tracking.log_metrics(run_id, metrics)
+    if changed is not None:
         logger.info(
-            f"pseudo labels: {total} images, {kept} kept, {selected} after balancing"
-            + (f", {accuracy:.2%} right" if accuracy is not None else "")
-            + (
-                f" (of the {scored_kept} whose true label is known)"
-                if accuracy is not None and scored_kept < kept
-                else ""
-            )
+            f"pseudo labels: {changed} of {diagnosis['compared_with_previous']} changed class "
+            "since the last iteration"
         )
-        return SelectedPseudoLabels(
-            out_url,
-            pseudo_url,
-            run_id,
-            inference_run,
-            total,
-            kept,
-            selected,
-            accuracy,
-            accuracy_all,
-            inference_seconds,
-            time.perf_counter() - start,
-            per_class.to_dict(orient="records"),
-            scored_kept,
-            scored_all,
+    tracking.log_dict(run_id, per_class.to_dict(orient="records"), "per_class.json")
+    tracking.log_dataset(run_id, per_class, result.url, f"selected-{iteration}", "pseudo_labels")
+    tracking.set_tags(
+        run_id,
+        {
+            f"{tracking.TAG}inference_run_id": result.inference_run_id,
+            f"{tracking.TAG}selected_url": result.url,
+        },
+    )
+    tracking.end_run(run_id)
+    logger.info(
+        f"pseudo labels: {total} images, {kept} kept, {result.selected} after balancing"
+        + (f", {accuracy:.2%} right" if accuracy is not None else "")
+        + (
+            f" (of the {result.scored_kept} whose true label is known)"
+            if accuracy is not None and result.scored_kept < kept
+            else ""
         )
+    )

@@ -52,58 +52,53 @@ def _stored_images(manifest: dataset.Manifest, queue: pd.DataFrame) -> list[byte
     return [found[i] for i in queue["id"]]
 
 
-def label_queue(
+def rank(
     cfg: LabellingConfig,
-    data_root: str,
+    pool: dataset.Manifest,
     scores: list[PseudoLabelShard],
     teacher_labels: list[PseudoLabelShard],
-    student: TrainedModel,
-    out_url: str,
-    parent_run_id: str,
     seed: int,
-    run_id: str,
-) -> LabelQueue:
-    """Rank the pool by `cfg.strategy` from the final student's probabilities (`scores`)
-    and its teacher's (`teacher_labels`, the last iteration's pseudo labels), and write the
-    first `cfg.queue_size` images as Parquet, a Label Studio import, a CSV and a contact
-    sheet under `out_url`."""
-    start = time.perf_counter()
-    manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    candidates = Candidates(cfg.strategy, cfg.queue_size, manifest.class_names, seed)
+) -> pd.DataFrame:
+    """The first `cfg.queue_size` images of the pool by `cfg.strategy`, from the student's
+    probabilities and its teacher's, shard by shard."""
+    candidates = Candidates(cfg.strategy, cfg.queue_size, pool.class_names, seed)
     teacher_shards = {s.index: s for s in teacher_labels}
     for s in sorted(scores, key=lambda s: s.index):
         ids, probs = _probabilities(s)
         teacher = teacher_shards.get(s.index)
         teacher_probs = _aligned(ids, _probabilities(teacher) if teacher else None, probs.shape[1])
         candidates.add(ids, probs, teacher_probs, s.index)
-    queue = candidates.queue()
-    if scores:  # a manifest names the scores' shards, as it does pseudo labels (gc keeps them)
-        storage.write_json(
-            storage.join(scores[0].url.rsplit("/", 1)[0], dataset.MANIFEST),
-            {
-                "format": "noisy-student-pseudo-labels",
-                "teacher_url": student.url,  # the model that labelled: here the final student
-                "teacher_run_id": student.mlflow_run_id,
-                "shards": [
-                    {"file": s.url.rsplit("/", 1)[-1], "rows": s.rows, "sha256": s.sha256}
-                    for s in sorted(scores, key=lambda s: s.index)
-                ],
-            },
-        )
-    images = _stored_images(manifest, queue)
-    title = (
-        f"label queue of run {run_id}: {len(queue)} images by {cfg.strategy}, "
-        f"the guess of student {student.iteration} ({student.model})"
+    return candidates.queue()
+
+
+def _write_scores_manifest(scores: list[PseudoLabelShard], student: TrainedModel) -> None:
+    """A manifest names the scores' shards, as it does pseudo labels (gc keeps them)."""
+    if not scores:
+        return
+    storage.write_json(
+        storage.join(scores[0].url.rsplit("/", 1)[0], dataset.MANIFEST),
+        {
+            "format": "noisy-student-pseudo-labels",
+            "teacher_url": student.url,  # the model that labelled: here the final student
+            "teacher_run_id": student.mlflow_run_id,
+            "shards": [
+                {"file": s.url.rsplit("/", 1)[-1], "rows": s.rows, "sha256": s.sha256}
+                for s in sorted(scores, key=lambda s: s.index)
+            ],
+        },
     )
-    urls = write_files(
-        queue,
-        images,
-        manifest.encoding,
-        manifest.class_names,
-        out_url,
-        title,
-        model_version=f"{run_id} student {student.iteration}",
-    )
+
+
+def _record(
+    cfg: LabellingConfig,
+    queue: pd.DataFrame,
+    urls: dict[str, str],
+    student: TrainedModel,
+    out_url: str,
+    parent_run_id: str,
+) -> str:
+    """The queue's MLflow run (its figures, contact sheet and CSV) and one log line;
+    returns the run's id."""
     disagreeing = int(
         (queue["teacher_class"].notna() & (queue["teacher_class"] != queue["model_class"])).sum()
     )
@@ -137,6 +132,42 @@ def label_queue(
         f"on them {queue['confidence'].mean() if len(queue) else 0:.0%}; its teacher's class "
         f"differs on {disagreeing}) in {out_url}"
     )
+    return mlflow_run
+
+
+def label_queue(
+    cfg: LabellingConfig,
+    data_root: str,
+    scores: list[PseudoLabelShard],
+    teacher_labels: list[PseudoLabelShard],
+    student: TrainedModel,
+    out_url: str,
+    parent_run_id: str,
+    seed: int,
+    run_id: str,
+) -> LabelQueue:
+    """Rank the pool by `cfg.strategy` from the final student's probabilities (`scores`)
+    and its teacher's (`teacher_labels`, the last iteration's pseudo labels), and write the
+    first `cfg.queue_size` images as Parquet, a Label Studio import, a CSV and a contact
+    sheet under `out_url`."""
+    start = time.perf_counter()
+    pool = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    queue = rank(cfg, pool, scores, teacher_labels, seed)
+    _write_scores_manifest(scores, student)
+    title = (
+        f"label queue of run {run_id}: {len(queue)} images by {cfg.strategy}, "
+        f"the guess of student {student.iteration} ({student.model})"
+    )
+    urls = write_files(
+        queue,
+        _stored_images(pool, queue),
+        pool.encoding,
+        pool.class_names,
+        out_url,
+        title,
+        model_version=f"{run_id} student {student.iteration}",
+    )
+    mlflow_run = _record(cfg, queue, urls, student, out_url, parent_run_id)
     return LabelQueue(
         url=out_url,
         strategy=cfg.strategy,

@@ -35,12 +35,16 @@ from noisy_student.config import EvaluationConfig, GateConfig, student_stem
 from noisy_student.errors import UserError
 from noisy_student.stages.evaluate_robustness import CHOICE, evaluate_robustness, read_predictions
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
-from noisy_student.stages.records import Robustness, TrainedModel
+from noisy_student.stages.records import (
+    CHOSEN_ON_TEST,
+    PromotionDecision,
+    Robustness,
+    TrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"  # the alias of a student that did not pass the gate
-CHOSEN_ON_TEST = "chosen on the test split"  # what every record of a choice says without validation
 
 
 def run_models(robustness: list[Robustness]) -> dict[str, dict[str, Any]]:
@@ -313,36 +317,17 @@ def promote(
     parent_run_id: str,
     iteration: int,
     config: dict[str, Any],
-) -> dict[str, Any]:
-    """The promotion gate for the run's final student; returns the decision record.
+) -> PromotionDecision:
+    """The promotion gate for the run's final student; returns the decision.
     `config` is the run's configuration as a dict, for what the log suggests of a student
     below its teacher."""
     version = tracking.model_version_of_run(registered_model, student.mlflow_run_id)
     current = tracking.model_version_by_alias(registered_model, CHAMPION)
-    evaluations = list(robustness)
-    predictions = read_predictions([r.table_url for r in robustness if r.table_url])
-    if current is not None and figures(robustness, current.run_id) is None:
-        # The champion was not evaluated in this run: measure it on the same images and
-        # the same seeded corruptions as the student.
-        logger.info(f"evaluating the champion (version {current.version}) as the student was")
-        measured = evaluate_robustness(
-            [from_run(current.run_id)],
-            evaluation,
-            data_root,
-            storage.join(run_url, "promotion", "robustness"),
-            parent_run_id,
-            iteration,
-            earlier=[r.table_url for r in robustness if r.table_url],
-        )
-        evaluations.append(measured)
-        predictions = pd.concat(
-            [predictions, read_predictions([measured.table_url])], ignore_index=True
-        )
+    evaluations, predictions = _with_the_champion_measured(
+        robustness, current, evaluation, data_root, run_url, parent_run_id, iteration
+    )
     verdicts = students_against_teachers(robustness, predictions, evaluation, config)
-    for v in verdicts:
-        logger.info(v["sentence"])
-        if "note" in v:
-            logger.info(v["note"])
+    _log_verdicts(verdicts)
     gate, seed, names = evaluation.gate, evaluation.seed, evaluation.corruptions
     against = (
         compare(predictions, student.mlflow_run_id, current.run_id, gate, names, seed)
@@ -360,53 +345,131 @@ def promote(
             + describe(c, _label(m), "the final student")[0]
         )
         stand_in = _stand_in(m, c, predictions, current, registered_model, evaluation, reasons)
-    alias = CHAMPION if promoted else CHALLENGER
     chosen_on = evaluations[-1].chosen_on if evaluations else dataset.TEST
-    record = {
-        "registered_model": registered_model,
-        "version": version.version,
-        "run_id": student.mlflow_run_id,
-        "decision": alias,
-        "chosen_on": chosen_on,
-        **({"note": CHOSEN_ON_TEST} if chosen_on == dataset.TEST else {}),
-        "gate": gate.model_dump(),
-        "reasons": reasons,
-        "candidate": figures(evaluations, student.mlflow_run_id),
-        "champion": None
-        if current is None
-        else {
-            "version": current.version,
-            "run_id": current.run_id,
-            **(figures(evaluations, current.run_id) or {}),
-        },
-        "comparison": None if against is None else against.record(),
-        "students_against_teachers": verdicts,
-        "best_of_run": stand_in,
-        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    decision = PromotionDecision(
+        registered_model=registered_model,
+        version=version.version,
+        run_id=student.mlflow_run_id,
+        decision=CHAMPION if promoted else CHALLENGER,
+        chosen_on=chosen_on,
+        gate=gate.model_dump(),
+        reasons=reasons,
+        candidate=figures(evaluations, student.mlflow_run_id),
+        champion=None if current is None else _champion_figures(evaluations, current),
+        comparison=None if against is None else against.record(),
+        students_against_teachers=verdicts,
+        best_of_run=stand_in,
+        decided_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    publish(decision, against, current, parent_run_id, run_url)
+    return decision
+
+
+def _log_verdicts(verdicts: list[dict[str, Any]]) -> None:
+    for v in verdicts:
+        logger.info(v["sentence"])
+        if "note" in v:
+            logger.info(v["note"])
+
+
+def _champion_figures(evaluations: list[Robustness], current: Any) -> dict[str, Any]:
+    return {
+        "version": current.version,
+        "run_id": current.run_id,
+        **(figures(evaluations, current.run_id) or {}),
     }
-    tracking.set_alias(registered_model, alias, version.version)
+
+
+def _with_the_champion_measured(
+    robustness: list[Robustness],
+    current: Any,
+    evaluation: EvaluationConfig,
+    data_root: str,
+    run_url: str,
+    parent_run_id: str,
+    iteration: int,
+) -> tuple[list[Robustness], pd.DataFrame]:
+    """This run's evaluations and predictions, with the champion's when this run did not
+    evaluate it: measured on the same images and the same seeded corruptions as the
+    student."""
+    evaluations = list(robustness)
+    tables = [r.table_url for r in robustness if r.table_url]
+    predictions = read_predictions(tables)
+    if current is None or figures(robustness, current.run_id) is not None:
+        return evaluations, predictions
+    logger.info(f"evaluating the champion (version {current.version}) as the student was")
+    measured = evaluate_robustness(
+        [from_run(current.run_id)],
+        evaluation,
+        data_root,
+        storage.join(run_url, "promotion", "robustness"),
+        parent_run_id,
+        iteration,
+        earlier=tables,
+    )
+    evaluations.append(measured)
+    predictions = pd.concat([predictions, read_predictions([measured.table_url])],
+                            ignore_index=True)  # fmt: skip
+    return evaluations, predictions
+
+
+def publish(
+    decision: PromotionDecision,
+    against: Comparison | None,
+    current: Any,
+    parent_run_id: str,
+    run_url: str,
+) -> None:
+    """The decision as the alias, tags on the version and the runs, and promotion.json."""
+    name, version, alias = decision.registered_model, decision.version, decision.decision
+    tracking.set_alias(name, alias, version)
     tags = {
         f"{tracking.TAG}promotion": alias,
-        f"{tracking.TAG}promotion_reasons": "; ".join(reasons),
+        f"{tracking.TAG}promotion_reasons": "; ".join(decision.reasons),
         f"{tracking.TAG}compared_with_version": current.version if current else "",
-        f"{tracking.TAG}chosen_on": chosen_on,
+        f"{tracking.TAG}chosen_on": decision.chosen_on,
         **_comparison_tags(against),
     }
-    tracking.set_version_tags(registered_model, version.version, tags)
-    tracking.set_tags(student.mlflow_run_id, tags)
-    for v in verdicts:
+    tracking.set_version_tags(name, version, tags)
+    tracking.set_tags(decision.run_id, tags)
+    for v in decision.students_against_teachers:
         tracking.set_tags(
             parent_run_id, {f"{tracking.TAG}student_{v['iteration']}_vs_teacher": v["verdict"]}
         )
     tracking.set_tags(
-        parent_run_id, {f"{tracking.TAG}promotion": alias, f"{tracking.TAG}chosen_on": chosen_on}
+        parent_run_id,
+        {f"{tracking.TAG}promotion": alias, f"{tracking.TAG}chosen_on": decision.chosen_on},
     )
+    record = decision.record()
     tracking.log_dict(parent_run_id, record, "promotion.json")
     storage.write_json(storage.join(run_url, "promotion.json"), record)
-    logger.info(
-        f"models:/{registered_model}/{version.version} is the {alias}: {'; '.join(reasons)}"
+    logger.info(f"models:/{name}/{version} is the {alias}: {'; '.join(decision.reasons)}")
+
+
+def decision_markdown(decision: PromotionDecision) -> str:
+    """The decision in Markdown: the reasons (paired counts, p-values, margins), the split
+    chosen on, and each student against its teacher."""
+    reasons = "\n".join(f"- {r}" for r in decision.reasons)
+    gate = GateConfig(**decision.gate)
+    chosen_on = (
+        f"Chosen on the **{decision.chosen_on}** split"
+        + (
+            " (chosen on the test split: the dataset has no validation split)"
+            if decision.chosen_on == dataset.TEST
+            else ""
+        )  # fmt: skip
+        + f"; gate: {gate.mode}, {gate.test}, alpha {gate.alpha}, min margin {gate.min_margin}."
     )
-    return record
+    students = "\n".join(
+        f"- student {v['iteration']} against its teacher: **{v['verdict']}** (p = "
+        f"{v['comparison']['accuracy']['p_value']:.3g}, "
+        f"{100 * v['comparison']['accuracy']['difference']:+.2f} points)"
+        for v in decision.students_against_teachers
+    )
+    return (
+        f"**models:/{decision.registered_model}/{decision.version}** is the "
+        f"**{decision.decision}**\n\n{chosen_on}\n\n{reasons}\n\n{students}\n"
+    )
 
 
 def _comparison_tags(c: Comparison | None) -> dict[str, str]:

@@ -5,8 +5,13 @@ Prefect passes these between tasks; the data itself stays on storage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from noisy_student.dataset import TEST
+
+# what every record of a choice says when the dataset has no validation split
+CHOSEN_ON_TEST = "chosen on the test split"
 
 
 @dataclass
@@ -32,7 +37,7 @@ class PseudoLabelShard:
     seconds: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SelectedPseudoLabels:
     url: str  # the selected, balanced set the student learns from
     probabilities_url: str  # every unlabelled image's teacher probabilities, per shard
@@ -64,6 +69,33 @@ class Robustness:
     predictions_url: str = ""  # every model's predicted class per image, both suites
     chosen_on: str = "test"  # the split choices are made on: validation, else test
     choice_suite_url: str = ""  # its corrupted images, which the gate's robustness check reads
+
+
+@dataclass(kw_only=True)
+class PromotionDecision:
+    """The promotion gate's decision on the run's final student (promotion.json)."""
+
+    registered_model: str
+    version: str  # the final student's version of the registered model
+    run_id: str  # the final student's MLflow run
+    decision: str  # the alias it got: "champion" or "challenger"
+    chosen_on: str  # the split the gate compared on: validation, else test
+    gate: dict[str, Any]  # the gate's settings (GateConfig)
+    reasons: list[str]
+    candidate: dict[str, Any] | None  # the final student's figures
+    champion: dict[str, Any] | None  # the champion it met: version, run id, figures
+    comparison: dict[str, Any] | None  # the paired tests against the champion
+    students_against_teachers: list[dict[str, Any]] = field(default_factory=list)
+    best_of_run: dict[str, Any] | None = None  # a model of the run at the gate instead
+    decided_at: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """promotion.json: the fields, and a note when the gate had no validation split."""
+        items = list(asdict(self).items())
+        if self.chosen_on == TEST:  # the note right after the split it is about
+            at = [name for name, _ in items].index("chosen_on") + 1
+            items.insert(at, ("note", CHOSEN_ON_TEST))
+        return dict(items)
 
 
 @dataclass

@@ -252,6 +252,74 @@ def train_teacher(
         )
 
 
+def _student_rows(
+    cfg: StudentConfig, data_root: str, selected: SelectedPseudoLabels
+) -> tuple[training_data.ShardRows, training_data.ShardRows]:
+    """The labelled rows and the selected pseudo-labelled ones, sharing one decode cache."""
+    cache = _decoded_cache(cfg)  # one budget for both kinds of rows
+    labelled = labelled_rows(data_root, cfg.label_smoothing, cache)
+    unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
+    return labelled, training_data.pseudo_labelled_rows(selected.url, unlabelled, cache)
+
+
+def _student_tags(teacher: TrainedModel, selected: SelectedPseudoLabels) -> dict[str, str]:
+    return {
+        f"{tracking.TAG}role": "student",
+        f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
+        f"{tracking.TAG}teacher_url": teacher.url,
+        f"{tracking.TAG}pseudo_labels_run_id": selected.mlflow_run_id,
+        f"{tracking.TAG}pseudo_labels_url": selected.url,
+    }
+
+
+def _log_lineage(
+    run_id: str, teacher: TrainedModel, selected: SelectedPseudoLabels, iteration: int
+) -> None:
+    """Lineage the MLflow way: the teacher's logged model and the pseudo-labelled set."""
+    tracking.log_model_input(run_id, tracking.logged_model_of_run(teacher.mlflow_run_id))
+    tracking.log_dataset(
+        run_id, pd.DataFrame(selected.per_class), selected.url, f"selected-{iteration}",
+        "training",
+    )  # fmt: skip
+
+
+def _create_student(
+    cfg: StudentConfig, manifest: dataset.Manifest, teacher: TrainedModel, iteration: int
+) -> torch.nn.Module:
+    """The student's network, with its teacher's weights under `init_from_teacher`."""
+    model = models.create(
+        cfg.model,
+        manifest.num_classes,
+        manifest.channels,
+        cfg.drop_rate,
+        cfg.drop_path_rate,
+        cfg.pretrained,
+        cfg.checkpoint,
+        **models.student_options(
+            f"students.{iteration - 1}",
+            cfg.stem,
+            cfg.init_from_teacher,
+            teacher.url,
+            cfg.model_kwargs,
+        ),
+    )
+    if cfg.init_from_teacher:
+        _start_from_teacher(model, cfg, teacher, iteration)
+    return model
+
+
+def _start_from_teacher(
+    model: torch.nn.Module, cfg: StudentConfig, teacher: TrainedModel, iteration: int
+) -> None:
+    teacher_meta = models.load_meta(teacher.url)
+    if teacher_meta.model != cfg.model:
+        raise UserError(
+            f"students.{iteration - 1}.init_from_teacher: teacher is "
+            f"{teacher_meta.model}, student is {cfg.model}"
+        )
+    model.load_state_dict(models.load_state(teacher.url))
+
+
 def train_student(
     cfg: StudentConfig,
     data_root: str,
@@ -264,15 +332,14 @@ def train_student(
     registered_model: str | None = None,
     on_progress: Progress | None = None,
 ) -> TrainedModel:
-    """An equal-or-larger model trained on labelled plus pseudo-labelled images, with
-    noise: RandAugment on the input, dropout and stochastic depth in the model. The
-    student is added as a version of `registered_model` when one is named."""
+    """An equal-or-larger model trained on labelled plus pseudo-labelled images, with noise
+    (RandAugment, dropout, stochastic depth); a version of `registered_model` if named."""
     start = time.perf_counter()
-    cache = _decoded_cache(cfg)  # one budget for both kinds of rows
-    labelled = labelled_rows(data_root, cfg.label_smoothing, cache)
+    labelled, pseudo = _student_rows(cfg, data_root, selected)
     manifest = labelled.manifest
-    unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    pseudo = training_data.pseudo_labelled_rows(selected.url, unlabelled, cache)
+    # what a saved training state must match to be resumed
+    identity = dict(labelled=labelled.items, pseudo_labelled=pseudo.items,
+                    selected_url=selected.url, teacher_url=teacher.url)  # fmt: skip
     split = choice_split(data_root)  # epochs are evaluated where choices are made
     evaluation = test_batches(data_root, EVAL_BATCH_SIZE, split)
     run_id = _start_stage_run(
@@ -282,53 +349,16 @@ def train_student(
         _train_params(
             cfg, labelled_images=labelled.items, pseudo_labelled_images=pseudo.items, seed=seed
         ),
-        {
-            f"{tracking.TAG}role": "student",
-            f"{tracking.TAG}teacher_run_id": teacher.mlflow_run_id,
-            f"{tracking.TAG}teacher_url": teacher.url,
-            f"{tracking.TAG}pseudo_labels_run_id": selected.mlflow_run_id,
-            f"{tracking.TAG}pseudo_labels_url": selected.url,
-        },
+        _student_tags(teacher, selected),
     )
     with tracking.failed_on_error(run_id):
         if run_id is not None:
-            # lineage the MLflow way: the teacher's logged model and the pseudo-labelled set
-            tracking.log_model_input(run_id, tracking.logged_model_of_run(teacher.mlflow_run_id))
-            tracking.log_dataset(
-                run_id,
-                pd.DataFrame(selected.per_class),
-                selected.url,
-                f"selected-{iteration}",
-                "training",
-            )
+            _log_lineage(run_id, teacher, selected, iteration)
         torch.manual_seed(seed + iteration)  # the initial weights, so that a seed repeats a run
-        model = models.create(
-            cfg.model,
-            manifest.num_classes,
-            manifest.channels,
-            cfg.drop_rate,
-            cfg.drop_path_rate,
-            cfg.pretrained,
-            cfg.checkpoint,
-            **models.student_options(
-                f"students.{iteration - 1}",
-                cfg.stem,
-                cfg.init_from_teacher,
-                teacher.url,
-                cfg.model_kwargs,
-            ),
-        )
+        model = _create_student(cfg, manifest, teacher, iteration)
         input_noise = noise(cfg, manifest.height, manifest.width)
         if run_id is not None:
             _log_noise_picture(run_id, input_noise, labelled, seed + iteration)
-        if cfg.init_from_teacher:
-            teacher_meta = models.load_meta(teacher.url)
-            if teacher_meta.model != cfg.model:
-                raise UserError(
-                    f"students.{iteration - 1}.init_from_teacher: teacher is "
-                    f"{teacher_meta.model}, student is {cfg.model}"
-                )
-            model.load_state_dict(models.load_state(teacher.url))
         fit = engine.fit(
             model,
             labelled,
@@ -339,27 +369,12 @@ def train_student(
             evaluation=evaluation,
             on_epoch=_epoch_logger(run_id, f"student {iteration}", cfg.epochs, split, on_progress),
             state=_training_state(
-                cfg,
-                out_url,
-                f"student-{iteration}",
-                seed + iteration,
-                labelled=labelled.items,
-                pseudo_labelled=pseudo.items,
-                selected_url=selected.url,
-                teacher_url=teacher.url,
+                cfg, out_url, f"student-{iteration}", seed + iteration, **identity
             ),
         )
         _report_resume(fit, f"student {iteration}", run_id)
         student = _finish_training(
-            "student",
-            iteration,
-            cfg,
-            fit,
-            manifest,
-            out_url,
-            run_id,
-            start,
-            split,
+            "student", iteration, cfg, fit, manifest, out_url, run_id, start, split
         )
         if registered_model and run_id is not None:
             version = tracking.register(run_id, registered_model)
