@@ -11,9 +11,12 @@ token), so the UI and the API show it obfuscated.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+if TYPE_CHECKING:  # torch stays out of the resume flow's imports
+    from noisy_student.stages.records import PromotionDecision
 
 BLOCK = "noisy-student-notify"
 
@@ -61,13 +64,13 @@ def flow_run_url(flow_run_id: str) -> str:
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else f"flow run {flow_run_id}"
 
 
-def notify_promotion(promotion: dict[str, Any]) -> bool:
-    """The promotion gate's decision (`stages.promote`'s record), from within the run."""
+def notify_promotion(promotion: PromotionDecision) -> bool:
+    """The promotion gate's decision, from within the run."""
     from prefect.runtime import flow_run
 
-    model = f"models:/{promotion['registered_model']}/{promotion['version']}"
-    reasons = "\n".join(f"- {r}" for r in promotion["reasons"])
+    model = f"models:/{promotion.registered_model}/{promotion.version}"
+    reasons = "\n".join(f"- {r}" for r in promotion.reasons)
     return notify(
-        f"noisy-student: {model} is the {promotion['decision']}",
+        f"noisy-student: {model} is the {promotion.decision}",
         f"{reasons}\n{flow_run_url(str(flow_run.id))}",
     )
