@@ -27,6 +27,13 @@ def add_parser(sub: Any) -> None:
         help="first teacher of each run: champion (default; trains one while there is "
         "none), none (always train), or a model reference as for `run --teacher`",
     )
+    _when_options(srv)
+    _operations_options(srv)
+    srv.set_defaults(func=_serve)
+
+
+def _when_options(srv: argparse.ArgumentParser) -> None:
+    """When a retrain starts: on a schedule, after new data lands."""
     srv.add_argument("--cron", help='also run on this schedule (UTC), e.g. "0 3 * * *"')
     srv.add_argument(
         "--batch-window",
@@ -43,6 +50,10 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="look for data that landed by other means this often; 0: never (default 300)",
     )
+
+
+def _operations_options(srv: argparse.ArgumentParser) -> None:
+    """Where results go, what happens to crashed runs, who hears, where training runs."""
     srv.add_argument(
         "--results",
         metavar="URL",
@@ -75,7 +86,6 @@ def add_parser(sub: Any) -> None:
         help="with --training-pool: at most N trainings at once (the global concurrency "
         "limit gpu; created with 1 where there is none)",
     )
-    srv.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> None:

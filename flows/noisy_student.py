@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,7 @@ from flows.training import on_pool
 from noisy_student import config as config_mod
 from noisy_student import runs
 from noisy_student.engine import flush_denormals
+from noisy_student.stages import TrainedModel
 from tasks import existing_teacher, prepare_data, promote
 from tasks.artifacts import link_mlflow_run, publish_results
 
@@ -35,6 +37,23 @@ def resumable(run: runs.PipelineRun, training_pool: str | None) -> Iterator[Task
     ):
         t = t.with_options(result_storage=run.task_results)
         yield on_pool(t, training_pool) if training_pool and t.name.startswith("train_") else t
+
+
+@contextmanager
+def _pipeline_run(
+    config: config_mod.PipelineConfig,
+    data_root: str,
+    first: TrainedModel | None,
+    teacher: str | None,
+    run_id: str | None,
+    start: float,
+) -> Iterator[runs.PipelineRun]:
+    """The pipeline's run (its MLflow parent run and folder), tied to this flow run."""
+    flow_tags = {"prefect.flow_run_id": str(flow_run.id or "")}
+    with runs.PipelineRun.start(config, data_root, first, teacher, run_id, flow_tags, start) as run:
+        link_mlflow_run(config.name, run.parent_run_id)  # only where MLflow is a server
+        tag_pipeline_run(run.run_id)  # a resumed run is given the same pipeline run id
+        yield run
 
 
 @flow(name="noisy-student", log_prints=True)
@@ -54,16 +73,11 @@ def noisy_student(
     data = config.data
     data_root, shard_indices = prepare_data(root=data.root, fashion_mnist=data.fashion_mnist)
     first = existing_teacher(ref=teacher, registered_model=config.name) if teacher else None
-    flow_tags = {"prefect.flow_run_id": str(flow_run.id or "")}
-    with runs.PipelineRun.start(config, data_root, first, teacher, run_id, flow_tags, start) as run:
-        link_mlflow_run(config.name, run.parent_run_id)  # only where MLflow is a server
-        tag_pipeline_run(run.run_id)  # a resumed run is given the same pipeline run id
-        train_teacher, filter_and_balance, train_student, evaluate_robustness = resumable(
-            run, training_pool
-        )
+    with _pipeline_run(config, data_root, first, teacher, run_id, start) as run:
+        stages = resumable(run, training_pool)
+        train_teacher, filter_and_balance, train_student, evaluate_robustness = stages
         common = {"data_root": data_root, "parent_run_id": run.parent_run_id}
-        # several training processes: the training stages run under torchrun, from this config
-        torchrun = config if config.distributed.nproc_per_node > 1 else None
+        torchrun = config if config.distributed.nproc_per_node > 1 else None  # in N processes
         teacher = first or train_teacher(
             cfg=config.teacher, out_url=run.at(1, "teacher"), seed=config.seed, torchrun=torchrun,
             **common,

@@ -72,6 +72,48 @@ def resume_trigger() -> DeploymentEventTrigger:
     )
 
 
+def _crashed_in_a_deployment(ended: FlowRun, where: str) -> bool:
+    """Whether the run is one to resume; a failed run (not retried: the same inputs would
+    fail again) and a crashed one outside a deployment are announced instead."""
+    state = ended.state
+    if state is not None and state.is_failed():
+        notify(
+            f"noisy-student: run {ended.name} failed (not retried)",
+            f"{state.message or 'no message'}\n{where}",
+        )
+        return False
+    if state is None or not state.is_crashed():
+        get_run_logger().info(
+            f"{ended.name} is {state.name if state else 'new'} now: nothing to do"
+        )
+        return False
+    if ended.deployment_id is None:
+        notify(
+            f"noisy-student: run {ended.name} crashed (not a deployment's run: not resumed)",
+            where,
+        )
+        return False
+    return True
+
+
+def _start_again(ended: FlowRun, origin: str, key: str) -> FlowRun:
+    """A new run of the crashed run's deployment with its parameters, job variables and
+    pipeline run id; started, not waited for."""
+    parameters: dict[str, Any] = dict(ended.parameters)
+    if pipeline_run := _tag_value(ended, RUN_TAG):
+        parameters["run_id"] = pipeline_run
+    tags = [t for t in ended.tags if not t.startswith(RESUME_OF_TAG)]
+    return run_deployment(
+        ended.deployment_id,
+        parameters=parameters,
+        job_variables=ended.job_variables or None,
+        tags=[*tags, f"{RESUME_OF_TAG}{origin}"],
+        idempotency_key=key,
+        timeout=0,  # started, not waited for
+        as_subflow=False,
+    )
+
+
 @flow(name=FLOW, log_prints=True)
 def resume_crashed(flow_run_id: str, max_resumes: int = DEFAULT_MAX_RESUMES) -> str | None:
     """Resume a crashed run of the pipeline, or say that it failed or was given up on.
@@ -85,24 +127,9 @@ def resume_crashed(flow_run_id: str, max_resumes: int = DEFAULT_MAX_RESUMES) -> 
     logger = get_run_logger()
     with get_client(sync_client=True) as client:
         ended = client.read_flow_run(UUID(flow_run_id.removeprefix("prefect.flow-run.")))
-        where = flow_run_url(str(ended.id))
-        state = ended.state
-        if state is not None and state.is_failed():
-            notify(
-                f"noisy-student: run {ended.name} failed (not retried)",
-                f"{state.message or 'no message'}\n{where}",
-            )
+        where, state = flow_run_url(str(ended.id)), ended.state
+        if not _crashed_in_a_deployment(ended, where):
             return None
-        if state is None or not state.is_crashed():
-            logger.info(f"{ended.name} is {state.name if state else 'new'} now: nothing to do")
-            return None
-        if ended.deployment_id is None:
-            notify(
-                f"noisy-student: run {ended.name} crashed (not a deployment's run: not resumed)",
-                where,
-            )
-            return None
-
         origin = _tag_value(ended, RESUME_OF_TAG) or str(ended.id)
         earlier = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
@@ -121,20 +148,7 @@ def resume_crashed(flow_run_id: str, max_resumes: int = DEFAULT_MAX_RESUMES) -> 
                 f"{state.message or 'no message'}\n{where}",
             )
             return None
-
-        parameters: dict[str, Any] = dict(ended.parameters)
-        if pipeline_run := _tag_value(ended, RUN_TAG):
-            parameters["run_id"] = pipeline_run
-        tags = [t for t in ended.tags if not t.startswith(RESUME_OF_TAG)]
-        resumed = run_deployment(
-            ended.deployment_id,
-            parameters=parameters,
-            job_variables=ended.job_variables or None,
-            tags=[*tags, f"{RESUME_OF_TAG}{origin}"],
-            idempotency_key=key,
-            timeout=0,  # started, not waited for
-            as_subflow=False,
-        )
+        resumed = _start_again(ended, origin, key)
     logger.info(
         f"{ended.name} crashed ({state.message}); resumed as {resumed.name} "
         f"(resume {len(earlier) + 1} of at most {max_resumes})"

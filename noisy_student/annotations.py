@@ -25,7 +25,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -175,13 +175,7 @@ def _other_splits(root: str) -> dict[str, set[str]]:
     return out
 
 
-def take_labels(root: str, answers_url: str) -> LabelsTaken:
-    """Check every row of the annotators' file at `answers_url`, claim the newly labelled
-    images from the unlabelled pool of the dataset at `root`, and land them (with any
-    claim an interrupted ingest left) in its labelled split."""
-    root, answers_url = storage.resolve(root), storage.resolve(answers_url)
-    labelled = read_manifest(storage.join(root, dataset.LABELLED))
-    unlabelled = read_manifest(storage.join(root, dataset.UNLABELLED))
+def _check_images_can_move(root: str, labelled: Manifest, unlabelled: Manifest) -> None:
     if (labelled.height, labelled.width, labelled.mode) != (
         unlabelled.height,
         unlabelled.width,
@@ -194,17 +188,28 @@ def take_labels(root: str, answers_url: str) -> LabelsTaken:
         )
     if labelled.class_names != unlabelled.class_names:
         raise UserError(f"{root}: the labelled and unlabelled splits name other classes")
-    answers = read_answers(answers_url, labelled.class_names)
 
+
+@dataclass
+class _SortedAnswers:
+    new: dict[str, int] = field(default_factory=dict)  # class by id: to claim and land
+    already: int = 0  # labelled before (or on the way there), with the same class
+    unanswered: int = 0
+
+
+def _sort_answers(
+    answers: list[Answer], answers_url: str, root: str, labelled: Manifest, unlabelled: Manifest
+) -> _SortedAnswers:
+    """The new labels among the answers; an answer that contradicts another, a label
+    already given, or the split its image is in is a one-line error naming its row."""
     known = _labels(labelled) | _claims(unlabelled)  # labelled, or on the way there
     pool = dataset.read_ids(unlabelled) - unlabelled.removed_ids
     elsewhere = _other_splits(root)
     first: dict[str, Answer] = {}
-    new: dict[str, int] = {}
-    already = unanswered = 0
+    out = _SortedAnswers()
     for a in answers:
         if a.label is None:
-            unanswered += 1
+            out.unanswered += 1
             continue
         name = labelled.class_names[a.label]
         if a.id in first:
@@ -229,12 +234,25 @@ def take_labels(root: str, answers_url: str) -> LabelsTaken:
                     f"{labelled.class_names[known[a.id]]!r}, not {name!r} (labelled/ is "
                     "never relabelled)"
                 )
-            already += 1
+            out.already += 1
             continue
         if a.id not in pool:
             raise UserError(f"{answers_url}: {a.where}: unknown id {a.id!r} (not in unlabelled/)")
-        new[a.id] = a.label
+        out.new[a.id] = a.label
+    return out
 
+
+def take_labels(root: str, answers_url: str) -> LabelsTaken:
+    """Check every row of the annotators' file at `answers_url`, claim the newly labelled
+    images from the unlabelled pool of the dataset at `root`, and land them (with any
+    claim an interrupted ingest left) in its labelled split."""
+    root, answers_url = storage.resolve(root), storage.resolve(answers_url)
+    labelled = read_manifest(storage.join(root, dataset.LABELLED))
+    unlabelled = read_manifest(storage.join(root, dataset.UNLABELLED))
+    _check_images_can_move(root, labelled, unlabelled)
+    answers = read_answers(answers_url, labelled.class_names)
+    sorted_answers = _sort_answers(answers, answers_url, root, labelled, unlabelled)
+    new = sorted_answers.new
     after_claim = _claim(unlabelled, new) if new else unlabelled
     faults.kill_point("labels:land")
     landed, labelled_after = _land(root)
@@ -242,8 +260,8 @@ def take_labels(root: str, answers_url: str) -> LabelsTaken:
         labelled=(labelled, labelled_after),
         unlabelled=(unlabelled, after_claim),
         added=len(new),
-        already=already,
-        unanswered=unanswered,
+        already=sorted_answers.already,
+        unanswered=sorted_answers.unanswered,
         finished=len(landed - new.keys()),
     )
 

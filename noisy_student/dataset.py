@@ -396,6 +396,31 @@ def decodes_without_gil(manifest: Manifest) -> bool:
     return manifest.encoding == "jpeg" or not _Png.serves(manifest.width, manifest.height)
 
 
+def _decoded(
+    blob: bytes, manifest: Manifest, release_gil: bool, shard_url: str, row: int, id: str
+) -> np.ndarray:
+    """One image's pixels, H x W x C, checked against the manifest; an error names the row
+    (its name is made only then: this runs for every image read)."""
+    try:  # whatever a decoder trips on, the bytes are a bad image
+        if manifest.encoding == "jpeg":
+            img = _Jpeg(blob)
+        else:
+            img = (None if release_gil else _Png.open(blob)) or Image.open(io.BytesIO(blob))
+        wrong_kind = img.size != (manifest.width, manifest.height) or img.mode != manifest.mode
+        if not wrong_kind:
+            img.load()
+    except Exception as e:
+        where = f"{shard_url}: row {row} (id {id!r})"
+        raise UserError(f"{where}: corrupt image: {describe_error(e)}") from None
+    if wrong_kind:
+        raise UserError(
+            f"{shard_url}: row {row} (id {id!r}): image is {img.mode} {img.size[0]}x"
+            f"{img.size[1]}, manifest says {manifest.mode} {manifest.width}x{manifest.height}"
+        )
+    arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
 def decode_images(
     manifest: Manifest,
     shard_url: str,
@@ -419,37 +444,11 @@ def decode_images(
     out = np.empty(
         (table.num_rows, manifest.height, manifest.width, manifest.channels), dtype=np.uint8
     )
-    jpeg = manifest.encoding == "jpeg"
-
-    def where(i: int) -> str:
-        return f"{shard_url}: row {first_row + i} (id {ids[i]!r})"
-
-    def corrupt(i: int, e: Exception) -> UserError:
-        return UserError(f"{where(i)}: corrupt image: {describe_error(e)}")
-
     blobs = table.column("image").to_pylist()
 
     def decode(start: int, stop: int) -> None:
         for i in range(start, stop):
-            blob = blobs[i]
-            try:  # whatever a decoder trips on, the bytes are a bad image
-                if jpeg:
-                    img = _Jpeg(blob)
-                else:
-                    img = (None if release_gil else _Png.open(blob)) or Image.open(io.BytesIO(blob))
-            except Exception as e:
-                raise corrupt(i, e) from None
-            if img.size != (manifest.width, manifest.height) or img.mode != manifest.mode:
-                raise UserError(
-                    f"{where(i)}: image is {img.mode} {img.size[0]}x{img.size[1]}, manifest says "
-                    f"{manifest.mode} {manifest.width}x{manifest.height}"
-                )
-            try:
-                img.load()
-            except Exception as e:
-                raise corrupt(i, e) from None
-            arr = np.asarray(img)
-            out[i] = arr[..., None] if arr.ndim == 2 else arr
+            out[i] = _decoded(blobs[i], manifest, release_gil, shard_url, first_row + i, ids[i])
 
     runs = min(threads, len(blobs))
     if runs > 1:

@@ -104,6 +104,30 @@ def write_truth(root: str, ids: list[str], labels: list[int]) -> None:
 Rows = Iterable[tuple[str, np.ndarray, int | None]]
 
 
+def _check_every_class_labelled(writers: list[DatasetWriter], class_names: list[str]) -> None:
+    labelled = next((w for w in writers if w.split == LABELLED), None)
+    if labelled is not None:
+        absent = [n for c, n in enumerate(class_names) if c not in labelled.labels_seen]
+        if absent:
+            raise UserError(f"{labelled.url}: no labelled image for class {absent[0]!r}")
+
+
+def _remove_empty_folders(out: str, splits: list[str], existed: bool) -> None:
+    """A failed ingest leaves nothing behind, not even the empty folders it made."""
+    for folder in [storage.join(out, split) for split in splits] + [out]:
+        if (folder != out or not existed) and storage.isdir(folder) and not storage.find(folder):
+            storage.remove(folder)
+
+
+def _remove_the_rest(out: str, written: set[str], has_truth: bool) -> None:
+    """What a whole-root ingest did not write: the other splits, and a stale truth file."""
+    for split in SPLITS:
+        if split not in written:
+            storage.remove(storage.join(out, split))
+    if not has_truth:
+        storage.remove(storage.join(out, UNLABELLED_TRUTH))
+
+
 def _write_splits(
     out: str,
     class_names: list[str],
@@ -140,34 +164,43 @@ def _write_splits(
             )
             writers.append(writer)
             taken = taken | writer.ids  # a new set: the writer keeps the one it was given
-        labelled = next((w for w in writers if w.split == LABELLED), None)
-        if every_class_labelled and labelled is not None:
-            absent = [n for c, n in enumerate(class_names) if c not in labelled.labels_seen]
-            if absent:
-                raise UserError(f"{labelled.url}: no labelled image for class {absent[0]!r}")
+        if every_class_labelled:
+            _check_every_class_labelled(writers, class_names)
         if truth is not None:
             write_truth(out, *truth)
     except BaseException:
         for w in writers:
             w.abort()
-        # a failed ingest leaves nothing behind, not even the empty folders it made
-        for folder in [storage.join(out, split) for split, _, _ in splits] + [out]:
-            if (
-                (folder != out or not existed)
-                and storage.isdir(folder)
-                and not storage.find(folder)
-            ):
-                storage.remove(folder)
+        _remove_empty_folders(out, [split for split, _, _ in splits], existed)
         raise
     if whole_root:
-        written = {split for split, _, _ in splits}
-        for split in SPLITS:
-            if split not in written:
-                storage.remove(storage.join(out, split))
-        if truth is None:
-            storage.remove(storage.join(out, UNLABELLED_TRUTH))
+        _remove_the_rest(out, {split for split, _, _ in splits}, truth is not None)
     for w in writers:
         w.commit()
+
+
+def _draw_training_splits(
+    y_train: np.ndarray,
+    labelled_per_class: int,
+    validation_per_class: int,
+    unlabelled_limit: int | None,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled, validation and unlabelled rows of the training images (see
+    `fashion_mnist`)."""
+    draws = np.random.default_rng(seed)
+    everything = np.arange(len(y_train))
+    labelled = draw_per_class(y_train, everything, labelled_per_class, draws)
+    rest = np.setdiff1d(everything, labelled)
+    validation = np.empty(0, dtype=np.int64)
+    if validation_per_class:
+        validation = draw_per_class(
+            y_train, rest, validation_per_class, draws, " left after the labelled draw"
+        )
+        rest = np.setdiff1d(rest, validation)
+    if unlabelled_limit is not None:
+        rest = np.sort(np.random.default_rng(seed + 1).permutation(rest)[:unlabelled_limit])
+    return labelled, validation, rest
 
 
 def fashion_mnist(
@@ -199,18 +232,9 @@ def fashion_mnist(
     x_test = read_idx(storage.join(source, "t10k-images-idx3-ubyte.gz"))
     y_test = read_idx(storage.join(source, "t10k-labels-idx1-ubyte.gz"))
 
-    draws = np.random.default_rng(seed)
-    everything = np.arange(len(y_train))
-    labelled = draw_per_class(y_train, everything, labelled_per_class, draws)
-    rest = np.setdiff1d(everything, labelled)
-    validation = np.empty(0, dtype=np.int64)
-    if validation_per_class:
-        validation = draw_per_class(
-            y_train, rest, validation_per_class, draws, " left after the labelled draw"
-        )
-        rest = np.setdiff1d(rest, validation)
-    if unlabelled_limit is not None:
-        rest = np.sort(np.random.default_rng(seed + 1).permutation(rest)[:unlabelled_limit])
+    labelled, validation, rest = _draw_training_splits(
+        y_train, labelled_per_class, validation_per_class, unlabelled_limit, seed
+    )
     test = np.arange(len(y_test))
     if test_limit is not None:
         test = np.sort(np.random.default_rng(seed + 2).permutation(test)[:test_limit])
@@ -334,6 +358,36 @@ def fit(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
+@dataclass
+class _FolderRows:
+    """The rows of folders of images, each image loaded and fitted as `image_folder` says."""
+
+    classes: list[str]  # the labelled folder's class sub-folders
+    image_size: int
+    mode: str
+    on_mismatch: Literal["convert", "error"]
+    bad: BadImages
+
+    def class_rows(self, root: str, split: str) -> Rows:
+        for url in _list_images(root):
+            rel = _relative(url, root)
+            cls = rel.split("/")[0]
+            if cls not in self.classes:
+                raise UserError(f"{url}: class {cls!r} not among {self.classes}")
+            img = _load_image(url, self.image_size, self.mode, self.on_mismatch, self.bad)
+            if img is not None:
+                yield f"{split}/{rel}", img, self.classes.index(cls)
+
+    def plain_rows(self, root: str) -> Rows:
+        for url in _list_images(root):
+            img = _load_image(url, self.image_size, self.mode, self.on_mismatch, self.bad)
+            if img is not None:
+                yield f"unlabelled/{_relative(url, root)}", img, None
+
+    def skipped(self, root: str) -> Callable[[], dict]:
+        return lambda: self.bad.listed(root)
+
+
 def image_folder(
     out: str,
     labelled: str,
@@ -370,32 +424,15 @@ def image_folder(
     if not classes:
         raise UserError(f"{labelled}: no class sub-folders")
 
-    def class_rows(root: str, split: str) -> Rows:
-        for url in _list_images(root):
-            rel = _relative(url, root)
-            cls = rel.split("/")[0]
-            if cls not in classes:
-                raise UserError(f"{url}: class {cls!r} not among {classes}")
-            img = _load_image(url, image_size, mode, on_mismatch, bad)
-            if img is not None:
-                yield f"{split}/{rel}", img, classes.index(cls)
-
-    def plain_rows(root: str) -> Rows:
-        for url in _list_images(root):
-            img = _load_image(url, image_size, mode, on_mismatch, bad)
-            if img is not None:
-                yield f"unlabelled/{_relative(url, root)}", img, None
-
-    def skipped(root: str) -> Callable[[], dict]:
-        return lambda: bad.listed(root)
-
+    read = _FolderRows(classes, image_size, mode, on_mismatch, bad)
     splits = [
-        (LABELLED, class_rows(labelled, LABELLED), skipped(labelled)),
-        (UNLABELLED, plain_rows(unlabelled), skipped(unlabelled)),
-        (TEST, class_rows(test, TEST), skipped(test)),
+        (LABELLED, read.class_rows(labelled, LABELLED), read.skipped(labelled)),
+        (UNLABELLED, read.plain_rows(unlabelled), read.skipped(unlabelled)),
+        (TEST, read.class_rows(test, TEST), read.skipped(test)),
     ]
     if validation is not None:
-        splits.append((VALIDATION, class_rows(validation, VALIDATION), skipped(validation)))
+        rows = read.class_rows(validation, VALIDATION)
+        splits.append((VALIDATION, rows, read.skipped(validation)))
     _write_splits(
         out,
         classes,

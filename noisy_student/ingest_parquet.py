@@ -220,25 +220,16 @@ def parquet(
     image built from a file. A row whose image is missing (no bytes and no path, or no file
     at the path) or undecodable stops the ingest, or with `on_missing_image="skip"`,
     `on_bad_image="skip"` is left out and listed in the manifest under `skipped`. Shards
-    hold PNG, or JPEG at `quality`. Ids are `id_column`'s values, or `<file name>/<row>`.
-    The label column is required for the labelled, test and validation splits and optional
-    for the unlabelled one. An id already in another split of the dataset is refused.
-    Returns the dataset root's URL.
-    """
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    hold PNG, or JPEG at `quality`. Ids are `id_column`'s values, or `<file name>/<row>`;
+    one already in another split is refused. Labels are required but in the unlabelled
+    split. Returns the dataset root's URL."""
     check_image_options(image_size, mode, encoding, quality)
-    root = storage.resolve(dataset)
-    if storage.exists(storage.join(root, split, MANIFEST)):
-        raise UserError(
-            f"{storage.join(root, split)}: the split exists already (add images to the "
-            "unlabelled split with `ingest append`)"
-        )
+    root = _root_without(dataset, split)
     files = parquet_files(src)
-    labels_needed = split in (LABELLED, TEST, VALIDATION)
-    labelled_rows = _has_labels(src, files, image_column, id_column, label_column, labels_needed)
+    labelled_rows = _has_labels(src, files, image_column, id_column, label_column, split)
     existing = _existing_splits(root)
     class_names = _classes(src, files, label_column, labelled_rows, classes, existing)
+    bad = BadImages(on_bad_image)
     reader = _Reader(
         files=files,
         split=split,
@@ -246,25 +237,39 @@ def parquet(
         label_column=label_column if labelled_rows else None,
         id_column=id_column,
         class_names=class_names,
-        labels_needed=labels_needed,
         # no image in two splits: the split each id of the dataset's other splits is in
         taken={id: m.split for m in existing for id in read_ids(m)},
-        bad=BadImages(on_bad_image),
+        bad=bad,
+        missing=BadImages(on_missing_image, bad.skipped),  # one list, in row order
         **_image_shape(existing, image_size, mode),
     )
-    reader.missing = BadImages(on_missing_image, reader.bad.skipped)  # one list, in row order
-    rows = reader.rows()  # read as the split is written, so `truth` fills as it goes
-    truth = (reader.truth_ids, reader.truth_labels)
     _write_splits(
         root,
         class_names,
-        [(split, rows, reader.bad.listed)],
+        [(split, reader.rows(), bad.listed)],
         rows_per_shard,
-        truth=truth if split == UNLABELLED and labelled_rows else None,
+        truth=reader.truth(),
         every_class_labelled=split == LABELLED,
         encoding=encoding,
         quality=quality,
     )
+    return root
+
+
+def _labels_needed(split: str) -> bool:
+    return split in (LABELLED, TEST, VALIDATION)
+
+
+def _root_without(dataset: str, split: str) -> str:
+    """The dataset's root URL; the split must be a new one."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    root = storage.resolve(dataset)
+    if storage.exists(storage.join(root, split, MANIFEST)):
+        raise UserError(
+            f"{storage.join(root, split)}: the split exists already (add images to the "
+            "unlabelled split with `ingest append`)"
+        )
     return root
 
 
@@ -274,10 +279,10 @@ def _has_labels(
     image_column: str,
     id_column: str | None,
     label_column: str | None,
-    labels_needed: bool,
+    split: str,
 ) -> bool:
     """Whether the files hold labels; every file must have the columns asked for."""
-    present = set()
+    labels_needed, present = _labels_needed(split), set()
     for url in files:
         names = set(_schema(url).names)
         for column in filter(None, (image_column, id_column)):
@@ -348,10 +353,9 @@ class _Reader:
     label_column: str | None  # None: the files hold no labels
     id_column: str | None
     class_names: list[str]
-    labels_needed: bool
     taken: dict[str, str]
     bad: BadImages
-    missing: BadImages | None = None
+    missing: BadImages
     mode: str | None
     fit_to: int | None
     size: tuple[int, int] | None
@@ -360,6 +364,16 @@ class _Reader:
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.class_names)}
+
+    @property
+    def labels_needed(self) -> bool:
+        return _labels_needed(self.split)
+
+    def truth(self) -> tuple[list[str], list[int]] | None:
+        """The unlabelled rows' labels, for the truth file: lists filled as `rows` reads."""
+        if self.split == UNLABELLED and self.label_column is not None:
+            return self.truth_ids, self.truth_labels
+        return None
 
     def rows(self) -> Rows:
         seen: dict[str, str] = {}

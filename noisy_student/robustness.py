@@ -544,48 +544,67 @@ def evaluate_models(
             stream((cell.corruption, cell.severity), cell.manifest())
     complete_suite(suite, batch_size, lambda c, b: judge((c.corruption, c.severity), b))
 
-    fgsm: list[dict[int, float]] = [{} for _ in models]
     attacked = suite.adversarial(adversarial_images)
-    if fgsm_epsilons:
-        for i, model in enumerate(models):
-            with prefetch(read_batches(suite.test, batch_size, attacked)) as batches:
-                fgsm[i] = fgsm_batches(
-                    model,
-                    ((b.images, b.labels) for b in batches),
-                    fgsm_epsilons,
-                    batch_size,
-                    precision,
-                )
-    out = []
-    every_row = torch.arange(suite.test.num_rows)
-    for own, accuracy in zip(answers, fgsm, strict=True):
-        clean = own.get((CLEAN, 0), Judged())
-        rows = [_row(CLEAN, 0, clean, suite.test_digest, calibration_bins)]
-        predictions = [_predictions((CLEAN, 0), clean, every_row)]
-        for c in suite.cells:
-            judged = own.get((c.corruption, c.severity), Judged())
-            rows.append(_row(c.corruption, c.severity, judged, c.digest, calibration_bins))
-            predictions.append(_predictions((c.corruption, c.severity), judged, suite.subset))
-        for eps, acc in accuracy.items():
-            low, high = statistics.accuracy_interval(acc, len(attacked))
-            rows.append(
-                {
-                    "corruption": FGSM,
-                    "group": FGSM,
-                    "severity": eps,
-                    "epsilon": eps / 255.0,
-                    "images": len(attacked),
-                    "accuracy": acc,
-                    "accuracy_low": low,
-                    "accuracy_high": high,
-                    "error": 1.0 - acc,
-                    "ece": math.nan,
-                    "mean_confidence": math.nan,
-                    "images_digest": suite.test_digest,
-                }
-            )
-        out.append(Evaluated(rows, pd.concat(predictions, ignore_index=True)))
-    return out
+    fgsm = [
+        _attacked(model, suite, attacked, fgsm_epsilons, batch_size, precision) for model in models
+    ]
+    return [
+        _evaluated(own, accuracy, suite, len(attacked), calibration_bins)
+        for own, accuracy in zip(answers, fgsm, strict=True)
+    ]
+
+
+def _attacked(
+    model: nn.Module,
+    suite: Suite,
+    attacked: torch.Tensor,
+    fgsm_epsilons: list[int],
+    batch_size: int,
+    precision: str,
+) -> dict[int, float]:
+    """The model's accuracy on the attacked images, by epsilon (none without epsilons)."""
+    if not fgsm_epsilons:
+        return {}
+    with prefetch(read_batches(suite.test, batch_size, attacked)) as batches:
+        return fgsm_batches(
+            model, ((b.images, b.labels) for b in batches), fgsm_epsilons, batch_size, precision
+        )
+
+
+def _evaluated(
+    own: dict[tuple[str, int], Judged],
+    fgsm_accuracy: dict[int, float],
+    suite: Suite,
+    attacked_images: int,
+    calibration_bins: int,
+) -> Evaluated:
+    """One model's rows and predictions from what it answered on every set of the suite."""
+    clean = own.get((CLEAN, 0), Judged())
+    rows = [_row(CLEAN, 0, clean, suite.test_digest, calibration_bins)]
+    predictions = [_predictions((CLEAN, 0), clean, torch.arange(suite.test.num_rows))]
+    for c in suite.cells:
+        judged = own.get((c.corruption, c.severity), Judged())
+        rows.append(_row(c.corruption, c.severity, judged, c.digest, calibration_bins))
+        predictions.append(_predictions((c.corruption, c.severity), judged, suite.subset))
+    for eps, acc in fgsm_accuracy.items():
+        low, high = statistics.accuracy_interval(acc, attacked_images)
+        rows.append(
+            {
+                "corruption": FGSM,
+                "group": FGSM,
+                "severity": eps,
+                "epsilon": eps / 255.0,
+                "images": attacked_images,
+                "accuracy": acc,
+                "accuracy_low": low,
+                "accuracy_high": high,
+                "error": 1.0 - acc,
+                "ece": math.nan,
+                "mean_confidence": math.nan,
+                "images_digest": suite.test_digest,
+            }
+        )
+    return Evaluated(rows, pd.concat(predictions, ignore_index=True))
 
 
 MEASUREMENT_COLUMNS = [
