@@ -400,7 +400,7 @@ def _selected(pseudo: dict[str, Any]) -> Any:
         url=p["url"],
         probabilities_url=p["probabilities_url"],
         mlflow_run_id=p["mlflow_run_id"],
-        inference_mlflow_run_id=p["inference_mlflow_run_id"],
+        inference_run_id=p["inference_mlflow_run_id"],
         total=p["total"],
         kept=p["kept"],
         selected=p["selected"],
@@ -441,10 +441,14 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
             test_accuracy=first["teacher"]["test_accuracy"],
             seed=cfg.seed,
         )
+    verdicts = {
+        v["iteration"]: v for v in summary["promotion"].get("students_against_teachers", [])
+    }
     for it in summary["iterations"]:
         name = f"student {it['iteration']}"
         if name not in todo:
             continue
+        verdict = verdicts.get(it["iteration"], {})
         sec = it["stage_seconds"]
         student_cfg = cfg.students[it["iteration"] - 1]
         start = "its teacher's weights" if student_cfg.init_from_teacher else "scratch"
@@ -459,6 +463,10 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
             teacher_test_accuracy=it["teacher"]["test_accuracy"],
             pseudo_label_accuracy=it["pseudo_labels"]["accuracy"],
             seed=cfg.seed,
+            # the run's own verdict, a paired test on the choice split (validation)
+            against_teacher={
+                k: verdict[k] for k in ("verdict", "sentence", "note") if k in verdict
+            },
         )
     last = summary["iterations"][-1]
     probabilities = first["pseudo_labels"]["probabilities_url"]
@@ -752,8 +760,10 @@ def student_names_in(names: list[str]) -> list[str]:
 def _below_teachers(
     done: dict[str, dict[str, Any]], names: list[str], config: dict[str, Any]
 ) -> list[str]:
-    """The students that end below their own teacher, with the flow's note of what to try
-    (student k's teacher is student k-1, the first one's the supervised teacher)."""
+    """Each student against its own teacher (student k's teacher is student k-1, the first
+    one's the supervised teacher): the run's verdict, a paired test on the validation split,
+    and the flow's note of what to try for one significantly below. Rows measured before
+    the run gave verdicts are compared by their test accuracy alone, and say so."""
     from noisy_student.stages.promote import below_teacher_note
 
     lines = []
@@ -762,12 +772,21 @@ def _below_teachers(
         zip(students, ["teacher", *students], strict=False), start=1
     ):
         s, t = done.get(name), done.get(teacher)
-        if s is None or t is None or s["test_accuracy"] >= t["test_accuracy"]:
+        if s is None or t is None:
             continue
-        note = below_teacher_note(
-            k, s["model"], s["test_accuracy"], t["model"], t["test_accuracy"], config
-        )
-        lines += ["", f"**Below its teacher:** {note}."]
+        verdict = s.get("against_teacher")
+        if verdict and "note" in verdict:
+            lines += ["", f"**Significantly below its teacher:** {verdict['note']}."]
+        elif verdict:
+            lines += ["", f"**Student {k} against its teacher:** {verdict['sentence']}."]
+        elif s["test_accuracy"] < t["test_accuracy"]:
+            note = below_teacher_note(
+                k, s["model"], s["test_accuracy"], t["model"], t["test_accuracy"], config
+            )
+            lines += [
+                "",
+                f"**Below its teacher** (one test accuracy each, no test of chance): {note}.",
+            ]
     return lines
 
 

@@ -166,6 +166,32 @@ def test_a_student_below_its_own_teacher_is_named_with_what_to_try(tmp_path):
     assert "stem" not in text.split("Below its teacher")[1]
 
 
+def test_a_student_is_judged_by_the_runs_paired_verdict_not_by_its_test_accuracy(tmp_path):
+    # student 3 is 0.01 points below on test, but the run found no significant difference
+    # on validation: no flag; student 2 significantly below on validation: flagged, even
+    # though its test accuracy is higher
+    cfg = config.load(accuracy.PRESET, []).model_dump(mode="json")
+    table = accuracy.Table(tmp_path / "accuracy.json", {**_identity(), "config": cfg})
+    _row(table, "teacher", 30.0, acc=0.8500)
+    sentences = {
+        1: ("significantly above", "student 1 87.52% vs its teacher 85.00%: +2.52 points"),
+        2: ("significantly below", "student 2 86.10% vs its teacher 87.30%: -1.20 points"),
+        3: ("no significant difference", "student 3 87.88% vs its teacher 87.89%: -0.01"),
+    }
+    for k, acc in ((1, 0.8752), (2, 0.8789), (3, 0.8788)):
+        verdict, sentence = sentences[k]
+        against = {"verdict": verdict, "sentence": sentence}
+        if verdict == "significantly below":
+            against["note"] = "student 2 (resnet18d, 86.10%) ends 1.20 points below: try more"
+        table.add(f"student {k}", 60.0, what=f"s{k}", model="resnet18d", test_accuracy=acc,
+                  seed=0, against_teacher=against)  # fmt: skip
+    text = accuracy.markdown(table.save(), ["teacher", "student 1", "student 2", "student 3"])
+    assert text.count("**Significantly below its teacher:**") == 1
+    assert "**Significantly below its teacher:** student 2 (resnet18d, 86.10%)" in text
+    assert "**Student 3 against its teacher:** student 3 87.88% vs its teacher 87.89%" in text
+    assert "Below its teacher**" not in text and "Student 2 against" not in text
+
+
 def test_each_row_keeps_the_hardware_it_was_measured_on(tmp_path, monkeypatch):
     # the table spans sessions, and sessions hosts: the file's own "hardware" is the last
     # writer's, so a row measured elsewhere must say where
