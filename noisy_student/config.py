@@ -109,13 +109,14 @@ class RandAugmentConfig(Strict):
     )
     invert: bool | None = Field(
         None,
-        description="Draw invert among the operations; null: no for small images, yes for photos",
+        description="Draw invert among the operations; null: yes, as the official code does "
+        "for images of every size",
     )
     levels: Literal["official", "increasing"] | None = Field(
         None,
         description="How M maps to solarize, posterize and the enhancements: the official "
-        "code's, or stronger as M grows (timm's increasing); null: increasing for small "
-        "images, official for photos",
+        "code's, or stronger as M grows (timm's increasing); null: the official code's for "
+        "images of every size",
     )
 
     def for_image(self, height: int, width: int) -> augment.RandAugment:
