@@ -18,9 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -30,7 +33,8 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from PIL import Image
 
-from noisy_student import engine, models, predict
+import noisy_student
+from noisy_student import engine, models, predict, storage, tracking
 from noisy_student.errors import UserError
 
 MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
@@ -99,3 +103,75 @@ class ImageClassifier(PythonModel):
                 "top_probabilities": [[float(p) for p in row] for row in values.numpy()],
             }
         )
+
+
+# What loading a logged model imports besides the project's core, which the model carries
+# (`code_paths`): what this module imports. Given, so MLflow does not infer them
+# by loading the model in a subprocess; tests/test_serving.py loads a model in a fresh
+# environment holding only these.
+_SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "pillow",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "fsspec",
+    "pyspng",
+    "simplejpeg",
+)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in _SERVING_REQUIREMENTS]
+
+
+def log_model(
+    run_id: str, checkpoint_url: str, name: str, model_type: str, tags: dict[str, str]
+) -> str:
+    """The checkpoint as an MLflow logged model output by `run_id` (the Models tab): a pyfunc
+    around the safetensors files (above), carrying the project's core as its code, so
+    that an environment with only the model's requirements loads it (`mlflow models
+    build-docker`). It gets the run's params and the metrics the run has logged at step 0.
+    Returns the model id."""
+    from mlflow.models import Model
+
+    c = tracking.client()
+    run = c.get_run(run_id)
+    params = {k: v for k, v in run.data.params.items()}
+    model = c.create_logged_model(
+        run.info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        params=params,
+        tags={k: tracking.redact(str(v)) for k, v in tags.items()},
+        model_type=model_type,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, CHECKPOINT)
+        os.makedirs(folder)
+        for file in (models.WEIGHTS, models.META):
+            with open(os.path.join(folder, file), "wb") as f:
+                f.write(storage.read_bytes(storage.join(checkpoint_url, file)))
+        meta = models.load_meta(folder)
+        Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=MODEL_CODE,
+            artifacts={CHECKPOINT: folder},
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [example_image(meta)]}),
+            pip_requirements=_requirements(),
+            # the package itself, as code/noisy_student: MLflow puts code/ on sys.path
+            # before it loads the model, where the package is not installed already
+            code_paths=[os.path.dirname(noisy_student.__file__)],
+        )
+    return model.model_id

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisy_student import ingest, models, tracking
+from noisy_student import ingest, models, serving, tracking
 from tests.conftest import FASHION_MNIST, REPO
 from tests.test_deployment import free_port
 
@@ -52,7 +52,7 @@ def _log_version(tmp: Path, seed: int) -> str:
     meta = models.ModelMeta("test_resnet", 10, 1, [f"class-{i}" for i in range(10)], 28, 28, "L")
     url = models.save(models.create("test_resnet", 10, 1), meta, str(tmp / f"model-{seed}"))
     run_id = tracking.start_run(NAME, f"seed-{seed}")
-    model_id = tracking.log_model(run_id, url, f"seed-{seed}", "test_resnet", {})
+    model_id = serving.log_model(run_id, url, f"seed-{seed}", "test_resnet", {})
     tracking.end_run(run_id)
     return str(tracking.register(run_id, NAME, model_id))
 

@@ -22,6 +22,7 @@ from noisy_student import (
     distributed,
     engine,
     models,
+    serving,
     storage,
     tracking,
     training_data,
@@ -175,7 +176,7 @@ def _finish_training(
         },
     )
     tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": out_url})
-    tracking.log_model(
+    serving.log_model(
         run_id,
         out_url,
         f"{role}-{iteration}",
