@@ -44,9 +44,11 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks.machine import cpu_name, describe
-from noisy_student import config, dataset, dataset_writer, ingest, statistics, storage
+from noisy_student import config
 from noisy_student.config import PipelineConfig
-from noisy_student.engine import flush_denormals
+from noisy_student.data import dataset, dataset_writer, ingest, storage
+from noisy_student.evaluation import statistics
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -362,9 +364,9 @@ def on_test(trained: Any, data_root: str) -> Any:
     dataset has one); the table reports test."""
     import dataclasses
 
-    from noisy_student import engine, models
     from noisy_student.stages.prepare_data import test_batches
     from noisy_student.stages.train import EVAL_BATCH_SIZE
+    from noisy_student.training import engine, models
 
     if trained.evaluated_on == dataset.TEST:
         return trained

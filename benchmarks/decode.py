@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from benchmarks.machine import cpu_name
-from noisy_student import config, dataset_writer, ingest, storage
+from noisy_student import config
+from noisy_student.data import dataset_writer, ingest, storage
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -110,7 +111,7 @@ def _pyspng(mode: str) -> Decoder:
 
 def _ours(mode: str) -> Decoder:
     """`dataset.decode_images` itself, with its per-row checks: the decoder the stages use."""
-    from noisy_student import dataset
+    from noisy_student.data import dataset
 
     def run(blobs: list[bytes]) -> np.ndarray:
         w, h = Image.open(io.BytesIO(blobs[0])).size  # the header alone

@@ -60,10 +60,11 @@ import numpy as np
 
 from benchmarks.accuracy import Table
 from benchmarks.machine import describe
-from noisy_student import config, dataset, ingest, storage
-from noisy_student import statistics as stats
-from noisy_student.engine import flush_denormals
-from noisy_student.label_queue import STRATEGIES
+from noisy_student import config
+from noisy_student.data import dataset, ingest, storage
+from noisy_student.evaluation import statistics as stats
+from noisy_student.labelling.label_queue import STRATEGIES
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -159,7 +160,7 @@ def copy_of(base: str, to: Path) -> str:
 
 def correct_on(model_url: str, split_url: str) -> np.ndarray:
     """Whether the model's top class is right, per image of the split, in split order."""
-    from noisy_student import engine, models
+    from noisy_student.training import engine, models
 
     model, _ = models.load(model_url)
     model = engine.for_inference(model.to(engine.device()))
@@ -193,7 +194,7 @@ def scores(root: str, model_url: str, out_url: str, batch_size: int) -> list[Any
 def answer(root: str, queue_url: str, out: Path) -> int:
     """The simulated annotator: the true class of every queued image, as the queue's CSV
     filled in, taken back by the real `ingest labels`. Returns the labelled split's size."""
-    from noisy_student import annotations
+    from noisy_student.labelling import annotations
 
     queue = storage.read_parquet(storage.join(queue_url, "queue.parquet"), ["id"])
     truth = storage.read_parquet(storage.join(root, dataset.UNLABELLED_TRUTH)).to_pandas()
@@ -230,7 +231,7 @@ class Bench:
     # --- the teacher tier ---------------------------------------------------------------
 
     def teacher_tier(self, seed: int, strategies: list[str]) -> None:
-        from noisy_student import tracking
+        from noisy_student.registry import tracking
 
         self.cfg = self.setting.config(f"seed={seed}")
         base = base_dataset(self.work, self.setting, seed)
@@ -273,7 +274,8 @@ class Bench:
     def train(self, root: str, out: Path, seed: int) -> Any:
         """The teacher trained on the chain's labelled split as it is now; a checkpoint
         already there (a resumed benchmark) is taken as it is."""
-        from noisy_student import models, stages
+        from noisy_student import stages
+        from noisy_student.training import models
 
         if (out / models.META).exists():
             meta = models.load_meta(str(out))

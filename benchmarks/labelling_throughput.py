@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.accuracy import hardware
-from noisy_student import dataset, engine, ingest, models, stages, storage
+from noisy_student import stages
+from noisy_student.data import dataset, ingest, storage
 from noisy_student.stages.infer_pseudo_labels import cached_teacher
+from noisy_student.training import engine, models
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -46,18 +46,12 @@ import pyarrow as pa
 import torch
 
 from benchmarks.machine import cpu_name, describe
-from noisy_student import (
-    config,
-    dataset,
-    dataset_writer,
-    engine,
-    ingest,
-    models,
-    storage,
-    tracking,
-)
+from noisy_student import config
 from noisy_student.config import PipelineConfig, StudentConfig
-from noisy_student.engine import flush_denormals
+from noisy_student.data import dataset, dataset_writer, ingest, storage
+from noisy_student.registry import tracking
+from noisy_student.training import engine, models
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -551,7 +545,7 @@ def _student_child(
 
     from noisy_student import stages
     from noisy_student.stages.records import TrainedModel
-    from noisy_student.training_state import TrainingState
+    from noisy_student.training.training_state import TrainingState
 
     def stop(self: TrainingState, what: str) -> None:
         if what == f"step={steps}":
@@ -729,7 +723,7 @@ def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int =
     streamed from the shards, crop, flip and per-image RandAugment, dropout, stochastic
     depth, SGD, EMA) for one epoch over the selected rows (`select_everything`: uniform soft
     targets, the loss costs the same whatever they hold); no evaluation."""
-    from noisy_student import training_data
+    from noisy_student.data import training_data
     from noisy_student.stages.train import _noise, _schedule
 
     manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))

@@ -33,9 +33,10 @@ import numpy as np
 from benchmarks import scenes
 from benchmarks.accuracy import cpu_seconds, hardware
 from benchmarks.machine import describe
-from noisy_student import ingest, statistics
 from noisy_student.config import PipelineConfig, StudentConfig, TeacherConfig
-from noisy_student.engine import flush_denormals
+from noisy_student.data import ingest
+from noisy_student.evaluation import statistics
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

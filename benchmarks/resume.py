@@ -4,7 +4,7 @@ Runs the real command three ways on one dataset, each in a fresh artifacts folde
 1. uninterrupted: `noisy-student run -c CONFIG`;
 2. killed: the same command with NOISY_STUDENT_KILL_AT set, once per `--kill-at` point
    (the process kills itself with SIGKILL there, as `kill -9` would; see
-   noisy_student/faults.py), each attempt resuming what the previous one left;
+   noisy_student/data/faults.py), each attempt resuming what the previous one left;
 3. resumed: the same command once more, which must finish.
 
 Then prints, and writes as JSON with `--out`: wall times; per task, how many runs
@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from noisy_student import config as config_mod
-from noisy_student import models, stages, storage
+from noisy_student import stages
+from noisy_student.data import storage
+from noisy_student.training import models
 
 FINISHED = re.compile(r"Task run '(?P<task>[a-z_]+)-[^']*' - Finished in state (?P<state>\w+)\(")
 RESUMED = re.compile(

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import torch
 
-from noisy_student import config, dataset, ingest, models, stages, storage, tracking
-from noisy_student.engine import flush_denormals
+from noisy_student import config, stages
+from noisy_student.data import dataset, ingest, storage
+from noisy_student.registry import tracking
+from noisy_student.training import models
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

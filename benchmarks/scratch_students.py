@@ -31,7 +31,7 @@ from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
 from noisy_student import config
 from noisy_student.config import StudentConfig
-from noisy_student.engine import flush_denormals
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

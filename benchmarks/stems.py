@@ -1,4 +1,4 @@
-"""What each stem setting (`teacher.stem`, noisy_student/models.py) costs and buys on
+"""What each stem setting (`teacher.stem`, noisy_student/training/models.py) costs and buys on
 Fashion-MNIST's 28 px images, measured side by side in one run on the demo's network:
 
 - training speed: images/s of the training loop (augmentation, forward, backward, SGD, EMA);
@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from benchmarks.accuracy import hardware
-from noisy_student import engine, ingest, models
 from noisy_student.config import TeacherConfig
+from noisy_student.data import ingest
 from noisy_student.stages import train as training_stage
+from noisy_student.training import engine, models
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -37,10 +37,12 @@ import torch
 
 from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
-from noisy_student import augment, engine, ingest, models, selection, statistics, training_data
 from noisy_student.config import StudentConfig, TeacherConfig
-from noisy_student.engine import flush_denormals
+from noisy_student.data import ingest, training_data
+from noisy_student.evaluation import statistics
 from noisy_student.stages import train
+from noisy_student.training import augment, engine, models, selection
+from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "predict"):
-        from noisy_student.engine import flush_denormals
+        from noisy_student.training.engine import flush_denormals
 
         flush_denormals()
     try:

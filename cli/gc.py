@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _gc(args: argparse.Namespace) -> None:
-    from noisy_student import gc
+    from noisy_student.data import gc
 
     older_than = gc.parse_age(args.older_than)
     orphans = gc.find_orphans(args.url, older_than)

@@ -195,19 +195,19 @@ def _by_name(function: Callable[..., Any], args: argparse.Namespace, **given: An
 
 
 def _fashion_mnist(args: argparse.Namespace) -> None:
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     _print_dataset(_by_name(ingest.fashion_mnist, args))
 
 
 def _image_folder(args: argparse.Namespace) -> None:
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     _print_dataset(_by_name(ingest.image_folder, args))
 
 
 def _parquet(args: argparse.Namespace) -> None:
-    from noisy_student import ingest_parquet, storage
+    from noisy_student.data import ingest_parquet, storage
 
     root = _by_name(ingest_parquet.parquet, args)
     print(f"{args.split} split written to {root}")
@@ -215,7 +215,7 @@ def _parquet(args: argparse.Namespace) -> None:
 
 
 def _append(args: argparse.Namespace) -> None:
-    from noisy_student import ingest, storage
+    from noisy_student.data import ingest, storage
 
     root = storage.resolve(args.dataset)
     _check_prefect_first(args.no_event)
@@ -236,7 +236,8 @@ def _append(args: argparse.Namespace) -> None:
 
 
 def _labels(args: argparse.Namespace) -> None:
-    from noisy_student import annotations, storage
+    from noisy_student.data import storage
+    from noisy_student.labelling import annotations
 
     root = storage.resolve(args.dataset)
     _check_prefect_first(args.no_event)
@@ -302,7 +303,7 @@ def _announce(no_event: bool, send: Callable[[], Any], landed: str) -> None:
 
 
 def _print_dataset(root: str) -> None:
-    from noisy_student import dataset, storage
+    from noisy_student.data import dataset, storage
 
     splits = [
         split
@@ -321,7 +322,7 @@ def _print_dataset(root: str) -> None:
 
 def _print_skipped(split_urls: list[str]) -> None:
     """The bad images an ingest left out, as its splits' manifests list them."""
-    from noisy_student import dataset, storage
+    from noisy_student.data import dataset, storage
 
     skipped = []
     for url in split_urls:

@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from noisy_student import predict
+    from noisy_student.registry import predict
 
     model, meta = predict.load_model(args.model, args.checkpoint)
     for path in args.images:

@@ -41,11 +41,11 @@ def _run(args: argparse.Namespace) -> None:
     prefect_defaults()
     temporary_server_stops_with_us()
     from flows.noisy_student import noisy_student
-    from noisy_student import report
+    from noisy_student import results
 
     summary = noisy_student(cfg, teacher=args.teacher, run_id=args.run_id)
     print()
-    print(report.table(summary))
+    print(results.table(summary))
     if "label_queue" in summary:
         queue = summary["label_queue"]
         print(f"label queue: {queue['size']} images by {queue['strategy']}: {queue['url']}")

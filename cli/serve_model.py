@@ -31,8 +31,8 @@ def add_parser(sub: Any) -> None:
 def _serve_model(args: argparse.Namespace) -> None:
     import logging
 
-    from noisy_student import model_server
     from noisy_student.errors import UserError
+    from noisy_student.registry import model_server
 
     if args.poll <= 0:
         raise UserError(f"--poll {args.poll}: must be more than 0 seconds")

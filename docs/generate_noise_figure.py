@@ -6,7 +6,7 @@ and writes the table of every operation's strength in docs/algorithm.md (between
 
 Ten test images, clean in the top row; under them, four draws of the accuracy preset's
 student noise (crops and flips, then RandAugment with the small-image settings of
-noisy_student/augment.py at its configured M); under those, for comparison, four draws of
+noisy_student/training/augment.py at its configured M); under those, for comparison, four draws of
 the noise the students had before the settings followed the image's size (translation by
 up to 45% of the side, grey fill, invert drawn, no Cutout). The same picture of each
 student's own noise is logged to its MLflow run as noise.png.
@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noisy_student import augment, config, dataset_writer, engine, ingest
+from noisy_student import config
+from noisy_student.data import dataset_writer, ingest
+from noisy_student.training import augment, engine
 
 DOCS = Path(__file__).resolve().parent
 PRESET = DOCS.parent / "pipeline_config" / "accuracy.yaml"

@@ -48,7 +48,7 @@ from flows.parameters import ConfigSource, Overrides
 from flows.resume import DEFAULT_MAX_RESUMES, resume_crashed, resume_trigger
 from flows.training import ensure_gpu_limit, training_deployment
 from noisy_student import config as config_mod
-from noisy_student import dataset, storage
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from prefect.events import Event
 from prefect.variables import Variable
 
-from noisy_student import storage
+from noisy_student.data import storage
 
 EVENT = "noisy-student.unlabelled-data.landed"
 LABELS_EVENT = "noisy-student.labels.landed"  # `ingest labels`: the labelled split grew

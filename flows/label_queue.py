@@ -4,7 +4,8 @@ whose human labels would help most are written for annotators (docs/labelling.md
 from __future__ import annotations
 
 from flows.labelling import label_unlabelled
-from noisy_student import runs, stages, storage
+from noisy_student import runs, stages
+from noisy_student.data import storage
 from tasks import label_queue
 
 QUEUE = "label_queue"  # the queue's folder in the run folder

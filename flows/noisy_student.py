@@ -20,8 +20,8 @@ from flows.resume import tag_pipeline_run
 from flows.training import on_pool
 from noisy_student import config as config_mod
 from noisy_student import runs
-from noisy_student.engine import flush_denormals
 from noisy_student.stages import TrainedModel
+from noisy_student.training.engine import flush_denormals
 from tasks import existing_teacher, prepare_data, promote
 from tasks.artifacts import link_mlflow_run, publish_results
 

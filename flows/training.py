@@ -32,8 +32,9 @@ from pydantic import TypeAdapter
 from pydantic_core import to_jsonable_python
 
 import tasks
-from noisy_student import stages, storage
-from noisy_student.engine import flush_denormals
+from noisy_student import stages
+from noisy_student.data import storage
+from noisy_student.training.engine import flush_denormals
 from tasks.policies import CACHED
 
 FLOW = "noisy-student-train"

@@ -26,11 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from noisy_student import augment, models
-from noisy_student.corruptions import BENCHMARK, CORRUPTIONS
 from noisy_student.errors import UserError
-from noisy_student.label_queue import Strategy
+from noisy_student.evaluation.corruptions import BENCHMARK, CORRUPTIONS
+from noisy_student.labelling.label_queue import Strategy
 from noisy_student.overrides import Overrides, apply_overrides, override_pairs
+from noisy_student.training import augment, models
 
 
 class Strict(BaseModel):
@@ -74,7 +74,7 @@ class DataConfig(Strict):
 
 
 class RandAugmentConfig(Strict):
-    """RandAugment as the official Noisy Student code runs it (see noisy_student/augment.py).
+    """RandAugment as the official Noisy Student code runs it (noisy_student/training/augment.py).
     A setting left null is chosen by the image's size: up to 64 px a side, the official
     CIFAR/SVHN settings with the image's own border as the fill (docs/algorithm.md); larger,
     the official ImageNet settings, the paper's noise."""
@@ -387,7 +387,7 @@ def _severities(levels: list[int]) -> list[int]:
 
 
 class EvaluationConfig(Strict):
-    """The robustness benchmark of evaluate_robustness (see noisy_student/robustness.py),
+    """The robustness benchmark of evaluate_robustness (see noisy_student/evaluation/robustness.py),
     reported on the test split, and the promotion gate."""
 
     corruptions: list[str] = Field(
@@ -461,7 +461,7 @@ class EvaluationConfig(Strict):
 
 class LabellingConfig(Strict):
     """The label queue written after a run: the unlabelled images a human should label
-    next (noisy_student/label_queue.py; docs/labelling.md)."""
+    next (noisy_student/labelling/label_queue.py; docs/labelling.md)."""
 
     queue_size: int = Field(
         200, ge=0, description="Unlabelled images queued for a human label; 0: no queue"
@@ -489,7 +489,7 @@ class PipelineConfig(Strict):
         EvaluationConfig(), description="Robustness, reported; the promotion gate"
     )
     distributed: DistributedConfig = Field(
-        DistributedConfig(), description="Data-parallel training (noisy_student.train_distributed)"
+        DistributedConfig(), description="Data-parallel training (noisy_student.torchrun_stage)"
     )
     labelling: LabellingConfig = Field(
         LabellingConfig(), description="The label queue: which images to label next"
@@ -519,7 +519,7 @@ def validate(tree: dict[str, Any], source: str) -> PipelineConfig:
 
 def read_yaml(source: str | Path) -> dict[str, Any]:
     """A YAML file from a local path or any fsspec URL (s3://…, https://…)."""
-    from noisy_student import storage
+    from noisy_student.data import storage
 
     source = str(source)
     url = storage.resolve(source)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from noisy_student import dataset, report, storage, tracking
+from noisy_student import results
 from noisy_student.config import PipelineConfig
+from noisy_student.data import dataset, storage
+from noisy_student.registry import tracking
 from noisy_student.stages import (
     LabelQueue,
     PromotionDecision,
@@ -136,7 +138,7 @@ class PipelineRun:
         robustness: Robustness,
     ) -> None:
         self.iterations.append(
-            report.iteration_summary(iteration, teacher, selected, student, robustness)
+            results.iteration_summary(iteration, teacher, selected, student, robustness)
         )
         self.evaluations.append(robustness)
 
@@ -147,7 +149,7 @@ class PipelineRun:
         lineage, the last robustness report, the final figures and where the label queue
         is; returns the summary."""
         parent, last = self.parent_run_id, self.evaluations[-1]
-        summary = report.summary(
+        summary = results.summary(
             self.run_id,
             self.url,
             self.config,
@@ -156,7 +158,7 @@ class PipelineRun:
             self.iterations,
             time.perf_counter() - self.started,
         )
-        summary["robustness"] = report.robustness_summary(self.url, last)
+        summary["robustness"] = results.robustness_summary(self.url, last)
         # the last report covers every model of the run; it goes beside summary.json
         storage.write_bytes(summary["robustness"]["report_url"], last.report.encode())
         summary["promotion"] = promotion.record()
@@ -172,7 +174,7 @@ class PipelineRun:
             }
         storage.write_json(summary["summary_url"], summary)
         tracking.log_dict(parent, summary, "summary.json")
-        tracking.log_dict(parent, report.lineage(self.iterations), "lineage.json")
+        tracking.log_dict(parent, results.lineage(self.iterations), "lineage.json")
         tracking.log_text(parent, last.report, "robustness.md")
         tracking.log_metrics(
             parent,

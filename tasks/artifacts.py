@@ -15,7 +15,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from noisy_student import tracking
+from noisy_student.registry import tracking
 
 
 def artifact_key(name: str, suffix: str = "") -> str:

@@ -4,8 +4,9 @@ the Markdown report becomes a Prefect artifact of the task run."""
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from noisy_student import stages, tracking
+from noisy_student import stages
 from noisy_student.config import EvaluationConfig
+from noisy_student.registry import tracking
 from tasks.policies import CACHED, IO_RETRIES
 
 

@@ -6,8 +6,9 @@ import base64
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_table_artifact
 
-from noisy_student import stages, storage
+from noisy_student import stages
 from noisy_student.config import LabellingConfig
+from noisy_student.data import storage
 from tasks.artifacts import artifact_key
 from tasks.policies import CACHED, IO_RETRIES
 

@@ -18,7 +18,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 import noisy_student
-from noisy_student.storage import is_transient
+from noisy_student.data.storage import is_transient
 
 
 @cache

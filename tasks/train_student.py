@@ -2,7 +2,7 @@
 
 from prefect import task
 
-from noisy_student import stages, train_distributed
+from noisy_student import stages, torchrun_stage
 from noisy_student.config import PipelineConfig, StudentConfig
 from tasks.artifacts import training_progress
 from tasks.policies import CACHED
@@ -26,7 +26,7 @@ def train_student(
     """With `torchrun` (the whole config), the stage runs data-parallel in
     `torchrun.distributed.nproc_per_node` processes instead of this one."""
     if torchrun is not None:
-        return train_distributed.launch(
+        return torchrun_stage.launch(
             torchrun,
             "student",
             data_root,

@@ -2,7 +2,7 @@
 
 from prefect import task
 
-from noisy_student import stages, train_distributed
+from noisy_student import stages, torchrun_stage
 from noisy_student.config import PipelineConfig, TeacherConfig
 from tasks.artifacts import training_progress
 from tasks.policies import CACHED
@@ -20,7 +20,7 @@ def train_teacher(
     """With `torchrun` (the whole config), the stage runs data-parallel in
     `torchrun.distributed.nproc_per_node` processes instead of this one."""
     if torchrun is not None:
-        return train_distributed.launch(torchrun, "teacher", data_root, out_url, parent_run_id)
+        return torchrun_stage.launch(torchrun, "teacher", data_root, out_url, parent_run_id)
     return stages.train_teacher(
         cfg, data_root, out_url, parent_run_id, seed, training_progress("teacher")
     )

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from noisy_student import engine
 from noisy_student.config import StudentConfig, TeacherConfig
 from noisy_student.stages import train
+from noisy_student.training import engine
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -22,7 +22,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def pytest_configure(config):
-    from noisy_student.engine import flush_denormals
+    from noisy_student.training.engine import flush_denormals
 
     flush_denormals()  # as the CLI does, before torch starts its threads
 
@@ -41,7 +41,7 @@ def fashion_mnist_source() -> str:
 def tiny_dataset(tmp_path_factory, fashion_mnist_source) -> str:
     """A real slice of Fashion-MNIST: 5 labelled images per class, 300 unlabelled in
     three shards, 200 test images."""
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     root = tmp_path_factory.mktemp("data") / "fmnist-tiny"
     return ingest.fashion_mnist(
@@ -118,7 +118,8 @@ def one_iteration(cfg, data_root: str, folder: Path, experiment: str) -> tuple:
     """The teacher and student stages of `cfg` (teacher and first student) called one by one
     on `data_root`, every image kept for the student (no threshold, no balancing), outputs
     under `folder`, MLflow runs under a parent run of `experiment`: (teacher, student)."""
-    from noisy_student import stages, tracking
+    from noisy_student import stages
+    from noisy_student.registry import tracking
 
     parent = tracking.start_run(experiment, "run")
     teacher = stages.train_teacher(cfg.teacher, data_root, str(folder / "t"), parent, 0)

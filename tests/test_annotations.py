@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from noisy_student import annotations, dataset, storage
+from noisy_student.data import dataset, storage
+from noisy_student.data.ingest import FASHION_MNIST_CLASSES as CLASSES
 from noisy_student.errors import UserError
-from noisy_student.ingest import FASHION_MNIST_CLASSES as CLASSES
+from noisy_student.labelling import annotations
 from tests.conftest import REPO
 
 
@@ -30,7 +31,7 @@ from tests.conftest import REPO
 def source(tmp_path_factory, fashion_mnist_source) -> str:
     """A real slice of Fashion-MNIST: 50 labelled, 20 validation, 300 unlabelled in three
     shards, 200 test images."""
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     return ingest.fashion_mnist(
         str(tmp_path_factory.mktemp("labels") / "ds"), fashion_mnist_source,
@@ -273,7 +274,10 @@ def test_labels_already_taken_back_with_the_same_class_are_counted_not_added_aga
 def test_a_kill_between_the_claim_and_the_landing_is_finished_by_the_next_ingest(root, tmp_path):
     ids = list(_truth(root).index[:3])
     path = _csv(tmp_path / "labels.csv", _answers(root, ids))
-    code = f"from noisy_student import annotations; annotations.take_labels({root!r}, {path!r})"
+    code = (
+        "from noisy_student.labelling.annotations import take_labels; "
+        f"take_labels({root!r}, {path!r})"
+    )
     env = os.environ | {"NOISY_STUDENT_KILL_AT": "labels:land"}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, timeout=300)
     assert done.returncode == -9  # SIGKILL, as `kill -9`
@@ -287,13 +291,16 @@ def test_a_kill_between_the_claim_and_the_landing_is_finished_by_the_next_ingest
 
 
 def test_a_claim_killed_before_its_commit_leaves_a_file_that_only_gc_sees(root, tmp_path):
-    from noisy_student import gc
+    from noisy_student.data import gc
 
     first = list(_truth(root).index[:2])
     annotations.take_labels(root, _csv(tmp_path / "a.csv", _answers(root, first)))
     ids = list(_truth(root).index[2:5])
     path = _csv(tmp_path / "labels.csv", _answers(root, ids))
-    code = f"from noisy_student import annotations; annotations.take_labels({root!r}, {path!r})"
+    code = (
+        "from noisy_student.labelling.annotations import take_labels; "
+        f"take_labels({root!r}, {path!r})"
+    )
     env = os.environ | {"NOISY_STUDENT_KILL_AT": "append:commit"}  # the claim's commit
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, timeout=300)
     assert done.returncode == -9

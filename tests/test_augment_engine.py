@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisy_student import augment, engine, models, prefetch, training_data
+from noisy_student.data import prefetch, training_data
 from noisy_student.errors import UserError
+from noisy_student.training import augment, engine, models
 from tests.conftest import noise, schedule
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from noisy_student import config, dataset, dataset_writer, ingest, report, storage
+from noisy_student import config, results
+from noisy_student.data import dataset, dataset_writer, ingest, storage
 from noisy_student.stages.records import CHOSEN_ON_TEST
 from tests.conftest import REPO
 
@@ -130,7 +131,7 @@ def test_a_dataset_without_validation_runs_and_says_it_chose_on_the_test_split(r
             assert f"test images ({CHOSEN_ON_TEST}: the dataset has no validation split)" in reason
     if promotion["best_of_run"]:
         assert promotion["best_of_run"]["against_final_student"]["note"] == CHOSEN_ON_TEST
-    table = report.table(summary)
+    table = results.table(summary)
     assert (
         f"choices (the promotion gate, the best model, student vs teacher): {CHOSEN_ON_TEST}"
         in table

@@ -8,10 +8,11 @@ from dataclasses import MISSING, asdict, fields
 
 import pytest
 
-from noisy_student import config, engine
+from noisy_student import config
 from noisy_student.config import StudentConfig, TeacherConfig
 from noisy_student.errors import UserError
 from noisy_student.stages import train
+from noisy_student.training import engine
 from tests.conftest import REPO
 
 PRESETS = sorted((REPO / "pipeline_config").glob("*.yaml"))

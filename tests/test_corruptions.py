@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisy_student import corruptions, dataset, storage
-from noisy_student.corruptions import BENCHMARK, CORRUPTIONS, corrupt
+from noisy_student.data import dataset, storage
+from noisy_student.evaluation import corruptions
+from noisy_student.evaluation.corruptions import BENCHMARK, CORRUPTIONS, corrupt
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

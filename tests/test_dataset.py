@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from noisy_student import dataset, dataset_writer, robustness, storage, training_data
-from noisy_student.dataset_writer import DatasetWriter
+from noisy_student.data import dataset, dataset_writer, storage, training_data
+from noisy_student.data.dataset_writer import DatasetWriter
+from noisy_student.data.prefetch import prefetch
 from noisy_student.errors import UserError
-from noisy_student.prefetch import prefetch
+from noisy_student.evaluation import robustness
 
 CLASSES = ["a", "b", "c"]
 
@@ -433,7 +434,7 @@ def test_prefetch_stops_and_closes_the_producer_when_the_consumer_stops():
 def test_the_cores_counted_are_the_affinity_where_the_os_has_one_else_every_core(monkeypatch):
     import os
 
-    from noisy_student import prefetch as module
+    from noisy_student.data import prefetch as module
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     assert module.cores() == 1  # a container or taskset limit, which cpu_count() misses

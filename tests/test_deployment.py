@@ -451,7 +451,7 @@ def secrets_in_prefect_and_mlflow(stack: Stack) -> list[str]:
 def batch_of_images(folder: Path, first: int, count: int) -> str:
     from PIL import Image
 
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     images = ingest.read_idx(f"{FASHION_MNIST}/t10k-images-idx3-ubyte.gz")
     folder.mkdir(parents=True)
@@ -561,7 +561,7 @@ def test_appended_data_starts_one_retrain_from_the_champion(
     # data landing by other means: the watch deployment notices and announces it
     import s3fs
 
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
               "AWS_ENDPOINT_URL_S3"):  # fmt: skip

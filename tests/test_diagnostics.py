@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from noisy_student import diagnostics
+from noisy_student.evaluation import diagnostics
 
 
 def test_precision_and_coverage_count_the_images_at_or_above_each_threshold():

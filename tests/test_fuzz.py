@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from noisy_student import config, dataset, ingest, storage
+from noisy_student import config
+from noisy_student.data import dataset, ingest, storage
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 

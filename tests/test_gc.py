@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import cli
-from noisy_student import dataset, gc, ingest, storage
+from noisy_student.data import dataset, gc, ingest, storage
 from noisy_student.errors import UserError
 from tests.conftest import FASHION_MNIST, REPO
 

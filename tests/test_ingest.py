@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import cli
-from noisy_student import dataset, dataset_writer, ingest, ingest_parquet, stages, storage
+from noisy_student import stages
+from noisy_student.data import dataset, dataset_writer, ingest, ingest_parquet, storage
 from noisy_student.errors import UserError
 
 # --- Fashion-MNIST (via the session's tiny_dataset: 5 labelled/class, 300 unlabelled, 200 test)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import cli
-from noisy_student import dataset, dataset_writer, ingest, ingest_parquet, storage
+from noisy_student.data import dataset, dataset_writer, ingest, ingest_parquet, storage
 from noisy_student.errors import UserError
 
 CLASSES = ingest.FASHION_MNIST_CLASSES

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from noisy_student import dataset, label_queue, storage
-from noisy_student.dataset_writer import encode_png
-from noisy_student.label_queue import Candidates
+from noisy_student.data import dataset, storage
+from noisy_student.data.dataset_writer import encode_png
+from noisy_student.labelling import label_queue
+from noisy_student.labelling.label_queue import Candidates
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from noisy_student import dataset, storage
+from noisy_student.data import dataset, storage
 from tests import test_deployment as deployment
 from tests.conftest import FASHION_MNIST, REPO
 from tests.test_deployment import Processes, bin_, free_port, responds, wait_until

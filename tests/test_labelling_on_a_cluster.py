@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from flows.labelling import label_unlabelled, task_runner
-from noisy_student import config, dataset, models, stages, storage
+from noisy_student import config, stages
 from noisy_student.config import InferenceConfig, PipelineConfig
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 from noisy_student.stages.infer_pseudo_labels import cached_teacher
+from noisy_student.training import models
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 import cli
-from noisy_student import config, models, tracking
+from noisy_student import config
+from noisy_student.data.ingest import FASHION_MNIST_CLASSES
 from noisy_student.errors import UserError
-from noisy_student.ingest import FASHION_MNIST_CLASSES
+from noisy_student.registry import tracking
+from noisy_student.training import models
 from tests.conftest import REPO, one_iteration
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

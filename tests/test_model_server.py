@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisy_student import ingest, models, serving, tracking
+from noisy_student.data import ingest
+from noisy_student.registry import serving, tracking
+from noisy_student.training import models
 from tests.conftest import FASHION_MNIST, REPO
 from tests.test_deployment import free_port
 
@@ -221,7 +223,7 @@ def test_the_logged_model_loads_where_only_its_own_requirements_are_installed(re
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{registry['first']}"))
-    assert (local / "code" / "noisy_student" / "serving.py").exists()
+    assert (local / "code" / "noisy_student" / "registry" / "serving.py").exists()
     venv = tmp_path / "venv"
     subprocess.run([*_uv(), "venv", "-q", "-p", sys.executable, str(venv)], check=True)
     installed = subprocess.run(
@@ -249,3 +251,25 @@ def test_the_logged_model_loads_where_only_its_own_requirements_are_installed(re
     package_file, probabilities = done.stdout.strip().splitlines()[-2:]
     assert package_file.startswith(str(local / "code" / "noisy_student"))
     assert np.allclose(json.loads(probabilities), _expected(registry["first"], pngs), atol=1e-6)
+
+
+def test_a_model_logged_before_the_core_had_subpackages_still_loads(registry, tmp_path):
+    """Such a model's own pyfunc_model.py imports `noisy_student.serving`: the shim there
+    gives it the classifier, which answers as the same model logged today."""
+    import mlflow
+    import pandas as pd
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{NAME}/{registry['first']}", dst_path=str(tmp_path)
+        )
+    )
+    code = local / "pyfunc_model.py"
+    code.write_text(
+        code.read_text().replace("noisy_student.registry.serving", "noisy_student.serving")
+    )
+    assert "from noisy_student.serving import ImageClassifier" in code.read_text()
+    pngs = _pngs(2)
+    answers = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame({"image": pngs}))
+    probabilities = [list(p) for p in answers["top_probabilities"]]
+    assert np.allclose(probabilities, _expected(registry["first"], pngs), atol=1e-6)

@@ -14,9 +14,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cli
-from noisy_student import model_ref, models, predict, stages, storage, tracking
+from noisy_student import stages
+from noisy_student.data import storage
+from noisy_student.data.ingest import FASHION_MNIST_CLASSES
 from noisy_student.errors import UserError
-from noisy_student.ingest import FASHION_MNIST_CLASSES
+from noisy_student.registry import model_ref, predict, tracking
+from noisy_student.training import models
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -189,7 +192,8 @@ def test_predict_accepts_the_weights_file_itself(checkpoint, png, capsys):
 
 
 def test_predict_agrees_with_the_model_on_the_same_pixels(checkpoint, tmp_path):
-    from noisy_student import engine, predict
+    from noisy_student.registry import predict
+    from noisy_student.training import engine
 
     url, model = checkpoint
     arr = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)

@@ -15,9 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from noisy_student import config, dataset, ingest, models, stages, storage, tracking
+from noisy_student import config, stages
+from noisy_student.data import dataset, ingest, storage
 from noisy_student.errors import UserError
+from noisy_student.registry import tracking
 from noisy_student.stages import TrainedModel
+from noisy_student.training import models
 from tests.conftest import FASHION_MNIST, REPO
 
 SMOKE = REPO / "pipeline_config" / "smoke.yaml"
@@ -564,7 +567,7 @@ def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_
     import numpy as np
     import pyarrow as pa
 
-    from noisy_student import dataset_writer, training_data
+    from noisy_student.data import dataset_writer, training_data
 
     unlabelled = dataset_writer.write_rows(
         str(tmp_path / "unlabelled"),

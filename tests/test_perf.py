@@ -9,7 +9,10 @@ import math
 import pytest
 
 from benchmarks import perf
-from noisy_student import config, dataset, models, stages, storage, tracking
+from noisy_student import config, stages
+from noisy_student.data import dataset, storage
+from noisy_student.registry import tracking
+from noisy_student.training import models
 from tests.conftest import REPO
 
 

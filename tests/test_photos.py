@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 
 from benchmarks import scenes
-from noisy_student import config, corruptions, dataset, dataset_writer, ingest, models, storage
+from noisy_student import config
+from noisy_student.data import dataset, dataset_writer, ingest, storage
 from noisy_student.errors import UserError
+from noisy_student.evaluation import corruptions
+from noisy_student.training import models
 from tests.conftest import REPO
 
 PHOTOS = REPO / "pipeline_config" / "photos.yaml"

@@ -9,7 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from noisy_student import config, corruptions, dataset, statistics, storage, tracking
+from noisy_student import config
+from noisy_student.data import dataset, storage
+from noisy_student.evaluation import corruptions, statistics
+from noisy_student.registry import tracking
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # the smoke preset through the real flow: 3 min on 2 busy cores

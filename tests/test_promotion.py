@@ -13,9 +13,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from noisy_student import config, models, report, statistics, storage, tracking
+from noisy_student import config, results
+from noisy_student.data import storage
+from noisy_student.evaluation import statistics
+from noisy_student.registry import tracking
 from noisy_student.stages import Robustness, TrainedModel, promote
 from noisy_student.stages.promote import below_teacher_note, compare, decide
+from noisy_student.training import models
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 IMAGES = 1000  # validation images every model is judged on
@@ -364,7 +368,7 @@ def test_the_results_table_says_how_each_student_stands_and_what_to_try_when_bel
     note = below_teacher_note(1, "resnet18", 0.81, "resnet10t", 0.85, run_config({}),
                               " on the validation split, significantly below (…)")  # fmt: skip
     below = {"iteration": 1, "verdict": statistics.BELOW, "note": note, "sentence": "s1"}
-    text = report.table(_summary(0.85, 0.81, below))
+    text = results.table(_summary(0.85, 0.81, below))
     row = next(line for line in text.splitlines() if line.startswith("   1"))
     assert " 85.0 [84.3, 85.7]" in row and " 81.0 [80.2, 81.8]" in row
     assert " -4.00  significantly below" in row
@@ -375,7 +379,7 @@ def test_the_results_table_says_how_each_student_stands_and_what_to_try_when_bel
     assert "on the validation split; the test figures above are reported only" in text
     # the same figures without a significant difference: no note
     tied = {"iteration": 1, "verdict": statistics.TIED, "sentence": "s1"}
-    text = report.table(_summary(0.85, 0.849, tied))
+    text = results.table(_summary(0.85, 0.849, tied))
     assert "no significant difference" in text and "below its teacher" not in text
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from noisy_student import storage
+from noisy_student.data import storage
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

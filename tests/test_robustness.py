@@ -13,20 +13,12 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 from torch import nn
 
-from noisy_student import (
-    augment,
-    config,
-    corruptions,
-    dataset,
-    dataset_writer,
-    engine,
-    models,
-    robustness,
-    stages,
-    storage,
-    tracking,
-)
+from noisy_student import config, stages
+from noisy_student.data import dataset, dataset_writer, storage
 from noisy_student.errors import UserError
+from noisy_student.evaluation import corruptions, robustness
+from noisy_student.registry import tracking
+from noisy_student.training import augment, engine, models
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

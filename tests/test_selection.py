@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from noisy_student import selection
 from noisy_student.errors import UserError
-from noisy_student.selection import select, targets_from_probs
+from noisy_student.training import selection
+from noisy_student.training.selection import select, targets_from_probs
 
 
 def _probs(predicted: list[int], confidence: list[float], k: int = 3) -> np.ndarray:

@@ -22,8 +22,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from noisy_student import config, dataset, models, predict, stages, storage, tracking
+from noisy_student import config, stages
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
+from noisy_student.registry import predict, tracking
+from noisy_student.training import models
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # logs and registers trained models in MLflow: 7 s a test

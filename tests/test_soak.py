@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from noisy_student import dataset, gc, ingest, storage
+from noisy_student.data import dataset, gc, ingest, storage
 from tests.conftest import REPO
 from tests.test_deployment import (
     TERMINAL,

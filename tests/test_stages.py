@@ -10,7 +10,8 @@ import pytest
 import s3fs
 import torch
 
-from noisy_student import config, dataset, dataset_writer, ingest, prefetch, stages, storage
+from noisy_student import config, stages
+from noisy_student.data import dataset, dataset_writer, ingest, prefetch, storage
 from noisy_student.errors import UserError
 from tests.conftest import REPO
 
@@ -30,7 +31,7 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
         rows_per_shard=100,
     )
     cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=2"])
-    from noisy_student import tracking
+    from noisy_student.registry import tracking
 
     parent = tracking.start_run("s3-test", "run")
     run = "s3://ns-test/runs/r1"
@@ -78,7 +79,7 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
 def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     tiny_dataset, mlflow_uri, tmp_path
 ):
-    from noisy_student import tracking
+    from noisy_student.registry import tracking
 
     cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
     parent = tracking.start_run("empty-test", "run")
@@ -111,7 +112,7 @@ def test_no_credential_reaches_logs_or_mlflow(s3_endpoint, mlflow_uri, monkeypat
     s3:// logs nothing of them, in its messages, MLflow params, tags or artifacts."""
     import logging
 
-    from noisy_student import tracking
+    from noisy_student.registry import tracking
 
     key_id, secret = "AKIAKEEPTHISPRIVATE7", "s3cr3t-that-must-not-leak-4242"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
@@ -159,7 +160,7 @@ def test_streamed_pseudo_labels_match_the_teacher_on_the_whole_shard(tiny_datase
     import numpy as np
     import torch
 
-    from noisy_student import engine, models
+    from noisy_student.training import engine, models
 
     manifest = dataset.read_manifest(f"{tiny_dataset}/{dataset.UNLABELLED}")
     model = models.create("test_resnet", manifest.num_classes, manifest.channels)
@@ -221,7 +222,7 @@ def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     import numpy as np
     import pandas as pd
 
-    from noisy_student import tracking
+    from noisy_student.registry import tracking
 
     root = str(tmp_path / "data")
     shutil.copytree(tiny_dataset, root)

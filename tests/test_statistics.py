@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from noisy_student import statistics as st
+from noisy_student.evaluation import statistics as st
 
 
 def test_z_of_a_95_percent_interval_is_1_96():

@@ -13,9 +13,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from noisy_student import augment, config, models
+from noisy_student import config
+from noisy_student.data.ingest import FASHION_MNIST_CLASSES
 from noisy_student.errors import UserError
-from noisy_student.ingest import FASHION_MNIST_CLASSES
+from noisy_student.training import augment, models
 from tests.conftest import one_iteration
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -19,9 +19,9 @@ from prefect.states import Failed
 from s3fs.errors import translate_boto_error
 
 import cli
-from noisy_student import dataset, ingest, storage
+from noisy_student.data import dataset, ingest, storage
 from noisy_student.errors import StorageError, StorageUnavailable, UserError
-from noisy_student.training_state import TrainingState
+from noisy_student.training.training_state import TrainingState
 from tasks.policies import transient_failure
 
 

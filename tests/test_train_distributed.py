@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisy_student import (
-    config,
-    distributed,
-    engine,
-    models,
-    stages,
-    tracking,
-    train_distributed,
-    training_data,
-)
+from noisy_student import config, stages, torchrun_stage
+from noisy_student.data import training_data
 from noisy_student.errors import UserError
+from noisy_student.registry import tracking
+from noisy_student.training import distributed, engine, models
 from tests.conftest import REPO, noise, schedule
 
 # A model without batch norm (group norm instead): with batch norm each rank would normalise
@@ -55,7 +49,7 @@ def test_two_torchrun_processes_follow_the_single_process_loss_trajectory(
     torch.manual_seed(cfg.seed)  # the initial weights torchrun's ranks start from
     single = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "one"), one, cfg.seed)
     two = tracking.start_run("ddp-test", "two-processes")
-    parallel = train_distributed.launch(
+    parallel = torchrun_stage.launch(
         cfg, "teacher", tiny_dataset, str(tmp_path / "two"), two, log=lambda line: None
     )
 
@@ -96,7 +90,7 @@ def test_outside_torchrun_the_world_is_one_process():
 
 def test_the_student_stage_needs_its_teacher_and_selection(tiny_dataset, mlflow_uri, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_distributed.main(
+        torchrun_stage.main(
             [
                 *("-c", str(REPO / "pipeline_config/smoke.yaml")),
                 *("--stage", "student", "--out", "unused", "--data-root", tiny_dataset),

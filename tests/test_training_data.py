@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from noisy_student import dataset, dataset_writer, storage, training_data
+from noisy_student.data import dataset, dataset_writer, storage, training_data
 from noisy_student.errors import UserError
 
 

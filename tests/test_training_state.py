@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from noisy_student import augment, engine, models, storage, training_data
+from noisy_student.data import storage, training_data
 from noisy_student.errors import UserError
-from noisy_student.training_state import STATE, TrainingState, pack, unpack
+from noisy_student.training import augment, engine, models
+from noisy_student.training.training_state import STATE, TrainingState, pack, unpack
 from tests.conftest import noise, schedule
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -16,21 +16,15 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from noisy_student import (
-    corruptions,
-    dataset,
-    engine,
-    models,
-    robustness,
-    statistics,
-    storage,
-    tracking,
-)
-from noisy_student import robustness_report as report
 from noisy_student.config import EvaluationConfig
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
+from noisy_student.evaluation import corruptions, robustness, statistics
+from noisy_student.evaluation import robustness_report as report
+from noisy_student.registry import tracking
 from noisy_student.stages.prepare_data import choice_split
 from noisy_student.stages.records import Robustness, TrainedModel
+from noisy_student.training import engine, models
 
 logger = logging.getLogger(__name__)
 

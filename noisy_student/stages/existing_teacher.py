@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from noisy_student import model_ref, models, storage, tracking
-from noisy_student.dataset import TEST, VALIDATION
+from noisy_student.data import storage
+from noisy_student.data.dataset import TEST, VALIDATION
 from noisy_student.errors import UserError
+from noisy_student.registry import model_ref, tracking
 from noisy_student.stages.records import TrainedModel
+from noisy_student.training import models
 
 logger = logging.getLogger(__name__)
 

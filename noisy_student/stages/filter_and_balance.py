@@ -14,15 +14,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from noisy_student import dataset, diagnostics, selection, storage, tracking
 from noisy_student.config import SelectionConfig
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
+from noisy_student.evaluation import diagnostics
+from noisy_student.registry import tracking
 from noisy_student.stages.infer_pseudo_labels import finish_labelling_run, record_labelling
 from noisy_student.stages.records import (
     PseudoLabelShard,
     SelectedPseudoLabels,
     TrainedModel,
 )
+from noisy_student.training import selection
 
 logger = logging.getLogger(__name__)
 

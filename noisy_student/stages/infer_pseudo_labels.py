@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from noisy_student import dataset, engine, faults, models, storage, tracking
-from noisy_student.prefetch import COMPUTE_THREADS, prefetch, reader_has_a_core
+from noisy_student.data import dataset, faults, storage
+from noisy_student.data.prefetch import COMPUTE_THREADS, prefetch, reader_has_a_core
+from noisy_student.registry import tracking
 from noisy_student.stages.records import PseudoLabelShard, TrainedModel
+from noisy_student.training import engine, models
 
 
 def infer_pseudo_labels(

@@ -1,5 +1,5 @@
 """After the last iteration: the unlabelled images worth a human label next, written for
-annotators (noisy_student/label_queue.py says how they are chosen)."""
+annotators (noisy_student/labelling/label_queue.py says how they are chosen)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from noisy_student import dataset, storage, tracking
 from noisy_student.config import LabellingConfig
-from noisy_student.label_queue import Candidates, write_files
+from noisy_student.data import dataset, storage
+from noisy_student.labelling.label_queue import Candidates, write_files
+from noisy_student.registry import tracking
 from noisy_student.stages.records import LabelQueue, PseudoLabelShard, TrainedModel
 
 logger = logging.getLogger(__name__)

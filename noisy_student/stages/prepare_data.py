@@ -11,8 +11,8 @@ from collections import Counter
 
 import torch
 
-from noisy_student import dataset, storage, training_data
 from noisy_student.config import FashionMnistSource
+from noisy_student.data import dataset, storage, training_data
 from noisy_student.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def check_data(root: str, fashion_mnist: FashionMnistSource | None) -> None:
 
 def prepare_data(root: str, fashion_mnist: FashionMnistSource | None) -> str:
     """The dataset root, ingesting Fashion-MNIST into it first when it holds no dataset."""
-    from noisy_student import ingest
+    from noisy_student.data import ingest
 
     root = storage.resolve(root)
     check_data(root, fashion_mnist)

@@ -30,9 +30,11 @@ from typing import Any
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from noisy_student import dataset, models, robustness, statistics, storage, tracking
 from noisy_student.config import EvaluationConfig, GateConfig, student_stem
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
+from noisy_student.evaluation import robustness, statistics
+from noisy_student.registry import tracking
 from noisy_student.stages.evaluate_robustness import CHOICE, evaluate_robustness, read_predictions
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
 from noisy_student.stages.records import (
@@ -41,6 +43,7 @@ from noisy_student.stages.records import (
     Robustness,
     TrainedModel,
 )
+from noisy_student.training import models
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from noisy_student.dataset import TEST
+from noisy_student.data.dataset import TEST
 
 # what every record of a choice says when the dataset has no validation split
 CHOSEN_ON_TEST = "chosen on the test split"

@@ -1,7 +1,7 @@
 """Stages 1 and 4: the teacher on labelled images; the noised student on labelled plus
 pseudo-labelled images. Both run the same training loop (`engine.fit`).
 
-Under torchrun (`noisy_student.train_distributed`) every rank runs these functions; only
+Under torchrun (`noisy_student.torchrun_stage`) every rank runs these functions; only
 rank 0 has an MLflow run and writes the checkpoint, the others just train their slices.
 """
 
@@ -16,22 +16,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from noisy_student import (
-    dataset,
-    dataset_writer,
-    distributed,
-    engine,
-    models,
-    serving,
-    storage,
-    tracking,
-    training_data,
-)
 from noisy_student.config import StudentConfig, TeacherConfig, TrainConfig
+from noisy_student.data import dataset, dataset_writer, storage, training_data
 from noisy_student.errors import UserError
+from noisy_student.registry import serving, tracking
 from noisy_student.stages.prepare_data import choice_split, labelled_rows, test_batches
 from noisy_student.stages.records import SelectedPseudoLabels, TrainedModel
-from noisy_student.training_state import TrainingState
+from noisy_student.training import distributed, engine, models
+from noisy_student.training.training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from noisy_student import dataset, storage
+from noisy_student.data import dataset, storage
+from noisy_student.data.prefetch import one_torch_thread, prefetch
 from noisy_student.errors import UserError
-from noisy_student.prefetch import one_torch_thread, prefetch
 
 WINDOW_BLOCKS = 4  # row groups decoded at once; more mixes better and costs memory
 DECODE_THREADS = 2

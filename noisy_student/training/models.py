@@ -35,7 +35,7 @@ from timm.models.regnet import RegNet
 from timm.models.resnet import ResNet
 from torch import nn
 
-from noisy_student import storage
+from noisy_student.data import storage
 from noisy_student.errors import UserError
 
 WEIGHTS, META = "model.safetensors", "model.json"

@@ -30,11 +30,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from noisy_student import dataset, faults, storage
-from noisy_student.dataset import Manifest, read_manifest, read_removed
-from noisy_student.dataset_writer import ConcurrentChange, DatasetWriter, encode_image
+from noisy_student.data import dataset, faults, storage
+from noisy_student.data.dataset import Manifest, read_manifest, read_removed
+from noisy_student.data.dataset_writer import ConcurrentChange, DatasetWriter, encode_image
 from noisy_student.errors import UserError
-from noisy_student.label_queue import TASK_ID_KEY
+from noisy_student.labelling.label_queue import TASK_ID_KEY
 
 LANDING_ATTEMPTS = 10
 

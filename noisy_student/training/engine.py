@@ -22,10 +22,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisy_student import augment, distributed, training_data
+from noisy_student.data import training_data
+from noisy_student.data.prefetch import compute_threads
 from noisy_student.errors import UserError
-from noisy_student.prefetch import compute_threads
-from noisy_student.training_state import TrainingState
+from noisy_student.training import augment, distributed
+from noisy_student.training.training_state import TrainingState
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

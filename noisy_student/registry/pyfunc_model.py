@@ -5,6 +5,6 @@ holds no pickle at all, only this file, its signature and the safetensors checkp
 
 from mlflow.models import set_model
 
-from noisy_student.serving import ImageClassifier
+from noisy_student.registry.serving import ImageClassifier
 
 set_model(ImageClassifier())

@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from noisy_student import prefetch, storage
+from noisy_student.data import prefetch, storage
 from noisy_student.errors import UserError
 
 SCHEMA_VERSION = 1

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from noisy_student import storage
-from noisy_student.dataset import (
+from noisy_student.data import storage
+from noisy_student.data.dataset import (
     ENCODINGS,
     JPEG_QUALITY,
     LABELLED,
@@ -41,7 +41,7 @@ from noisy_student.dataset import (
     read_ids,
     read_manifest,
 )
-from noisy_student.dataset_writer import DatasetWriter, append_rows, stage_rows
+from noisy_student.data.dataset_writer import DatasetWriter, append_rows, stage_rows
 from noisy_student.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -2,7 +2,7 @@
 score on it (clean error, error per corruption and severity, CE and mCE against a
 baseline model, relative mCE, calibration, FGSM accuracy), each accuracy with its 95%
 interval, and every image's predicted class, so that two models can be compared image by
-image (`noisy_student.statistics`).
+image (`noisy_student.evaluation.statistics`).
 
 Two suites serve a run: the test split's, which is reported, and the one of the split
 choices are made on (validation where the dataset has one), which the promotion gate
@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisy_student import augment, corruptions, dataset, dataset_writer, engine, statistics, storage
+from noisy_student.data import dataset, dataset_writer, storage
+from noisy_student.data.prefetch import prefetch
 from noisy_student.errors import UserError
-from noisy_student.prefetch import prefetch
+from noisy_student.evaluation import corruptions, statistics
+from noisy_student.training import augment, engine
 
 SUITE_DIR = "test-corrupted"  # the test split's: suite_dir(split) for any split
 SUITE_MANIFEST = "_suite.json"

@@ -15,8 +15,10 @@ from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
-from noisy_student import engine, model_ref, models, storage
+from noisy_student.data import storage
 from noisy_student.errors import UserError
+from noisy_student.registry import model_ref
+from noisy_student.training import engine, models
 
 
 def class_names(model: nn.Module) -> list[str]:

@@ -17,9 +17,10 @@ from typing import Literal
 
 from mlflow.exceptions import MlflowException
 
-from noisy_student import storage, tracking
+from noisy_student.data import storage
 from noisy_student.errors import UserError
-from noisy_student.models import META, WEIGHTS
+from noisy_student.registry import tracking
+from noisy_student.training.models import META, WEIGHTS
 
 CHAMPION = "champion"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

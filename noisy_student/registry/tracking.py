@@ -34,7 +34,7 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 
-from noisy_student import storage
+from noisy_student.data import storage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "noisy_student."  # prefix of every lineage tag
@@ -195,7 +195,7 @@ def log_bytes(run_id: str, data: bytes, artifact_file: str) -> None:
 
 def log_checkpoint(run_id: str, checkpoint_url: str, artifact_path: str = "model") -> None:
     """Copy a checkpoint folder (weights + timm config) into the run's artifacts."""
-    from noisy_student.models import META, WEIGHTS
+    from noisy_student.training.models import META, WEIGHTS
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in (WEIGHTS, META):

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
-from noisy_student import storage
+from noisy_student.data import storage
 
 Strategy = Literal["least_confident", "margin", "disagreement", "balanced", "random"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from noisy_student import faults, storage
+from noisy_student.data import faults, storage
 from noisy_student.errors import UserError
 
 STATE = "state.json"

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from noisy_student import dataset, storage
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 
 SHARD_PREFIX = "part-"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from noisy_student import statistics, storage, tracking
 from noisy_student.config import PipelineConfig
+from noisy_student.data import storage
+from noisy_student.evaluation import statistics
+from noisy_student.registry import tracking
 from noisy_student.stages import Robustness, SelectedPseudoLabels, TrainedModel
 from noisy_student.stages.records import CHOSEN_ON_TEST
 

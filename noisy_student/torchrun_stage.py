@@ -1,10 +1,10 @@
 """Train the teacher or a student data-parallel, one process per GPU, under torchrun:
 
-    torchrun --nproc-per-node 8 -m noisy_student.train_distributed \\
+    torchrun --nproc-per-node 8 -m noisy_student.torchrun_stage \\
         -c pipeline_config/fashion_mnist.yaml --stage teacher --out s3://bucket/teacher
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29400 \\
-        -m noisy_student.train_distributed -c CONFIG --stage student --iteration 1 \\
+        -m noisy_student.torchrun_stage -c CONFIG --stage student --iteration 1 \\
         --teacher s3://bucket/teacher --selected s3://bucket/run/iteration-1/selected \\
         --out s3://bucket/student-1
 
@@ -32,16 +32,19 @@ import torch
 import yaml
 
 from noisy_student import config as config_mod
-from noisy_student import dataset, distributed, engine, models, stages, storage, tracking
+from noisy_student import stages
 from noisy_student.config import PipelineConfig
+from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
+from noisy_student.registry import tracking
+from noisy_student.training import distributed, engine, models
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m noisy_student.train_distributed",
+        prog="torchrun --nproc-per-node N -m noisy_student.torchrun_stage",
         description="Train the teacher or a student data-parallel under torchrun.",
     )
     p.add_argument("-c", "--config", required=True, help="the pipeline's YAML config")
@@ -161,7 +164,7 @@ def launch(
             "--standalone",
             f"--nproc-per-node={cfg.distributed.nproc_per_node}",
             "-m",
-            "noisy_student.train_distributed",
+            "noisy_student.torchrun_stage",
             *("-c", config_path, "--stage", stage, "--out", out_url),
             *("--data-root", data_root, "--parent-run-id", parent_run_id),
             *("--iteration", str(iteration), "--result", result),

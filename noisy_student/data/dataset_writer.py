@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from noisy_student import faults, storage
-from noisy_student.dataset import (
+from noisy_student.data import faults, storage
+from noisy_student.data.dataset import (
     ENCODINGS,
     HISTORY,
     JPEG_QUALITY,

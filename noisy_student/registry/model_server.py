@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from noisy_student import tracking
 from noisy_student.errors import UserError
+from noisy_student.registry import tracking
 
 logger = logging.getLogger(__name__)
 

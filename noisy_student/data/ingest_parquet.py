@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from noisy_student import storage
-from noisy_student.dataset import (
+from noisy_student.data import storage
+from noisy_student.data.dataset import (
     JPEG_QUALITY,
     LABELLED,
     MANIFEST,
@@ -45,8 +45,7 @@ from noisy_student.dataset import (
     read_ids,
     read_manifest,
 )
-from noisy_student.errors import UserError
-from noisy_student.ingest import (
+from noisy_student.data.ingest import (
     BadImages,
     Rows,
     _write_splits,
@@ -54,6 +53,7 @@ from noisy_student.ingest import (
     fit,
     refuse_another_kind,
 )
+from noisy_student.errors import UserError
 
 BATCH_ROWS = 1024
 
