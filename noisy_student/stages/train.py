@@ -208,17 +208,7 @@ def train_teacher(
     )
     with tracking.failed_on_error(run_id):
         torch.manual_seed(seed)  # the initial weights, so that a seed repeats a run
-        model = models.create(
-            cfg.model,
-            manifest.num_classes,
-            manifest.channels,
-            cfg.drop_rate,
-            cfg.drop_path_rate,
-            cfg.pretrained,
-            cfg.checkpoint,
-            cfg.stem,
-            model_kwargs=cfg.model_kwargs,
-        )
+        model = _network(cfg, manifest, stem=cfg.stem, model_kwargs=cfg.model_kwargs)
         fit = engine.fit(
             model,
             labelled,
@@ -276,11 +266,10 @@ def _log_lineage(
     )  # fmt: skip
 
 
-def _create_student(
-    cfg: StudentConfig, manifest: dataset.Manifest, teacher: TrainedModel, iteration: int
-) -> torch.nn.Module:
-    """The student's network, with its teacher's weights under `init_from_teacher`."""
-    model = models.create(
+def _network(cfg: TrainConfig, manifest: dataset.Manifest, **options: Any) -> torch.nn.Module:
+    """The configured timm network for the data's classes and channels; `options` are
+    `models.create`'s stem, options and model_kwargs."""
+    return models.create(
         cfg.model,
         manifest.num_classes,
         manifest.channels,
@@ -288,6 +277,17 @@ def _create_student(
         cfg.drop_path_rate,
         cfg.pretrained,
         cfg.checkpoint,
+        **options,
+    )
+
+
+def _create_student(
+    cfg: StudentConfig, manifest: dataset.Manifest, teacher: TrainedModel, iteration: int
+) -> torch.nn.Module:
+    """The student's network, with its teacher's weights under `init_from_teacher`."""
+    model = _network(
+        cfg,
+        manifest,
         **models.student_options(
             f"students.{iteration - 1}",
             cfg.stem,
