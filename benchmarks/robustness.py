@@ -102,7 +102,7 @@ def main() -> None:
             "images_per_set": evaluation.corruption_images,
             "fgsm_epsilons": evaluation.fgsm_epsilons,
             "log": lines,
-            "mce": {m["role"]: m["mce"] for m in result.models},
+            "mce": {m.role: m.mce for m in result.models},
         }
         print(name, rows[name]["seconds"], "s wall", rows[name]["cpu_seconds"], "s CPU", lines)
     out = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,38 +15,38 @@ from noisy_student.stages.records import CHOSEN_ON_TEST
 
 
 def _model_entry(t: TrainedModel, robustness: Robustness) -> dict[str, Any]:
-    figures = next(m for m in robustness.models if m["mlflow_run_id"] == t.mlflow_run_id)
+    figures = next(m for m in robustness.models if m.mlflow_run_id == t.mlflow_run_id)
     entry = {
         "model": t.model,
         "url": t.url,
         "mlflow_run_id": t.mlflow_run_id,
         # reported, never chosen on: each accuracy with its 95% interval
-        "test_accuracy": figures["test_accuracy"],
-        "test_accuracy_interval": figures.get("test_accuracy_interval"),
-        "test_images": figures.get("test_images"),
-        "corruption_accuracy": figures["corruption_accuracy"],
-        "corruption_accuracy_interval": figures.get("corruption_accuracy_interval"),
-        "per_corruption_accuracy": figures["per_corruption"],
-        "per_corruption_accuracy_interval": figures.get("per_corruption_interval"),
-        "per_severity_accuracy": figures["per_severity"],
-        "per_severity_accuracy_interval": figures.get("per_severity_interval"),
-        "mce": figures["mce"],
-        "relative_mce": figures["relative_mce"],
-        "corruption_error": figures["ce"],
-        "relative_corruption_error": figures["relative_ce"],
-        "ece_clean": figures["ece_clean"],
-        "ece_corrupted": figures["ece_corrupted"],
-        "fgsm_accuracy": figures["fgsm_accuracy"],
-        "fgsm_accuracy_interval": figures.get("fgsm_accuracy_interval"),
-        "per_class": figures.get("per_class"),
+        "test_accuracy": figures.test_accuracy,
+        "test_accuracy_interval": figures.test_accuracy_interval,
+        "test_images": figures.test_images,
+        "corruption_accuracy": figures.corruption_accuracy,
+        "corruption_accuracy_interval": figures.corruption_accuracy_interval,
+        "per_corruption_accuracy": figures.per_corruption,
+        "per_corruption_accuracy_interval": figures.per_corruption_interval,
+        "per_severity_accuracy": figures.per_severity,
+        "per_severity_accuracy_interval": figures.per_severity_interval,
+        "mce": figures.mce,
+        "relative_mce": figures.relative_mce,
+        "corruption_error": figures.ce,
+        "relative_corruption_error": figures.relative_ce,
+        "ece_clean": figures.ece_clean,
+        "ece_corrupted": figures.ece_corrupted,
+        "fgsm_accuracy": figures.fgsm_accuracy,
+        "fgsm_accuracy_interval": figures.fgsm_accuracy_interval,
+        "per_class": figures.per_class,
     }
-    choice = figures.get("choice")
+    choice = figures.choice
     if choice:
         # what choices were made on: validation, or (without one) the test split
-        entry["chosen_on"] = choice
-        if choice["split"] != "test":
-            entry[f"{choice['split']}_accuracy"] = choice["accuracy"]
-            entry[f"{choice['split']}_accuracy_interval"] = choice["accuracy_interval"]
+        entry["chosen_on"] = dataclasses.asdict(choice)
+        if choice.split != "test":
+            entry[f"{choice.split}_accuracy"] = choice.accuracy
+            entry[f"{choice.split}_accuracy_interval"] = choice.accuracy_interval
     return _no_nan(entry)
 
 

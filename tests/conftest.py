@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from noisy_student.config import StudentConfig, TeacherConfig
+from noisy_student.evaluation.scores import ModelScores
 from noisy_student.stages import train
 from noisy_student.training import engine
 
@@ -153,3 +154,16 @@ def schedule(**given: Any) -> engine.Schedule:
 def noise(**given: Any) -> engine.Noise:
     """The input noise of a teacher's default config (for 28-px images), `given` replaced."""
     return dataclasses.replace(train.noise(TeacherConfig(model="test_resnet"), 28, 28), **given)
+
+
+def model_scores(**given: Any) -> ModelScores:
+    """A model's scores with what a test gives; every other figure empty (zero)."""
+    empty: dict[str, Any] = dict(
+        label="", role="", iteration=0, model="", mlflow_run_id="", test_accuracy=0.0,
+        test_accuracy_interval=None, test_images=None, clean_error=0.0, corruption_accuracy=0.0,
+        corruption_accuracy_interval=None, per_corruption={}, per_corruption_interval=None,
+        per_severity={}, per_severity_interval={}, ce={}, relative_ce={}, mce=0.0,
+        relative_mce=0.0, ece_clean=0.0, ece_corrupted=0.0, fgsm_accuracy={},
+        fgsm_accuracy_interval={},
+    )  # fmt: skip
+    return ModelScores(**(empty | given))

@@ -16,10 +16,12 @@ from mlflow import MlflowClient
 from noisy_student import config, results
 from noisy_student.data import storage
 from noisy_student.evaluation import statistics
+from noisy_student.evaluation.scores import ChoiceScores
 from noisy_student.registry import tracking
 from noisy_student.stages import Robustness, TrainedModel, promote
 from noisy_student.stages.promote import below_teacher_note, compare, decide
 from noisy_student.training import models
+from tests.conftest import model_scores
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 IMAGES = 1000  # validation images every model is judged on
@@ -91,19 +93,30 @@ def evaluated(tmp_path, iteration: int, teacher: TrainedModel, t, student: Train
     for m, role, correct in ((teacher, "teacher", t), (student, "student", s)):
         frames.append(_predictions(m, iteration, correct))
         accuracy = float(correct.mean())
+        choice = ChoiceScores(
+            split="validation", images=len(correct), accuracy=accuracy, accuracy_interval=None,
+            corruption_accuracy=0.0, corruption_accuracy_interval=None,
+        )  # fmt: skip
         entries.append(
-            {
-                "mlflow_run_id": m.mlflow_run_id,
-                "role": role,
-                "iteration": iteration,
-                "model": m.model,
-                "test_accuracy": accuracy - 0.01,  # reported only: never read by the gate
-                "choice": {"split": "validation", "accuracy": accuracy},
-            }
+            model_scores(
+                mlflow_run_id=m.mlflow_run_id,
+                role=role,
+                iteration=iteration,
+                model=m.model,
+                test_accuracy=accuracy - 0.01,  # reported only: never read by the gate
+                choice=choice,
+            )
         )
     pd.concat(frames).to_parquet(folder / "predictions.parquet", index=False)
     table = str(folder / "robustness.parquet")
-    return Robustness(str(folder), "unused", 0.0, entries, table, chosen_on="validation")
+    return Robustness(
+        url=str(folder),
+        mlflow_run_id="unused",
+        seconds=0.0,
+        models=entries,
+        table_url=table,
+        chosen_on="validation",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -256,10 +256,10 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     fgsm = table[table["corruption"] == "fgsm"]
     assert (fgsm["images"] == 20).all() and (fgsm["epsilon"] == 4 / 255).all()
 
-    by_role = {m["role"]: m for m in first.models}
-    assert by_role["teacher"]["mce"] == pytest.approx(1.0)  # the first teacher is the baseline
+    by_role = {m.role: m for m in first.models}
+    assert by_role["teacher"].mce == pytest.approx(1.0)  # the first teacher is the baseline
     assert first.baseline["mlflow_run_id"] == teacher_id
-    assert set(by_role["student"]["fgsm_accuracy"]) == {"4/255"}
+    assert set(by_role["student"].fgsm_accuracy) == {"4/255"}
     figures = ["accuracy_vs_severity.png", "mce_per_iteration.png", "fgsm_accuracy.png"]
     figures += ["confusion_teacher.png", "confusion_student.png"]
     for name in figures:
@@ -267,17 +267,16 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     text = storage.read_bytes(first.report_url).decode()
     assert text == first.report
     assert "| teacher 1 (test_resnet) |" in text and "### student 1" in text
-    assert f"{100 * by_role['student']['mce']:.1f}" in text
-    low, high = by_role["student"]["test_accuracy_interval"]
+    assert f"{100 * by_role['student'].mce:.1f}" in text
+    low, high = by_role["student"].test_accuracy_interval
     assert (
-        f"{100 * by_role['student']['test_accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-        in text
+        f"{100 * by_role['student'].test_accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in text
     )
     assert "**Chosen on the test split**" in text and first.chosen_on == "test"
     assert "## Precision and recall (%) per class, on the test split" in text
-    classes = by_role["student"]["per_class"]["classes"]
+    classes = by_role["student"].per_class["classes"]
     right = sum(c["recall"] * c["images"] for c in classes)
-    assert right == pytest.approx(200 * by_role["student"]["test_accuracy"])
+    assert right == pytest.approx(200 * by_role["student"].test_accuracy)
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     files = {f.path for f in client.list_artifacts(first.mlflow_run_id, "figures")}
@@ -316,8 +315,8 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
     assert second.baseline["mlflow_run_id"] == teacher_id  # still the run's first teacher
     for label in ("teacher 1", "student 1", "student 2"):
         assert f"### {label}" in second.report
-    assert {m["mlflow_run_id"]: m["mce"] for m in second.models}[student_id] == pytest.approx(
-        by_role["student"]["mce"]
+    assert {m.mlflow_run_id: m.mce for m in second.models}[student_id] == pytest.approx(
+        by_role["student"].mce
     )
 
     # a later run names this one's student as its baseline: that model now scores 100
@@ -329,10 +328,10 @@ def test_stage_writes_table_figures_and_report_and_scores_against_a_baseline(
         parent,
         1,
     )
-    scores = {m["role"]: m for m in again.models}
-    assert scores["student"]["mce"] == pytest.approx(1.0)
-    for name, ce in by_role["student"]["ce"].items():
-        assert scores["teacher"]["ce"][name] == pytest.approx(1 / ce)
+    scores = {m.role: m for m in again.models}
+    assert scores["student"].mce == pytest.approx(1.0)
+    for name, ce in by_role["student"].ce.items():
+        assert scores["teacher"].ce[name] == pytest.approx(1 / ce)
     assert again.baseline["source"] == first.table_url
 
     # ... but not if it was judged on other images

@@ -71,7 +71,7 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
         "ns-test/runs/r1/robustness/robustness.parquet",
     } <= written
     assert selected.total == 200 and selected.kept == 200  # no threshold, no balancing: all kept
-    assert {m["role"] for m in result.models} == {"teacher", "student"}
+    assert {m.role for m in result.models} == {"teacher", "student"}
     assert dataset.read_manifest(f"{root}/unlabelled").num_rows == 200
 
 

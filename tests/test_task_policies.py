@@ -10,6 +10,7 @@ import pytest
 from prefect.serializers import JSONSerializer
 
 import noisy_student
+from noisy_student.evaluation.scores import ChoiceScores
 from noisy_student.stages.records import (
     PromotionDecision,
     PseudoLabelShard,
@@ -18,6 +19,7 @@ from noisy_student.stages.records import (
     TrainedModel,
 )
 from tasks import policies
+from tests.conftest import model_scores
 
 
 def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
@@ -39,7 +41,28 @@ def test_every_record_a_task_returns_reads_back_equal_from_its_json_result():
             seconds=2.5,
             per_class=[{"class": 0, "kept": 8, "final": 9, "name": "T-shirt/top"}],
         ),
-        Robustness("/r/rob", "run3", 3.0, [{"role": "student", "per_corruption": {"fog": 0.5}}]),
+        Robustness(
+            url="/r/rob",
+            mlflow_run_id="run3",
+            seconds=3.0,
+            models=[
+                model_scores(
+                    role="student",
+                    per_corruption={"fog": 0.5},
+                    test_accuracy_interval=[0.7, 0.8],
+                    per_severity_interval={"fog": [[0.4, 0.6], None]},
+                    choice=ChoiceScores(
+                        split="validation",
+                        images=50,
+                        accuracy=0.8,
+                        accuracy_interval=[0.7, 0.9],
+                        corruption_accuracy=0.6,
+                        corruption_accuracy_interval=[0.5, 0.7],
+                    ),  # fmt: skip
+                    per_class={"classes": [{"class": "a", "precision": None}]},
+                )
+            ],
+        ),
         PromotionDecision(
             registered_model="ns",
             version="2",

@@ -41,6 +41,7 @@ from noisy_student.data import dataset, dataset_writer, storage
 from noisy_student.data.prefetch import prefetch
 from noisy_student.errors import UserError
 from noisy_student.evaluation import corruptions, statistics
+from noisy_student.evaluation.scores import ChoiceScores
 from noisy_student.training import augment, engine
 
 SUITE_DIR = "test-corrupted"  # the test split's: suite_dir(split) for any split
@@ -870,17 +871,16 @@ def choice_score(
     names: list[str],
     severities: list[int],
     seed: int = 0,
-) -> dict[str, Any]:
+) -> ChoiceScores:
     """What a model scores on the suite choices are made on: its clean accuracy and its
     accuracy under the gate's corruptions, with 95% intervals."""
     clean = _clean(rows)
-    return {
-        "split": split,
-        "images": int(clean["images"]),
-        "accuracy": float(clean["accuracy"]),
-        "accuracy_interval": _interval(clean),
-        "corruption_accuracy": float(per_image_accuracy(predictions, names, severities).mean()),
-        "corruption_accuracy_interval": _bootstrap(
-            per_image_accuracy(predictions, names, severities), seed
-        ),
-    }
+    corrupted = per_image_accuracy(predictions, names, severities)
+    return ChoiceScores(
+        split=split,
+        images=int(clean["images"]),
+        accuracy=float(clean["accuracy"]),
+        accuracy_interval=_interval(clean),
+        corruption_accuracy=float(corrupted.mean()),
+        corruption_accuracy_interval=_bootstrap(corrupted, seed),
+    )

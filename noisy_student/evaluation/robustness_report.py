@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-Model = dict[str, Any]
+from noisy_student.evaluation.scores import ModelScores
+
+Model = ModelScores
 
 
 def _png(fig: Figure) -> bytes:
@@ -34,8 +36,8 @@ def accuracy_vs_severity(models: list[Model], names: list[str], severities: list
     xs = [0, *severities]
     for ax, name in zip(axes.flat, names, strict=False):
         for m in models:
-            ys = [100 * m["test_accuracy"]] + [100 * a for a in m["per_severity"][name]]
-            ax.plot(xs, ys, marker="o", markersize=3, label=m["label"])
+            ys = [100 * m.test_accuracy] + [100 * a for a in m.per_severity[name]]
+            ax.plot(xs, ys, marker="o", markersize=3, label=m.label)
         ax.set_title(name, fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_xticks(xs)
@@ -56,10 +58,10 @@ def mce_per_iteration(models: list[Model]) -> bytes:
     fig = Figure(figsize=(1.2 * len(models) + 3, 3.6), layout="constrained")
     ax = fig.subplots()
     xs = range(len(models))
-    ax.plot(xs, [100 * m["mce"] for m in models], marker="o", label="mCE")
-    ax.plot(xs, [100 * m["relative_mce"] for m in models], marker="s", label="relative mCE")
+    ax.plot(xs, [100 * m.mce for m in models], marker="o", label="mCE")
+    ax.plot(xs, [100 * m.relative_mce for m in models], marker="s", label="relative mCE")
     ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xticks(list(xs), [m["label"] for m in models])
+    ax.set_xticks(list(xs), [m.label for m in models])
     ax.set_ylabel("% of the baseline (lower is better)")
     ax.set_title("Corruption error per iteration")
     ax.grid(alpha=0.3)
@@ -71,9 +73,9 @@ def fgsm_accuracy(models: list[Model]) -> bytes:
     fig = Figure(figsize=(5, 3.6), layout="constrained")
     ax = fig.subplots()
     for m in models:
-        eps = ["0", *m["fgsm_accuracy"]]
-        acc = [100 * m["test_accuracy"], *(100 * a for a in m["fgsm_accuracy"].values())]
-        ax.plot(eps, acc, marker="o", label=m["label"])
+        eps = ["0", *m.fgsm_accuracy]
+        acc = [100 * m.test_accuracy, *(100 * a for a in m.fgsm_accuracy.values())]
+        ax.plot(eps, acc, marker="o", label=m.label)
     ax.set_xlabel("FGSM epsilon (per pixel, of 255)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -86,7 +88,7 @@ def fgsm_accuracy(models: list[Model]) -> bytes:
 def confusion_matrix(m: Model, class_names: list[str]) -> bytes:
     """The model's confusion matrix on the test split, each row (true class) in % of its
     images, with the counts written in the cells."""
-    counts = np.array(m["per_class"]["confusion_matrix"], dtype=np.float64)
+    counts = np.array(m.per_class["confusion_matrix"], dtype=np.float64)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     k = len(class_names)
     fig = Figure(figsize=(0.55 * k + 2.5, 0.55 * k + 1.6), layout="constrained")
@@ -100,7 +102,7 @@ def confusion_matrix(m: Model, class_names: list[str]) -> bytes:
     ax.set_yticks(range(k), class_names, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{m['label']} ({m['model']}): test split", fontsize=9)
+    ax.set_title(f"{m.label} ({m.model}): test split", fontsize=9)
     return _png(fig)
 
 
@@ -117,11 +119,11 @@ def figures(
         "accuracy_vs_severity.png": accuracy_vs_severity(current, names, severities),
         "mce_per_iteration.png": mce_per_iteration(run),
     }
-    if current and current[0]["fgsm_accuracy"]:
+    if current and current[0].fgsm_accuracy:
         out["fgsm_accuracy.png"] = fgsm_accuracy(current)
     for m in current:
-        if class_names and "per_class" in m:
-            out[f"confusion_{m['role']}.png"] = confusion_matrix(m, class_names)
+        if class_names and m.per_class is not None:
+            out[f"confusion_{m.role}.png"] = confusion_matrix(m, class_names)
     return out
 
 
@@ -206,22 +208,20 @@ def _what_was_measured(
 
 
 def _headline(run: list[Model]) -> list[str]:
-    eps = list(run[0]["fgsm_accuracy"]) if run else []
+    eps = list(run[0].fgsm_accuracy) if run else []
     head = ["model", "clean accuracy", "corrupted accuracy", "mCE", "relative mCE"]
     head += ["ECE clean", "ECE corrupted", *(f"FGSM {e}" for e in eps)]
     rows = [
         [
-            f"{m['label']} ({m['model']})",
-            _with_interval(m["test_accuracy"], m.get("test_accuracy_interval")),
-            _with_interval(m["corruption_accuracy"], m.get("corruption_accuracy_interval")),
-            _pct(m["mce"]),
-            _pct(m["relative_mce"]),
-            _pct(m["ece_clean"]),
-            _pct(m["ece_corrupted"]),
+            f"{m.label} ({m.model})",
+            _with_interval(m.test_accuracy, m.test_accuracy_interval),
+            _with_interval(m.corruption_accuracy, m.corruption_accuracy_interval),
+            _pct(m.mce),
+            _pct(m.relative_mce),
+            _pct(m.ece_clean),
+            _pct(m.ece_corrupted),
             *(
-                _with_interval(
-                    m["fgsm_accuracy"][e], (m.get("fgsm_accuracy_interval") or {}).get(e)
-                )
+                _with_interval(m.fgsm_accuracy[e], (m.fgsm_accuracy_interval or {}).get(e))
                 for e in eps
             ),
         ]
@@ -231,16 +231,16 @@ def _headline(run: list[Model]) -> list[str]:
 
 
 def _choice_split(run: list[Model], chosen_on: str) -> list[str]:
-    chosen = [m for m in run if m.get("choice")]
+    chosen = [m for m in run if m.choice]
     if not chosen:
         return []
     rows = [
         [
-            f"{m['label']} ({m['model']})",
-            _with_interval(m["choice"]["accuracy"], m["choice"]["accuracy_interval"]),
+            f"{m.label} ({m.model})",
+            _with_interval(m.choice.accuracy, m.choice.accuracy_interval),
             _with_interval(
-                m["choice"]["corruption_accuracy"],
-                m["choice"]["corruption_accuracy_interval"],
+                m.choice.corruption_accuracy,
+                m.choice.corruption_accuracy_interval,
             ),
         ]
         for m in chosen
@@ -254,27 +254,27 @@ def _choice_split(run: list[Model], chosen_on: str) -> list[str]:
 
 
 def _corruption_errors(run: list[Model], names: list[str], groups: dict[str, str]) -> list[str]:
-    rows = [[name, groups[name], *(_pct(m["ce"][name]) for m in run)] for name in names]
-    rows.append(["**mCE**", "", *(f"**{_pct(m['mce'])}**" for m in run)])
-    return _table(["corruption", "group", *(m["label"] for m in run)], rows)
+    rows = [[name, groups[name], *(_pct(m.ce[name]) for m in run)] for name in names]
+    rows.append(["**mCE**", "", *(f"**{_pct(m.mce)}**" for m in run)])
+    return _table(["corruption", "group", *(m.label for m in run)], rows)
 
 
 def _per_severity(run: list[Model], names: list[str], severities: list[int]) -> list[str]:
     lines = []
     for m in run:
-        lines += [f"### {m['label']}: {m['model']} (MLflow run `{m['mlflow_run_id']}`)", ""]
+        lines += [f"### {m.label}: {m.model} (MLflow run `{m.mlflow_run_id}`)", ""]
         head = ["corruption", "clean", *map(str, severities), "mean"]
-        by_severity = m.get("per_severity_interval") or {}
-        by_corruption = m.get("per_corruption_interval") or {}
+        by_severity = m.per_severity_interval or {}
+        by_corruption = m.per_corruption_interval or {}
         rows = [
             [
                 name,
-                _pct(m["test_accuracy"]),
+                _pct(m.test_accuracy),
                 *(
                     _with_interval(a, by_severity[name][i] if name in by_severity else None)
-                    for i, a in enumerate(m["per_severity"][name])
+                    for i, a in enumerate(m.per_severity[name])
                 ),
-                _with_interval(m["per_corruption"][name], by_corruption.get(name)),
+                _with_interval(m.per_corruption[name], by_corruption.get(name)),
             ]
             for name in names
         ]
@@ -283,17 +283,17 @@ def _per_severity(run: list[Model], names: list[str], severities: list[int]) -> 
 
 
 def _per_class(run: list[Model], class_names: list[str] | None) -> list[str]:
-    with_classes = [m for m in run if m.get("per_class")]
+    with_classes = [m for m in run if m.per_class]
     if not (class_names and with_classes):
         return []
-    head = ["class", "images", *(f"{m['label']} P / R" for m in with_classes)]
+    head = ["class", "images", *(f"{m.label} P / R" for m in with_classes)]
     rows = [
         [
             name,
-            str(with_classes[0]["per_class"]["classes"][c]["images"]),
+            str(with_classes[0].per_class["classes"][c]["images"]),
             *(
-                f"{_pct(m['per_class']['classes'][c]['precision'])} / "
-                f"{_pct(m['per_class']['classes'][c]['recall'])}"
+                f"{_pct(m.per_class['classes'][c]['precision'])} / "
+                f"{_pct(m.per_class['classes'][c]['recall'])}"
                 for m in with_classes
             ),
         ]

@@ -35,6 +35,7 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 
 from noisy_student.data import storage
+from noisy_student.evaluation.scores import ModelScores
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "noisy_student."  # prefix of every lineage tag
@@ -224,13 +225,13 @@ def log_model_input(run_id: str, model_id: str | None) -> None:
 MODEL_FIGURES = ("test_accuracy", "corruption_accuracy", "mce", "relative_mce", "ece_clean")
 
 
-def log_model_figures(run_id: str, judged: list[dict[str, Any]], step: int = 0) -> None:
-    """Each judged model's figures (entries with `mlflow_run_id` and MODEL_FIGURES, as an
-    evaluation returns them) as metrics of its logged model, measured by `run_id`."""
+def log_model_figures(run_id: str, judged: list[ModelScores], step: int = 0) -> None:
+    """Each judged model's MODEL_FIGURES as metrics of its logged model, measured by
+    `run_id`."""
     for figures in judged:
-        model_id = logged_model_of_run(figures.get("mlflow_run_id", ""))
+        model_id = logged_model_of_run(figures.mlflow_run_id)
         if model_id:
-            metrics = {k: figures.get(k) for k in MODEL_FIGURES}
+            metrics = {k: getattr(figures, k) for k in MODEL_FIGURES}
             log_model_metrics(run_id, model_id, metrics, step)
 
 

@@ -8,6 +8,7 @@ by image."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 from noisy_student.evaluation import corruptions, robustness, statistics
 from noisy_student.evaluation import robustness_report as report
+from noisy_student.evaluation.scores import ChoiceScores, ModelScores
 from noisy_student.registry import tracking
 from noisy_student.stages.prepare_data import choice_split
 from noisy_student.stages.records import Robustness, TrainedModel
@@ -333,20 +335,20 @@ def score(
     baseline_rows: pd.DataFrame,
     cfg: EvaluationConfig,
     class_names: list[str],
-) -> list[dict[str, Any]]:
+) -> list[ModelScores]:
     """Each model of the run so far, in the order the run made them, with its scores: the
     test figures against the baseline, the choice split's, and per class."""
     tested = reported(history)
-    run: list[dict[str, Any]] = []
+    run: list[ModelScores] = []
     for m in robustness.chain(tested):
         test_predictions = _of(every_prediction, m["mlflow_run_id"], REPORTED)
         run.append(
-            {
-                "label": f"{m['role']} {m['iteration']}",
-                "role": m["role"],
-                "iteration": int(m["iteration"]),
-                "model": m["model"],
-                "mlflow_run_id": m["mlflow_run_id"],
+            ModelScores(
+                label=f"{m['role']} {m['iteration']}",
+                role=m["role"],
+                iteration=int(m["iteration"]),
+                model=m["model"],
+                mlflow_run_id=m["mlflow_run_id"],
                 **robustness.score(
                     _rows_of(tested, m),
                     baseline_rows,
@@ -355,14 +357,15 @@ def score(
                     test_predictions if len(test_predictions) else None,
                     cfg.seed,
                 ),
-                **_choice_and_classes(
+                choice=_choice(
                     _rows_of(history[history["suite"] == CHOICE], m),
                     _of(every_prediction, m["mlflow_run_id"], CHOICE),
-                    test_predictions,
                     cfg,
-                    class_names,
                 ),
-            }
+                per_class=robustness.class_report(test_predictions, class_names)
+                if len(test_predictions)
+                else None,
+            )
         )
     return run
 
@@ -375,25 +378,25 @@ def _rows_of(table: pd.DataFrame, m: pd.Series) -> pd.DataFrame:
 
 
 def _this_stages_models(
-    trained: list[TrainedModel], run: list[dict[str, Any]], iteration: int
-) -> list[dict[str, Any]]:
+    trained: list[TrainedModel], run: list[ModelScores], iteration: int
+) -> list[ModelScores]:
     """The scores of the models this stage was given, labelled by their role here."""
-    by_id = {m["mlflow_run_id"]: m for m in run}
+    by_id = {m.mlflow_run_id: m for m in run}
     current = []
     for t in trained:
         m, label = by_id[t.mlflow_run_id], f"{t.role} {iteration}"
-        if m["label"] != label:  # a teacher after iteration 1: an earlier student
-            label = f"{label} (= {m['label']})"
-        current.append({**m, "role": t.role, "label": label})
+        if m.label != label:  # a teacher after iteration 1: an earlier student
+            label = f"{label} (= {m.label})"
+        current.append(dataclasses.replace(m, role=t.role, label=label))
     return current
 
 
 def _baseline_record(
-    baseline_row: pd.Series, source: str | None, run: list[dict[str, Any]]
+    baseline_row: pd.Series, source: str | None, run: list[ModelScores]
 ) -> dict[str, Any]:
-    by_id = {m["mlflow_run_id"]: m for m in run}
+    by_id = {m.mlflow_run_id: m for m in run}
     return {
-        "label": by_id[baseline_row["mlflow_run_id"]]["label"]
+        "label": by_id[baseline_row["mlflow_run_id"]].label
         if baseline_row["mlflow_run_id"] in by_id
         else f"{baseline_row['role']} {baseline_row['iteration']}",
         "model": baseline_row["model"],
@@ -406,8 +409,8 @@ def publish(
     run_id: str,
     out_url: str,
     iteration: int,
-    current: list[dict[str, Any]],
-    run: list[dict[str, Any]],
+    current: list[ModelScores],
+    run: list[ModelScores],
     baseline: dict[str, Any],
     cfg: EvaluationConfig,
     suites: _Suites,
@@ -452,37 +455,29 @@ def _suite_description(cfg: EvaluationConfig, suites: _Suites) -> dict[str, Any]
     }
 
 
-def _choice_and_classes(
-    choice_rows: pd.DataFrame,
-    choice_predictions: pd.DataFrame,
-    test_predictions: pd.DataFrame,
-    cfg: EvaluationConfig,
-    class_names: list[str],
-) -> dict[str, Any]:
-    """A model's figures on the choice split (what the gate reads), and its per-class
-    precision and recall on the test split (reported)."""
-    out: dict[str, Any] = {}
-    if len(choice_rows) and len(choice_predictions):
-        out["choice"] = robustness.choice_score(
-            choice_rows["split"].iloc[0],
-            choice_rows,
-            choice_predictions,
-            cfg.corruptions,
-            cfg.gate.severities,
-            cfg.seed,
-        )
-    if len(test_predictions):
-        out["per_class"] = robustness.class_report(test_predictions, class_names)
-    return out
+def _choice(
+    choice_rows: pd.DataFrame, choice_predictions: pd.DataFrame, cfg: EvaluationConfig
+) -> ChoiceScores | None:
+    """A model's figures on the choice split (what the gate reads), where it was judged."""
+    if not (len(choice_rows) and len(choice_predictions)):
+        return None
+    return robustness.choice_score(
+        choice_rows["split"].iloc[0],
+        choice_rows,
+        choice_predictions,
+        cfg.corruptions,
+        cfg.gate.severities,
+        cfg.seed,
+    )
 
 
-def _log_model(run_id: str, parent_run_id: str, iteration: int, m: dict[str, Any]) -> None:
+def _log_model(run_id: str, parent_run_id: str, iteration: int, m: ModelScores) -> None:
     """A model's figures as metrics of the stage's run (and a few on the pipeline run, by
     iteration, so the MLflow UI charts them over the run), its per-class figures as a
     JSON artifact, and one log line."""
-    role = m["role"]
+    role = m.role
     metrics = {
-        f"{role}_{k}": m[k]
+        f"{role}_{k}": getattr(m, k)
         for k in (
             "test_accuracy",
             "corruption_accuracy",
@@ -492,35 +487,33 @@ def _log_model(run_id: str, parent_run_id: str, iteration: int, m: dict[str, Any
             "ece_corrupted",
         )
     }
-    metrics |= {f"{role}_{k}_accuracy": v for k, v in m["per_corruption"].items()}
-    metrics |= {f"{role}_fgsm_{e.split('/')[0]}_accuracy": v for e, v in m["fgsm_accuracy"].items()}
-    low, high = m["test_accuracy_interval"]
+    metrics |= {f"{role}_{k}_accuracy": v for k, v in m.per_corruption.items()}
+    metrics |= {f"{role}_fgsm_{e.split('/')[0]}_accuracy": v for e, v in m.fgsm_accuracy.items()}
+    low, high = m.test_accuracy_interval
     metrics |= {f"{role}_test_accuracy_low": low, f"{role}_test_accuracy_high": high}
-    choice = m.get("choice")
+    choice = m.choice
     if choice:
-        split = choice["split"]
+        split = choice.split
         metrics |= {
-            f"{role}_{split}_accuracy": choice["accuracy"],
-            f"{role}_{split}_corruption_accuracy": choice["corruption_accuracy"],
+            f"{role}_{split}_accuracy": choice.accuracy,
+            f"{role}_{split}_corruption_accuracy": choice.corruption_accuracy,
         }
     tracking.log_metrics(run_id, metrics)
     tracking.log_metrics(
         parent_run_id,
-        {f"{role}_mce": m["mce"], f"{role}_relative_mce": m["relative_mce"]},
+        {f"{role}_mce": m.mce, f"{role}_relative_mce": m.relative_mce},
         step=iteration,
     )
-    if "per_class" in m:
-        tracking.log_dict(run_id, m["per_class"], f"per_class/{role}.json")
-    fgsm = ", ".join(f"{e} {v:.1%}" for e, v in m["fgsm_accuracy"].items())
+    if m.per_class is not None:
+        tracking.log_dict(run_id, m.per_class, f"per_class/{role}.json")
+    fgsm = ", ".join(f"{e} {v:.1%}" for e, v in m.fgsm_accuracy.items())
     percent = statistics.percent
     chosen = (
-        f"; {choice['split']} {percent(choice['accuracy'], choice['accuracy_interval'])}"
-        if choice
-        else ""
+        f"; {choice.split} {percent(choice.accuracy, choice.accuracy_interval)}" if choice else ""
     )
     logger.info(
-        f"{role} {m['model']}: clean {percent(m['test_accuracy'], m['test_accuracy_interval'])}, "
-        f"corrupted {m['corruption_accuracy']:.2%}, mCE {100 * m['mce']:.1f}, relative mCE "
-        f"{100 * m['relative_mce']:.1f}, ECE {m['ece_clean']:.3f} clean / "
-        f"{m['ece_corrupted']:.3f} corrupted, FGSM {fgsm}{chosen}"
+        f"{role} {m.model}: clean {percent(m.test_accuracy, m.test_accuracy_interval)}, "
+        f"corrupted {m.corruption_accuracy:.2%}, mCE {100 * m.mce:.1f}, relative mCE "
+        f"{100 * m.relative_mce:.1f}, ECE {m.ece_clean:.3f} clean / "
+        f"{m.ece_corrupted:.3f} corrupted, FGSM {fgsm}{chosen}"
     )

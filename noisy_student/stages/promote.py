@@ -34,6 +34,7 @@ from noisy_student.config import EvaluationConfig, GateConfig, student_stem
 from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 from noisy_student.evaluation import robustness, statistics
+from noisy_student.evaluation.scores import ModelScores
 from noisy_student.registry import tracking
 from noisy_student.stages.evaluate_robustness import CHOICE, evaluate_robustness, read_predictions
 from noisy_student.stages.existing_teacher import CHAMPION, from_run
@@ -50,10 +51,10 @@ logger = logging.getLogger(__name__)
 CHALLENGER = "challenger"  # the alias of a student that did not pass the gate
 
 
-def run_models(robustness: list[Robustness]) -> dict[str, dict[str, Any]]:
+def run_models(robustness: list[Robustness]) -> dict[str, ModelScores]:
     """Every model this run evaluated, by MLflow run id, with its latest figures ("" is a
     first teacher given as a checkpoint URL, which has no run)."""
-    return {m["mlflow_run_id"]: m for r in robustness for m in r.models}
+    return {m.mlflow_run_id: m for r in robustness for m in r.models}
 
 
 def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
@@ -62,18 +63,18 @@ def figures(robustness: list[Robustness], run_id: str) -> dict[str, Any] | None:
     m = run_models(robustness).get(run_id)
     if m is None:
         return None
-    choice = m.get("choice") or {}
+    choice = m.choice
     return {
-        "chosen_on": choice.get("split"),
-        "accuracy": choice.get("accuracy"),
-        "accuracy_interval": choice.get("accuracy_interval"),
-        "corruption_accuracy": choice.get("corruption_accuracy"),
-        "corruption_accuracy_interval": choice.get("corruption_accuracy_interval"),
+        "chosen_on": choice and choice.split,
+        "accuracy": choice and choice.accuracy,
+        "accuracy_interval": choice and choice.accuracy_interval,
+        "corruption_accuracy": choice and choice.corruption_accuracy,
+        "corruption_accuracy_interval": choice and choice.corruption_accuracy_interval,
         "reported": {
-            "test_accuracy": m["test_accuracy"],
-            "test_accuracy_interval": m.get("test_accuracy_interval"),
-            "corruption_accuracy": m.get("corruption_accuracy"),
-            "mce": m.get("mce"),
+            "test_accuracy": m.test_accuracy,
+            "test_accuracy_interval": m.test_accuracy_interval,
+            "corruption_accuracy": m.corruption_accuracy,
+            "mce": m.mce,
         },
     }
 
@@ -219,7 +220,7 @@ def best_of_run(
     predictions: pd.DataFrame,
     student_run_id: str,
     evaluation: EvaluationConfig,
-) -> tuple[dict[str, Any], Comparison] | None:
+) -> tuple[ModelScores, Comparison] | None:
     """The most accurate model of this run on the choice split among those significantly
     more accurate than the final student there; None when there is none (the student
     stays the candidate)."""
@@ -234,10 +235,10 @@ def best_of_run(
     return max(better, key=lambda mc: mc[1].accuracy.first_accuracy, default=None)
 
 
-def _label(m: dict[str, Any]) -> str:
-    role, iteration = m.get("role"), m.get("iteration")
-    if role is None:
-        return f"run {m['mlflow_run_id']}"
+def _label(m: ModelScores) -> str:
+    role, iteration = m.role, m.iteration
+    if not role:
+        return f"run {m.mlflow_run_id}"
     # an iteration's teacher after the first is the previous iteration's student
     return (
         f"{role} {iteration}" if role == "student" or iteration == 1 else f"student {iteration - 1}"
@@ -283,24 +284,24 @@ def students_against_teachers(
     verdict; a student significantly below gets the note of what to try."""
     out = []
     for r in robustness:
-        roles = {m.get("role"): m for m in r.models}
+        roles = {m.role: m for m in r.models}
         t, s = roles.get("teacher"), roles.get("student")
-        if not (t and s and t["mlflow_run_id"] and "choice" in s and "choice" in t):
+        if not (t and s and t.mlflow_run_id and s.choice and t.choice):
             continue
-        c = compare(predictions, s["mlflow_run_id"], t["mlflow_run_id"], evaluation.gate,
+        c = compare(predictions, s.mlflow_run_id, t.mlflow_run_id, evaluation.gate,
                     evaluation.corruptions, evaluation.seed)  # fmt: skip
         entry = {
-            "iteration": s["iteration"],
+            "iteration": s.iteration,
             "verdict": c.verdict,
             "comparison": c.record(),
-            "sentence": describe(c, f"student {s['iteration']}", "its teacher")[0],
+            "sentence": describe(c, f"student {s.iteration}", "its teacher")[0],
         }
         if c.verdict == statistics.BELOW:
             entry["note"] = below_teacher_note(
-                s["iteration"],
-                s["model"],
+                s.iteration,
+                s.model,
                 c.accuracy.first_accuracy,
-                t["model"],
+                t.model,
                 c.accuracy.second_accuracy,
                 config,
                 f" on the {c.split} split, {c.verdict} "
@@ -496,7 +497,7 @@ def _comparison_tags(c: Comparison | None) -> dict[str, str]:
 
 
 def _stand_in(
-    best: dict[str, Any],
+    best: ModelScores,
     against_student: Comparison,
     predictions: pd.DataFrame,
     current: Any,
@@ -507,15 +508,15 @@ def _stand_in(
     """The run's best model at the gate in the final student's place: it takes `champion`
     on the same rule (a first teacher is registered as a version for it). Appends what
     happened to `reasons`; returns the record of it."""
-    label, run_id = _label(best), best["mlflow_run_id"]
+    label, run_id = _label(best), best.mlflow_run_id
     entry = {
         "label": label,
         "run_id": run_id,
-        "model": best.get("model"),
+        "model": best.model,
         "chosen_on": against_student.split,
         "accuracy": against_student.accuracy.first_accuracy,
         "against_final_student": against_student.record(),
-        "test_accuracy": best["test_accuracy"],  # reported only
+        "test_accuracy": best.test_accuracy,  # reported only
     }
     if current is not None and run_id == current.run_id:
         reasons.append(f"{label} is the champion (version {current.version}): it stays")

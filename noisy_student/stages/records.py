@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from noisy_student.data.dataset import TEST
+from noisy_student.evaluation.scores import ModelScores
 
 # what every record of a choice says when the dataset has no validation split
 CHOSEN_ON_TEST = "chosen on the test split"
@@ -55,12 +56,12 @@ class SelectedPseudoLabels:
     scored_all: int = 0  # all images whose true label is known: what `accuracy_all` is over
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Robustness:
     url: str
     mlflow_run_id: str
     seconds: float
-    models: list[dict[str, Any]] = field(default_factory=list)  # this stage's, with scores
+    models: list[ModelScores] = field(default_factory=list)  # this stage's
     table_url: str = ""  # robustness.parquet: one row per model and measurement
     report_url: str = ""  # robustness.md
     report: str = ""  # its Markdown, for a Prefect artifact
