@@ -724,7 +724,7 @@ def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int =
     depth, SGD, EMA) for one epoch over the selected rows (`select_everything`: uniform soft
     targets, the loss costs the same whatever they hold); no evaluation."""
     from noisy_student.data import training_data
-    from noisy_student.stages.train import _noise, _schedule
+    from noisy_student.stages.train import noise, schedule
 
     manifest = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
@@ -732,8 +732,8 @@ def loop_rate(cfg: StudentConfig, data_root: str, selected_url: str, seed: int =
     fit = engine.fit(
         model,
         training_data.labelled_rows(manifest),
-        _schedule(cfg.model_copy(update={"epochs": 1})),
-        _noise(cfg, manifest),
+        schedule(cfg.model_copy(update={"epochs": 1})),
+        noise(cfg, manifest.height, manifest.width),
         seed,
         pseudo=training_data.pseudo_labelled_rows(selected_url, unlabelled),
     )
