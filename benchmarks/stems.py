@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.accuracy import hardware
 from noisy_student.config import TeacherConfig
-from noisy_student.data import ingest
+from noisy_student.data import ingest, training_data
 from noisy_student.stages import train as training_stage
 from noisy_student.training import engine, models
 
@@ -60,15 +60,14 @@ def train(
     cfg = cfg.model_copy(update={"eval_every": epochs})
     schedule = training_stage.schedule(cfg)
     noise = training_stage.noise(cfg, 28, 28)
+    batches = [(test[0][i : i + 1024], test[1][i : i + 1024]) for i in range(0, len(test[1]), 1024)]
     fit = engine.fit(
         model,
-        images,
-        engine.one_hot(labels, 10),
+        training_data.TensorRows(images, engine.one_hot(labels, 10)),
         schedule,
         noise,
         seed,
-        eval_images=test[0],
-        eval_labels=test[1],
+        evaluation=batches,
     )
     return {
         "test_accuracy": fit.final_accuracy,
