@@ -420,6 +420,7 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
     """The real flow (its cached stages come back in seconds on the machine that ran them),
     its rows added to the table."""
     from flows.noisy_student import noisy_student
+    from noisy_student import results
 
     cpu_start = cpu_seconds()
     with table.timing("the flow") as elapsed:
@@ -443,9 +444,7 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
             test_accuracy=first["teacher"]["test_accuracy"],
             seed=cfg.seed,
         )
-    verdicts = {
-        v["iteration"]: v for v in summary["promotion"].get("students_against_teachers", [])
-    }
+    verdicts = results.verdicts(summary)
     for it in summary["iterations"]:
         name = f"student {it['iteration']}"
         if name not in todo:

@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks import scenes
 from benchmarks.accuracy import cpu_seconds, hardware
 from benchmarks.machine import describe
+from noisy_student import results
 from noisy_student.config import PipelineConfig, StudentConfig, TeacherConfig
 from noisy_student.data import ingest
 from noisy_student.evaluation import statistics
@@ -119,10 +120,7 @@ def measure(quick: bool) -> dict[str, Any]:
     n_test = counts["test"] * len(scenes.CLASSES)
     # the run's own verdicts: an exact McNemar test of each student against its teacher on
     # the same images (the test split here: the scenes have no validation split)
-    verdicts = {
-        v["iteration"]: v["verdict"]
-        for v in summary["promotion"].get("students_against_teachers", [])
-    }
+    verdicts = {k: v["verdict"] for k, v in results.verdicts(summary).items()}
     iterations = []
     for it in summary["iterations"]:
         t, s = it["teacher"]["test_accuracy"], it["student"]["test_accuracy"]

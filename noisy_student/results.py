@@ -234,7 +234,7 @@ def robustness_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _verdicts(summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def verdicts(summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """The gate's student-against-teacher comparisons, by iteration."""
     promotion = summary.get("promotion") or {}
     return {v["iteration"]: v for v in promotion.get("students_against_teachers", [])}
@@ -266,11 +266,11 @@ def table(summary: dict[str, Any]) -> str:
         "teacher/infer/filter/student/eval"
     )
     lines, notes = [head, "-" * len(head)], []
-    verdicts = _verdicts(summary)
+    verdicts_by_iteration = verdicts(summary)
     for it in summary["iterations"]:
         t, s, p, sec = it["teacher"], it["student"], it["pseudo_labels"], it["stage_seconds"]
         gain = 100 * (s["test_accuracy"] - t["test_accuracy"])
-        v = verdicts.get(it["iteration"], {})
+        v = verdicts_by_iteration.get(it["iteration"], {})
         if "note" in v:
             notes.append("! " + v["note"])
         times = "/".join(
@@ -293,7 +293,7 @@ def table(summary: dict[str, Any]) -> str:
             f"{_score(t['mce']):>5} -> {_score(s['mce']):<5}  {times}"
         )
     lines.append(chosen_on_line(summary))
-    lines += [v["sentence"] for _, v in sorted(verdicts.items()) if "sentence" in v]
+    lines += [v["sentence"] for _, v in sorted(verdicts_by_iteration.items()) if "sentence" in v]
     lines += notes
     promotion = summary.get("promotion") or {}
     if promotion.get("decision"):

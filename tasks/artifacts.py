@@ -15,6 +15,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from noisy_student import results
 from noisy_student.registry import tracking
 
 
@@ -35,10 +36,7 @@ def _interval(interval: list[float] | None) -> str | None:
 def results_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per iteration: the figures of the results table `noisy-student run` prints."""
     rows = []
-    verdicts = {
-        v["iteration"]: v["verdict"]
-        for v in (summary.get("promotion") or {}).get("students_against_teachers", [])
-    }
+    verdicts = {k: v["verdict"] for k, v in results.verdicts(summary).items()}
     for it in summary["iterations"]:
         t, s, p = it["teacher"], it["student"], it["pseudo_labels"]
         rows.append(
