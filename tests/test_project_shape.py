@@ -89,3 +89,57 @@ def test_the_readme_the_makefile_and_the_docs_give_one_duration_per_command():
         if seen[1] != duration:
             disagree.append(f"make {target}: {duration} in {where}, {seen[1]} in {seen[0]}")
     assert disagree == []
+
+
+# `$(UV) run python -m benchmarks.accuracy --quick`, `$(if $(QUICK),--quick)` expanded both ways
+BENCHMARK = re.compile(r"python -m (benchmarks\.\w+)(.*)$")
+CONDITIONAL = re.compile(r"\$\(if \$\((\w+)\),((?:[^()$]|\$\(\w+\))*)\)")
+
+
+class _Parsed(Exception):
+    """Raised once a benchmark's parser has accepted its arguments: nothing runs."""
+
+
+def _makefile_benchmark_commands() -> list[tuple[str, list[str]]]:
+    """(module, arguments) for each benchmark command of the Makefile, each conditional
+    argument once left out and once given (a variable standing for `VALUE`)."""
+    found = []
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        command = BENCHMARK.search(line)
+        if not command:
+            continue
+        module, rest = command.groups()
+        for given in (False, True):
+            expanded = CONDITIONAL.sub(lambda m, g=given: m.group(2) if g else "", rest)
+            expanded = re.sub(r"\$\((\w+)\)", "VALUE", expanded)
+            found.append((module, expanded.split()))
+    return found
+
+
+def test_the_makefile_runs_each_benchmark_with_arguments_it_accepts(monkeypatch):
+    """`make bench-accuracy` once passed a flag the benchmark no longer had: the target
+    failed at once, and no test ran it (a benchmark runs for hours)."""
+    import argparse
+    import importlib
+    import sys
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)  # exits 2 on an argument the benchmark does not take
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed_then_stop)
+    commands = _makefile_benchmark_commands()
+    assert {"benchmarks.accuracy", "benchmarks.labelling", "benchmarks.perf"} <= {
+        m for m, _ in commands
+    }
+    for module, arguments in commands:
+        monkeypatch.setattr(sys, "argv", [module, *arguments])
+        try:
+            importlib.import_module(module).main()
+        except _Parsed:
+            continue
+        except SystemExit as error:
+            raise AssertionError(f"make's {module} {' '.join(arguments)}: exit {error}") from None
+        raise AssertionError(f"{module}.main() did not parse its arguments")
