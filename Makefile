@@ -33,7 +33,7 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 # out the slow and integration ones), after the lint and the layer contract, so that CI
 # checks both
 test: setup compose-cli lint
-	$(UV) run pytest -q -m "slow or not slow"
+	$(UV) run pytest -q -m "slow or not slow" --durations=20
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
 compose-cli:
