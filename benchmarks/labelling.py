@@ -566,6 +566,8 @@ def main() -> None:
     work = REPO / "artifacts" / f"bench-{name}"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    # a progress bar per model loaded (hundreds in a run) buries the rows in the log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     identity = {k: v for k, v in setting.__dict__.items() if k != "seeds"}
     table = Table(RESULTS / f"{name}.json", json.loads(json.dumps(identity)))
     bench = Bench(setting, work, table)
