@@ -188,8 +188,14 @@ def test_a_student_takes_its_teachers_stem_unless_it_names_its_own(tmp_path):
     # started from the teacher's weights: built and fed exactly as the teacher
     same = models.student_options("students.0", None, True, url)
     assert same == {"options": models.Options(stem="half")}
-    with pytest.raises(UserError, match=r"^students\.0\.stem: stride1, but init_from_teacher"):
-        models.student_options("students.0", "stride1", True, url)
+    # ... but for a stem of its own: the weights keep their shapes
+    own_stem = models.student_options("students.0", "stride1", True, url)
+    assert own_stem == {"options": models.Options(stem="stride1")}
+    student = models.create("test_resnet", 10, 1, **own_stem)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        maps = student.forward_features(torch.zeros(1, 1, 28, 28)).shape[-2:]
+        assert maps != teacher.forward_features(torch.zeros(1, 1, 28, 28)).shape[-2:]
 
 
 @pytest.mark.slow  # teacher and student stages with MLflow: 14 s

@@ -373,18 +373,14 @@ def student_options(
     """`create`'s stem, keyword arguments and normalisation for a student of the teacher at
     `teacher_url`: the teacher's stem unless the student names its own (`key` is its config
     path), its own keyword arguments; a student started from the teacher's weights is built
-    and fed exactly as the teacher."""
+    and fed as the teacher, with its own stem if it names one (a stem sets strides, not
+    weight shapes: a half-stem student can start from a full-stem teacher)."""
     teacher = load_meta(teacher_url)
     if not init_from_teacher:
         return {"stem": stem or teacher.stem, "model_kwargs": model_kwargs or {}}
-    if stem is not None and stem != teacher.stem:
-        raise UserError(
-            f"{key}.stem: {stem}, but init_from_teacher starts from a teacher with stem "
-            f"{teacher.stem}"
-        )
     if model_kwargs and model_kwargs != teacher.model_kwargs:
         raise UserError(
             f"{key}.model_kwargs: {model_kwargs}, but init_from_teacher starts from a teacher "
             f"built with {teacher.model_kwargs or 'none'}"
         )
-    return {"options": teacher.options}
+    return {"options": replace(teacher.options, stem=stem or teacher.stem)}
