@@ -594,3 +594,36 @@ def test_a_selected_shard_left_empty_by_balancing_is_skipped_by_the_student(tmp_
     (block,) = rows.blocks
     assert block.targets.shape == (2, 2)
     assert rows.decode(0, block.rows).flatten().tolist() == [1] * 8
+
+
+@pytest.mark.slow  # MLflow runs, one small evaluation: 10-20 s
+def test_a_student_of_a_teacher_given_as_a_checkpoint_is_judged_against_it(
+    tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
+):
+    """`run --teacher CHECKPOINT`: a first teacher with no MLflow run of its own is still
+    measured against its student image by image, and the student gets its verdict."""
+    import torch
+
+    experiment = "ns-checkpoint-teacher"
+    parent = tracking.start_run(experiment, "pipeline")
+    evaluation = config.EvaluationConfig(
+        corruptions=["contrast"], severities=[1], corruption_images=20
+    )
+    torch.manual_seed(1)  # other weights than the student's
+    meta = models.ModelMeta("test_resnet", 10, 1, [str(i) for i in range(10)], 28, 28, "L")
+    url = models.save(models.create("test_resnet", 10, 1), meta, str(tmp_path / "checkpoint"))
+    teacher = stages.existing_teacher(url, experiment)
+    assert teacher.mlflow_run_id == ""  # a checkpoint, not a run
+    student = make_model_run(tmp_path, "student", experiment, 0.5)
+    measured = stages.evaluate_robustness(
+        [teacher, student], evaluation, tiny_dataset, str(tmp_path / "eval"), parent, 1
+    )
+    record = stages.promote(
+        student, [measured], experiment, evaluation, tiny_dataset, str(tmp_path / "run"),
+        parent, 1, config.load(SMOKE).model_dump(),
+    )  # fmt: skip
+    (verdict,) = record.students_against_teachers
+    assert verdict["iteration"] == 1
+    counts = verdict["comparison"]["accuracy"]
+    assert counts["only_first_right"] + counts["only_second_right"] > 0  # two models compared
+    assert verdict["sentence"].startswith("student 1 ")

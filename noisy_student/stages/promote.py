@@ -286,7 +286,9 @@ def students_against_teachers(
     for r in robustness:
         roles = {m.role: m for m in r.models}
         t, s = roles.get("teacher"), roles.get("student")
-        if not (t and s and t.mlflow_run_id and s.choice and t.choice):
+        # a first teacher given as a checkpoint has no MLflow run: its predictions are
+        # still the run's own, under an empty run id
+        if not (t and s and s.choice and t.choice):
             continue
         c = compare(predictions, s.mlflow_run_id, t.mlflow_run_id, evaluation.gate,
                     evaluation.corruptions, evaluation.seed)  # fmt: skip
