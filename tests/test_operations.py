@@ -260,6 +260,20 @@ def make_model_run(tmp_path, name: str, experiment: str, accuracy: float) -> Tra
     return TrainedModel("student", 1, "test_resnet", url, run_id, accuracy, 1.0)
 
 
+def evaluated_and_gated(
+    trained: list[TrainedModel], experiment: str, evaluation, dataset: str, out, parent: str
+):
+    """The last of `trained` (a teacher, then its student) through evaluate_robustness and
+    the promotion gate, as the flow's iteration 1 does; the gate's record."""
+    measured = stages.evaluate_robustness(
+        trained, evaluation, dataset, str(out / "eval"), parent, 1
+    )
+    return stages.promote(
+        trained[-1], [measured], experiment, evaluation, dataset, str(out / "run"), parent, 1,
+        config.load(SMOKE).model_dump(),
+    )  # fmt: skip
+
+
 @pytest.mark.slow  # MLflow runs and registry, two small evaluations: 15-30 s
 def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     tmp_path, mlflow_uri, tiny_dataset, torch_one_thread
@@ -275,13 +289,9 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
 
     first = make_model_run(tmp_path, "first", experiment, 0.5)
     its_teacher = replace(make_model_run(tmp_path, "teacher", experiment, 0.5), role="teacher")
-    alone = stages.evaluate_robustness(
-        [its_teacher, first], evaluation, tiny_dataset, str(tmp_path / "eval1"), parent, 1
+    record = evaluated_and_gated(
+        [its_teacher, first], experiment, evaluation, tiny_dataset, tmp_path / "1", parent
     )
-    record = stages.promote(
-        first, [alone], experiment, evaluation, tiny_dataset,
-        str(tmp_path / "run1"), parent, 1, config.load(SMOKE).model_dump(),
-    )  # fmt: skip
     assert record.decision == "champion" and record.champion is None
 
     # the champion comes back as a teacher, from its checkpoint
@@ -295,13 +305,9 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
 
     # the same (seeded) weights again: no better beyond chance, so not promoted
     same = make_model_run(tmp_path, "same", experiment, 0.5)
-    side_by_side = stages.evaluate_robustness(
-        [teacher, same], evaluation, tiny_dataset, str(tmp_path / "eval2"), parent, 1
+    record = evaluated_and_gated(
+        [teacher, same], experiment, evaluation, tiny_dataset, tmp_path / "2", parent
     )
-    record = stages.promote(
-        same, [side_by_side], experiment, evaluation, tiny_dataset, str(tmp_path / "run2"),
-        parent, 1, config.load(SMOKE).model_dump(),
-    )  # fmt: skip
     assert record.decision == "challenger"
     assert record.champion["run_id"] == first.mlflow_run_id
     assert record.comparison["accuracy"]["only_first_right"] == 0
@@ -318,7 +324,7 @@ def test_gate_moves_the_champion_alias_or_marks_a_challenger_and_records_why(
     assert client.get_run(same.mlflow_run_id).data.tags[f"{tracking.TAG}promotion"] == (
         "challenger"
     )
-    assert storage.read_json(str(tmp_path / "run2" / "promotion.json")) == record.record()
+    assert storage.read_json(str(tmp_path / "2" / "run" / "promotion.json")) == record.record()
     assert record.record()["note"] == "chosen on the test split"
     logged = client.download_artifacts(parent, "promotion.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["decision"] == "challenger"
@@ -340,13 +346,9 @@ def test_gate_measures_a_champion_from_another_run_as_the_student_was_measured(
     # this run: its own first teacher and a student, evaluated side by side
     teacher = replace(make_model_run(tmp_path, "teacher", experiment, 0.3), role="teacher")
     student = make_model_run(tmp_path, "student", experiment, 0.3)
-    this_run = stages.evaluate_robustness(
-        [teacher, student], evaluation, tiny_dataset, str(tmp_path / "eval"), parent, 1
+    record = evaluated_and_gated(
+        [teacher, student], experiment, evaluation, tiny_dataset, tmp_path, parent
     )
-    record = stages.promote(
-        student, [this_run], experiment, evaluation, tiny_dataset, str(tmp_path / "run"),
-        parent, 1, config.load(SMOKE).model_dump(),
-    )  # fmt: skip
     measured = storage.read_parquet(str(tmp_path / "run/promotion/robustness/robustness.parquet"))
     assert set(measured.column("mlflow_run_id").to_pylist()) == {champion.mlflow_run_id}
     # the same weights (seeded) measured the same way, against the same baseline (this
@@ -615,13 +617,9 @@ def test_a_student_of_a_teacher_given_as_a_checkpoint_is_judged_against_it(
     teacher = stages.existing_teacher(url, experiment)
     assert teacher.mlflow_run_id == ""  # a checkpoint, not a run
     student = make_model_run(tmp_path, "student", experiment, 0.5)
-    measured = stages.evaluate_robustness(
-        [teacher, student], evaluation, tiny_dataset, str(tmp_path / "eval"), parent, 1
+    record = evaluated_and_gated(
+        [teacher, student], experiment, evaluation, tiny_dataset, tmp_path, parent
     )
-    record = stages.promote(
-        student, [measured], experiment, evaluation, tiny_dataset, str(tmp_path / "run"),
-        parent, 1, config.load(SMOKE).model_dump(),
-    )  # fmt: skip
     (verdict,) = record.students_against_teachers
     assert verdict["iteration"] == 1
     counts = verdict["comparison"]["accuracy"]
