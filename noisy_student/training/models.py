@@ -376,11 +376,12 @@ def student_options(
     and fed as the teacher, with its own stem if it names one (a stem sets strides, not
     weight shapes: a half-stem student can start from a full-stem teacher)."""
     teacher = load_meta(teacher_url)
+    stem = stem or teacher.stem
     if not init_from_teacher:
-        return {"stem": stem or teacher.stem, "model_kwargs": model_kwargs or {}}
+        return {"stem": stem, "model_kwargs": model_kwargs or {}}
     if model_kwargs and model_kwargs != teacher.model_kwargs:
         raise UserError(
             f"{key}.model_kwargs: {model_kwargs}, but init_from_teacher starts from a teacher "
             f"built with {teacher.model_kwargs or 'none'}"
         )
-    return {"options": replace(teacher.options, stem=stem or teacher.stem)}
+    return {"options": replace(teacher.options, stem=stem)}
