@@ -37,6 +37,7 @@ accuracy, which the thread count does not change.
     uv run python -m benchmarks.labelling            # hours on 2 CPU cores (make bench-labelling)
     uv run python -m benchmarks.labelling --quick    # a slice and tiny models: the harness
     uv run python -m benchmarks.labelling --tiers teacher --seeds 0
+    uv run python -m benchmarks.labelling --report   # the table again from the result file
 
 Writes benchmarks/results/labelling.json and labelling.md (or labelling-quick.*).
 """
@@ -499,7 +500,20 @@ def markdown(table: Table, setting: Setting, result: dict[str, Any]) -> str:
         summary = result["summary"].get(tier)
         if not summary or not summary["strategies"]:
             continue
-        lines += ["", f"## {tier.capitalize()} tier: {what}", ""]
+        seeds = summary["seeds"]
+        lines += [
+            "",
+            f"## {tier.capitalize()} tier: {what}",
+            "",
+            f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+            + (
+                f" of {', '.join(map(str, setting.seeds))}"
+                if len(seeds) < len(setting.seeds)
+                else ""
+            )
+            + ".",
+            "",
+        ]
         header = ["strategy"] + [f"round {k}" for k in range(setting.rounds + 1)]
         header += ["minus random (95% CI over seeds)", "McNemar p per seed", "validation",
                    "labels to reach random"]  # fmt: skip
@@ -548,7 +562,7 @@ def markdown(table: Table, setting: Setting, result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a slice and tiny models")
     parser.add_argument("--tiers", nargs="+", default=["teacher", "pipeline"],
@@ -559,7 +573,10 @@ def main() -> None:
         help="the strategy the pipeline tier sets against random (default: the teacher tier's "
         "choice on validation)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--report", action="store_true", help="only write the table again from the result file"
+    )
+    args = parser.parse_args(argv)
     flush_denormals()
     setting = QUICK if args.quick else FULL
     name = "labelling-quick" if args.quick else "labelling"
@@ -569,17 +586,22 @@ def main() -> None:
     # a progress bar per model loaded (hundreds in a run) buries the rows in the log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     identity = {k: v for k, v in setting.__dict__.items() if k != "seeds"}
+    if args.report and not (RESULTS / f"{name}.json").exists():
+        raise SystemExit(f"--report: no result file {RESULTS / name}.json to write the table from")
     table = Table(RESULTS / f"{name}.json", json.loads(json.dumps(identity)))
     bench = Bench(setting, work, table)
     seeds = [s for s in setting.seeds if args.seeds is None or s in args.seeds]
 
     def write() -> dict[str, Any]:
-        result = table.save(complete=False)
+        # --report: the file as it is (its date and attempts untouched), the table again
+        result = json.loads(table.path.read_text()) if args.report else table.save()
         result["summary"] = {t: summarise(table, setting, t) for t in ("teacher", "pipeline")}
         result["default"] = chosen_default(result["summary"]["teacher"])
         (RESULTS / f"{name}.md").write_text(markdown(table, setting, result))
         return result
 
+    if args.report:
+        args.tiers = []
     if "teacher" in args.tiers:
         for seed in seeds:
             bench.teacher_tier(seed, list(STRATEGIES))

@@ -76,3 +76,41 @@ def test_the_summary_pairs_each_seed_with_random_and_picks_the_default_on_valida
     )  # fmt: skip
     assert "`margin`, which beats `random` beyond seed noise" in text
     assert "| `margin` | 80.00% ± 0.00 | 82.00% ± 0.00 | 85.10% ± 0.10 | +3.10 (" in text
+
+
+def test_report_writes_the_table_again_from_the_file_and_names_each_tiers_seeds(
+    tmp_path, monkeypatch
+):
+    """`--report` rewrites labelling.md from the result file alone (nothing measured, the
+    file untouched), and a tier measured on fewer seeds than the setting's says which."""
+    monkeypatch.setattr(labelling, "REPO", tmp_path)
+    monkeypatch.setattr(labelling, "RESULTS", tmp_path / "results")
+    with pytest.raises(SystemExit, match="no result file .*labelling-quick.json"):
+        labelling.main(["--quick", "--report"])
+    setting = labelling.QUICK
+    identity = {k: v for k, v in setting.__dict__.items() if k != "seeds"}
+    table = Table(tmp_path / "results" / "labelling-quick.json", identity)
+    right = np.random.default_rng(2).random(500) < 0.8
+    for tier, seeds in (("teacher", setting.seeds), ("pipeline", setting.seeds[:1])):
+        for seed in seeds:
+            table.add(
+                f"{tier} seed {seed} round 0", 1.0, tier=tier, seed=seed, strategy=None,
+                round=0, labels=100, model="m", test_accuracy=0.8, validation_accuracy=0.8,
+                test_images=500, test_correct=labelling.bits(right),
+            )  # fmt: skip
+            for strategy in ("margin", "random"):
+                for k in range(1, setting.rounds + 1):
+                    table.add(
+                        f"{tier} seed {seed} {strategy} round {k}", 1.0, tier=tier, seed=seed,
+                        strategy=strategy, round=k, labels=100 + 10 * k, model="m",
+                        test_accuracy=0.8 + 0.01 * k, validation_accuracy=0.8,
+                        test_images=500, test_correct=labelling.bits(right),
+                    )  # fmt: skip
+    before = table.path.read_bytes()
+    labelling.main(["--quick", "--report"])
+    assert table.path.read_bytes() == before
+    text = (tmp_path / "results" / "labelling-quick.md").read_text()
+    teacher, pipeline = text.split("## Pipeline tier")
+    assert f"Seeds {', '.join(map(str, setting.seeds))}.\n" in teacher
+    assert f"Seed {setting.seeds[0]} of {', '.join(map(str, setting.seeds))}.\n" in pipeline
+    assert "Chosen on validation (teacher tier, last round): `margin`" in text
