@@ -466,9 +466,17 @@ def summarise(table: Table, setting: Setting, tier: str) -> dict[str, Any]:
 
 
 def chosen_default(summary: dict[str, Any]) -> str | None:
-    """The strategy with the best mean validation accuracy after the last round."""
+    """The strategy with the best mean validation accuracy after the last round. A tie
+    (the same number of validation images right, over the same seeds) keeps the
+    configured default (`labelling.strategy`): a strategy replaces it only by beating it;
+    other ties go to the first in the strategies' order."""
     done = {s: e for s, e in summary["strategies"].items() if s != "random" and e["seeds_done"]}
-    return max(done, key=lambda s: done[s]["validation_accuracy"]) if done else None
+    if not done:
+        return None
+    best = max(round(e["validation_accuracy"], 6) for e in done.values())  # no float noise
+    tied = [s for s in STRATEGIES if s in done and round(done[s]["validation_accuracy"], 6) == best]
+    incumbent = config.LabellingConfig().strategy
+    return incumbent if incumbent in tied else tied[0]
 
 
 def beats_random(entry: dict[str, Any]) -> bool:

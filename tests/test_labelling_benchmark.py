@@ -114,3 +114,32 @@ def test_report_writes_the_table_again_from_the_file_and_names_each_tiers_seeds(
     assert f"Seeds {', '.join(map(str, setting.seeds))}.\n" in teacher
     assert f"Seed {setting.seeds[0]} of {', '.join(map(str, setting.seeds))}.\n" in pipeline
     assert "Chosen on validation (teacher tier, last round): `margin`" in text
+
+
+def test_a_tie_on_validation_keeps_the_configured_default():
+    """Validation is 500 images a seed: three strategies can get the same number right.
+    Then the configured default stays (a strategy replaces it only by beating it), and a
+    tie without it goes to the first strategy in the documented order."""
+    import statistics
+
+    from noisy_student import config
+
+    def summary(**validation: list[float]) -> dict:
+        return {
+            "strategies": {
+                s: {"seeds_done": len(v), "validation_accuracy": statistics.fmean(v)}
+                for s, v in validation.items()
+            }
+        }
+
+    default = config.LabellingConfig().strategy
+    assert default == "margin"  # the rest of this test is written for it
+    tie = {"least_confident": [0.874, 0.882, 0.866], "margin": [0.884, 0.880, 0.858]}
+    assert labelling.chosen_default(summary(**tie, random=[0.9, 0.9, 0.9])) == "margin"
+    assert labelling.chosen_default(summary(**tie, balanced=[0.876, 0.882, 0.866])) == "balanced"
+    assert (
+        labelling.chosen_default(
+            summary(disagreement=[0.874, 0.882, 0.866], least_confident=[0.866, 0.882, 0.874])
+        )
+        == "least_confident"
+    )
