@@ -470,13 +470,19 @@ def chosen_default(summary: dict[str, Any]) -> str | None:
     (the same number of validation images right, over the same seeds) keeps the
     configured default (`labelling.strategy`): a strategy replaces it only by beating it;
     other ties go to the first in the strategies' order."""
+    tied = best_on_validation(summary)
+    incumbent = config.LabellingConfig().strategy
+    return None if not tied else incumbent if incumbent in tied else tied[0]
+
+
+def best_on_validation(summary: dict[str, Any]) -> list[str]:
+    """The strategies (not `random`) with the best mean validation accuracy after the last
+    round, in the strategies' order: more than one where they tie."""
     done = {s: e for s, e in summary["strategies"].items() if s != "random" and e["seeds_done"]}
     if not done:
-        return None
+        return []
     best = max(round(e["validation_accuracy"], 6) for e in done.values())  # no float noise
-    tied = [s for s in STRATEGIES if s in done and round(done[s]["validation_accuracy"], 6) == best]
-    incumbent = config.LabellingConfig().strategy
-    return incumbent if incumbent in tied else tied[0]
+    return [s for s in STRATEGIES if s in done and round(done[s]["validation_accuracy"], 6) == best]
 
 
 def beats_random(entry: dict[str, Any]) -> bool:
@@ -558,9 +564,21 @@ def markdown(table: Table, setting: Setting, result: dict[str, Any]) -> str:
     if chosen:
         entry = result["summary"]["teacher"]["strategies"][chosen]
         verdict = "beats" if beats_random(entry) else "does not beat"
+        tied = [s for s in best_on_validation(result["summary"]["teacher"]) if s != chosen]
         lines += [
             "",
-            f"Chosen on validation (teacher tier, last round): `{chosen}`, which {verdict} "
+            f"Chosen on validation (teacher tier, last round): `{chosen}`"
+            + (
+                f" (tied there with {', '.join(f'`{s}`' for s in tied)}: "
+                + (
+                    "a tie keeps the configured default)"
+                    if chosen == config.LabellingConfig().strategy
+                    else "the first in the strategies' order)"
+                )
+                if tied
+                else ""
+            )
+            + f", which {verdict} "
             "`random` beyond seed noise on test (the 95% interval of its paired difference "
             + ("excludes" if beats_random(entry) else "includes")
             + " zero).",
