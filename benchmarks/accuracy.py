@@ -33,6 +33,7 @@ import platform
 import re
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -224,6 +225,8 @@ def row_names(cfg: PipelineConfig) -> list[str]:
 
 
 # what a table keeps beside its rows from one attempt to the next
+HEARTBEAT_SECONDS = 60.0  # how stale a row's running time may be when a kill gives no signal
+
 KEPT = (
     "run_id",
     "mlflow",
@@ -242,10 +245,13 @@ class Table:
     attempt that finished it went on from them or started over (a fresh machine keeps no
     saved state) only the log tells. Two benchmark processes may measure different rows of
     one table at once (e.g. the ceilings beside the flow): every save merges the rows the
-    file holds, under a lock."""
+    file holds, under a lock. A sitting's end may kill without a signal to catch (SIGKILL):
+    a running row's seconds are saved every HEARTBEAT_SECONDS, so they are kept then too."""
 
     def __init__(self, path: Path, identity: dict[str, Any]):
         self.path, self.identity = path, identity
+        self._lock = threading.RLock()  # the heartbeat saves from a thread of its own
+        self._mine: set[str] = set()  # rows whose interrupted seconds this process keeps
         old = json.loads(path.read_text()) if path.exists() else {}
         same = old.get("identity") == identity
         self.rows: list[dict[str, Any]] = old.get("rows", []) if same else []
@@ -257,21 +263,29 @@ class Table:
         return any(r["row"] == name for r in self.rows)
 
     def add(self, name: str, seconds: float, **fields: Any) -> None:
-        if name in self.interrupted:
-            fields["interrupted_seconds"] = round(self.interrupted.pop(name), 1)
-        self.rows = [r for r in self.rows if r["row"] != name]
-        self.rows.append(
-            {"row": name, **fields, "hardware": hardware(), "wall_seconds": round(seconds, 1)}
-        )
+        with self._lock:
+            if before := self.settle(name):
+                fields["interrupted_seconds"] = round(before, 1)
+            self.rows = [r for r in self.rows if r["row"] != name]
+            self.rows.append(
+                {"row": name, **fields, "hardware": hardware(), "wall_seconds": round(seconds, 1)}
+            )
         print(
             f"{name}: {100 * fields['test_accuracy']:.2f}% ({fields['model']}, {seconds:.0f} s)",
             flush=True,
         )
         self.save()
 
+    def settle(self, name: str) -> float:
+        """The seconds of a row's interrupted attempts, taken off the list of those still
+        to finish (and off the file's at the next save)."""
+        with self._lock:
+            self._mine.add(name)
+            return self.interrupted.pop(name, 0.0)
+
     def save(self, complete: bool = False) -> dict[str, Any]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        with self._lock, open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._merge_from_file()
             result = {
@@ -300,7 +314,14 @@ class Table:
         mine = {r["row"] for r in self.rows}
         self.rows += [r for r in theirs.get("rows", []) if r["row"] not in mine]
         done = {r["row"] for r in self.rows}
-        merged = {**theirs.get("interrupted_seconds", {}), **self.interrupted}
+        # another process's running rows: the file's seconds are the fresher; this one's
+        # own (running, or settled and so gone) are its own to say
+        merged = dict(theirs.get("interrupted_seconds", {}))
+        for name in self._mine:
+            if name in self.interrupted:
+                merged[name] = self.interrupted[name]
+            else:
+                merged.pop(name, None)
         self.interrupted = {k: v for k, v in merged.items() if k not in done}
         self.extra = {**{k: theirs[k] for k in KEPT if k in theirs}, **self.extra}
 
@@ -326,14 +347,41 @@ class Table:
 
     @contextmanager
     def timing(self, name: str) -> Iterator[Callable[[], float]]:
-        """Yields the seconds since the row started; on SIGINT/SIGTERM keeps them."""
+        """Yields the seconds since the row started. While it runs, they are saved as the
+        row's interrupted seconds (on top of earlier attempts') every HEARTBEAT_SECONDS and
+        on SIGINT/SIGTERM; when it ends, the earlier attempts' alone are left for `add`."""
+        with self._lock:
+            self._mine.add(name)
+            before = self.interrupted.get(name, 0.0)
         start = time.perf_counter()
+        stop = threading.Event()
+
+        def keep(seconds: float) -> None:
+            with self._lock:
+                self.interrupted[name] = seconds
+                self.save()
+
+        def heartbeat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                keep(before + time.perf_counter() - start)
+
+        beat = threading.Thread(target=heartbeat, name=f"heartbeat {name}", daemon=True)
+        beat.start()
         try:
             yield lambda: time.perf_counter() - start
         except KeyboardInterrupt:
-            self.interrupted[name] = self.interrupted.get(name, 0.0) + time.perf_counter() - start
-            self.save()
+            stop.set()
+            beat.join()
+            keep(before + time.perf_counter() - start)
             raise
+        finally:
+            stop.set()
+            beat.join()
+        with self._lock:  # finished: this attempt's seconds are the row's own
+            if before:
+                self.interrupted[name] = before
+            else:
+                self.settle(name)
 
 
 @dataclass
@@ -425,7 +473,7 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
     cpu_start = cpu_seconds()
     with table.timing("the flow") as elapsed:
         summary = noisy_student(cfg)
-    flow_seconds = elapsed() + table.interrupted.pop("the flow", 0.0)
+    flow_seconds = elapsed() + table.settle("the flow")
     table.extra.update(
         run_id=summary["run_id"],
         mlflow=summary["mlflow"],

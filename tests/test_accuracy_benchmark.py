@@ -47,6 +47,70 @@ def test_a_killed_benchmark_keeps_its_rows_and_the_seconds_of_the_row_it_was_in(
     assert other.attempts == 1 and not other.rows and not other.interrupted
 
 
+def _killed_mid_row(path, name: str) -> float:
+    """A benchmark process in a row, killed by SIGKILL (a sitting's end: no signal to
+    catch) once its heartbeat has saved; the seconds the file kept for the row."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    def in_a_row() -> None:
+        accuracy.HEARTBEAT_SECONDS = 0.05
+        with accuracy.Table(path, _identity()).timing(name):
+            time.sleep(60)
+
+    child = multiprocessing.get_context("fork").Process(target=in_a_row)
+    child.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kept = json.loads(path.read_text()).get("interrupted_seconds", {}) if path.exists() else {}
+        if kept.get(name, 0.0) >= 0.3:
+            break
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    return json.loads(path.read_text())["interrupted_seconds"][name]
+
+
+def test_a_row_killed_without_a_signal_keeps_its_seconds_from_the_heartbeat(tmp_path):
+    path = tmp_path / "accuracy.json"
+    _row(accuracy.Table(path, _identity()), "teacher", 60.0)
+    kept = _killed_mid_row(path, "student 1")
+    assert 0.3 <= kept < 30
+    again = accuracy.Table(path, _identity())
+    assert again.interrupted == {"student 1": kept}
+    again.measure("student 1", "s1", 0, lambda: (_Trained(), {}))
+    saved = json.loads(path.read_text())
+    [student] = [r for r in saved["rows"] if r["row"] == "student 1"]
+    assert student["interrupted_seconds"] == round(kept, 1) and student["wall_seconds"] < 5
+    assert saved["interrupted_seconds"] == {}
+
+    # the flow (not a row) keeps its seconds the same way, and settles them once
+    flow = _killed_mid_row(path, "the flow")
+    table = accuracy.Table(path, _identity())
+    with table.timing("the flow") as elapsed:
+        pass
+    assert elapsed() + table.settle("the flow") == pytest.approx(flow, abs=0.01)
+    _row(table, "teacher: seed 1", 30.0)  # a save, merging the file's seconds
+    assert json.loads(path.read_text())["interrupted_seconds"] == {}
+
+
+def test_heartbeats_of_a_row_that_finishes_leave_no_interrupted_seconds(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(accuracy, "HEARTBEAT_SECONDS", 0.01)
+    path = tmp_path / "accuracy.json"
+    table = accuracy.Table(path, _identity())
+    table.measure("teacher", "t", 0, lambda: (time.sleep(0.2), (_Trained(), {}))[1])
+    saved = json.loads(path.read_text())
+    assert "interrupted_seconds" not in saved["rows"][0] and saved["interrupted_seconds"] == {}
+
+
+class _Trained:
+    role, model, final_accuracy, evaluated_on = "teacher", "resnet10t", 0.85, "test"
+
+
 def test_two_processes_measuring_rows_of_one_table_keep_each_others_rows(tmp_path):
     path = tmp_path / "accuracy.json"
     flow, ceilings = accuracy.Table(path, _identity()), accuracy.Table(path, _identity())
