@@ -23,7 +23,7 @@ demo: setup  ## the default pipeline on Fashion-MNIST (6-13 min on 2 CPU cores)
 smoke: setup  ## the same pipeline on a slice of the data with tiny models (about a minute)
 	$(UV) run noisy-student run -c pipeline_config/smoke.yaml
 
-bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 7 hours on 2 CPU cores, over several sittings: a killed run resumes)
+bench-accuracy: setup  ## the accuracy table in benchmarks/results/ (about 11 hours on 2 CPU cores, over several sittings: a killed run resumes)
 	$(UV) run python -m benchmarks.accuracy
 
 bench-labelling: setup  ## does the label queue beat random labels? the table in benchmarks/results/labelling.md (hours on 2 CPU cores, over several sittings: a killed run resumes; QUICK=1 checks the harness in minutes)
