@@ -626,13 +626,12 @@ def main(argv: list[str] | None = None) -> None:
         (RESULTS / f"{name}.md").write_text(markdown(table, setting, result))
         return result
 
-    if args.report:
-        args.tiers = []
-    if "teacher" in args.tiers:
+    tiers = [] if args.report else args.tiers  # --report: nothing measured
+    if "teacher" in tiers:
         for seed in seeds:
             bench.teacher_tier(seed, list(STRATEGIES))
             write()
-    if "pipeline" in args.tiers:
+    if "pipeline" in tiers:
         default = args.pipeline_strategy or write()["default"]
         if default is None:
             raise SystemExit(
