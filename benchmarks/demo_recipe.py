@@ -1,0 +1,425 @@
+"""The demo's recipe, measured over seeds: which change to `pipeline_config/fashion_mnist.yaml`
+makes its student gain most over its teacher, chosen on images the demo never trains on.
+
+Each arm is the demo's config with `--set` overrides (the empty arm is the demo as shipped).
+For every seed the data are drawn as the demo draws them (100 labels per class, with that
+seed), and 500 images per class of the rest are set apart as a development split; the others
+are the unlabelled pool. The teacher (cached per teacher config and seed) labels the pool,
+the pseudo labels are filtered and balanced as the pipeline does, and the arm's student
+trains on labelled plus pseudo-labelled images with the arm's noise and schedule, through
+the pipeline's own engine, config and selection. Choices are made on the development split
+(each arm against the demo on the same images, exact McNemar per seed, and the mean
+difference over seeds with a t interval); the test split is reported beside it, teacher and
+student, as the demo reports it.
+
+    uv run python -m benchmarks.demo_recipe --seeds 0              # every arm, one seed
+    uv run python -m benchmarks.demo_recipe --seeds 1 2 --arms demo "student: half stem"
+    uv run python -m benchmarks.demo_recipe --report               # the table again
+    uv run python -m benchmarks.demo_recipe --quick                # a slice: the harness
+
+The result file is written after every student; a killed run goes on where it stopped, and
+several processes may fill one table (e.g. `--seeds 0 2` beside `--seeds 1 2`): each takes
+an (arm, seed) no other has measured or taken, and every save merges under a lock.
+Writes benchmarks/results/demo-recipe.json and .md (demo-recipe-quick.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import statistics as stats
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.accuracy import hardware
+from benchmarks.labelling import _t_interval
+from benchmarks.machine import describe
+from benchmarks.student_recipe import _packed, _read, _unpacked
+from noisy_student import config
+from noisy_student.config import PipelineConfig
+from noisy_student.data import ingest, training_data
+from noisy_student.evaluation import statistics
+from noisy_student.stages import train
+from noisy_student.training import engine, models, selection
+from noisy_student.training.engine import flush_denormals
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "pipeline_config" / "fashion_mnist.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+CACHE = REPO / "artifacts" / "demo-recipe"
+DEV_PER_CLASS = 500
+BASE = "demo"
+
+# name -> (what, overrides of the demo's config, as `--set` takes them)
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    BASE: ("the demo as shipped", {}),
+    "student: half stem": (
+        "the student without the stem's max-pool (14x14 maps), started from the full-stem "
+        "teacher; 3 passes to keep the demo's time",
+        {"students.0.stem": "half", "students.0.epochs": 3},
+    ),
+    "noise: photo constants": (
+        "RandAugment as before this issue: translate 45% of the side (100/224 there), grey "
+        "fill, invert drawn, no Cutout",
+        {
+            "students.0.rand_augment.translate": 0.45,
+            "students.0.rand_augment.fill": 128,
+            "students.0.rand_augment.invert": True,
+            "students.0.rand_augment.cutout": 0.0,
+            "students.0.rand_augment.levels": "increasing",
+        },
+    ),
+    "noise: M=5": (
+        "RandAugment magnitude 5 (the official SVHN run)",
+        {"students.0.rand_augment.magnitude": 5},
+    ),
+    "labels: hard": (
+        "hard pseudo labels (smoothed 0.1) instead of soft",
+        {"selection.labels": "hard"},
+    ),
+    "pseudo labels: flip": (
+        "the teacher's mean over each image and its mirror",
+        {"inference.tta": "flip"},
+    ),
+    "student: lr 0.1": ("twice the student's peak learning rate", {"students.0.lr": 0.1}),
+    "teacher: 200 epochs": ("the teacher for twice the passes", {"teacher.epochs": 200}),
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # n x 1 x 28 x 28 uint8
+    labels: torch.Tensor
+
+
+@dataclass
+class Data:
+    labelled: Split
+    pool: Split
+    dev: Split
+    test: Split
+
+
+def split_indices(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Indices of the labelled draw (the demo's for `seed`), the development split (500
+    per class of the rest) and the unlabelled pool (the others)."""
+    labelled = ingest.split_labelled(labels, per_class, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), labelled)
+    dev = rest[np.sort(ingest.split_labelled(labels[rest], DEV_PER_CLASS, seed + 100))]
+    return labelled, dev, np.setdiff1d(rest, dev)
+
+
+def load_data(cfg: PipelineConfig, seed: int, limit: int | None = None) -> Data:
+    """The splits of `split_indices`, and the test split; `limit` cuts all but the
+    labelled images (--quick)."""
+    x, y = _read("train")
+    xt, yt = _read("t10k")
+    labelled, dev, pool = split_indices(y, cfg.data.fashion_mnist.labelled_per_class, seed)
+    if limit is not None:
+        pool, dev, xt, yt = pool[:limit], dev[: limit // 4], xt[: limit // 2], yt[: limit // 2]
+
+    def split(idx: Any, xs: np.ndarray, ys: np.ndarray) -> Split:
+        return Split(
+            torch.from_numpy(xs[idx].copy()).unsqueeze(1), torch.from_numpy(ys[idx].copy())
+        )
+
+    return Data(
+        split(labelled, x, y), split(pool, x, y), split(dev, x, y), split(slice(None), xt, yt)
+    )
+
+
+def arm_config(name: str, quick: bool = False) -> PipelineConfig:
+    overrides = dict(ARMS[name][1])
+    if quick:
+        overrides |= {"teacher.epochs": 5, "students.0.epochs": 1}
+    return config.load(DEMO, overrides)
+
+
+def _key(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _right(model: torch.nn.Module, split: Split) -> np.ndarray:
+    return (engine.predict_probs(model, split.images, 1024).argmax(1) == split.labels).numpy()
+
+
+def teacher_for(cfg: PipelineConfig, data: Data, seed: int, classes: int, quick: bool) -> tuple:
+    """The arm's teacher for `seed` (trained as the pipeline trains it, cached) and its
+    accuracy on dev and test."""
+    t = cfg.teacher
+    path = CACHE / f"teacher-{_key(t.model_dump(), seed, quick)}.safetensors"
+    model = models.create(t.model, classes, 1, stem=t.stem, model_kwargs=t.model_kwargs)
+    if path.exists():
+        model.load_state_dict(models.load_safetensors(path.read_bytes()))
+    else:
+        torch.manual_seed(seed)
+        model = engine.fit(
+            model,
+            training_data.TensorRows(
+                data.labelled.images,
+                engine.one_hot(data.labelled.labels, classes, t.label_smoothing),
+            ),
+            train.schedule(t),
+            train.noise(t, 28, 28),
+            seed,
+        ).model
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(models.save_safetensors(model.state_dict()))
+    return model, _right(model, data.dev), _right(model, data.test)
+
+
+def pseudo_labels(
+    cfg: PipelineConfig, teacher: torch.nn.Module, data: Data, classes: int, seed: int
+):
+    """The pool's selected rows (as many copies as balancing made) and their targets."""
+    probs = engine.predict_probs(teacher, data.pool.images, 1024, tta=cfg.inference.tta).numpy()
+    s = cfg.selection
+    chosen = selection.select(
+        np.arange(len(probs)).astype(str), probs, classes, min_confidence=s.min_confidence,
+        labels=s.labels, temperature=s.temperature, hard_label_smoothing=s.hard_label_smoothing,
+        seed=seed,
+    )  # fmt: skip
+    rows = chosen.rows
+    index = torch.from_numpy(np.repeat(rows["id"].astype(int).to_numpy(), rows["copies"]))
+    targets = torch.from_numpy(np.repeat(np.stack(rows["target"].to_numpy()), rows["copies"], 0))
+    right = float((probs.argmax(1) == data.pool.labels.numpy()).mean())
+    return data.pool.images[index], targets.float(), right
+
+
+def train_student(
+    cfg: PipelineConfig, teacher: torch.nn.Module, data: Data, pseudo, classes: int, seed: int
+):
+    """The demo's first student, as `train_student` builds and trains it."""
+    s = cfg.students[0]
+    torch.manual_seed(seed + 1)
+    options = models.options_of(teacher)
+    if s.init_from_teacher:
+        model = models.create(s.model, classes, 1, s.drop_rate, s.drop_path_rate,
+                              options=replace(options, stem=s.stem or options.stem))  # fmt: skip
+        model.load_state_dict(teacher.state_dict())
+    else:
+        model = models.create(s.model, classes, 1, s.drop_rate, s.drop_path_rate,
+                              stem=s.stem or options.stem, model_kwargs=s.model_kwargs)  # fmt: skip
+    images, targets, _ = pseudo
+    return engine.fit(
+        model,
+        training_data.TensorRows(
+            data.labelled.images, engine.one_hot(data.labelled.labels, classes, s.label_smoothing)
+        ),
+        train.schedule(s),
+        train.noise(s, 28, 28),
+        seed + 1,
+        pseudo=training_data.TensorRows(images, targets),
+    )
+
+
+# ---------------------------------------------------------------- the run and its table
+
+
+def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[str, Any]:
+    """One arm on one seed: its teacher (cached), pseudo labels and student, judged."""
+    cfg = arm_config(name, quick)
+    classes = 10
+    if state.get("seed") != seed:
+        state.clear()
+        state.update(seed=seed, data=load_data(cfg, seed, 4000 if quick else None))
+    data: Data = state["data"]
+    start = time.perf_counter()
+    teacher, teacher_dev, teacher_test = teacher_for(cfg, data, seed, classes, quick)
+    pseudo = pseudo_labels(cfg, teacher, data, classes, seed)
+    fit = train_student(cfg, teacher, data, pseudo, classes, seed)
+    dev, test = _right(fit.model, data.dev), _right(fit.model, data.test)
+    return {
+        "teacher_dev_accuracy": float(teacher_dev.mean()),
+        "teacher_test_accuracy": float(teacher_test.mean()),
+        "pseudo_label_accuracy": pseudo[2],
+        "pseudo_labelled_images": len(pseudo[0]),
+        "dev_accuracy": float(dev.mean()),
+        "test_accuracy": float(test.mean()),
+        "gain_on_test": float(test.mean() - teacher_test.mean()),
+        "dev_right": _packed(dev),
+        "dev_images": len(dev),
+        "test_right": _packed(test),
+        "test_images": len(test),
+        "student_seconds": round(fit.seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+        "hardware": hardware(),
+    }
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per arm: its seeds, dev accuracy, difference from the demo on dev (per seed with
+    McNemar's p, and the mean with a t interval over seeds) and the gain on test."""
+    base = result["arms"].get(BASE, {})
+    out = {}
+    for name in ARMS:
+        runs = result["arms"].get(name, {})
+        seeds = sorted(runs, key=int)
+        diffs, ps = [], []
+        for seed in seeds:
+            if name != BASE and seed in base:
+                r, b = runs[seed], base[seed]
+                paired = statistics.mcnemar(
+                    _unpacked(r["dev_right"], r["dev_images"]),
+                    _unpacked(b["dev_right"], b["dev_images"]),
+                )
+                diffs.append(paired.difference)
+                ps.append(paired.p_value)
+        out[name] = {
+            "seeds": seeds,
+            "dev": [runs[s]["dev_accuracy"] for s in seeds],
+            "test": [runs[s]["test_accuracy"] for s in seeds],
+            "teacher_test": [runs[s]["teacher_test_accuracy"] for s in seeds],
+            "gain": [runs[s]["gain_on_test"] for s in seeds],
+            "minutes": [runs[s]["student_seconds"] / 60 for s in seeds],
+            "diff_vs_demo": diffs,
+            "p_vs_demo": ps,
+            "diff_interval": _t_interval(diffs),
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = summary(result)
+    lines = [
+        "# The demo's recipe, measured over seeds",
+        "",
+        f"Last written {result['date']}. {describe(result['hardware'])} "
+        f"(torch {result['hardware']['torch']}), one torch thread per process. "
+        "Command: `uv run python -m benchmarks.demo_recipe` (the seeds and arms as the rows "
+        "say).",
+        "",
+        "Each arm is `pipeline_config/fashion_mnist.yaml` with the overrides named; each seed "
+        "draws the demo's 1,000 labelled images anew and sets 5,000 others apart as the "
+        "development split (the pool: the rest). Choices are made on development: the "
+        "difference from the demo on the same images, per seed (exact McNemar p), and its "
+        "mean over seeds (95% t interval). Test: the student's accuracy and its gain over its "
+        "own teacher, per seed, as the demo prints them.",
+        "",
+        "| arm | overrides | seeds | dev accuracy | vs demo on dev, per seed (p) | mean vs demo "
+        "[95%] | test: teacher -> student (gain) | student min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, overrides) in ARMS.items():
+        r = rows[name]
+        sets = " ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "none"
+        if not r["seeds"]:
+            lines.append(f"| {name} | {sets} | not yet run | | | | | |")
+            continue
+        dev = ", ".join(f"{100 * d:.2f}" for d in r["dev"])
+        per_seed = ", ".join(
+            f"{_pts(d)} ({p:.3f})" for d, p in zip(r["diff_vs_demo"], r["p_vs_demo"], strict=True)
+        )
+        iv = r["diff_interval"]
+        mean = f"{_pts(iv[0])} [{_pts(iv[1])}, {_pts(iv[2])}]" if iv else ""
+        test = "; ".join(
+            f"{100 * t:.2f} -> {100 * s:.2f} ({_pts(g)})"
+            for t, s, g in zip(r["teacher_test"], r["test"], r["gain"], strict=True)
+        )
+        minutes = f"{stats.fmean(r['minutes']):.1f}"
+        lines.append(
+            f"| {name} | {sets} | {', '.join(r['seeds'])} | {dev} | {per_seed} | {mean} | "
+            f"{test} | {minutes} |"
+        )
+    lines += [
+        "",
+        "What each arm changes: " + "; ".join(f"**{n}**: {w}" for n, (w, _) in ARMS.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _save(path: Path, result: dict[str, Any], claim: str | None = None) -> bool:
+    """Write the result file, merging what other processes saved since: under a lock,
+    every (arm, seed) in the file and not here joins this one's, and so do their claims
+    ("arm|seed": pid) on what they are measuring. With `claim`, take that (arm, seed) for
+    this process first: False, writing nothing, if it is measured or claimed by a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        file = json.loads(path.read_text()) if path.exists() else {}
+        for name, runs in file.get("arms", {}).items():
+            mine = result["arms"].setdefault(name, {})
+            mine |= {seed: r for seed, r in runs.items() if seed not in mine}
+        running = {
+            key: pid
+            for key, pid in file.get("running", {}).items()
+            if pid != os.getpid() and _alive(pid)
+        }
+        if claim is not None:
+            name, seed = claim.split("|")
+            if seed in result["arms"].get(name, {}) or claim in running:
+                return False
+            running[claim] = os.getpid()
+        result["running"] = running
+        result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        result["hardware"] = hardware()
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+        path.with_suffix(".md").write_text(markdown(result))
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms")
+    parser.add_argument("--quick", action="store_true", help="a slice, to check the harness")
+    parser.add_argument(
+        "--report", action="store_true", help="write the table again, train nothing"
+    )
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.arms or [] if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm {unknown[0]!r} (arms: {', '.join(ARMS)})")
+    flush_denormals()
+    path = RESULTS / ("demo-recipe-quick.json" if args.quick else "demo-recipe.json")
+    result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
+    if args.report:
+        if not path.exists():
+            raise SystemExit(f"{path}: no results to report")
+        path.with_suffix(".md").write_text(markdown(result))
+        print(path.with_suffix(".md").read_text())
+        return
+    state: dict[str, Any] = {}
+    for seed in args.seeds:
+        for name in args.arms or list(ARMS):
+            if not _save(path, result, claim=f"{name}|{seed}"):
+                continue  # measured, or being measured by another process
+            r = measure(name, seed, args.quick, state)
+            result["arms"].setdefault(name, {})[str(seed)] = r
+            print(
+                f"{name}, seed {seed}: dev {100 * r['dev_accuracy']:.2f}%, test "
+                f"{100 * r['teacher_test_accuracy']:.2f}% -> {100 * r['test_accuracy']:.2f}% "
+                f"({r['student_seconds']:.0f} s)",
+                flush=True,
+            )
+            _save(path, result)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

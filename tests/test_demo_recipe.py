@@ -1,0 +1,118 @@
+"""benchmarks/demo_recipe.py: its arms are valid demo configs, its data splits are disjoint,
+its table compares each arm with the demo on the same images, and a run resumes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import demo_recipe
+from benchmarks.student_recipe import _packed
+from noisy_student.data import ingest
+
+
+def test_every_arm_is_the_demo_config_with_its_overrides(fashion_mnist_source):
+    demo = demo_recipe.arm_config(demo_recipe.BASE)
+    for name, (_, overrides) in demo_recipe.ARMS.items():
+        cfg = demo_recipe.arm_config(name)
+        tree, base = cfg.model_dump(), demo.model_dump()
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = tree
+            for p in parents:
+                node = node[int(p)] if isinstance(node, list) else node[p]
+            assert node[leaf] == value, (name, key)
+        if not overrides:
+            assert tree == base
+
+
+def test_the_splits_are_disjoint_and_the_labelled_draw_is_the_seeds(fashion_mnist_source):
+    labels = ingest.read_idx(f"{fashion_mnist_source}/train-labels-idx1-ubyte.gz")
+    labelled, dev, pool = demo_recipe.split_indices(labels, 100, 0)
+    assert np.bincount(labels[labelled]).tolist() == [100] * 10
+    assert np.bincount(labels[dev]).tolist() == [500] * 10
+    together = np.concatenate([labelled, dev, pool])
+    assert len(together) == len(set(together.tolist())) == len(labels)
+    assert (labelled == ingest.split_labelled(labels, 100, 0)).all()  # the demo's draw
+    assert not np.array_equal(labelled, demo_recipe.split_indices(labels, 100, 1)[0])
+
+
+def _run(dev: list[bool], test_acc: float, teacher: float) -> dict:
+    right = np.array(dev)
+    return {
+        "dev_accuracy": float(right.mean()),
+        "dev_right": _packed(right),
+        "dev_images": len(right),
+        "test_accuracy": test_acc,
+        "teacher_test_accuracy": teacher,
+        "gain_on_test": test_acc - teacher,
+        "student_seconds": 60.0,
+    }
+
+
+def test_the_table_compares_each_arm_with_the_demo_on_the_same_images():
+    base = [True] * 80 + [False] * 20
+    better = [True] * 90 + [False] * 10
+    result = {
+        "date": "2026-12-05T00:00:00+00:00",
+        "hardware": {"cpu": "AMD EPYC", "cpu_cores": 2, "gpu": None, "torch": "2"},
+        "arms": {
+            "demo": {"0": _run(base, 0.87, 0.85), "1": _run(base, 0.86, 0.84)},
+            "labels: hard": {"0": _run(better, 0.88, 0.85), "1": _run(better, 0.875, 0.84)},
+        },
+    }
+    rows = demo_recipe.summary(result)
+    assert rows["labels: hard"]["diff_vs_demo"] == pytest.approx([0.10, 0.10])
+    assert all(p < 0.01 for p in rows["labels: hard"]["p_vs_demo"])
+    assert rows["demo"]["diff_vs_demo"] == []
+    assert rows["noise: M=5"]["seeds"] == []
+    table = demo_recipe.markdown(result)
+    assert '| labels: hard | `selection.labels="hard"` | 0, 1 | 90.00, 90.00 |' in table
+    assert "85.00 -> 88.00 (+3.00)" in table
+    assert "| noise: M=5 |" in table and "not yet run" in table
+
+
+def test_a_quick_run_writes_its_table_and_resumes(
+    fashion_mnist_source, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(demo_recipe, "RESULTS", tmp_path)
+    monkeypatch.setattr(demo_recipe, "CACHE", tmp_path / "cache")
+    demo_recipe.main(["--quick", "--seeds", "0", "--arms", "demo", "labels: hard"])
+    result = json.loads((tmp_path / "demo-recipe-quick.json").read_text())
+    assert set(result["arms"]) == {"demo", "labels: hard"}
+    first = result["arms"]["demo"]["0"]
+    assert 0 < first["dev_accuracy"] <= 1 and first["dev_images"] == 1000
+    # the same teacher labelled for both arms (cached), so their teachers agree
+    assert (
+        first["teacher_test_accuracy"]
+        == result["arms"]["labels: hard"]["0"]["teacher_test_accuracy"]
+    )
+    capsys.readouterr()
+    demo_recipe.main(["--quick", "--seeds", "0", "--arms", "demo"])  # nothing left to train
+    assert "seed 0: dev" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown arm 'nope'"):
+        demo_recipe.main(["--arms", "nope"])
+
+
+def test_processes_share_the_table_without_measuring_one_arm_twice(tmp_path):
+    path = tmp_path / "demo-recipe.json"
+    other, dead = os.getppid(), 2**22 + 12345  # a live process and (surely) no process
+    path.write_text(
+        json.dumps(
+            {
+                "arms": {"demo": {"0": _run([True, False], 0.87, 0.85)}},
+                "running": {"labels: hard|0": other, "noise: M=5|0": dead},
+            }
+        )
+    )
+    mine = {"arms": {"labels: hard": {"1": _run([True, True], 0.88, 0.85)}}}
+    assert not demo_recipe._save(path, mine, claim="demo|0")  # measured already
+    assert not demo_recipe._save(path, mine, claim="labels: hard|0")  # another's, alive
+    assert demo_recipe._save(path, mine, claim="noise: M=5|0")  # its claimer is gone
+    file = json.loads(path.read_text())
+    assert file["running"] == {"labels: hard|0": other, "noise: M=5|0": os.getpid()}
+    assert set(file["arms"]["demo"]) == {"0"} and set(file["arms"]["labels: hard"]) == {"1"}
+    mine["arms"]["noise: M=5"] = {"0": _run([False, True], 0.86, 0.85)}
+    demo_recipe._save(path, mine)  # done: its claim goes, the other's stays
+    assert json.loads(path.read_text())["running"] == {"labels: hard|0": other}
