@@ -82,6 +82,11 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         "RandAugment magnitude 5 (the official SVHN run)",
         {"students.0.rand_augment.magnitude": 5},
     ),
+    "noise: no RandAugment": (
+        "crops and flips only (dropout and stochastic depth kept): short schedules measured "
+        "better without it (student-recipe.md)",
+        {"students.0.rand_augment": None},
+    ),
     "labels: hard": (
         "hard pseudo labels (smoothed 0.1) instead of soft",
         {"selection.labels": "hard"},
