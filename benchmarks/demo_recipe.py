@@ -41,9 +41,8 @@ import numpy as np
 import torch
 
 from benchmarks.accuracy import hardware
-from benchmarks.labelling import _t_interval
 from benchmarks.machine import describe
-from benchmarks.student_recipe import _packed, _read, _unpacked
+from benchmarks.student_recipe import _packed, _read, _unpacked, as_copied, fit_teacher
 from noisy_student import config
 from noisy_student.config import PipelineConfig
 from noisy_student.data import ingest, training_data
@@ -163,21 +162,12 @@ def teacher_for(cfg: PipelineConfig, data: Data, seed: int, classes: int, quick:
     accuracy on dev and test."""
     t = cfg.teacher
     path = CACHE / f"teacher-{_key(t.model_dump(), seed, quick)}.safetensors"
-    model = models.create(t.model, classes, 1, stem=t.stem, model_kwargs=t.model_kwargs)
     if path.exists():
+        model = models.create(t.model, classes, 1, stem=t.stem, model_kwargs=t.model_kwargs)
         model.load_state_dict(models.load_safetensors(path.read_bytes()))
     else:
-        torch.manual_seed(seed)
-        model = engine.fit(
-            model,
-            training_data.TensorRows(
-                data.labelled.images,
-                engine.one_hot(data.labelled.labels, classes, t.label_smoothing),
-            ),
-            train.schedule(t),
-            train.noise(t, 28, 28),
-            seed,
-        ).model
+        images, labels = data.labelled.images, data.labelled.labels
+        model = fit_teacher(t, images, labels, classes, train.noise(t, 28, 28), seed).model
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(models.save_safetensors(model.state_dict()))
     return model, _right(model, data.dev), _right(model, data.test)
@@ -194,9 +184,7 @@ def pseudo_labels(
         labels=s.labels, temperature=s.temperature, hard_label_smoothing=s.hard_label_smoothing,
         seed=seed,
     )  # fmt: skip
-    rows = chosen.rows
-    index = torch.from_numpy(np.repeat(rows["id"].astype(int).to_numpy(), rows["copies"]))
-    targets = torch.from_numpy(np.repeat(np.stack(rows["target"].to_numpy()), rows["copies"], 0))
+    index, targets = as_copied(chosen.rows)
     right = float((probs.argmax(1) == data.pool.labels.numpy()).mean())
     return data.pool.images[index], targets.float(), right
 
@@ -294,7 +282,7 @@ def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "minutes": [runs[s]["student_seconds"] / 60 for s in seeds],
             "diff_vs_demo": diffs,
             "p_vs_demo": ps,
-            "diff_interval": _t_interval(diffs),
+            "diff_interval": statistics.t_interval(diffs),
         }
     return out
 

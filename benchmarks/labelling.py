@@ -73,8 +73,6 @@ DEMO = REPO / "pipeline_config" / "fashion_mnist.yaml"
 EXPERIMENT = "bench-labelling"
 RUN_ATTEMPTS = 3
 TWIN_SEED = 1000  # the teacher tier's second model for `disagreement`: seed + this
-# t quantiles (two-sided 95%) by degrees of freedom, for the interval over seeds
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
 @dataclass(frozen=True)
@@ -398,15 +396,6 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _t_interval(values: list[float]) -> tuple[float, float, float] | None:
-    """Mean and 95% interval over seeds (Student's t); None with fewer than two."""
-    if len(values) < 2:
-        return None
-    mean, sd = statistics.fmean(values), statistics.stdev(values)
-    half = T95.get(len(values) - 1, 1.96) * sd / len(values) ** 0.5
-    return mean, mean - half, mean + half
-
-
 def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Labels at which a mean accuracy curve (labels, accuracy; rising labels) first reaches
     `target`, interpolated linearly between rounds; None if it never does."""
@@ -452,7 +441,7 @@ def summarise(table: Table, setting: Setting, tier: str) -> dict[str, Any]:
                     tests.append({"seed": seed, "p_value": t.p_value, "verdict": t.verdict})
             entry["difference_from_random"] = {
                 "per_seed": diffs,
-                "mean_and_interval": _t_interval(diffs),
+                "mean_and_interval": stats.t_interval(diffs),
                 "mcnemar": tests,
             }
         out["strategies"][s] = entry

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from benchmarks.accuracy import hardware
@@ -264,22 +265,37 @@ def load_data(limit: int | None = None) -> Data:
     )
 
 
-def train_teacher(data: Data, recipe: TeacherRecipe, quick: bool) -> engine.FitResult:
-    """A first teacher: 64 images a step, SGD at 0.1, EMA, crops and flips."""
-    torch.manual_seed(SEED)
-    model = models.create(
-        recipe.model, CLASSES, 1, stem=recipe.stem, model_kwargs=recipe.model_kwargs
-    )
-    x, y = data.labelled
+def fit_teacher(
+    t: TeacherConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: int,
+    noise: engine.Noise,
+    seed: int,
+) -> engine.FitResult:
+    """A teacher trained on labelled images in memory with the pipeline's engine and
+    schedule: `t`'s network, stem, label smoothing and optimiser; `noise` its augmentation."""
+    torch.manual_seed(seed)
+    model = models.create(t.model, classes, 1, stem=t.stem, model_kwargs=t.model_kwargs)
     return engine.fit(
         model,
-        training_data.TensorRows(x, engine.one_hot(y, CLASSES)),
-        train.schedule(
-            TeacherConfig(model=recipe.model, epochs=10 if quick else recipe.epochs, lr=0.1)
-        ),
-        _noise_with(None),
-        SEED,
+        training_data.TensorRows(images, engine.one_hot(labels, classes, t.label_smoothing)),
+        train.schedule(t),
+        noise,
+        seed,
     )
+
+
+def train_teacher(data: Data, recipe: TeacherRecipe, quick: bool) -> engine.FitResult:
+    """A first teacher: 64 images a step, SGD at 0.1, EMA, crops and flips."""
+    t = TeacherConfig(
+        model=recipe.model,
+        stem=recipe.stem,
+        model_kwargs=recipe.model_kwargs,
+        epochs=10 if quick else recipe.epochs,
+        lr=0.1,
+    )
+    return fit_teacher(t, *data.labelled, CLASSES, _noise_with(None), SEED)
 
 
 def labelling_teacher(data: Data, quick: bool) -> torch.nn.Module:
@@ -313,6 +329,14 @@ def teacher_arm(data: Data, recipe: TeacherRecipe, quick: bool) -> dict[str, Any
     return out
 
 
+def as_copied(rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected rows (integer ids into the pool) as balancing made them: each row's pool
+    index and soft target repeated `copies` times (0 for a row trimmed away)."""
+    index = torch.from_numpy(np.repeat(rows["id"].astype(int).to_numpy(), rows["copies"]))
+    targets = torch.from_numpy(np.repeat(np.stack(rows["target"].to_numpy()), rows["copies"], 0))
+    return index, targets
+
+
 def pseudo_labels(
     teacher: torch.nn.Module, data: Data, tta: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -324,8 +348,7 @@ def pseudo_labels(
         np.arange(len(images)).astype(str), probs, CLASSES, min_confidence=0.3, seed=SEED
     )
     rows = chosen.rows
-    index = torch.from_numpy(np.repeat(rows["id"].astype(int).to_numpy(), rows["copies"]))
-    targets = torch.from_numpy(np.repeat(np.stack(rows["target"].to_numpy()), rows["copies"], 0))
+    index, targets = as_copied(rows)
     dev_probs = engine.predict_probs(teacher, data.dev[0], 1024, tta=tta)
     worth = {
         "pseudo_label_accuracy": float((probs.argmax(1) == truth.numpy()).mean()),

@@ -20,13 +20,6 @@ def test_labels_to_reach_interpolates_between_rounds_and_says_when_never():
     assert labelling.labels_to_reach(curve, 0.85) is None
 
 
-def test_the_interval_over_seeds_uses_students_t():
-    mean, low, high = labelling._t_interval([0.01, 0.02, 0.03])
-    assert mean == pytest.approx(0.02)
-    assert high - mean == pytest.approx(4.303 * 0.01 / 3**0.5)
-    assert labelling._t_interval([0.01]) is None
-
-
 def test_bits_round_trip_the_per_image_outcomes():
     correct = np.random.default_rng(0).random(1001) < 0.8
     assert np.array_equal(labelling.unbits(labelling.bits(correct), 1001), correct)

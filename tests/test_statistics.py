@@ -126,3 +126,20 @@ def test_seed_spread_gives_mean_sample_deviation_and_range():
 def test_an_accuracy_reads_with_its_interval():
     assert st.percent(0.8752, (0.8687, 0.8815)) == "87.52% [86.87, 88.15]"
     assert st.percent(0.8752, None) == "87.52%"
+
+
+def test_t_interval_uses_students_t_over_few_seeds():
+    mean, low, high = st.t_interval([0.01, 0.02, 0.03])
+    assert mean == pytest.approx(0.02)
+    assert high - mean == pytest.approx(4.303 * 0.01 / 3**0.5)
+    assert mean - low == pytest.approx(high - mean)
+    assert st.t_interval([0.01]) is None
+
+
+def test_t_quantile_joins_the_table_to_the_series_and_tends_to_the_normal():
+    assert st.t_quantile_95(2) == 4.303
+    assert st.t_quantile_95(31) == pytest.approx(2.040, abs=1e-3)  # tables: 2.0395
+    assert st.t_quantile_95(60) == pytest.approx(2.000, abs=1e-3)
+    assert st.t_quantile_95(10_000) == pytest.approx(1.960, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 1"):
+        st.t_quantile_95(0)
