@@ -93,6 +93,20 @@ def test_a_quick_run_writes_its_table_and_resumes(
     assert "seed 0: dev" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown arm 'nope'"):
         demo_recipe.main(["--arms", "nope"])
+    # a table measured on another config (the demo's changed) is not mixed with new rows
+    result["arms"]["labels: hard"]["0"]["config"] = "0" * 16
+    (tmp_path / "demo-recipe-quick.json").write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match="arm 'labels: hard' seed 0 was measured on another"):
+        demo_recipe.main(["--quick", "--seeds", "1", "--arms", "demo"])
+    assert "1" not in json.loads((tmp_path / "demo-recipe-quick.json").read_text())["arms"]["demo"]
+
+
+def test_the_arms_keep_the_config_they_were_measured_on():
+    demo = demo_recipe.arm_config(demo_recipe.BASE)
+    assert demo.students[0].epochs == 4  # the demo as the table measured it ...
+    shipped = demo_recipe.config.load(demo_recipe.DEMO)
+    eight = demo_recipe.arm_config("student: 8 passes")
+    assert demo_recipe.fingerprint(eight) == demo_recipe.fingerprint(shipped)  # ... and today
 
 
 def test_processes_share_the_table_without_measuring_one_arm_twice(tmp_path):
