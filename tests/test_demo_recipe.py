@@ -101,12 +101,22 @@ def test_a_quick_run_writes_its_table_and_resumes(
     assert "1" not in json.loads((tmp_path / "demo-recipe-quick.json").read_text())["arms"]["demo"]
 
 
-def test_the_arms_keep_the_config_they_were_measured_on():
+def test_the_arms_keep_the_config_they_were_measured_on(monkeypatch, tmp_path):
     demo = demo_recipe.arm_config(demo_recipe.BASE)
-    assert demo.students[0].epochs == 4  # the demo as the table measured it ...
+    assert demo.students[0].epochs == 4  # the demo as the table measured it, and today
     shipped = demo_recipe.config.load(demo_recipe.DEMO)
+    assert demo_recipe.fingerprint(demo) == demo_recipe.fingerprint(shipped)
     eight = demo_recipe.arm_config("student: 8 passes")
-    assert demo_recipe.fingerprint(eight) == demo_recipe.fingerprint(shipped)  # ... and today
+    assert demo_recipe.fingerprint(eight) != demo_recipe.fingerprint(shipped)
+    # were the demo to ship 8 passes, its base arm would still be the 4 measured
+    text = demo_recipe.DEMO.read_text()
+    assert text.count("    epochs: 4 ") == 1
+    (tmp_path / "demo.yaml").write_text(text.replace("    epochs: 4 ", "    epochs: 8 "))
+    monkeypatch.setattr(demo_recipe, "DEMO", tmp_path / "demo.yaml")
+    assert demo_recipe.arm_config(demo_recipe.BASE).students[0].epochs == 4
+    assert demo_recipe.fingerprint(demo_recipe.arm_config("student: 8 passes")) == (
+        demo_recipe.fingerprint(demo_recipe.config.load(tmp_path / "demo.yaml"))
+    )
 
 
 def test_processes_share_the_table_without_measuring_one_arm_twice(tmp_path):
