@@ -104,18 +104,29 @@ def predict_probs(
     return torch.cat(out) if out else torch.empty(0)
 
 
+def right_answers(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    precision: str = "auto",
+) -> torch.Tensor:
+    """Whether the top-1 class is right, image by image in the batches' order, over
+    (uint8 images, labels) batches judged one batch at a time: what a paired test needs."""
+    for_inference(model)
+    return torch.cat(
+        [
+            (batch_probs(model, images, precision).argmax(1) == labels).cpu()
+            for images, labels in batches
+        ]
+    )
+
+
 def accuracy(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     precision: str = "auto",
 ) -> float:
     """Top-1 accuracy over (uint8 images, labels) batches, judged one batch at a time."""
-    for_inference(model)
-    right = seen = 0
-    for images, labels in batches:
-        right += int((batch_probs(model, images, precision).argmax(1) == labels).sum())
-        seen += len(labels)
-    return right / seen
+    return float(right_answers(model, batches, precision).float().mean())
 
 
 # Schedule and Noise keep no defaults: the config schema (`config.TrainConfig`) is the one
