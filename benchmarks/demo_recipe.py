@@ -419,9 +419,10 @@ def main(argv: list[str] | None = None) -> None:
         path.with_suffix(".md").write_text(markdown(result))
         print(path.with_suffix(".md").read_text())
         return
+    today = {name: fingerprint(arm_config(name, args.quick)) for name in ARMS}
     for name, runs in result["arms"].items():
         for seed, r in runs.items():
-            if name in ARMS and r.get("config") != fingerprint(arm_config(name, args.quick)):
+            if name in today and r.get("config") != today[name]:
                 raise SystemExit(
                     f"{path}: arm {name!r} seed {seed} was measured on another config than "
                     "the arm's today (the demo's config or the arm changed): move the file "

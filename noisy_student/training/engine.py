@@ -125,8 +125,10 @@ def accuracy(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     precision: str = "auto",
 ) -> float:
-    """Top-1 accuracy over (uint8 images, labels) batches, judged one batch at a time."""
-    return float(right_answers(model, batches, precision).float().mean())
+    """Top-1 accuracy over (uint8 images, labels) batches, judged one batch at a time: the
+    exact ratio of right answers to images (in double precision, as results store it)."""
+    right = right_answers(model, batches, precision)
+    return int(right.sum()) / len(right)
 
 
 # Schedule and Noise keep no defaults: the config schema (`config.TrainConfig`) is the one
