@@ -32,6 +32,9 @@ from noisy_student.labelling.label_queue import Strategy
 from noisy_student.overrides import Overrides, apply_overrides, override_pairs
 from noisy_student.training import augment, models
 
+# every precision setting: what "auto" means (noisy_student.training.engine.autocast)
+PRECISION_HELP = "Autocast: auto = bf16 on a GPU, fp32 on CPU (bf16 there: docs/models.md)"
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -182,7 +185,8 @@ class TrainConfig(Strict):
     )
     eval_every: int = Field(1, gt=0, description="Evaluate on the test set every N epochs")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
+        "auto",
+        description=PRECISION_HELP,
     )
     decoded_cache_mb: int = Field(
         512,
@@ -281,7 +285,8 @@ class InferenceConfig(Strict):
         "image; keep off where a mirror image can change the class (digits, text)",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
+        "auto",
+        description=PRECISION_HELP,
     )
     runner: Literal["local", "dask", "ray"] = Field(
         "local",
@@ -428,7 +433,8 @@ class EvaluationConfig(Strict):
     )
     batch_size: int = Field(1024, gt=0, description="Images per forward pass")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Autocast: auto = bf16 on a GPU, fp32 on CPU"
+        "auto",
+        description=PRECISION_HELP,
     )
     seed: int = Field(
         0, description="Seed of the subsets, of random corruptions and of bootstrap resamples"

@@ -486,6 +486,29 @@ def test_accuracy_compares_argmax_with_labels():
     assert engine.accuracy(model, training_data.TensorBatches(x, 1 - predicted, 4)) == 0.0
 
 
+def test_auto_precision_is_bf16_on_a_gpu_and_fp32_on_a_cpu_and_a_setting_is_what_it_says():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.resolved_precision(cpu, "auto") == "fp32"
+    assert not engine.autocast(cpu, "auto")._enabled
+    assert engine.resolved_precision(cuda, "auto") == "bf16"
+    assert engine.resolved_precision(cpu, "bf16") == "bf16"
+    assert engine.autocast(cpu, "bf16")._enabled
+    assert engine.autocast(cpu, "bf16").fast_dtype == torch.bfloat16
+    assert engine.resolved_precision(cuda, "fp32") == "fp32"
+
+
+def test_a_model_in_bf16_autocast_gives_float_probabilities_that_sum_to_one():
+    model = models.create("test_resnet", 2, 1)
+    x, _ = _bright_and_dark(6, seed=0)
+    probs = engine.predict_probs(model, x, 4, precision="bf16")
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(6))
+    # bf16 keeps 8 bits of mantissa: close to fp32's answer, not equal
+    fp32 = engine.predict_probs(model, x, 4, "fp32")
+    torch.testing.assert_close(probs, fp32, atol=0.02, rtol=0)
+    assert not torch.equal(probs, fp32)
+
+
 def test_distillation_loss_is_half_cross_entropy_on_labels_and_half_kl_to_the_teacher():
     logits = torch.tensor([[2.0, 0.0], [0.5, 1.5], [1.0, -1.0]])
     targets = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.9, 0.1]])

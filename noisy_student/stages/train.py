@@ -167,7 +167,12 @@ def _finish_training(
             "steps": fit.steps,
         },
     )
-    tracking.set_tags(run_id, {f"{tracking.TAG}checkpoint_url": out_url})
+    # what "auto" computed in here: it hangs on the machine, not on the config
+    precision = engine.resolved_precision(engine.device(), cfg.precision)
+    tracking.set_tags(
+        run_id,
+        {f"{tracking.TAG}checkpoint_url": out_url, f"{tracking.TAG}precision": precision},
+    )
     serving.log_model(
         run_id,
         out_url,

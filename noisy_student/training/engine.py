@@ -44,11 +44,21 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolved_precision(dev: torch.device, precision: str) -> str:
+    """What a precision setting computes in on this device: "auto" is bf16 on a GPU and fp32
+    on a CPU (`autocast` says why)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if dev.type == "cuda" else "fp32"
+
+
 def autocast(dev: torch.device, precision: str) -> torch.autocast:
-    """bfloat16 autocast where it pays. "auto" means bf16 on CUDA and fp32 on CPU: on this
-    project's AVX512-BF16 CPU, bf16 training steps swung between 0.1x and 1.5x of fp32's
-    speed from one batch to the next, while fp32 held steady."""
-    enabled = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    """bfloat16 autocast where it pays: "auto" means bf16 on a GPU, fp32 on a CPU. On this
+    project's AVX512-BF16 CPU bf16 is faster (`benchmarks.precision`) but cost the demo
+    accuracy: its student 0.28 points on held-out images over five seeds (-0.77 to +0.22),
+    its teacher 0.52 on test (`benchmarks.demo_recipe`, arm "precision: bf16"); see
+    docs/models.md."""
+    enabled = resolved_precision(dev, precision) == "bf16"
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
 
 
