@@ -104,8 +104,13 @@ def test_a_quick_run_writes_its_table_and_resumes(
 def test_the_arms_keep_the_config_they_were_measured_on(monkeypatch, tmp_path):
     demo = demo_recipe.arm_config(demo_recipe.BASE)
     assert demo.students[0].epochs == 4  # the demo as the table measured it, and today
-    shipped = demo_recipe.config.load(demo_recipe.DEMO)
+    # the demo as shipped, its precision named as "auto" computes it on a CPU
+    shipped = demo_recipe.config.load(demo_recipe.DEMO, demo_recipe.FP32)
     assert demo_recipe.fingerprint(demo) == demo_recipe.fingerprint(shipped)
+    assert {demo.teacher.precision, demo.inference.precision, demo.students[0].precision} == {
+        "fp32"
+    }
+    assert demo_recipe.config.load(demo_recipe.DEMO).teacher.precision == "auto"
     eight = demo_recipe.arm_config("student: 8 passes")
     assert demo_recipe.fingerprint(eight) != demo_recipe.fingerprint(shipped)
     # were the demo to ship 8 passes, its base arm would still be the 4 measured
@@ -115,7 +120,7 @@ def test_the_arms_keep_the_config_they_were_measured_on(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_recipe, "DEMO", tmp_path / "demo.yaml")
     assert demo_recipe.arm_config(demo_recipe.BASE).students[0].epochs == 4
     assert demo_recipe.fingerprint(demo_recipe.arm_config("student: 8 passes")) == (
-        demo_recipe.fingerprint(demo_recipe.config.load(tmp_path / "demo.yaml"))
+        demo_recipe.fingerprint(demo_recipe.config.load(tmp_path / "demo.yaml", demo_recipe.FP32))
     )
 
 
