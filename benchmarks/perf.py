@@ -1079,12 +1079,17 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["uv run python -m benchmarks.perf", *(argv or sys.argv[1:])])
     result = run(cfg, sizes, args.workdir, summary)
     result["command"] = command
+    write_results("perf", args.quick, result, markdown(result, command))
+
+
+def write_results(name: str, quick: bool, result: dict[str, Any], table: str) -> None:
+    """benchmarks/results/NAME-cpu.json and .md (NAME-gpu.* on a CUDA machine, *-quick.*
+    for a slice), then the table on the terminal."""
+    stem = f"{name}-{'gpu' if torch.cuda.is_available() else 'cpu'}" + ("-quick" if quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"perf-{'gpu' if torch.cuda.is_available() else 'cpu'}"
-    stem += "-quick" if args.quick else ""
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
     print(f"written: {RESULTS / stem}.md and .json")
 
 

@@ -21,7 +21,6 @@ Writes benchmarks/results/precision-cpu.json and .md (precision-gpu.* on a CUDA 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,6 @@ from noisy_student.training import models
 from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 PRESET = REPO / "pipeline_config" / "fashion_mnist.yaml"
 PRECISIONS = ("fp32", "bf16")
 # unlabelled rows, rows per shard, test rows, interleaved rounds, synthetic steps
@@ -161,13 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["uv run python -m benchmarks.precision", *(argv or sys.argv[1:])])
     result = measure(cfg, args.workdir, args.quick)
     result["command"] = command
-    stem = f"precision-{'gpu' if torch.cuda.is_available() else 'cpu'}"
-    stem += "-quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result, command))
-    print(markdown(result, command))
-    print(f"written: {RESULTS / stem}.md and .json")
+    perf.write_results("precision", args.quick, result, markdown(result, command))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ minutes of training: `uv run python -m benchmarks.precision --quick` checks the 
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from benchmarks import precision
@@ -44,3 +46,17 @@ def test_cpu_features_are_torchs_probes_or_false_where_a_build_has_none(monkeypa
         "is_avx512_bf16_supported": True,
         "is_amx_tile_supported": False,
     }
+
+
+def test_results_are_written_per_device_and_slice(monkeypatch, tmp_path, capsys):
+    from benchmarks import perf
+
+    monkeypatch.setattr(perf, "RESULTS", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    perf.write_results("precision", True, {"a": 1}, "# table\n")
+    assert json.loads((tmp_path / "precision-cpu-quick.json").read_text()) == {"a": 1}
+    assert (tmp_path / "precision-cpu-quick.md").read_text() == "# table\n"
+    assert "written:" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    perf.write_results("perf", False, {"b": 2}, "# gpu\n")
+    assert (tmp_path / "perf-gpu.md").read_text() == "# gpu\n"
