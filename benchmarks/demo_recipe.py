@@ -339,9 +339,8 @@ def markdown(result: dict[str, Any]) -> str:
         "say).",
         "",
         "Each arm is `pipeline_config/fashion_mnist.yaml` with its student's 4 passes and "
-        "fp32 (the demo as it ran when the arms were measured) and the overrides named; each "
-        "seed "
-        "draws the demo's 1,000 labelled images anew and sets 5,000 others apart as the "
+        "fp32 (the demo as it ran when the arms were measured) and the overrides named; "
+        "each seed draws the demo's 1,000 labelled images anew and sets 5,000 others apart as the "
         "development split (the pool: the rest). Choices are made on development: the "
         "difference from the demo on the same images, per seed (exact McNemar p), and its "
         "mean over seeds (95% t interval). Test: the student's accuracy and its gain over its "

@@ -47,10 +47,13 @@ FULL = (16384, 8192, 500, 3, 20)
 QUICK = (1024, 512, 200, 1, 3)
 
 
+# torch's own probes of what the CPU computes bf16 with (private: absent on other builds)
+PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def cpu_features() -> dict[str, bool]:
-    """What the CPU computes bf16 with (torch's own probes; absent on other builds)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return {p.strip("_"): bool(getattr(torch.cpu, p, lambda: False)()) for p in probes}
+    """Each probe's answer, under its name without the leading underscore."""
+    return {p.strip("_"): bool(getattr(torch.cpu, p, lambda: False)()) for p in PROBES}
 
 
 def labelling_rate(data_root: str, teacher_url: str, out_url: str, batch: int, p: str) -> float:
@@ -120,7 +123,7 @@ def measure(cfg: PipelineConfig, workdir: Path, quick: bool) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     hw = result["hardware"]
-    features = ", ".join(k for k in ("is_avx512_bf16_supported", "is_amx_tile_supported") if hw[k])
+    features = ", ".join(p.strip("_") for p in PROBES if hw[p.strip("_")])
     lines = [
         "# bfloat16 autocast against fp32 on this machine",
         "",
