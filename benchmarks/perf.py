@@ -220,7 +220,9 @@ def forward_rate(
     return sum(batch_sizes) / (time.perf_counter() - start)
 
 
-def _batch_plan(manifest: dataset.Manifest, batch_size: int) -> list[int]:
+def batch_plan(manifest: dataset.Manifest, batch_size: int) -> list[int]:
+    """The sizes of the batches the labelling stage reads, shard by shard (a shard's last
+    batch may be short): the forward-pass probes time the same batches the stage runs."""
     plan = []
     for shard in manifest.shards:
         full, rest = divmod(shard["rows"], batch_size)
@@ -252,7 +254,7 @@ def inference_efficiency(
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     model, meta = models.load(teacher_url)
     model.to(engine.device())
-    plan = _batch_plan(manifest, batch_size)
+    plan = batch_plan(manifest, batch_size)
     stage_rates, forward_rates = [], []
     for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both
         start = time.perf_counter()

@@ -82,7 +82,7 @@ def measure(cfg: PipelineConfig, workdir: Path, quick: bool) -> dict[str, Any]:
     selected = perf.select_everything(data_root, f"{run_url}/selected")
     model, meta = models.load(teacher.url)
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-    plan = perf._batch_plan(manifest, cfg.inference.batch_size)
+    plan = perf.batch_plan(manifest, cfg.inference.batch_size)
     student = cfg.students[0]
     rates: dict[str, dict[str, list[float]]] = {}
     for r in range(rounds):

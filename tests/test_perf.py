@@ -45,7 +45,7 @@ def test_every_measurement_runs_on_a_tiny_dataset(
         inference["stage_images_per_s"] / inference["forward_images_per_s"]
     )
     # 100-row shards in batches of 64: 64 + 36 each
-    assert perf._batch_plan(manifest, 64) == [64, 36] * 3
+    assert perf.batch_plan(manifest, 64) == [64, 36] * 3
 
     memory = perf.memory_ratio(tmp_path, fashion_mnist_source, 20, teacher.url, 64, "auto")
     assert memory["rows_10x"] == 200
