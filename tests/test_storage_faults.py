@@ -86,6 +86,8 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
         delays = {storage.backoff(attempt, policy) for _ in range(20)}
         assert all(nominal / 2 <= d <= nominal for d in delays)
         assert len(delays) > 1  # jittered
+    # the jitter has a generator of its own: the caller's seeded `random` is left alone
+    assert random.random() == random.Random(0).random()
 
 
 class FlakyFileSystem(fsspec.AbstractFileSystem):

@@ -132,11 +132,16 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# the jitter's own generator: retries never draw from (or reseed) the global `random`
+# that the caller, or a test framework such as Hypothesis, may have seeded
+_JITTER = random.Random()
+
+
 def backoff(attempt: int, policy: RetryPolicy) -> float:
     """Seconds to wait after the `attempt`-th failure: exponential, with jitter so that
     many workers failing together do not retry together."""
     delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
+    return delay / 2 + _JITTER.uniform(0, delay / 2)
 
 
 def call(url: str, fn: Callable[[], T]) -> T:
