@@ -15,7 +15,11 @@ candidate comes with an exact McNemar test on the same development images.
 
     uv run python -m benchmarks.student_recipe             # about 1.5 hours on 2 CPU cores
     uv run python -m benchmarks.student_recipe --quick     # a slice, to check the harness
-    uv run python -m benchmarks.student_recipe --arms NAME...
+    uv run python -m benchmarks.student_recipe --arms NAME...  # adds rows to the table
+
+The table's arms are compared with its candidate: when the code's candidate (`CANDIDATE`)
+is no longer the one the table was measured with, `--arms` refuses, and a run without it
+measures a new table.
 
 The result file is written after every arm; a killed run goes on where it stopped. Writes
 benchmarks/results/student-recipe.json and .md (student-recipe-quick.* with --quick).
@@ -514,6 +518,14 @@ def main(argv: list[str] | None = None) -> None:
     command = "uv run python -m benchmarks.student_recipe" + (" --quick" if args.quick else "")
     identity = {"candidate": repr(CANDIDATE), "quick": args.quick}
     old = json.loads(path.read_text()) if path.exists() else {}
+    if args.arms and old.get("arms") and old.get("identity") != identity:
+        # the arms of a table are compared with its candidate: a row measured against
+        # another candidate (or teacher) would sit beside them without being side by side
+        raise SystemExit(
+            f"{path}: its arms were measured with another candidate than this code's "
+            "CANDIDATE; --arms would start a new table of these arms alone: run it without "
+            "--arms to measure every arm again"
+        )
     result = {
         "identity": identity,
         "command": command,
