@@ -31,9 +31,12 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 
 # every tier (this -m replaces the quick default of pyproject.toml's addopts, which leaves
 # out the slow and integration ones), after the lint and the layer contract, so that CI
-# checks both
+# checks both. Two pytest-xdist workers, one per core of the CI machine, one torch thread
+# each (tests/conftest.py); each takes whole files, the integration and slow ones first:
+# about 18 min on 2 cores, against 26 in one process (README, "Development")
+TEST_WORKERS ?= 2
 test: setup compose-cli lint
-	$(UV) run pytest -q -m "slow or not slow" --durations=20
+	$(UV) run pytest -q -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
 compose-cli:

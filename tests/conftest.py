@@ -11,6 +11,13 @@ from typing import Any
 
 import pytest
 
+# `make test` runs one pytest-xdist worker per core: one torch thread each (the servers and
+# runs they start inherit it), as two OpenMP teams on two cores wait on each other. Set
+# before torch is imported below.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
+
 from noisy_student.config import StudentConfig, TeacherConfig
 from noisy_student.evaluation.scores import ModelScores
 from noisy_student.stages import train
@@ -167,3 +174,15 @@ def model_scores(**given: Any) -> ModelScores:
         fgsm_accuracy_interval={},
     )  # fmt: skip
     return ModelScores(**(empty | given))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tiers first (integration, then slow), each in file order: `make test`'s
+    workers take whole files in this order (`--dist loadfile --no-loadscope-reorder`), so
+    the files that take minutes start at once and the short ones fill in around them."""
+
+    def tier(item) -> int:
+        marks = {mark.name for mark in item.iter_markers()}
+        return 0 if "integration" in marks else 1 if "slow" in marks else 2
+
+    items.sort(key=tier)
