@@ -38,13 +38,14 @@ def test_the_splits_are_disjoint_and_the_labelled_draw_is_the_seeds(fashion_mnis
     assert not np.array_equal(labelled, demo_recipe.split_indices(labels, 100, 1)[0])
 
 
-def _run(dev: list[bool], test_acc: float, teacher: float) -> dict:
+def _run(dev: list[bool], test_acc: float, teacher: float, teacher_dev: float = 0.8) -> dict:
     right = np.array(dev)
     return {
         "dev_accuracy": float(right.mean()),
         "dev_right": _packed(right),
         "dev_images": len(right),
         "test_accuracy": test_acc,
+        "teacher_dev_accuracy": teacher_dev,
         "teacher_test_accuracy": teacher,
         "gain_on_test": test_acc - teacher,
         "student_seconds": 60.0,
@@ -71,6 +72,28 @@ def test_the_table_compares_each_arm_with_the_demo_on_the_same_images():
     assert '| labels: hard | `selection.labels="hard"` | 0, 1 | 90.00, 90.00 |' in table
     assert "85.00 -> 88.00 (+3.00)" in table
     assert "| noise: M=5 |" in table and "not yet run" in table
+
+
+def test_an_arm_that_keeps_the_teacher_is_compared_with_the_demo_from_that_very_teacher():
+    base, better = [True] * 80 + [False] * 20, [True] * 90 + [False] * 10
+    later = [True] * 85 + [False] * 15  # the demo from another draw of the teacher
+    result = {
+        "arms": {
+            "demo": {"0": _run(base, 0.87, 0.85), "1": _run(base, 0.86, 0.84)},
+            demo_recipe.SECOND_BASE: {"0": _run(later, 0.87, 0.86, teacher_dev=0.81)},
+            # seed 0 from the later teacher, seed 1 from a teacher no demo row has
+            "labels: hard": {
+                "0": _run(better, 0.88, 0.86, teacher_dev=0.81),
+                "1": _run(better, 0.88, 0.83, teacher_dev=0.79),
+            },
+            # an arm that changes the teacher: against the first demo row
+            "teacher: 200 epochs": {"0": _run(better, 0.88, 0.87, teacher_dev=0.82)},
+        },
+    }
+    rows = demo_recipe.summary(result)
+    assert rows["labels: hard"]["diff_vs_demo"] == pytest.approx([0.05])
+    assert rows["teacher: 200 epochs"]["diff_vs_demo"] == pytest.approx([0.10])
+    assert rows[demo_recipe.SECOND_BASE]["diff_vs_demo"] == []
 
 
 def test_a_quick_run_writes_its_table_and_resumes(
