@@ -518,7 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "uv run python -m benchmarks.student_recipe" + (" --quick" if args.quick else "")
     identity = {"candidate": repr(CANDIDATE), "quick": args.quick}
     old = json.loads(path.read_text()) if path.exists() else {}
-    if args.arms and old.get("arms") and old.get("identity") != identity:
+    # what the table holds is kept only if it was measured with this candidate
+    kept = old if old.get("identity") == identity else {}
+    if args.arms and old.get("arms") and not kept:
         # the arms of a table are compared with its candidate: a row measured against
         # another candidate (or teacher) would sit beside them without being side by side
         raise SystemExit(
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "identity": identity,
         "command": command,
-        "arms": old.get("arms", {}) if old.get("identity") == identity else {},
+        "arms": kept.get("arms", {}),
     }
     data = load_data(limit=4000 if args.quick else None)
     teacher = labelling_teacher(data, args.quick)
@@ -539,9 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         images, targets, worth = pseudo_labels(teacher, data, tta)
         for_tta[tta] = (images, targets)
         result["teacher"][tta] = worth
-    result.setdefault(
-        "teachers", old.get("teachers", {}) if old.get("identity") == identity else {}
-    )
+    result.setdefault("teachers", kept.get("teachers", {}))
     for name in args.arms or [*ARMS, *TEACHER_ARMS]:
         if name in TEACHER_ARMS:
             if name not in result["teachers"]:
