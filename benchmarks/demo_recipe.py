@@ -67,6 +67,7 @@ MEASURED_ON = {"students.0.epochs": 4} | FP32
 
 # name -> (what, overrides of the demo's config, as `--set` takes them)
 BF16 = {key: "bf16" for key in FP32}
+TEACHER_NOISE = {"teacher.rand_augment.num_ops": 2, "teacher.rand_augment.magnitude": 9}
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     BASE: ("the demo as shipped (its student for 4 passes)", {}),
     "student: half stem": (
@@ -144,6 +145,15 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         "only the student in bf16 (the teacher and its labels in fp32: bf16 teachers measured "
         "0.52 points lower on test), for 8 passes",
         {"students.0.precision": "bf16", "students.0.epochs": 8},
+    ),
+    "teacher: RandAugment": (
+        "the teacher with the students' RandAugment (N=2, M=9), as the paper's teachers "
+        "learned with noise (benchmarks.teacher_noise measures the teachers alone)",
+        TEACHER_NOISE,
+    ),
+    "teacher: RandAugment, 200 epochs": (
+        "the same for twice the teacher's passes (about 1.5 more minutes of the demo)",
+        TEACHER_NOISE | {"teacher.epochs": 200},
     ),
 }
 
@@ -430,11 +440,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save(path: Path, result: dict[str, Any], claim: str | None = None) -> bool:
+def _save(
+    path: Path, result: dict[str, Any], claim: str | None = None, render: Any = None
+) -> bool:
     """Write the result file, merging what other processes saved since: under a lock,
     every (arm, seed) in the file and not here joins this one's, and so do their claims
     ("arm|seed": pid) on what they are measuring. With `claim`, take that (arm, seed) for
-    this process first: False, writing nothing, if it is measured or claimed by a live one."""
+    this process first: False, writing nothing, if it is measured or claimed by a live one.
+    The table beside it is `render(result)` (this module's `markdown` if not given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -458,7 +471,7 @@ def _save(path: Path, result: dict[str, Any], claim: str | None = None) -> bool:
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(path)
-        path.with_suffix(".md").write_text(markdown(result))
+        path.with_suffix(".md").write_text((render or markdown)(result))
     return True
 
 

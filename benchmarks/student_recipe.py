@@ -278,9 +278,11 @@ def fit_teacher(
     seed: int,
 ) -> engine.FitResult:
     """A teacher trained on labelled images in memory with the pipeline's engine and
-    schedule: `t`'s network, stem, label smoothing and optimiser; `noise` its augmentation."""
+    schedule: `t`'s network, stem, dropout, stochastic depth, label smoothing and optimiser;
+    `noise` its augmentation."""
     torch.manual_seed(seed)
-    model = models.create(t.model, classes, 1, stem=t.stem, model_kwargs=t.model_kwargs)
+    model = models.create(t.model, classes, 1, t.drop_rate, t.drop_path_rate, stem=t.stem,
+                          model_kwargs=t.model_kwargs)  # fmt: skip
     return engine.fit(
         model,
         training_data.TensorRows(images, engine.one_hot(labels, classes, t.label_smoothing)),

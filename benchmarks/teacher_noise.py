@@ -1,0 +1,224 @@
+"""The first teacher with noise: does a teacher trained on the labelled images with the
+students' noise (RandAugment, dropout, stochastic depth) label better than one trained with
+crops and flips only, as the paper's teachers were noised when they learned?
+
+Each recipe trains the first teacher on the demo's 1,000 labelled images of a seed (the
+draws of benchmarks.demo_recipe, whose teacher cache it shares: a recipe that an arm there
+also trains is trained once) and is judged on that seed's 5,000 development images, where
+choices are made (the difference from the plain teacher of the same network on the same
+images, exact McNemar p, and its mean over seeds with a 95% t interval), and on the 10,000
+test images (reported, never used to choose).
+
+    uv run python -m benchmarks.teacher_noise                       # seeds 0 1 2, every recipe
+    uv run python -m benchmarks.teacher_noise --seeds 1 --recipes NAME...
+
+Processes started side by side share the work: each takes a (recipe, seed) no other has
+taken. Writes benchmarks/results/teacher-noise.{json,md} after every teacher (-quick with
+--quick); a killed run goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import demo_recipe
+from benchmarks.accuracy import hardware
+from benchmarks.machine import describe
+from benchmarks.student_recipe import _packed, _unpacked
+from noisy_student import config
+from noisy_student.evaluation import statistics
+from noisy_student.training.engine import flush_denormals
+
+RESULTS = demo_recipe.RESULTS
+NOISE = demo_recipe.TEACHER_NOISE  # the students' RandAugment, N=2, M=9
+MODEL_NOISE = {"teacher.drop_rate": 0.5, "teacher.drop_path_rate": 0.2}  # and theirs
+# the accuracy preset's network (pipeline_config/accuracy.yaml)
+WIDE_MAPS = {
+    "teacher.model": "resnet18d",
+    "teacher.stem": "half",
+    "teacher.model_kwargs": {"channels": [32, 64, 128, 256], "stem_width": 16},
+}
+# name -> (what, overrides of the demo's config; the plain teacher of its network)
+RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "plain": ("the demo's teacher: resnet10t, crops and flips, 100 epochs", {}, "plain"),
+    "RandAugment": (
+        "and RandAugment N=2, M=9 (the students' small-image settings)",
+        NOISE,
+        "plain",
+    ),  # fmt: skip
+    "RandAugment, dropout, stochastic depth": (
+        "and the students' dropout 0.5 and stochastic depth 0.2",
+        NOISE | MODEL_NOISE,
+        "plain",
+    ),
+    "RandAugment, 200 epochs": (
+        "RandAugment for twice the epochs (noise slows learning)",
+        NOISE | {"teacher.epochs": 200},
+        "plain",
+    ),
+    "wide maps: plain": (
+        "the accuracy preset's teacher: resnet18d, half stem, narrow stages, crops and flips",
+        WIDE_MAPS,
+        "wide maps: plain",
+    ),
+    "wide maps: all noise": (
+        "that network with RandAugment, dropout and stochastic depth",
+        WIDE_MAPS | NOISE | MODEL_NOISE,
+        "wide maps: plain",
+    ),
+    "wide maps: RandAugment, 200 epochs": (
+        "that network with RandAugment for twice the epochs",
+        WIDE_MAPS | NOISE | {"teacher.epochs": 200},
+        "wide maps: plain",
+    ),
+}
+
+
+def recipe_config(name: str, quick: bool = False) -> config.PipelineConfig:
+    overrides = demo_recipe.MEASURED_ON | RECIPES[name][1]
+    if quick:
+        overrides |= {"teacher.epochs": 5, "students.0.epochs": 1}
+    return config.load(demo_recipe.DEMO, overrides)
+
+
+def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[str, Any]:
+    cfg = recipe_config(name, quick)
+    if state.get("seed") != seed:
+        state.clear()
+        state.update(seed=seed, data=demo_recipe.load_data(cfg, seed, 4000 if quick else None))
+    data = state["data"]
+    start = time.perf_counter()
+    _, dev, test = demo_recipe.teacher_for(cfg, data, seed, 10, quick)
+    return {
+        "config": demo_recipe._key(cfg.teacher.model_dump()),
+        "dev_accuracy": float(dev.mean()),
+        "test_accuracy": float(test.mean()),
+        "dev_right": _packed(dev),
+        "dev_images": len(dev),
+        "seconds": round(time.perf_counter() - start, 1),  # ~0 when the cache had it
+        "threads": torch.get_num_threads(),
+        "hardware": hardware(),
+    }
+
+
+def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per recipe: its seeds, accuracies, and its difference on dev from the plain teacher
+    of its network on the same seed (McNemar p per seed, t interval of the mean)."""
+    out = {}
+    for name, (_, _, base) in RECIPES.items():
+        runs = result["arms"].get(name, {})
+        seeds = sorted(runs, key=int)
+        diffs, ps = [], []
+        for seed in seeds:
+            b = result["arms"].get(base, {}).get(seed)
+            if name != base and b is not None:
+                r = runs[seed]
+                paired = statistics.mcnemar(
+                    _unpacked(r["dev_right"], r["dev_images"]),
+                    _unpacked(b["dev_right"], b["dev_images"]),
+                )
+                diffs.append(paired.difference)
+                ps.append(paired.p_value)
+        out[name] = {
+            "seeds": seeds,
+            "dev": [runs[s]["dev_accuracy"] for s in seeds],
+            "test": [runs[s]["test_accuracy"] for s in seeds],
+            "diffs": diffs,
+            "ps": ps,
+            "interval": statistics.t_interval(diffs),
+        }
+    return out
+
+
+def _mean(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.2f}" if values else ""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    pts = demo_recipe._pts
+    lines = [
+        "# The first teacher with noise",
+        "",
+        f"Last written {result['date']}. {describe(result['hardware'])}, one torch thread per "
+        "process. "
+        "Command: `uv run python -m benchmarks.teacher_noise` (the seeds as the rows say).",
+        "",
+        "Each teacher learns the 1,000 labelled images of benchmarks.demo_recipe's seed (the "
+        "demo's draw) with the demo's teacher schedule (SGD at 0.1, batches of 64, EMA), "
+        "changed as the row says, and is judged on that seed's 5,000 development images "
+        "(where the choice is made: the difference from the plain teacher of the same "
+        "network on the same images, exact McNemar p, and its mean [95% t interval]) and "
+        "on the 10,000 test images (reported).",
+        "",
+        "| teacher | seeds | dev accuracy | mean dev | vs plain on dev, per seed (p) "
+        "| mean vs plain [95%] | test accuracy | mean test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary(result).items():
+        if not row["seeds"]:
+            lines.append(f"| {name} | not yet run | | | | | | |")
+            continue
+        per_seed = ", ".join(
+            f"{pts(d)} ({p:.3f})" for d, p in zip(row["diffs"], row["ps"], strict=True)
+        )
+        interval = row["interval"]
+        mean = f"{pts(interval[0])} [{pts(interval[1])}, {pts(interval[2])}]" if interval else ""
+        lines.append(
+            f"| {name} | {', '.join(row['seeds'])} "
+            f"| {', '.join(f'{100 * d:.2f}' for d in row['dev'])} | {_mean(row['dev'])} "
+            f"| {per_seed} | {mean} "
+            f"| {', '.join(f'{100 * t:.2f}' for t in row['test'])} | {_mean(row['test'])} |"
+        )
+    lines += ["", "What each teacher is: " + "; ".join(
+        f"**{n}**: {w}" for n, (w, _, _) in RECIPES.items()) + ".", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", metavar="NAME", help="only these recipes")
+    parser.add_argument("--quick", action="store_true", help="a slice, to check the harness")
+    args = parser.parse_args(argv)
+    unknown = [r for r in args.recipes or [] if r not in RECIPES]
+    if unknown:
+        raise SystemExit(
+            f"--recipes: unknown recipe {unknown[0]!r} (recipes: {', '.join(RECIPES)})"
+        )
+    flush_denormals()
+    path = RESULTS / ("teacher-noise-quick.json" if args.quick else "teacher-noise.json")
+    result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
+    today = {
+        name: demo_recipe._key(recipe_config(name, args.quick).teacher.model_dump())
+        for name in RECIPES
+    }
+    for name, runs in result["arms"].items():
+        for seed, r in runs.items():
+            if name in today and r.get("config") != today[name]:
+                raise SystemExit(
+                    f"{path}: recipe {name!r} seed {seed} was measured with another teacher "
+                    "config than the recipe's today: move the file away to measure anew"
+                )
+    state: dict[str, Any] = {}
+    for seed in args.seeds:
+        for name in args.recipes or list(RECIPES):
+            if not demo_recipe._save(path, result, claim=f"{name}|{seed}", render=markdown):
+                continue  # measured, or being measured by another process
+            r = measure(name, seed, args.quick, state)
+            result["arms"].setdefault(name, {})[str(seed)] = r
+            print(
+                f"{name}, seed {seed}: dev {100 * r['dev_accuracy']:.2f}%, test "
+                f"{100 * r['test_accuracy']:.2f}% ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+            demo_recipe._save(path, result, render=markdown)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
