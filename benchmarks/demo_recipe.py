@@ -146,14 +146,16 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         "0.52 points lower on test), for 8 passes",
         {"students.0.precision": "bf16", "students.0.epochs": 8},
     ),
-    "teacher: RandAugment": (
-        "the teacher with the students' RandAugment (N=2, M=9), as the paper's teachers "
-        "learned with noise (benchmarks.teacher_noise measures the teachers alone)",
-        TEACHER_NOISE,
-    ),
     "teacher: RandAugment, 200 epochs": (
-        "the same for twice the teacher's passes (about 1.5 more minutes of the demo)",
+        "the teacher with the students' RandAugment (N=2, M=9), as every later teacher (a "
+        "former student) learned, for twice the passes: the best first teacher of "
+        "benchmarks.teacher_noise (teacher-noise.md)",
         TEACHER_NOISE | {"teacher.epochs": 200},
+    ),
+    "teacher: RandAugment, 200 epochs; student: 8 passes": (
+        "that teacher, and its student for 8 passes: does the student's step over a teacher "
+        "that learned with noise grow with the student's time?",
+        TEACHER_NOISE | {"teacher.epochs": 200, "students.0.epochs": 8},
     ),
 }
 
@@ -440,9 +442,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save(
-    path: Path, result: dict[str, Any], claim: str | None = None, render: Any = None
-) -> bool:
+def _save(path: Path, result: dict[str, Any], claim: str | None = None, render: Any = None) -> bool:
     """Write the result file, merging what other processes saved since: under a lock,
     every (arm, seed) in the file and not here joins this one's, and so do their claims
     ("arm|seed": pid) on what they are measuring. With `claim`, take that (arm, seed) for

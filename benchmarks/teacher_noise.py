@@ -1,6 +1,7 @@
 """The first teacher with noise: does a teacher trained on the labelled images with the
 students' noise (RandAugment, dropout, stochastic depth) label better than one trained with
-crops and flips only, as the paper's teachers were noised when they learned?
+crops and flips only? From the second iteration on every teacher is a former student and
+has learned with that noise; the first has not.
 
 Each recipe trains the first teacher on the demo's 1,000 labelled images of a seed (the
 draws of benchmarks.demo_recipe, whose teacher cache it shares: a recipe that an arm there
