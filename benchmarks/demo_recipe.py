@@ -349,6 +349,21 @@ def reference(name: str, seed: str, run: dict[str, Any], arms: dict[str, Any]) -
     return None
 
 
+def paired_on_dev(pairs: Any) -> tuple[list[float], list[float]]:
+    """For each (run, base) pair judged on the same development images (a missing base is
+    skipped): the run's difference in accuracy from the base and its exact McNemar p."""
+    diffs, ps = [], []
+    for run, base in pairs:
+        if base is not None:
+            paired = statistics.mcnemar(
+                _unpacked(run["dev_right"], run["dev_images"]),
+                _unpacked(base["dev_right"], base["dev_images"]),
+            )
+            diffs.append(paired.difference)
+            ps.append(paired.p_value)
+    return diffs, ps
+
+
 def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per arm: its seeds, dev accuracy, difference from the demo on dev (per seed with
     McNemar's p, and the mean with a t interval over seeds; against `reference`) and the
@@ -357,16 +372,9 @@ def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name in ARMS:
         runs = result["arms"].get(name, {})
         seeds = sorted(runs, key=int)
-        diffs, ps = [], []
-        for seed in seeds:
-            r, b = runs[seed], reference(name, seed, runs[seed], result["arms"])
-            if b is not None:
-                paired = statistics.mcnemar(
-                    _unpacked(r["dev_right"], r["dev_images"]),
-                    _unpacked(b["dev_right"], b["dev_images"]),
-                )
-                diffs.append(paired.difference)
-                ps.append(paired.p_value)
+        diffs, ps = paired_on_dev(
+            (runs[seed], reference(name, seed, runs[seed], result["arms"])) for seed in seeds
+        )
         out[name] = {
             "seeds": seeds,
             "dev": [runs[s]["dev_accuracy"] for s in seeds],
@@ -475,6 +483,20 @@ def _save(path: Path, result: dict[str, Any], claim: str | None = None, render: 
     return True
 
 
+def refuse_other_configs(
+    path: Path, result: dict[str, Any], today: dict[str, str], kind: str, how: str
+) -> None:
+    """Stop, naming the file and the row, if a row of `result` was measured with another
+    config than its name's `today` (a fingerprint): new rows are not mixed with it."""
+    for name, runs in result["arms"].items():
+        for seed, r in runs.items():
+            if name in today and r.get("config") != today[name]:
+                raise SystemExit(
+                    f"{path}: {kind} {name!r} seed {seed} was measured {how}: move the file "
+                    "away to measure anew"
+                )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -496,15 +518,13 @@ def main(argv: list[str] | None = None) -> None:
         path.with_suffix(".md").write_text(markdown(result))
         print(path.with_suffix(".md").read_text())
         return
-    today = {name: fingerprint(arm_config(name, args.quick)) for name in ARMS}
-    for name, runs in result["arms"].items():
-        for seed, r in runs.items():
-            if name in today and r.get("config") != today[name]:
-                raise SystemExit(
-                    f"{path}: arm {name!r} seed {seed} was measured on another config than "
-                    "the arm's today (the demo's config or the arm changed): move the file "
-                    "away to measure anew"
-                )
+    refuse_other_configs(
+        path,
+        result,
+        {name: fingerprint(arm_config(name, args.quick)) for name in ARMS},
+        "arm",
+        "on another config than the arm's today (the demo's config or the arm changed)",
+    )
     state: dict[str, Any] = {}
     for seed in args.seeds:
         for name in args.arms or list(ARMS):

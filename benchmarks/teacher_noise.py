@@ -30,7 +30,7 @@ import torch
 from benchmarks import demo_recipe
 from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
-from benchmarks.student_recipe import _packed, _unpacked
+from benchmarks.student_recipe import _packed
 from noisy_student import config
 from noisy_student.evaluation import statistics
 from noisy_student.training.engine import flush_denormals
@@ -114,17 +114,8 @@ def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, (_, _, base) in RECIPES.items():
         runs = result["arms"].get(name, {})
         seeds = sorted(runs, key=int)
-        diffs, ps = [], []
-        for seed in seeds:
-            b = result["arms"].get(base, {}).get(seed)
-            if name != base and b is not None:
-                r = runs[seed]
-                paired = statistics.mcnemar(
-                    _unpacked(r["dev_right"], r["dev_images"]),
-                    _unpacked(b["dev_right"], b["dev_images"]),
-                )
-                diffs.append(paired.difference)
-                ps.append(paired.p_value)
+        bases = result["arms"].get(base, {}) if name != base else {}
+        diffs, ps = demo_recipe.paired_on_dev((runs[seed], bases.get(seed)) for seed in seeds)
         out[name] = {
             "seeds": seeds,
             "dev": [runs[s]["dev_accuracy"] for s in seeds],
@@ -194,17 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     flush_denormals()
     path = RESULTS / ("teacher-noise-quick.json" if args.quick else "teacher-noise.json")
     result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
-    today = {
-        name: demo_recipe._key(recipe_config(name, args.quick).teacher.model_dump())
-        for name in RECIPES
-    }
-    for name, runs in result["arms"].items():
-        for seed, r in runs.items():
-            if name in today and r.get("config") != today[name]:
-                raise SystemExit(
-                    f"{path}: recipe {name!r} seed {seed} was measured with another teacher "
-                    "config than the recipe's today: move the file away to measure anew"
-                )
+    demo_recipe.refuse_other_configs(
+        path,
+        result,
+        {n: demo_recipe._key(recipe_config(n, args.quick).teacher.model_dump()) for n in RECIPES},
+        "recipe",
+        "with another teacher config than the recipe's today",
+    )
     state: dict[str, Any] = {}
     for seed in args.seeds:
         for name in args.recipes or list(RECIPES):
