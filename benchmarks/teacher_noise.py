@@ -51,7 +51,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
         "and RandAugment N=2, M=9 (the students' small-image settings)",
         NOISE,
         "plain",
-    ),  # fmt: skip
+    ),
     "RandAugment, dropout, stochastic depth": (
         "and the students' dropout 0.5 and stochastic depth 0.2",
         NOISE | MODEL_NOISE,
