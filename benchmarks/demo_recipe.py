@@ -32,6 +32,7 @@ import json
 import os
 import statistics as stats
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,11 +203,17 @@ def load_data(cfg: PipelineConfig, seed: int, limit: int | None = None) -> Data:
     )
 
 
-def arm_config(name: str, quick: bool = False) -> PipelineConfig:
-    overrides = MEASURED_ON | ARMS[name][1]
+def demo_config(overrides: dict[str, Any], quick: bool = False) -> PipelineConfig:
+    """The demo's config as the arms were measured on (MEASURED_ON) with `overrides`;
+    `quick`: a few epochs, to check a harness."""
+    overrides = MEASURED_ON | overrides
     if quick:
         overrides |= {"teacher.epochs": 5, "students.0.epochs": 1}
     return config.load(DEMO, overrides)
+
+
+def arm_config(name: str, quick: bool = False) -> PipelineConfig:
+    return demo_config(ARMS[name][1], quick)
 
 
 def _key(*parts: Any) -> str:
@@ -289,14 +296,19 @@ def train_student(
 # ---------------------------------------------------------------- the run and its table
 
 
+def seed_data(cfg: PipelineConfig, seed: int, quick: bool, state: dict[str, Any]) -> Data:
+    """The splits of `seed`, loaded once while a process measures that seed (in `state`)."""
+    if state.get("seed") != seed:
+        state.clear()
+        state.update(seed=seed, data=load_data(cfg, seed, 4000 if quick else None))
+    return state["data"]
+
+
 def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[str, Any]:
     """One arm on one seed: its teacher (cached), pseudo labels and student, judged."""
     cfg = arm_config(name, quick)
     classes = 10
-    if state.get("seed") != seed:
-        state.clear()
-        state.update(seed=seed, data=load_data(cfg, seed, 4000 if quick else None))
-    data: Data = state["data"]
+    data = seed_data(cfg, seed, quick, state)
     start = time.perf_counter()
     teacher, teacher_dev, teacher_test = teacher_for(cfg, data, seed, classes, quick)
     pseudo = pseudo_labels(cfg, teacher, data, classes, seed)
@@ -324,6 +336,16 @@ def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[st
 
 def _pts(x: float) -> str:
     return f"{100 * x:+.2f}"
+
+
+def paired_cells(
+    diffs: list[float], ps: list[float], interval: tuple[float, float, float] | None
+) -> tuple[str, str]:
+    """A table's two cells for paired differences: per seed with its p, and the mean
+    [95% t interval] (empty without one)."""
+    per_seed = ", ".join(f"{_pts(d)} ({p:.3f})" for d, p in zip(diffs, ps, strict=True))
+    mean = f"{_pts(interval[0])} [{_pts(interval[1])}, {_pts(interval[2])}]" if interval else ""
+    return per_seed, mean
 
 
 def changes_teacher(name: str) -> bool:
@@ -421,11 +443,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {sets} | not yet run | | | | | |")
             continue
         dev = ", ".join(f"{100 * d:.2f}" for d in r["dev"])
-        per_seed = ", ".join(
-            f"{_pts(d)} ({p:.3f})" for d, p in zip(r["diff_vs_demo"], r["p_vs_demo"], strict=True)
-        )
-        iv = r["diff_interval"]
-        mean = f"{_pts(iv[0])} [{_pts(iv[1])}, {_pts(iv[2])}]" if iv else ""
+        per_seed, mean = paired_cells(r["diff_vs_demo"], r["p_vs_demo"], r["diff_interval"])
         test = "; ".join(
             f"{100 * t:.2f} -> {100 * s:.2f} ({_pts(g)})"
             for t, s, g in zip(r["teacher_test"], r["test"], r["gain"], strict=True)
@@ -450,7 +468,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save(path: Path, result: dict[str, Any], claim: str | None = None, render: Any = None) -> bool:
+def _save(
+    path: Path,
+    result: dict[str, Any],
+    claim: str | None = None,
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> bool:
     """Write the result file, merging what other processes saved since: under a lock,
     every (arm, seed) in the file and not here joins this one's, and so do their claims
     ("arm|seed": pid) on what they are measuring. With `claim`, take that (arm, seed) for

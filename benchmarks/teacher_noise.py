@@ -31,7 +31,7 @@ from benchmarks import demo_recipe
 from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
 from benchmarks.student_recipe import _packed
-from noisy_student import config
+from noisy_student.config import PipelineConfig
 from noisy_student.evaluation import statistics
 from noisy_student.training.engine import flush_denormals
 
@@ -80,23 +80,22 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def recipe_config(name: str, quick: bool = False) -> config.PipelineConfig:
-    overrides = demo_recipe.MEASURED_ON | RECIPES[name][1]
-    if quick:
-        overrides |= {"teacher.epochs": 5, "students.0.epochs": 1}
-    return config.load(demo_recipe.DEMO, overrides)
+def recipe_config(name: str, quick: bool = False) -> PipelineConfig:
+    return demo_recipe.demo_config(RECIPES[name][1], quick)
+
+
+def fingerprint(cfg: PipelineConfig) -> str:
+    """What a recipe trains with: its teacher's config."""
+    return demo_recipe._key(cfg.teacher.model_dump())
 
 
 def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[str, Any]:
     cfg = recipe_config(name, quick)
-    if state.get("seed") != seed:
-        state.clear()
-        state.update(seed=seed, data=demo_recipe.load_data(cfg, seed, 4000 if quick else None))
-    data = state["data"]
+    data = demo_recipe.seed_data(cfg, seed, quick, state)
     start = time.perf_counter()
     _, dev, test = demo_recipe.teacher_for(cfg, data, seed, 10, quick)
     return {
-        "config": demo_recipe._key(cfg.teacher.model_dump()),
+        "config": fingerprint(cfg),
         "dev_accuracy": float(dev.mean()),
         "test_accuracy": float(test.mean()),
         "dev_right": _packed(dev),
@@ -132,7 +131,6 @@ def _mean(values: list[float]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    pts = demo_recipe._pts
     lines = [
         "# The first teacher with noise",
         "",
@@ -155,11 +153,7 @@ def markdown(result: dict[str, Any]) -> str:
         if not row["seeds"]:
             lines.append(f"| {name} | not yet run | | | | | | |")
             continue
-        per_seed = ", ".join(
-            f"{pts(d)} ({p:.3f})" for d, p in zip(row["diffs"], row["ps"], strict=True)
-        )
-        interval = row["interval"]
-        mean = f"{pts(interval[0])} [{pts(interval[1])}, {pts(interval[2])}]" if interval else ""
+        per_seed, mean = demo_recipe.paired_cells(row["diffs"], row["ps"], row["interval"])
         lines.append(
             f"| {name} | {', '.join(row['seeds'])} "
             f"| {', '.join(f'{100 * d:.2f}' for d in row['dev'])} | {_mean(row['dev'])} "
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     demo_recipe.refuse_other_configs(
         path,
         result,
-        {n: demo_recipe._key(recipe_config(n, args.quick).teacher.model_dump()) for n in RECIPES},
+        {name: fingerprint(recipe_config(name, args.quick)) for name in RECIPES},
         "recipe",
         "with another teacher config than the recipe's today",
     )
