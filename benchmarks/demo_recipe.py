@@ -506,6 +506,27 @@ def _save(
     return True
 
 
+def measure_shared(
+    path: Path,
+    result: dict[str, Any],
+    seeds: list[int],
+    names: list[str],
+    measure_one: Callable[[str, int], dict[str, Any]],
+    said: Callable[[dict[str, Any]], str],
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
+    """Measure each (name, seed) that no process has measured or is measuring (`_save`'s
+    claims), print `said` of it, and save the file after each."""
+    for seed in seeds:
+        for name in names:
+            if not _save(path, result, claim=f"{name}|{seed}", render=render):
+                continue  # measured, or being measured by another process
+            r = measure_one(name, seed)
+            result["arms"].setdefault(name, {})[str(seed)] = r
+            print(f"{name}, seed {seed}: {said(r)}", flush=True)
+            _save(path, result, render=render)
+
+
 def refuse_other_configs(
     path: Path, result: dict[str, Any], today: dict[str, str], kind: str, how: str
 ) -> None:
@@ -549,19 +570,17 @@ def main(argv: list[str] | None = None) -> None:
         "on another config than the arm's today (the demo's config or the arm changed)",
     )
     state: dict[str, Any] = {}
-    for seed in args.seeds:
-        for name in args.arms or list(ARMS):
-            if not _save(path, result, claim=f"{name}|{seed}"):
-                continue  # measured, or being measured by another process
-            r = measure(name, seed, args.quick, state)
-            result["arms"].setdefault(name, {})[str(seed)] = r
-            print(
-                f"{name}, seed {seed}: dev {100 * r['dev_accuracy']:.2f}%, test "
-                f"{100 * r['teacher_test_accuracy']:.2f}% -> {100 * r['test_accuracy']:.2f}% "
-                f"({r['student_seconds']:.0f} s)",
-                flush=True,
-            )
-            _save(path, result)
+    measure_shared(
+        path,
+        result,
+        args.seeds,
+        args.arms or list(ARMS),
+        lambda name, seed: measure(name, seed, args.quick, state),
+        lambda r: (
+            f"dev {100 * r['dev_accuracy']:.2f}%, test {100 * r['teacher_test_accuracy']:.2f}% "
+            f"-> {100 * r['test_accuracy']:.2f}% ({r['student_seconds']:.0f} s)"
+        ),
+    )
     print(path.with_suffix(".md").read_text())
 
 

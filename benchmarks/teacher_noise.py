@@ -187,18 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         "with another teacher config than the recipe's today",
     )
     state: dict[str, Any] = {}
-    for seed in args.seeds:
-        for name in args.recipes or list(RECIPES):
-            if not demo_recipe._save(path, result, claim=f"{name}|{seed}", render=markdown):
-                continue  # measured, or being measured by another process
-            r = measure(name, seed, args.quick, state)
-            result["arms"].setdefault(name, {})[str(seed)] = r
-            print(
-                f"{name}, seed {seed}: dev {100 * r['dev_accuracy']:.2f}%, test "
-                f"{100 * r['test_accuracy']:.2f}% ({r['seconds']:.0f} s)",
-                flush=True,
-            )
-            demo_recipe._save(path, result, render=markdown)
+    demo_recipe.measure_shared(
+        path,
+        result,
+        args.seeds,
+        args.recipes or list(RECIPES),
+        lambda name, seed: measure(name, seed, args.quick, state),
+        lambda r: (
+            f"dev {100 * r['dev_accuracy']:.2f}%, test {100 * r['test_accuracy']:.2f}% "
+            f"({r['seconds']:.0f} s)"
+        ),
+        render=markdown,
+    )
     print(path.with_suffix(".md").read_text())
 
 
