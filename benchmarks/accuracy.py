@@ -18,6 +18,9 @@ outputs) trains only the first teacher again, with the same seed, and labels wit
 
     uv run python -m benchmarks.accuracy            # the table (hours on 2 CPU cores)
     uv run python -m benchmarks.accuracy --quick    # every row on a slice, to check the harness
+    uv run python -m benchmarks.accuracy --carry OLD.json   # after a change of config: take
+        # the rows it leaves unchanged (e.g. the ceilings, when only the teacher changed)
+        # from an earlier result file instead of measuring them again
 
 Writes benchmarks/results/accuracy.json and accuracy.md (or accuracy-quick.*), with the
 command, seed, hardware, wall time and CPU time of every row.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -144,11 +148,12 @@ def student_images(cfg: PipelineConfig, k: int) -> int:
     return round(student.epochs * pool * (1 + 1 / student.unlabelled_ratio))
 
 
-def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
+def ceiling_rows(cfg: PipelineConfig, reference_limit: int | None = None) -> dict[str, Ceiling]:
     """The fully supervised rows: the final student's network (its stem and keyword
     arguments) with a ceiling's recipe, the ordinary augmentation of a supervised model
     (crops and flips; no RandAugment, Cutout, dropout or stochastic depth) and the final
-    student's optimiser, at its budget and at LONGER times it."""
+    student's optimiser, at its budget and at LONGER times it. On a slice of the training
+    set (`reference_limit`, --quick) one epoch per budget."""
     k = len(cfg.students)
     last = cfg.students[-1]
     stem = config.student_stem(cfg.model_dump(), k)  # null: its teacher's
@@ -163,6 +168,8 @@ def ceiling_rows(cfg: PipelineConfig) -> dict[str, Ceiling]:
         batch_size=batch,
         epochs=epochs,
     )
+    if reference_limit is not None:
+        epochs = 1
     return {
         "fully supervised": Ceiling(
             "all 60,000 training labels, the final student's network with a ceiling's recipe "
@@ -207,6 +214,29 @@ def final_student_seed_rows(cfg: PipelineConfig) -> dict[str, int]:
     same pseudo labels as the flow's final student."""
     k = len(cfg.students)
     return {f"student {k}: seed {cfg.seed + s}": cfg.seed + s for s in SEEDS}
+
+
+def row_inputs(cfg: PipelineConfig, reference_limit: int | None = None) -> dict[str, str]:
+    """A digest of what each row that does not depend on the whole config is a function of:
+    the teacher's other seeds (the teacher's recipe, the data and the seed) and the ceilings
+    (their recipe, the training set and the seed). An earlier table's row with the same
+    digest measured the same thing (`--carry`); every other row depends on the whole run."""
+    data = cfg.data.model_dump(mode="json")
+    teacher = cfg.teacher.model_dump(mode="json")
+    inputs = {
+        name: {"teacher": teacher, "data": data, "seed": s} for name, s in seed_rows(cfg).items()
+    }
+    for name, ceiling in ceiling_rows(cfg, reference_limit).items():
+        inputs[name] = {
+            "recipe": ceiling.recipe.model_dump(mode="json"),
+            "source": cfg.data.fashion_mnist.source,
+            "reference_limit": reference_limit,
+            "seed": cfg.seed,
+        }
+    return {
+        name: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16]
+        for name, v in inputs.items()
+    }
 
 
 def student_names(cfg: PipelineConfig) -> list[str]:
@@ -261,6 +291,29 @@ class Table:
 
     def has(self, name: str) -> bool:
         return any(r["row"] == name for r in self.rows)
+
+    def carry(
+        self, earlier: dict[str, Any], now: dict[str, str], then: dict[str, str]
+    ) -> list[str]:
+        """Rows of an earlier result file (`earlier`) that this table lacks and whose inputs
+        are unchanged (`then[name] == now[name]`, see `row_inputs`) join it, each marked
+        with the file's date and command. Returns their names."""
+        rows = {r["row"]: r for r in earlier.get("rows", [])}
+        taken = [
+            name
+            for name, digest in now.items()
+            if name in rows and not self.has(name) and then.get(name) == digest
+        ]
+        if taken:
+            with self._lock:
+                written = earlier.get("date", "")[:10]
+                command = earlier.get("identity", {}).get("command", "")
+                for name in taken:
+                    self.rows.append(
+                        {**rows[name], "carried_from": {"date": written, "command": command}}
+                    )
+            self.save()
+        return taken
 
     def add(self, name: str, seconds: float, **fields: Any) -> None:
         with self._lock:
@@ -674,11 +727,9 @@ def run(
     # The ceilings: the final student's network on every training label.
     source = cfg.data.fashion_mnist.source
     data = "fashion-mnist-all" if reference_limit is None else f"fashion-mnist-{reference_limit}"
-    for name, (what, recipe, budget) in ceiling_rows(cfg).items():
+    for name, (what, recipe, budget) in ceiling_rows(cfg, reference_limit).items():
         if name not in todo:
             continue
-        if reference_limit is not None:  # --quick: one epoch per budget
-            recipe = recipe.model_copy(update={"epochs": budget})
 
         def ceiling(recipe=recipe, budget=budget) -> Any:
             ref_root = reference_dataset(
@@ -771,7 +822,14 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
                 else ""
             )
             + " | "
-            f"{r['what']} |"
+            f"{r['what']}"
+            + (
+                f" (carried from the table of {r['carried_from']['date']}, "
+                f"`{r['carried_from']['command']}`: the same recipe, data and seed)"
+                if "carried_from" in r
+                else ""
+            )
+            + " |"
         )
     lines += _below_teachers(done, names, result["identity"]["config"])
     agains = result.get("teacher_trained_again", [])
@@ -839,6 +897,26 @@ def _below_teachers(
     return lines
 
 
+def carry(table: Table, path: Path, cfg: PipelineConfig, reference_limit: int | None) -> list[str]:
+    """`--carry`: the earlier file's rows whose inputs `cfg` leaves unchanged join `table`;
+    a file that cannot be read, or whose config no longer loads, is a one-line error."""
+    try:
+        earlier = json.loads(path.read_text())
+        then_cfg = PipelineConfig.model_validate(earlier["identity"]["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(f"--carry {path}: not an accuracy result file ({reason})") from None
+    kinds = ("a full table", "a quick table (--quick)")
+    then_quick = " --quick" in earlier["identity"].get("command", "")
+    if then_quick != (reference_limit is not None):
+        raise SystemExit(
+            f"--carry {path}: {kinds[then_quick]}'s rows cannot join {kinds[not then_quick]}"
+        )
+    return table.carry(
+        earlier, row_inputs(cfg, reference_limit), row_inputs(then_cfg, reference_limit)
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every row on a slice, in minutes")
@@ -846,6 +924,14 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", nargs="+", metavar="ROW", help="only these rows (default: every row not yet run)"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument(
+        "--carry",
+        type=Path,
+        metavar="OLD.json",
+        help="take the rows this config leaves unchanged (the ceilings when only the teacher "
+        "or the first students changed, the teacher's other seeds when only the students did) "
+        "from an earlier result file",
+    )
     args = parser.parse_args(argv)
     flush_denormals()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -877,6 +963,9 @@ def main(argv: list[str] | None = None) -> None:
         "config": cfg.model_dump(mode="json"),
     }
     table = Table(RESULTS / f"{stem}.json", identity)
+    if args.carry:
+        taken = carry(table, args.carry, cfg, reference_limit)
+        print(f"carried from {args.carry}: {', '.join(taken) or 'no row (every input changed)'}")
     try:
         run(cfg, table, args.rows or names, reference_limit)
     except KeyboardInterrupt:

@@ -279,3 +279,67 @@ def test_each_row_keeps_the_hardware_it_was_measured_on(tmp_path, monkeypatch):
     assert "Measured on AMD EPYC, 2 cores, no GPU (torch 2.x)." in accuracy.markdown(
         saved, ["teacher", "student 1"]
     )
+
+
+def _table_of(path, cfg: config.PipelineConfig, command: str = "bench") -> accuracy.Table:
+    identity = {"command": command, "preset": "p.yaml", "config": cfg.model_dump(mode="json")}
+    return accuracy.Table(path, identity)
+
+
+def test_a_new_config_carries_only_the_rows_whose_inputs_it_leaves_unchanged(tmp_path):
+    then = config.load(REPO / "pipeline_config/accuracy.yaml")
+    earlier = _table_of(tmp_path / "then.json", then)
+    names = accuracy.row_names(then)
+    for name in names:
+        _row(earlier, name, 60.0)
+    old = json.loads((tmp_path / "then.json").read_text())
+
+    def carried(now: config.PipelineConfig) -> list[str]:
+        path = tmp_path / "now.json"
+        path.unlink(missing_ok=True)
+        table = _table_of(path, now, "bench --set x=1")
+        return accuracy.carry(table, tmp_path / "then.json", now, None)
+
+    # another teacher: its other seeds are measured again, the ceilings are not
+    teacher = then.teacher.model_copy(update={"epochs": then.teacher.epochs + 50})
+    assert carried(then.model_copy(update={"teacher": teacher})) == [
+        "fully supervised",
+        "fully supervised: 3x the epochs",
+    ]
+    table = json.loads((tmp_path / "now.json").read_text())
+    assert table["identity"]["command"] == "bench --set x=1"
+    [row] = [r for r in table["rows"] if r["row"] == "fully supervised"]
+    assert row["carried_from"]["command"] == "bench" and row["wall_seconds"] == 60.0
+    text = accuracy.markdown(table, names)
+    assert "(carried from the table of " in text and "`bench`: the same recipe" in text
+    # another first student: the teacher's seeds and the ceilings (the final student's) stay
+    first = then.students[0].model_copy(update={"lr": 0.1})
+    now = then.model_copy(update={"students": [first, *then.students[1:]]})
+    assert carried(now) == [*accuracy.seed_rows(then), *accuracy.ceiling_rows(then)]
+    # another final student: its ceilings are other rows
+    last = then.students[-1].model_copy(update={"epochs": 20})
+    now = then.model_copy(update={"students": [*then.students[:-1], last]})
+    assert carried(now) == list(accuracy.seed_rows(then))
+    # another seed: the rows of seeds 1 and 2 become those of seeds 2 and 3
+    assert carried(then.model_copy(update={"seed": 1})) == ["teacher: seed 2"]
+    # a row the table has already is its own
+    table = _table_of(tmp_path / "then.json", then)
+    assert accuracy.carry(table, tmp_path / "then.json", then, None) == []
+    assert old["rows"] == json.loads((tmp_path / "then.json").read_text())["rows"]
+
+
+def test_carry_from_a_file_that_is_not_a_result_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    bad = tmp_path / "old.json"
+    for text in (None, "{not json", '{"rows": []}'):
+        if text is not None:
+            bad.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            accuracy.main(["--carry", str(bad), "--rows", "teacher"])
+        assert str(e.value).startswith(f"--carry {bad}: not an accuracy result file (")
+        assert "\n" not in str(e.value)
+    quick = _table_of(bad, config.load(REPO / "pipeline_config/accuracy.yaml"), "b --quick")
+    quick.save()
+    with pytest.raises(SystemExit, match=r"a quick table \(--quick\)'s rows cannot join a full"):
+        accuracy.main(["--carry", str(bad), "--rows", "teacher"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json", "old.lock"]
