@@ -356,12 +356,14 @@ def reference(name: str, seed: str, run: dict[str, Any], arms: dict[str, Any]) -
     """The demo run that `name`'s run on `seed` is compared with. An arm that keeps the
     demo's teacher: the demo trained from the very same teacher (the same accuracies on
     development and test), whichever draw of the teachers it was measured with (BASES), so
-    that the difference is the student's alone. An arm that changes the teacher: the first
-    demo row (its teachers are other draws either way)."""
+    that the difference is the student's alone. An arm that changes the teacher: the demo
+    from the teachers the harness seeds as it seeds the arm's (SECOND_BASE: the same
+    initial weights and batch order, only the change differs), or where that seed has none,
+    the first demo row (other draws)."""
     if name in BASES:
         return None
     if changes_teacher(name):
-        return arms.get(BASE, {}).get(seed)
+        return arms.get(SECOND_BASE, {}).get(seed) or arms.get(BASE, {}).get(seed)
     for base in BASES:
         b = arms.get(base, {}).get(seed)
         if b is not None and all(
@@ -428,7 +430,9 @@ def markdown(result: dict[str, Any]) -> str:
         "difference from the demo on the same images, per seed (exact McNemar p), and its "
         "mean over seeds (95% t interval); an arm that keeps the demo's teacher is compared "
         "with the demo trained from the same teacher (of the two demo rows, the one with that "
-        "teacher; none: no comparison), an arm that changes it with the first demo row. "
+        "teacher; none: no comparison), an arm that changes it with the demo from the plain "
+        "teacher of the same seeding (`demo: later teachers`; where a seed lacks it, the "
+        "first demo row). "
         "Test: the student's accuracy and its gain over its own teacher, per seed, as the "
         "demo prints them.",
         "",
