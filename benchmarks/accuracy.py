@@ -159,6 +159,8 @@ def ceiling_rows(cfg: PipelineConfig, reference_limit: int | None = None) -> dic
     stem = config.student_stem(cfg.model_dump(), k)  # null: its teacher's
     batch = round(last.batch_size * (1 + last.unlabelled_ratio))
     epochs = max(1, round(student_images(cfg, k) / LABELLED_TRAINING_IMAGES))
+    if reference_limit is not None:
+        epochs = 1
     recipe = config.TeacherConfig(
         **last.model_dump(
             include={"model", "model_kwargs", "lr", "weight_decay", "warmup_epochs"}
@@ -168,8 +170,6 @@ def ceiling_rows(cfg: PipelineConfig, reference_limit: int | None = None) -> dic
         batch_size=batch,
         epochs=epochs,
     )
-    if reference_limit is not None:
-        epochs = 1
     return {
         "fully supervised": Ceiling(
             "all 60,000 training labels, the final student's network with a ceiling's recipe "

@@ -180,6 +180,9 @@ def test_the_ceilings_train_the_final_students_network_with_a_ceilings_recipe():
     assert recipe.epochs == round(images / 60_000)
     longer = rows["fully supervised: 3x the epochs"]
     assert longer.budget == 3 and longer.recipe.epochs == 3 * recipe.epochs
+    # --quick, on a slice of the training set: one epoch per budget
+    quick = accuracy.ceiling_rows(cfg, reference_limit=6000)
+    assert [c.recipe.epochs for c in quick.values()] == [1, 3]
 
 
 def test_the_ceilings_build_the_final_student_with_the_stem_it_inherits():
