@@ -290,7 +290,26 @@ class Table:
         self.extra: dict[str, Any] = {k: old[k] for k in KEPT if same and k in old}
 
     def has(self, name: str) -> bool:
-        return any(r["row"] == name for r in self.rows)
+        """Whether the row is measured (a row seen so far in a running flow is not yet)."""
+        return any(r["row"] == name and not r.get("so_far") for r in self.rows)
+
+    def so_far(self, name: str, **fields: Any) -> bool:
+        """A row of the flow seen before the flow returned (`finished_iterations`): shown in
+        the table as such, measured again (from the flow's cached stages) when it returns.
+        Never replaces a measured row. Returns whether the table changed."""
+        with self._lock:
+            if self.has(name):
+                return False
+            row = {"row": name, **fields, "so_far": True, "hardware": hardware()}
+            old = next((r for r in self.rows if r["row"] == name), None)
+            if old is not None and {k: v for k, v in old.items() if k != "hardware"} == {
+                k: v for k, v in row.items() if k != "hardware"
+            }:
+                return False
+            self.rows = [r for r in self.rows if r["row"] != name] + [row]
+        print(f"{name}: {100 * fields['test_accuracy']:.2f}% so far (the flow goes on)", flush=True)
+        self.save()
+        return True
 
     def carry(
         self, earlier: dict[str, Any], now: dict[str, str], then: dict[str, str]
@@ -366,7 +385,7 @@ class Table:
             return
         mine = {r["row"] for r in self.rows}
         self.rows += [r for r in theirs.get("rows", []) if r["row"] not in mine]
-        done = {r["row"] for r in self.rows}
+        done = {r["row"] for r in self.rows if not r.get("so_far")}
         # another process's running rows: the file's seconds are the fresher; this one's
         # own (running, or settled and so gone) are its own to say
         merged = dict(theirs.get("interrupted_seconds", {}))
@@ -399,37 +418,50 @@ class Table:
         )
 
     @contextmanager
-    def timing(self, name: str) -> Iterator[Callable[[], float]]:
+    def timing(
+        self, name: str, beat: Callable[[], Any] | None = None
+    ) -> Iterator[Callable[[], float]]:
         """Yields the seconds since the row started. While it runs, they are saved as the
         row's interrupted seconds (on top of earlier attempts') every HEARTBEAT_SECONDS and
-        on SIGINT/SIGTERM; when it ends, the earlier attempts' alone are left for `add`."""
+        on SIGINT/SIGTERM; when it ends, the earlier attempts' alone are left for `add`.
+        `beat`, where given, is called at each of those saves too (the flow's rows so far);
+        its failure is printed once and does not stop the row."""
         with self._lock:
             self._mine.add(name)
             before = self.interrupted.get(name, 0.0)
         start = time.perf_counter()
         stop = threading.Event()
 
+        failed: list[str] = []
+
         def keep(seconds: float) -> None:
             with self._lock:
                 self.interrupted[name] = seconds
                 self.save()
+            if beat is not None:
+                try:
+                    beat()
+                except Exception as e:  # e.g. MLflow out of reach: the row goes on
+                    if not failed:
+                        failed.append(f"{type(e).__name__}: {e}".splitlines()[0])
+                        print(f"{name}: its rows so far not read ({failed[0]})", flush=True)
 
         def heartbeat() -> None:
             while not stop.wait(HEARTBEAT_SECONDS):
                 keep(before + time.perf_counter() - start)
 
-        beat = threading.Thread(target=heartbeat, name=f"heartbeat {name}", daemon=True)
-        beat.start()
+        beating = threading.Thread(target=heartbeat, name=f"heartbeat {name}", daemon=True)
+        beating.start()
         try:
             yield lambda: time.perf_counter() - start
         except KeyboardInterrupt:
             stop.set()
-            beat.join()
+            beating.join()
             keep(before + time.perf_counter() - start)
             raise
         finally:
             stop.set()
-            beat.join()
+            beating.join()
         with self._lock:  # finished: this attempt's seconds are the row's own
             if before:
                 self.interrupted[name] = before
@@ -517,14 +549,104 @@ def _selected(pseudo: dict[str, Any]) -> Any:
     )
 
 
+def finished_iterations(experiment: str, pipeline_run_id: str) -> list[dict[str, Any]]:
+    """The iterations of a pipeline run whose last stage (the robustness evaluation) has
+    finished, read from MLflow, where each stage logs as it ends: in order, each one's
+    teacher and student (model, test accuracy, training seconds) and the accuracy of the
+    pseudo labels its student learned from. The flow's summary has them only once it
+    returns; this shows a run still going, or one a sitting's end killed, as far as it got."""
+    from noisy_student.registry import tracking
+
+    client = tracking.client()
+    experiment_ = client.get_experiment_by_name(experiment)
+    if experiment_ is None:
+        return []
+    stages: dict[tuple[str, int], Any] = {}
+    for r in client.search_runs(
+        [experiment_.experiment_id],
+        filter_string=f"tags.`{tracking.TAG}pipeline_run_id` = '{pipeline_run_id}'",
+        max_results=1000,
+    ):
+        stage, iteration = (r.data.tags.get(f"{tracking.TAG}{k}") for k in ("stage", "iteration"))
+        if stage and iteration and r.info.status == "FINISHED":
+            stages[stage, int(iteration)] = r
+
+    def trained(stage: str, k: int, test_accuracy: float) -> dict[str, Any]:
+        run = stages[stage, k]
+        return {
+            "model": run.data.params.get("model", ""),
+            "test_accuracy": test_accuracy,
+            "train_seconds": run.data.metrics.get("train_seconds"),
+        }
+
+    found = []
+    k = 1
+    while ("evaluate_robustness", k) in stages and ("train_student", k) in stages:
+        scores = stages["evaluate_robustness", k].data.metrics
+        teacher = ("train_teacher", 1) if k == 1 else ("train_student", k - 1)
+        if teacher not in stages:  # an existing teacher (`--teacher`): no stage of this run
+            break
+        found.append(
+            {
+                "iteration": k,
+                "teacher": trained(*teacher, scores["teacher_test_accuracy"]),
+                "student": trained("train_student", k, scores["student_test_accuracy"]),
+                "pseudo_label_accuracy": stages["filter_and_balance", k].data.metrics.get(
+                    "pseudo_label_accuracy"
+                ),
+            }
+        )
+        k += 1
+    return found
+
+
+def _student_what(cfg: PipelineConfig, k: int) -> str:
+    student_cfg = cfg.students[k - 1]
+    start = "its teacher's weights" if student_cfg.init_from_teacher else "scratch"
+    return (
+        f"Noisy Student iteration {k} (teacher: "
+        + ("the supervised teacher" if k == 1 else "the previous student")
+        + f"; {student_cfg.epochs} epochs from {start})"
+    )
+
+
+def _rows_so_far(cfg: PipelineConfig, table: Table, todo: list[str], pipeline_run_id: str) -> None:
+    """The flow's finished iterations as rows seen so far (`Table.so_far`)."""
+    for it in finished_iterations(cfg.name, pipeline_run_id):
+        k = it["iteration"]
+        if k == 1 and "teacher" in todo:
+            table.so_far(
+                "teacher",
+                what="supervised on the 1,000 labelled images",
+                seed=cfg.seed,
+                **it["teacher"],
+            )
+        if f"student {k}" in todo:
+            table.so_far(
+                f"student {k}",
+                what=_student_what(cfg, k),
+                teacher_test_accuracy=it["teacher"]["test_accuracy"],
+                pseudo_label_accuracy=it["pseudo_label_accuracy"],
+                seed=cfg.seed,
+                **it["student"],
+            )
+
+
 def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIteration:
     """The real flow (its cached stages come back in seconds on the machine that ran them),
-    its rows added to the table."""
+    its rows added to the table: those of each iteration it finished as it goes (read from
+    MLflow at each heartbeat, shown as rows so far), all of them when it returns."""
     from flows.noisy_student import noisy_student
-    from noisy_student import results
+    from noisy_student import results, runs, stages
 
     cpu_start = cpu_seconds()
-    with table.timing("the flow") as elapsed:
+    # the run's id, as the flow will name it (the config and the data's digests)
+    pipeline_run_id = runs.run_identity(
+        cfg, stages.prepare_data(cfg.data.root, cfg.data.fashion_mnist)
+    )
+    with table.timing(
+        "the flow", beat=lambda: _rows_so_far(cfg, table, todo, pipeline_run_id)
+    ) as elapsed:
         summary = noisy_student(cfg)
     flow_seconds = elapsed() + table.settle("the flow")
     table.extra.update(
@@ -552,14 +674,10 @@ def the_flow(cfg: PipelineConfig, table: Table, todo: list[str]) -> FirstIterati
             continue
         verdict = verdicts.get(it["iteration"], {})
         sec = it["stage_seconds"]
-        student_cfg = cfg.students[it["iteration"] - 1]
-        start = "its teacher's weights" if student_cfg.init_from_teacher else "scratch"
         table.add(
             name,
             sec["infer_pseudo_labels"] + sec["filter_and_balance"] + sec["train_student"],
-            what=f"Noisy Student iteration {it['iteration']} (teacher: "
-            + ("the supervised teacher" if it["iteration"] == 1 else "the previous student")
-            + f"; {student_cfg.epochs} epochs from {start})",
+            what=_student_what(cfg, it["iteration"]),
             model=it["student"]["model"],
             test_accuracy=it["student"]["test_accuracy"],
             teacher_test_accuracy=it["teacher"]["test_accuracy"],
@@ -767,12 +885,13 @@ def where_measured(
 def markdown(result: dict[str, Any], names: list[str]) -> str:
     ident = result["identity"]
     done = {r["row"]: r for r in result["rows"]}
+    measured = {n: r for n, r in done.items() if not r.get("so_far")}
     test_images = ident["config"]["data"]["fashion_mnist"]["test_limit"] or TEST_IMAGES
     status = (
         ""
         if result["complete"]
         else (
-            f" **Incomplete: {len(names) - len(done)} of {len(names)} rows still to run** "
+            f" **Incomplete: {len(names) - len(measured)} of {len(names)} rows still to run** "
             "(`make bench-accuracy` goes on where it stopped)."
         )
     )
@@ -811,6 +930,17 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             continue
         pl, tt = r.get("pseudo_label_accuracy"), r.get("teacher_test_accuracy")
         interval = statistics.accuracy_interval(r["test_accuracy"], test_images)
+        if r.get("so_far"):
+            train = r.get("train_seconds")
+            lines.append(
+                f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)} "
+                f"(so far) | {'' if tt is None else f'{100 * tt:.2f}%'} | "
+                f"{'' if pl is None else f'{100 * pl:.2f}%'} | "
+                + ("" if train is None else f"training {train / 60:.1f} min")
+                + f" | {r['what']} (seen so far, from MLflow: the flow has not returned; the "
+                "row is measured when it does) |"
+            )
+            continue
         lines.append(
             f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)} | "
             f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
@@ -844,9 +974,9 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
     final = student_names_in(names)[-1:]
     for first, label in (("teacher", "The teacher"), *((f, f"Student {f[8:]}") for f in final)):
         scores = [
-            done[n]["test_accuracy"]
+            measured[n]["test_accuracy"]
             for n in names
-            if n in done and (n == first or n.startswith(f"{first}: seed "))
+            if n in measured and (n == first or n.startswith(f"{first}: seed "))
         ]
         if len(scores) > 1:
             spread = statistics.seed_spread(scores)
@@ -917,6 +1047,17 @@ def carry(table: Table, path: Path, cfg: PipelineConfig, reference_limit: int | 
     )
 
 
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM stop the benchmark keeping what ran (a KeyboardInterrupt, which
+    saves the table and the running row's seconds). SIGINT too, explicitly: a shell without
+    job control (a script, `nohup cmd &`) starts a background command with SIGINT ignored,
+    and Python then keeps ignoring it: `kill -INT` to such a run went unanswered (measured:
+    the training went on for 90 s until SIGKILL). Stopped this way, the flow ends its run
+    at once; the process then takes some seconds (12-40 s measured) to exit."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every row on a slice, in minutes")
@@ -936,7 +1077,7 @@ def main(argv: list[str] | None = None) -> None:
     flush_denormals()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: keep what ran
+    stop_on_signals()
     overrides = (QUICK if args.quick else []) + args.set
     reference_limit = None
     if args.quick:

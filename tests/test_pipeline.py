@@ -150,6 +150,41 @@ def test_smoke_run_records_lineage_in_mlflow(smoke_run):
     ]
 
 
+def test_the_accuracy_benchmark_reads_a_runs_finished_iterations_from_mlflow(
+    smoke_run, tmp_path, monkeypatch
+):
+    """`benchmarks.accuracy` shows the iterations a long flow has finished before it returns
+    (a sitting may end mid-chain): from MLflow, the same figures as the summary's."""
+    import shutil
+
+    from benchmarks import accuracy
+
+    summary, tmp = smoke_run
+    db = tmp_path / "mlflow.db"  # a copy: the run below is changed, the shared one is not
+    shutil.copy(tmp / "mlflow.db", db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    found = accuracy.finished_iterations("noisy-student-smoke", summary["run_id"])
+    assert [it["iteration"] for it in found] == [1, 2]
+    for it, want in zip(found, summary["iterations"], strict=True):
+        assert it["teacher"]["test_accuracy"] == want["teacher"]["test_accuracy"]
+        assert it["student"]["test_accuracy"] == want["student"]["test_accuracy"]
+        assert it["student"]["model"] == want["student"]["model"] == "test_resnet"
+        assert it["pseudo_label_accuracy"] == want["pseudo_labels"]["accuracy"]
+        assert it["student"]["train_seconds"] > 0
+    # a run stopped inside iteration 2's evaluation: iteration 1 alone is finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    evaluation = client.search_runs(
+        [client.get_experiment_by_name("noisy-student-smoke").experiment_id],
+        f"tags.`{tracking.TAG}stage` = 'evaluate_robustness' and "
+        f"tags.`{tracking.TAG}iteration` = '2'",
+    )[0]
+    client.update_run(evaluation.info.run_id, status="RUNNING")
+    found = accuracy.finished_iterations("noisy-student-smoke", summary["run_id"])
+    assert [it["iteration"] for it in found] == [1]
+    assert accuracy.finished_iterations("noisy-student-smoke", "another-run") == []
+    assert accuracy.finished_iterations("no-such-experiment", summary["run_id"]) == []
+
+
 def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures(smoke_run):
     summary, tmp = smoke_run
     first, second = summary["iterations"]
