@@ -1053,7 +1053,8 @@ def stop_on_signals() -> None:
     job control (a script, `nohup cmd &`) starts a background command with SIGINT ignored,
     and Python then keeps ignoring it: `kill -INT` to such a run went unanswered (measured:
     the training went on for 90 s until SIGKILL). Stopped this way, the flow ends its run
-    at once; the process then takes some seconds (12-40 s measured) to exit."""
+    within a second; the process then takes a while to exit (12-17 s, once over 30 s,
+    measured beside another benchmark: the interpreter's final garbage collection)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
 
