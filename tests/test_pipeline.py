@@ -185,6 +185,22 @@ def test_the_accuracy_benchmark_reads_a_runs_finished_iterations_from_mlflow(
     assert accuracy.finished_iterations("no-such-experiment", summary["run_id"]) == []
 
 
+def test_the_pseudo_label_report_scores_every_labeller_the_run_saved(smoke_run):
+    """`benchmarks.pseudo_labels` reads the run's saved probabilities (no training): each
+    labeller's accuracy over the whole pool is the one the run logged for its labels."""
+    from benchmarks import pseudo_labels
+
+    summary, _ = smoke_run
+    text, figures = pseudo_labels.report(summary["artifacts_url"], summary["data_root"])
+    # the teacher and student 1 labelled iterations 1 and 2; the last student, the queue
+    assert list(figures["labellers"]) == ["teacher", "student 1", "student 2"]
+    for it, name in zip(summary["iterations"], ["teacher", "student 1"], strict=True):
+        got = figures["labellers"][name]["accuracy"]
+        assert got == pytest.approx(it["pseudo_labels"]["accuracy_all"], abs=1e-9)
+    assert figures["images"] == 2000 and "| student 2 |" in text
+    assert list(figures["averages"]) == ["student 1 + student 2", "teacher + student 1 + student 2"]
+
+
 def test_smoke_run_judges_every_model_on_one_suite_with_report_table_and_figures(smoke_run):
     summary, tmp = smoke_run
     first, second = summary["iterations"]
