@@ -300,13 +300,12 @@ class Table:
         with self._lock:
             if self.has(name):
                 return False
-            row = {"row": name, **fields, "so_far": True, "hardware": hardware()}
+            row = {"row": name, **fields, "so_far": True}
             old = next((r for r in self.rows if r["row"] == name), None)
-            if old is not None and {k: v for k, v in old.items() if k != "hardware"} == {
-                k: v for k, v in row.items() if k != "hardware"
-            }:
+            if old is not None and {k: v for k, v in old.items() if k != "hardware"} == row:
                 return False
-            self.rows = [r for r in self.rows if r["row"] != name] + [row]
+            self.rows = [r for r in self.rows if r["row"] != name]
+            self.rows.append({**row, "hardware": hardware()})
         print(f"{name}: {100 * fields['test_accuracy']:.2f}% so far (the flow goes on)", flush=True)
         self.save()
         return True
@@ -930,36 +929,35 @@ def markdown(result: dict[str, Any], names: list[str]) -> str:
             continue
         pl, tt = r.get("pseudo_label_accuracy"), r.get("teacher_test_accuracy")
         interval = statistics.accuracy_interval(r["test_accuracy"], test_images)
-        if r.get("so_far"):
+        if r.get("so_far"):  # the flow's, before it returned: no wall time of its own yet
             train = r.get("train_seconds")
-            lines.append(
-                f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)} "
-                f"(so far) | {'' if tt is None else f'{100 * tt:.2f}%'} | "
-                f"{'' if pl is None else f'{100 * pl:.2f}%'} | "
-                + ("" if train is None else f"training {train / 60:.1f} min")
-                + f" | {r['what']} (seen so far, from MLflow: the flow has not returned; the "
-                "row is measured when it does) |"
+            so_far = " (so far)"
+            time_ = "" if train is None else f"training {train / 60:.1f} min"
+            note = (
+                " (seen so far, from MLflow: the flow has not returned; the row is measured "
+                "when it does)"
             )
-            continue
-        lines.append(
-            f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)} | "
-            f"{'' if tt is None else f'{100 * tt:.2f}%'} | "
-            f"{'' if pl is None else f'{100 * pl:.2f}%'} | {r['wall_seconds'] / 60:.1f} min"
-            + (f" ({r['cpu_seconds'] / 60:.0f} CPU min)" if "cpu_seconds" in r else "")
-            + (
-                f" (+{r['interrupted_seconds'] / 60:.1f} min interrupted)"
-                if "interrupted_seconds" in r
-                else ""
+        else:
+            so_far = ""
+            time_ = (
+                f"{r['wall_seconds'] / 60:.1f} min"
+                + (f" ({r['cpu_seconds'] / 60:.0f} CPU min)" if "cpu_seconds" in r else "")
+                + (
+                    f" (+{r['interrupted_seconds'] / 60:.1f} min interrupted)"
+                    if "interrupted_seconds" in r
+                    else ""
+                )
             )
-            + " | "
-            f"{r['what']}"
-            + (
+            note = (
                 f" (carried from the table of {r['carried_from']['date']}, "
                 f"`{r['carried_from']['command']}`: the same recipe, data and seed)"
                 if "carried_from" in r
                 else ""
             )
-            + " |"
+        lines.append(
+            f"| {name} | {r['model']} | {statistics.percent(r['test_accuracy'], interval)}"
+            f"{so_far} | {'' if tt is None else f'{100 * tt:.2f}%'} | "
+            f"{'' if pl is None else f'{100 * pl:.2f}%'} | {time_} | {r['what']}{note} |"
         )
     lines += _below_teachers(done, names, result["identity"]["config"])
     agains = result.get("teacher_trained_again", [])
