@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyspng
@@ -607,3 +608,15 @@ def read_ids(manifest: Manifest) -> set[str]:
         for url in manifest.shard_urls()
         for i in storage.read_parquet(url, columns=["id"]).column("id").to_pylist()
     }
+
+
+def unlabelled_truth(data_root: str, pool: Manifest) -> pd.Series | None:
+    """The unlabelled images' true labels by id, where the dataset was ingested with them
+    (`unlabelled_truth.parquet`, never read for training: only to score pseudo labels);
+    None without that file. Images that left the pool (`pool.removed_ids`, labelled since)
+    are dropped."""
+    url = storage.join(data_root, UNLABELLED_TRUTH)
+    if not storage.exists(url):
+        return None
+    truth = storage.read_parquet(url, ["id", "label"]).to_pandas().set_index("id")["label"]
+    return truth.drop(index=list(pool.removed_ids), errors="ignore")

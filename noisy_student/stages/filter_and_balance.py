@@ -35,16 +35,6 @@ def _read_shard(shard: PseudoLabelShard, columns: list[str]) -> pa.Table:
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
-def _truth(data_root: str, pool: dataset.Manifest) -> pd.Series | None:
-    """True labels of the unlabelled images by id, when known: only to score pseudo labels.
-    Images that left the pool (`pool.removed_ids`, labelled since) are not scored."""
-    url = storage.join(data_root, dataset.UNLABELLED_TRUTH)
-    if not storage.exists(url):
-        return None
-    truth = storage.read_parquet(url).to_pandas().set_index("id")["label"]
-    return truth.drop(index=list(pool.removed_ids), errors="ignore")
-
-
 def _correct(
     truth: pd.Series | None, ids: list[str], predicted: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -100,7 +90,7 @@ def filter_and_balance(
     )
     with tracking.failed_on_error(run_id, inference_run):
         pool = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
-        truth = _truth(data_root, pool)
+        truth = dataset.unlabelled_truth(data_root, pool)
         total = sum(s.rows for s in shards)
         if total == 0:
             raise UserError(f"{pool.url}: the unlabelled set is empty")
