@@ -67,14 +67,15 @@ def labeller_folders(run_url: str) -> list[tuple[str, str]]:
 def read_pool(data_root: str) -> Pool:
     """The unlabelled images' true labels (those still in the pool), their class names and
     the labelled set's class shares."""
+    url = storage.join(data_root, dataset.UNLABELLED_TRUTH)
+    if not storage.exists(url):
+        raise UserError(
+            f"{url}: missing; the unlabelled images' true labels are known only for a "
+            "dataset ingested with them (`noisy-student ingest fashion-mnist`)"
+        )
     unlabelled = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     truth = dataset.unlabelled_truth(data_root, unlabelled)
-    if truth is None:
-        raise UserError(
-            f"{storage.join(data_root, dataset.UNLABELLED_TRUTH)}: missing; the unlabelled "
-            "images' true labels are known only for a dataset ingested with them "
-            "(`noisy-student ingest fashion-mnist`)"
-        )
+    assert truth is not None  # the file exists
     labelled = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
     counts = np.zeros(labelled.num_classes)
     for url in labelled.shard_urls():
