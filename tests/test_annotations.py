@@ -106,11 +106,9 @@ def test_labels_from_a_csv_move_the_images_from_the_pool_to_a_new_labelled_versi
 def test_the_truth_that_scores_pseudo_labels_leaves_out_the_images_that_left_the_pool(
     root, tmp_path
 ):
-    from noisy_student.stages.filter_and_balance import _truth as truth_of_the_pool
-
     ids = list(_truth(root).index[:4])
     annotations.take_labels(root, _csv(tmp_path / "l.csv", _answers(root, ids)))
-    truth = truth_of_the_pool(root, _split(root, dataset.UNLABELLED))
+    truth = dataset.unlabelled_truth(root, _split(root, dataset.UNLABELLED))
     assert len(truth) == 296 and not set(ids) & set(truth.index)
 
 
