@@ -6,7 +6,10 @@ version and the event it emits retrains the model through a real Prefect server 
 
 Label Studio (PyPI `label-studio`) pins `python-json-logger==2.0.4` where Prefect needs
 >= 2.0.7, so it cannot live in our locked environment: it runs in a tool environment of
-its own (`uv tool run --from label-studio==…`), started once for the module.
+its own (`uv tool run --from label-studio==…`), started once for the module. That tool
+environment is resolved from PyPI, not from our lock: sentry-sdk 3.0 (resolved here on
+2026-12-07) broke
+Label Studio 1.23.2's start (`Unknown option 'send_default_pii'`), hence its bound below.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tests.test_deployment import Processes, bin_, free_port, responds, wait_unt
 
 pytestmark = pytest.mark.integration
 
-LABEL_STUDIO = "label-studio==1.23.2"
+LABEL_STUDIO = ["--from", "label-studio==1.23.2", "--with", "sentry-sdk<3"]
 LS_TOKEN = uuid.uuid4().hex  # Label Studio's legacy API token: 40 characters or fewer
 ANNOTATED = 24  # queued images the annotator answers
 # the deployment test's tiny pipeline, in local folders, with a pool of 300 to queue from
@@ -109,7 +112,7 @@ def loop(tmp_path_factory) -> Iterator[Loop]:
         )  # fmt: skip
         procs.start(
             "label-studio",
-            [_uv(), "tool", "run", "--python", "3.11", "--from", LABEL_STUDIO, "label-studio",
+            [_uv(), "tool", "run", "--python", "3.11", *LABEL_STUDIO, "label-studio",
              "start", "--internal-host", "127.0.0.1", "--port", str(ls_port), "--no-browser"],
             base | {"LABEL_STUDIO_BASE_DATA_DIR": str(tmp / "label-studio"),
                     "LABEL_STUDIO_USERNAME": "annotator@example.com",
