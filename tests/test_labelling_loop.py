@@ -8,8 +8,8 @@ Label Studio (PyPI `label-studio`) pins `python-json-logger==2.0.4` where Prefec
 >= 2.0.7, so it cannot live in our locked environment: it runs in a tool environment of
 its own (`uv tool run --from label-studio==…`), started once for the module. That tool
 environment is resolved from PyPI, not from our lock: sentry-sdk 3.0 (resolved here on
-2026-12-07) broke
-Label Studio 1.23.2's start (`Unknown option 'send_default_pii'`), hence its bound below.
+2026-12-07) broke Label Studio 1.23.2's start (`Unknown option 'send_default_pii'`),
+hence its bound below.
 """
 
 from __future__ import annotations
