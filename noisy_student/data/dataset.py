@@ -31,10 +31,9 @@ from collections.abc import Iterator
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyspng
@@ -45,6 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from noisy_student.data import prefetch, storage
 from noisy_student.errors import UserError
+
+if TYPE_CHECKING:  # pyarrow's to_pandas imports it where a truth is read, not every reader
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
