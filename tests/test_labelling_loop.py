@@ -7,9 +7,11 @@ version and the event it emits retrains the model through a real Prefect server 
 Label Studio (PyPI `label-studio`) pins `python-json-logger==2.0.4` where Prefect needs
 >= 2.0.7, so it cannot live in our locked environment: it runs in a tool environment of
 its own (`uv tool run --from label-studio==…`), started once for the module. That tool
-environment is resolved from PyPI, not from our lock: sentry-sdk 3.0 (resolved here on
-2026-12-07) broke Label Studio 1.23.2's start (`Unknown option 'send_default_pii'`),
-hence its bound below.
+environment is resolved from PyPI, not from our lock, so it is frozen in time: uv takes
+only releases uploaded before LABEL_STUDIO_AS_OF, and a release of any of its ~150
+dependencies after that date cannot change what the test runs (sentry-sdk 3.0, resolved
+here on 2026-12-07, stopped Label Studio 1.23.2 at start: `Unknown option
+'send_default_pii'`; the bound below names that one for whoever moves the date).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from tests.test_deployment import Processes, bin_, free_port, responds, wait_unt
 
 pytestmark = pytest.mark.integration
 
-LABEL_STUDIO = ["--from", "label-studio==1.23.2", "--with", "sentry-sdk<3"]
+LABEL_STUDIO_AS_OF = "2026-12-07T00:00:00Z"  # the environment the test last passed with
+LABEL_STUDIO = ["--exclude-newer", LABEL_STUDIO_AS_OF,
+                "--from", "label-studio==1.23.2", "--with", "sentry-sdk<3"]
 LS_TOKEN = uuid.uuid4().hex  # Label Studio's legacy API token: 40 characters or fewer
 ANNOTATED = 24  # queued images the annotator answers
 # the deployment test's tiny pipeline, in local folders, with a pool of 300 to queue from
