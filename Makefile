@@ -9,9 +9,13 @@ CONFIG ?= pipeline_config/fashion_mnist.yaml
 
 .PHONY: setup compose-cli demo smoke test lint bench-accuracy bench-labelling bench bench-quick
 
+# uv where none is installed: the version docker/Dockerfile installs (one figure: a test
+# checks), so that a new uv cannot change how a fresh clone reads uv.lock
+UV_VERSION := 0.13.9
+
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
-		python3 -m pip install --quiet uv
+		python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --locked
 
 $(FASHION_MNIST):

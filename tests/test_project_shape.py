@@ -143,3 +143,13 @@ def test_the_makefile_runs_each_benchmark_with_arguments_it_accepts(monkeypatch)
         except SystemExit as error:
             raise AssertionError(f"make's {module} {' '.join(arguments)}: exit {error}") from None
         raise AssertionError(f"{module}.main() did not parse its arguments")
+
+
+def test_the_makefile_and_the_image_install_one_uv():
+    """`make setup` installed whichever uv was newest where none was installed: a new
+    release could read uv.lock otherwise than the image's pinned one, or refuse it."""
+    make = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    image = re.search(r"^ARG UV_VERSION=(\S+)$", (ROOT / "docker/Dockerfile").read_text(), re.M)
+    assert make and image, "UV_VERSION missing from the Makefile or docker/Dockerfile"
+    assert make.group(1) == image.group(1)
+    assert '"uv==$(UV_VERSION)"' in (ROOT / "Makefile").read_text()
