@@ -36,8 +36,14 @@ from tests.test_deployment import Processes, bin_, free_port, responds, wait_unt
 pytestmark = pytest.mark.integration
 
 LABEL_STUDIO_AS_OF = "2026-12-07T00:00:00Z"  # the environment the test last passed with
-LABEL_STUDIO = ["--exclude-newer", LABEL_STUDIO_AS_OF,
-                "--from", "label-studio==1.23.2", "--with", "sentry-sdk<3"]
+LABEL_STUDIO = [
+    "--exclude-newer",
+    LABEL_STUDIO_AS_OF,
+    "--from",
+    "label-studio==1.23.2",
+    "--with",
+    "sentry-sdk<3",
+]
 LS_TOKEN = uuid.uuid4().hex  # Label Studio's legacy API token: 40 characters or fewer
 ANNOTATED = 24  # queued images the annotator answers
 # the deployment test's tiny pipeline, in local folders, with a pool of 300 to queue from
