@@ -258,6 +258,8 @@ def test_smoke_run_publishes_the_report_as_a_prefect_artifact(smoke_run):
     assert "Chosen on the **validation** split" in decision.data
     for v in promotion["students_against_teachers"]:
         assert f"student {v['iteration']} against its teacher: **{v['verdict']}**" in decision.data
+        low, high = v["comparison"]["accuracy"]["interval"]
+        assert f"95% interval {100 * low:+.2f} to {100 * high:+.2f})" in decision.data
 
 
 def test_smoke_run_gates_on_the_validation_split_with_paired_counts_and_p_values(smoke_run):

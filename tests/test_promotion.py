@@ -6,6 +6,7 @@ against its teacher and what to try."""
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from noisy_student.evaluation import statistics
 from noisy_student.evaluation.scores import ChoiceScores
 from noisy_student.registry import tracking
 from noisy_student.stages import Robustness, TrainedModel, promote
-from noisy_student.stages.promote import below_teacher_note, compare, decide
+from noisy_student.stages.promote import Comparison, below_teacher_note, compare, decide, describe
 from noisy_student.training import models
 from tests.conftest import model_scores
 
@@ -184,6 +185,10 @@ def test_under_the_default_gate_only_a_gain_beyond_chance_is_promoted(
     assert record.comparison["verdict"] == verdict
     assert f"{100 * accuracy['difference']:+.2f} points, {verdict}" in record.reasons[0]
     assert f"{counts[0]} images right only by the candidate" in record.reasons[0]
+    b, c = counts  # the paired difference's Wald interval, by hand
+    half = 1.959964 * math.sqrt((b + c) / IMAGES - ((b - c) / IMAGES) ** 2) / math.sqrt(IMAGES)
+    low, high = 100 * ((b - c) / IMAGES - half), 100 * ((b - c) / IMAGES + half)
+    assert f"the difference's 95% interval {low:+.2f} to {high:+.2f} points" in record.reasons[0]
     version = alias(mlflow_uri, experiment, decision)
     assert version.run_id == student.mlflow_run_id
     assert version.tags[f"{tracking.TAG}gate_verdict"] == verdict
@@ -421,3 +426,22 @@ def test_what_to_try_leaves_out_what_the_student_already_had():
     # a family with no `half` stem is not told to try one
     vit = run_config({"model": "test_vit"})
     assert _tries(1, "test_vit", "resnet10t", vit) == "more students.0.epochs or a larger student"
+
+
+def test_a_step_the_split_cannot_resolve_is_said_with_its_interval():
+    """The accuracy table's first student: +1.40 points on 500 validation images (15 images
+    right only by it, 8 only by its teacher) is "no significant difference"; the sentence
+    gives the interval, -0.48 to +3.28 points, so that nobody reads it as "no gain"."""
+    only_student, only_teacher, images = 15, 8, 500
+    student = np.zeros(images, bool)
+    teacher = np.zeros(images, bool)
+    student[:only_student] = True
+    teacher[only_student : only_student + only_teacher] = True
+    student[23:440] = teacher[23:440] = True  # 417 right by both, 60 by neither
+    accuracy = statistics.mcnemar(student, teacher)
+    robust = statistics.paired_bootstrap(student * 1.0, teacher * 1.0, 200, 0)
+    sentence = describe(
+        Comparison("validation", accuracy, robust, 0.05), "student 1", "its teacher"
+    )[0]
+    assert "+1.40 points, no significant difference" in sentence
+    assert "the difference's 95% interval -0.48 to +3.28 points" in sentence

@@ -160,7 +160,10 @@ def _pct(x: float) -> str:
 
 
 def _evidence(test: statistics.PairedTest, first: str, second: str) -> str:
-    """The paired counts (or the bootstrap) and the p-value, in words."""
+    """The paired counts (or the bootstrap), the p-value and the difference's interval, in
+    words. The interval shows what the split could see: "no significant difference" with an
+    interval of -0.5 to +3.3 points (a +1.40 step on 500 images) says the split is too small
+    to tell, not that the two models are alike."""
     if test.only_first_right is not None:
         how = (
             f"exact McNemar: {test.only_first_right} images right only by {first}, "
@@ -168,7 +171,14 @@ def _evidence(test: statistics.PairedTest, first: str, second: str) -> str:
         )
     else:
         how = f"paired bootstrap over {test.images} images"
-    return f"{how}, p = {test.p_value:.3g}"
+    return f"{how}, p = {test.p_value:.3g}, the difference's {_interval(test.record())} points"
+
+
+def _interval(test: dict[str, Any]) -> str:
+    """A recorded paired test's interval of the difference: "95% interval -0.48 to +3.28"."""
+    low, high = test["interval"]
+    confidence = test.get("confidence", statistics.CONFIDENCE)
+    return f"{100 * confidence:g}% interval {100 * low:+.2f} to {100 * high:+.2f}"
 
 
 def describe(c: Comparison, first: str, second: str) -> list[str]:
@@ -467,9 +477,10 @@ def decision_markdown(decision: PromotionDecision) -> str:
         + f"; gate: {gate.mode}, {gate.test}, alpha {gate.alpha}, min margin {gate.min_margin}."
     )
     students = "\n".join(
-        f"- student {v['iteration']} against its teacher: **{v['verdict']}** (p = "
-        f"{v['comparison']['accuracy']['p_value']:.3g}, "
-        f"{100 * v['comparison']['accuracy']['difference']:+.2f} points)"
+        f"- student {v['iteration']} against its teacher: **{v['verdict']}** "
+        f"(p = {v['comparison']['accuracy']['p_value']:.3g}, "
+        f"{100 * v['comparison']['accuracy']['difference']:+.2f} points, "
+        f"{_interval(v['comparison']['accuracy'])})"
         for v in decision.students_against_teachers
     )
     return (
