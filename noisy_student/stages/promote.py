@@ -23,6 +23,7 @@ student's run, and as `promotion.json` on the pipeline run and beside the run's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -171,13 +172,13 @@ def _evidence(test: statistics.PairedTest, first: str, second: str) -> str:
         )
     else:
         how = f"paired bootstrap over {test.images} images"
-    return f"{how}, p = {test.p_value:.3g}, the difference's {_interval(test.record())} points"
+    interval = _interval(test.interval, test.confidence)
+    return f"{how}, p = {test.p_value:.3g}, the difference's {interval} points"
 
 
-def _interval(test: dict[str, Any]) -> str:
-    """A recorded paired test's interval of the difference: "95% interval -0.48 to +3.28"."""
-    low, high = test["interval"]
-    confidence = test.get("confidence", statistics.CONFIDENCE)
+def _interval(interval: Sequence[float], confidence: float) -> str:
+    """A paired test's interval of the difference: "95% interval -0.48 to +3.28"."""
+    low, high = interval
     return f"{100 * confidence:g}% interval {100 * low:+.2f} to {100 * high:+.2f}"
 
 
@@ -462,6 +463,16 @@ def publish(
     logger.info(f"models:/{name}/{version} is the {alias}: {'; '.join(decision.reasons)}")
 
 
+def _student_line(verdict: dict[str, Any]) -> str:
+    """One student against its teacher, from the decision record's entry."""
+    accuracy = verdict["comparison"]["accuracy"]
+    interval = _interval(accuracy["interval"], accuracy.get("confidence", statistics.CONFIDENCE))
+    return (
+        f"- student {verdict['iteration']} against its teacher: **{verdict['verdict']}** "
+        f"(p = {accuracy['p_value']:.3g}, {100 * accuracy['difference']:+.2f} points, {interval})"
+    )
+
+
 def decision_markdown(decision: PromotionDecision) -> str:
     """The decision in Markdown: the reasons (paired counts, p-values, margins), the split
     chosen on, and each student against its teacher."""
@@ -476,13 +487,7 @@ def decision_markdown(decision: PromotionDecision) -> str:
         )  # fmt: skip
         + f"; gate: {gate.mode}, {gate.test}, alpha {gate.alpha}, min margin {gate.min_margin}."
     )
-    students = "\n".join(
-        f"- student {v['iteration']} against its teacher: **{v['verdict']}** "
-        f"(p = {v['comparison']['accuracy']['p_value']:.3g}, "
-        f"{100 * v['comparison']['accuracy']['difference']:+.2f} points, "
-        f"{_interval(v['comparison']['accuracy'])})"
-        for v in decision.students_against_teachers
-    )
+    students = "\n".join(_student_line(v) for v in decision.students_against_teachers)
     return (
         f"**models:/{decision.registered_model}/{decision.version}** is the "
         f"**{decision.decision}**\n\n{chosen_on}\n\n{reasons}\n\n{students}\n"
