@@ -255,6 +255,12 @@ def pseudo_labels(
     """The pool's selected rows (as many copies as balancing made) and their targets."""
     i = cfg.inference
     probs = engine.predict_probs(teacher, data.pool.images, 1024, i.precision, i.tta).numpy()
+    return selected(cfg, probs, data, classes, seed)
+
+
+def selected(cfg: PipelineConfig, probs: np.ndarray, data: Data, classes: int, seed: int):
+    """`pseudo_labels` from the pool's class probabilities, whichever model(s) gave them:
+    the rows the pipeline's selection keeps, their targets, and how many labels are right."""
     s = cfg.selection
     chosen = selection.select(
         np.arange(len(probs)).astype(str), probs, classes, min_confidence=s.min_confidence,
