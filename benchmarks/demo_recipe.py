@@ -551,6 +551,21 @@ def refuse_other_configs(
                 )
 
 
+def read_result(
+    path: Path, report: bool, render: Callable[[dict[str, Any]], str]
+) -> dict[str, Any] | None:
+    """The result file (empty when there is none yet); with `report`, its table written
+    again by `render` and printed instead, and None: nothing is to be measured."""
+    result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
+    if not report:
+        return result
+    if not path.exists():
+        raise SystemExit(f"{path}: no results to report")
+    path.with_suffix(".md").write_text(render(result))
+    print(path.with_suffix(".md").read_text())
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -565,12 +580,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--arms: unknown arm {unknown[0]!r} (arms: {', '.join(ARMS)})")
     flush_denormals()
     path = RESULTS / ("demo-recipe-quick.json" if args.quick else "demo-recipe.json")
-    result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
-    if args.report:
-        if not path.exists():
-            raise SystemExit(f"{path}: no results to report")
-        path.with_suffix(".md").write_text(markdown(result))
-        print(path.with_suffix(".md").read_text())
+    result = read_result(path, args.report, markdown)
+    if result is None:
         return
     refuse_other_configs(
         path,

@@ -9,12 +9,13 @@ predictions with the labelled set's class shares, are the cheapest ways to bette
 one more forward pass over the pool, or none. This measures them on the demo's recipe,
 through the pipeline's own engine, selection and config (`benchmarks.demo_recipe`'s data,
 teacher and student): for each seed the demo's teacher labels the pool, the demo's student
-(student 1) learns from those labels, then two second students, both started from student 1
-with the same seed, learn from the labels of each labeller below. Choices are made on the
-development split (exact McNemar per seed, the mean difference over seeds with a t
-interval); the test split is reported beside it.
+(student 1) learns from those labels, then one second student for each labeller below,
+all started from student 1 with the same seed, learns from that labeller's labels. Choices
+are made on the development split (exact McNemar per seed, the mean difference over seeds
+with a t interval); the test split is reported beside it.
 
     uv run python -m benchmarks.ensemble_labels --seeds 0 1 2
+    uv run python -m benchmarks.ensemble_labels --seeds 3 --labellers "student 1, aligned"
     uv run python -m benchmarks.ensemble_labels --report        # the table again
     uv run python -m benchmarks.ensemble_labels --quick         # a slice: the harness
 
@@ -26,7 +27,6 @@ Writes benchmarks/results/ensemble-labels.json and .md (ensemble-labels-quick.* 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ def markdown(result: dict[str, Any]) -> str:
     arms = result["arms"]
     base = arms.get(BASE, {})
     lines = [
-        "# Pseudo labels from the chain's models together",
+        "# Better pseudo labels for the second student, without new labels",
         "",
         f"Last written {result['date']}. {describe(result['hardware'])} "
         f"(torch {result['hardware']['torch']}). Command: `uv run python -m "
@@ -203,19 +203,21 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--labellers", nargs="+", metavar="LABELLER", help="only these")
     parser.add_argument("--quick", action="store_true", help="a slice, to check the harness")
     parser.add_argument(
         "--report", action="store_true", help="write the table again, train nothing"
     )
     args = parser.parse_args(argv)
+    unknown = [n for n in args.labellers or [] if n not in LABELLERS]
+    if unknown:
+        raise SystemExit(
+            f"--labellers: unknown labeller {unknown[0]!r} (labellers: {', '.join(LABELLERS)})"
+        )
     flush_denormals()
     path: Path = RESULTS / ("ensemble-labels-quick.json" if args.quick else "ensemble-labels.json")
-    result = json.loads(path.read_text()) if path.exists() else {"arms": {}}
-    if args.report:
-        if not path.exists():
-            raise SystemExit(f"{path}: no results to report")
-        path.with_suffix(".md").write_text(markdown(result))
-        print(path.with_suffix(".md").read_text())
+    result = demo_recipe.read_result(path, args.report, markdown)
+    if result is None:
         return
     today = demo_recipe.fingerprint(demo_recipe.demo_config({}, args.quick))
     demo_recipe.refuse_other_configs(
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         path,
         result,
         args.seeds,
-        list(LABELLERS),
+        args.labellers or list(LABELLERS),
         lambda name, seed: measure(name, seed, args.quick, state),
         lambda r: (
             f"labels {100 * r['labeller_pool_accuracy']:.2f}% right, student 2 dev "

@@ -1,5 +1,5 @@
-"""benchmarks/ensemble_labels.py: the labellers give what they say, both second students of
-a seed start from one student 1, the table compares each labeller with the base on the same
+"""benchmarks/ensemble_labels.py: the labellers give what they say, the second students of a
+seed start from one student 1, the table compares each labeller with the base on the same
 development images, and a run resumes."""
 
 import json
@@ -68,7 +68,7 @@ def test_a_quick_run_writes_its_table_and_resumes(
     result = json.loads((tmp_path / "ensemble-labels-quick.json").read_text())
     base, mean = result["arms"]["student 1"]["0"], result["arms"]["teacher + student 1"]["0"]
     assert base["dev_images"] == 1000 and 0 < mean["dev_accuracy"] <= 1
-    # both second students learn after the same student 1, labelled by different models
+    # the second students learn after the same student 1, from different labels
     assert base["student1_test_accuracy"] == mean["student1_test_accuracy"]
     assert base["labeller_dev_accuracy"] == base["student1_dev_accuracy"]
     assert mean["labeller_pool_accuracy"] != base["labeller_pool_accuracy"]
@@ -77,3 +77,12 @@ def test_a_quick_run_writes_its_table_and_resumes(
     capsys.readouterr()
     ensemble_labels.main(["--quick", "--seeds", "0"])  # nothing left to train
     assert "seed 0: labels" not in capsys.readouterr().out
+    (tmp_path / "ensemble-labels-quick.md").unlink()
+    ensemble_labels.main(["--quick", "--report"])  # the table again, from the file
+    assert "| student 1, aligned | 0 |" in capsys.readouterr().out
+    assert (tmp_path / "ensemble-labels-quick.md").exists()
+    with pytest.raises(SystemExit, match="unknown labeller 'nope'"):
+        ensemble_labels.main(["--quick", "--labellers", "nope"])
+    (tmp_path / "ensemble-labels-quick.json").unlink()
+    with pytest.raises(SystemExit, match="ensemble-labels-quick.json: no results to report"):
+        ensemble_labels.main(["--quick", "--report"])
