@@ -566,18 +566,29 @@ def read_result(
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(
+    argv: list[str] | None, doc: str, option: str, noun: str, names: Any
+) -> argparse.Namespace:
+    """A seeds benchmark's command line: --seeds, `--<option>` (some of `names`, each a
+    `noun`; an unknown one stops with a one-line error naming it), --quick and --report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms")
+    parser.add_argument(f"--{option}", nargs="+", metavar=noun.upper(), help="only these")
     parser.add_argument("--quick", action="store_true", help="a slice, to check the harness")
     parser.add_argument(
         "--report", action="store_true", help="write the table again, train nothing"
     )
     args = parser.parse_args(argv)
-    unknown = [a for a in args.arms or [] if a not in ARMS]
+    unknown = [n for n in getattr(args, option) or [] if n not in names]
     if unknown:
-        raise SystemExit(f"--arms: unknown arm {unknown[0]!r} (arms: {', '.join(ARMS)})")
+        raise SystemExit(
+            f"--{option}: unknown {noun} {unknown[0]!r} ({option}: {', '.join(names)})"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv, __doc__, "arms", "arm", ARMS)
     flush_denormals()
     path = RESULTS / ("demo-recipe-quick.json" if args.quick else "demo-recipe.json")
     result = read_result(path, args.report, markdown)

@@ -26,7 +26,6 @@ Writes benchmarks/results/ensemble-labels.json and .md (ensemble-labels-quick.* 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -201,19 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--labellers", nargs="+", metavar="LABELLER", help="only these")
-    parser.add_argument("--quick", action="store_true", help="a slice, to check the harness")
-    parser.add_argument(
-        "--report", action="store_true", help="write the table again, train nothing"
-    )
-    args = parser.parse_args(argv)
-    unknown = [n for n in args.labellers or [] if n not in LABELLERS]
-    if unknown:
-        raise SystemExit(
-            f"--labellers: unknown labeller {unknown[0]!r} (labellers: {', '.join(LABELLERS)})"
-        )
+    args = demo_recipe.arguments(argv, __doc__, "labellers", "labeller", LABELLERS)
     flush_denormals()
     path: Path = RESULTS / ("ensemble-labels-quick.json" if args.quick else "ensemble-labels.json")
     result = demo_recipe.read_result(path, args.report, markdown)
