@@ -253,9 +253,14 @@ def pseudo_labels(
     cfg: PipelineConfig, teacher: torch.nn.Module, data: Data, classes: int, seed: int
 ):
     """The pool's selected rows (as many copies as balancing made) and their targets."""
+    return selected(cfg, probabilities(cfg, teacher, data.pool.images), data, classes, seed)
+
+
+def probabilities(cfg: PipelineConfig, model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """`model`'s class probabilities for `images`, as the run's labelling stage gives them
+    (its precision and test-time augmentation)."""
     i = cfg.inference
-    probs = engine.predict_probs(teacher, data.pool.images, 1024, i.precision, i.tta).numpy()
-    return selected(cfg, probs, data, classes, seed)
+    return engine.predict_probs(model, images, 1024, i.precision, i.tta).numpy()
 
 
 def selected(cfg: PipelineConfig, probs: np.ndarray, data: Data, classes: int, seed: int):

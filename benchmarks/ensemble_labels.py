@@ -38,7 +38,7 @@ from benchmarks.pseudo_labels import aligned
 from benchmarks.student_recipe import _packed
 from noisy_student.config import PipelineConfig
 from noisy_student.evaluation import statistics
-from noisy_student.training import engine, models
+from noisy_student.training import models
 from noisy_student.training.engine import flush_denormals
 
 RESULTS = demo_recipe.RESULTS
@@ -56,9 +56,15 @@ LABELLERS = {
 
 
 def first_student(
-    cfg: PipelineConfig, teacher: torch.nn.Module, data: demo_recipe.Data, seed: int, quick: bool
+    cfg: PipelineConfig,
+    teacher: torch.nn.Module,
+    teacher_pool: np.ndarray,
+    data: demo_recipe.Data,
+    seed: int,
+    quick: bool,
 ) -> torch.nn.Module:
-    """The demo's student trained on the teacher's labels (cached per config and seed)."""
+    """The demo's student trained on the teacher's labels (cached per config and seed);
+    `teacher_pool`: the teacher's probabilities for the pool."""
     s = cfg.students[0]
     path = demo_recipe.CACHE / (
         f"student1-{demo_recipe._key(demo_recipe.fingerprint(cfg), seed, quick)}.safetensors"
@@ -68,16 +74,11 @@ def first_student(
                               options=models.options_of(teacher))  # fmt: skip
         model.load_state_dict(models.load_safetensors(path.read_bytes()))
         return model
-    pseudo = demo_recipe.pseudo_labels(cfg, teacher, data, CLASSES, seed)
+    pseudo = demo_recipe.selected(cfg, teacher_pool, data, CLASSES, seed)
     model = demo_recipe.train_student(cfg, teacher, data, pseudo, CLASSES, seed).model
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(models.save_safetensors(model.state_dict()))
     return model
-
-
-def probabilities(cfg: PipelineConfig, model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    i = cfg.inference
-    return engine.predict_probs(model, images, 1024, i.precision, i.tta).numpy()
 
 
 def labeller_probs(
@@ -95,16 +96,19 @@ def labeller_probs(
 
 
 def _models(cfg: PipelineConfig, seed: int, quick: bool, state: dict[str, Any]) -> dict:
-    """The seed's data, teacher, student 1 and their probabilities, once per process."""
+    """The seed's data, student 1, and the teacher's and student 1's probabilities, once per
+    process (the teacher's for the pool computed once: they also label student 1)."""
     data = demo_recipe.seed_data(cfg, seed, quick, state)
     if "student" not in state:
+
+        def probs(model: torch.nn.Module) -> dict[str, np.ndarray]:
+            return {split: demo_recipe.probabilities(cfg, model, getattr(data, split).images)
+                    for split in ("pool", "dev", "test")}  # fmt: skip
+
         teacher, _, _ = demo_recipe.teacher_for(cfg, data, seed, CLASSES, quick)
-        student = first_student(cfg, teacher, data, seed, quick)
-        state.update(teacher=teacher, student=student, probs={
-            who: {split: probabilities(cfg, model, getattr(data, split).images)
-                  for split in ("pool", "dev", "test")}
-            for who, model in (("teacher", teacher), ("student", student))
-        })  # fmt: skip
+        by_teacher = probs(teacher)  # its pool's also label student 1
+        student = first_student(cfg, teacher, by_teacher["pool"], data, seed, quick)
+        state.update(student=student, probs={"teacher": by_teacher, "student": probs(student)})
     return state
 
 
