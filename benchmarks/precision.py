@@ -25,9 +25,11 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,7 +43,18 @@ from noisy_student.training.engine import flush_denormals
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "pipeline_config" / "fashion_mnist.yaml"
-PRECISIONS = ("fp32", "bf16")
+
+
+class Arm(NamedTuple):
+    """One side of the comparison: its name, the precision it runs in and the block its
+    networks are built in (benchmarks.small_maps builds one side's with plain convolutions)."""
+
+    name: str
+    precision: str
+    building: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+
+PRECISIONS = (Arm("fp32", "fp32"), Arm("bf16", "bf16"))
 # unlabelled rows, rows per shard, test rows, interleaved rounds, synthetic steps
 FULL = (16384, 8192, 500, 3, 20)
 QUICK = (1024, 512, 200, 1, 3)
@@ -66,7 +79,11 @@ def labelling_rate(data_root: str, teacher_url: str, out_url: str, batch: int, p
     return manifest.num_rows / (time.perf_counter() - start)
 
 
-def measure(cfg: PipelineConfig, workdir: Path, quick: bool) -> dict[str, Any]:
+def measure(
+    cfg: PipelineConfig, workdir: Path, quick: bool, arms: tuple[Arm, Arm] = PRECISIONS
+) -> dict[str, Any]:
+    """Every measure for each arm in turn, round after round; the ratios are the second
+    arm's rate over the first's, round by round."""
     from noisy_student import stages
 
     unlabelled, per_shard, test, rounds, steps = QUICK if quick else FULL
@@ -80,29 +97,40 @@ def measure(cfg: PipelineConfig, workdir: Path, quick: bool) -> dict[str, Any]:
     teacher_cfg = cfg.teacher.model_copy(update={"epochs": 1, "eval_every": 1})
     teacher = stages.train_teacher(teacher_cfg, data_root, f"{run_url}/teacher", parent, 0)
     selected = perf.select_everything(data_root, f"{run_url}/selected")
-    model, meta = models.load(teacher.url)
+    meta = models.load_meta(teacher.url)
     manifest = dataset.read_manifest(storage.join(data_root, dataset.UNLABELLED))
     plan = perf.batch_plan(manifest, cfg.inference.batch_size)
     student = cfg.students[0]
     rates: dict[str, dict[str, list[float]]] = {}
     for r in range(rounds):
-        for p in PRECISIONS:
+        for arm in arms:
+            p = arm.precision
             one = student.model_copy(update={"precision": p, "epochs": 1})
-            got = {
-                "training loop": perf.loop_rate(one, data_root, selected.url, seed=r),
-                "training step alone": perf.synthetic_train_rate(
-                    one, meta.num_classes, meta.in_chans, meta.height, meta.width, steps
-                ),
-                "labelling stage": labelling_rate(
-                    data_root, teacher.url, f"{run_url}/pseudo-{p}", cfg.inference.batch_size, p
-                ),
-                "forward alone": perf.forward_rate(
-                    model, plan, meta.in_chans, meta.height, meta.width, p
-                ),
-            }
+            with arm.building():
+                got = {
+                    "training loop": perf.loop_rate(one, data_root, selected.url, seed=r),
+                    "training step alone": perf.synthetic_train_rate(
+                        one, meta.num_classes, meta.in_chans, meta.height, meta.width, steps
+                    ),
+                    "labelling stage": labelling_rate(
+                        data_root,
+                        teacher.url,
+                        f"{run_url}/pseudo-{arm.name.replace(' ', '-')}",
+                        cfg.inference.batch_size,
+                        p,
+                    ),
+                    "forward alone": perf.forward_rate(
+                        models.load(teacher.url)[0],
+                        plan,
+                        meta.in_chans,
+                        meta.height,
+                        meta.width,
+                        p,
+                    ),
+                }
             for what, rate in got.items():
-                rates.setdefault(what, {}).setdefault(p, []).append(rate)
-                print(f"round {r + 1}, {p}: {what} {rate:.0f} images/s", flush=True)
+                rates.setdefault(what, {}).setdefault(arm.name, []).append(rate)
+                print(f"round {r + 1}, {arm.name}: {what} {rate:.0f} images/s", flush=True)
     tracking.end_run(parent)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -114,11 +142,14 @@ def measure(cfg: PipelineConfig, workdir: Path, quick: bool) -> dict[str, Any]:
         "unlabelled_images": manifest.num_rows,
         "rounds": rounds,
         "rates": rates,
-        "ratios": {
-            what: [b / f for f, b in zip(by["fp32"], by["bf16"], strict=True)]
-            for what, by in rates.items()
-        },
+        "arms": [arm.name for arm in arms],
+        "ratios": {what: ratios(by, arms[0].name, arms[1].name) for what, by in rates.items()},
     }
+
+
+def ratios(rates: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """Arm b's rate over arm a's, round by round."""
+    return [rb / ra for ra, rb in zip(rates[a], rates[b], strict=True)]
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
@@ -138,17 +169,26 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"({result['teacher_model']}, batches of {result['inference_batch']}) over the same "
         "unlabelled images.",
         "",
-        "| measure | fp32 images/s (median) | bf16 images/s (median) | bf16 / fp32, per round "
+    ]
+    return "\n".join(lines + table(result, ("fp32", "bf16"))) + "\n"
+
+
+def table(result: dict[str, Any], arms: tuple[str, str]) -> list[str]:
+    """Each measure's median rate per arm, the second arm's over the first's round by
+    round, and the median of those ratios."""
+    a, b = arms
+    lines = [
+        f"| measure | {a} images/s (median) | {b} images/s (median) | {b} / {a}, per round "
         "| median |",
         "|---|---|---|---|---|",
     ]
     for what, by in result["rates"].items():
         ratios = result["ratios"][what]
         lines.append(
-            f"| {what} | {statistics.median(by['fp32']):.0f} | {statistics.median(by['bf16']):.0f} "
+            f"| {what} | {statistics.median(by[a]):.0f} | {statistics.median(by[b]):.0f} "
             f"| {', '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}** |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
