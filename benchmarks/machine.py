@@ -13,10 +13,22 @@ def describe(hw: dict[str, Any]) -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    """The CPU's model name from /proc/cpuinfo (else what `platform` knows) and the vector
+    instructions torch's kernels use on it, e.g. "AMD EPYC (AVX512)": machines of one
+    name differ there (an AMD EPYC with AVX2 only trains the demo at about 40% of the speed
+    of one with AVX512), and so do the ratios some benchmarks measure."""
+    name = platform.processor()
     info = Path("/proc/cpuinfo")
     if info.exists():
         for line in info.read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({cpu_capability()})"
+
+
+def cpu_capability() -> str:
+    """The widest vector instructions torch's CPU kernels use here: AVX512, AVX2, ..."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()

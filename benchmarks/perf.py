@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.machine import cpu_name, describe
+from benchmarks.machine import cpu_capability, cpu_name, describe
 from noisy_student import config
 from noisy_student.config import PipelineConfig, StudentConfig
 from noisy_student.data import dataset, dataset_writer, ingest, storage
@@ -1084,10 +1084,16 @@ def main(argv: list[str] | None = None) -> None:
     write_results("perf", args.quick, result, markdown(result, command))
 
 
-def write_results(name: str, quick: bool, result: dict[str, Any], table: str) -> None:
+def write_results(
+    name: str, quick: bool, result: dict[str, Any], table: str, per_isa: bool = False
+) -> None:
     """benchmarks/results/NAME-cpu.json and .md (NAME-gpu.* on a CUDA machine, *-quick.*
-    for a slice), then the table on the terminal."""
-    stem = f"{name}-{'gpu' if torch.cuda.is_available() else 'cpu'}" + ("-quick" if quick else "")
+    for a slice), then the table on the terminal. `per_isa`: one file per kind of CPU
+    kernel (NAME-cpu-avx512.*, NAME-cpu-avx2.*), for ratios that depend on it."""
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    if per_isa and device == "cpu":
+        device += f"-{cpu_capability().lower()}"
+    stem = f"{name}-{device}" + ("-quick" if quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)

@@ -14,8 +14,9 @@ not move.
     uv run python -m benchmarks.small_maps          # about 10 minutes on 2 CPU cores
     uv run python -m benchmarks.small_maps --quick  # a slice, to check the harness
 
-Writes benchmarks/results/small-maps-cpu.json and .md (small-maps-gpu.* on a CUDA
-machine, *-quick.* with --quick).
+Writes benchmarks/results/small-maps-cpu-<isa>.json and .md, one pair per kind of CPU
+kernel torch uses (avx2, avx512: the ratio depends on it), small-maps-gpu.* on a CUDA
+machine, *-quick.* with --quick.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     result["rates"][CONTROL_MEASURE] = rates
     result["ratios"][CONTROL_MEASURE] = precision.ratios(rates, "plain", "small maps")
     result["command"] = command
-    perf.write_results("small-maps", args.quick, result, markdown(result, command))
+    perf.write_results("small-maps", args.quick, result, markdown(result, command), per_isa=True)
 
 
 if __name__ == "__main__":
