@@ -1,5 +1,6 @@
 """benchmarks/demo_recipe.py: its arms are valid demo configs, its data splits are disjoint,
-its table compares each arm with the demo on the same images, and a run resumes."""
+its teacher is the one the pipeline's train_teacher trains, its table compares each arm
+with the demo on the same images, and a run resumes."""
 
 import json
 import os
@@ -172,3 +173,36 @@ def test_processes_share_the_table_without_measuring_one_arm_twice(tmp_path):
     mine["arms"]["noise: M=5"] = {"0": _run([False, True], 0.86, 0.85)}
     demo_recipe._save(path, mine)  # done: its claim goes, the other's stays
     assert json.loads(path.read_text())["running"] == {"labels: hard|0": other}
+
+
+def test_the_harness_teacher_is_the_one_train_teacher_trains(
+    tiny_dataset, mlflow_uri, tmp_path, monkeypatch
+):
+    # every arm is compared with the demo through this harness's teacher: it must be the
+    # pipeline's own, weight for weight, given the same labelled images and seed
+    import torch
+
+    from noisy_student import stages
+    from noisy_student.data import dataset, storage
+    from noisy_student.registry import tracking
+    from noisy_student.training import models
+
+    cfg = demo_recipe.demo_config({"teacher.epochs": 2, "teacher.eval_every": 1})
+    parent = tracking.start_run("harness-teacher", "run")
+    trained = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 3)
+    pipeline = models.load(trained.url)[0].state_dict()
+
+    def split(name: str) -> demo_recipe.Split:
+        images = dataset.load(storage.join(tiny_dataset, name))[1]
+        return demo_recipe.Split(images.images, images.labels)
+
+    labelled, test = split(dataset.LABELLED), split(dataset.TEST)
+    data = demo_recipe.Data(labelled, labelled, test, test)
+    monkeypatch.setattr(demo_recipe, "CACHE", tmp_path / "cache")
+    harness = demo_recipe.teacher_for(cfg, data, 3, 10, quick=True)[0].state_dict()
+    assert pipeline.keys() == harness.keys()
+    for key, value in pipeline.items():
+        assert torch.equal(value, harness[key]), key
+    # and the cached copy is the same network again
+    cached = demo_recipe.teacher_for(cfg, data, 3, 10, quick=True)[0].state_dict()
+    assert all(torch.equal(cached[k], v) for k, v in harness.items())
