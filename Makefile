@@ -37,7 +37,8 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 # out the slow and integration ones), after the lint and the layer contract, so that CI
 # checks both. Two pytest-xdist workers, one per core of the CI machine, one torch thread
 # each (tests/conftest.py); each takes whole files, the integration and slow ones first:
-# about 18 min on 2 cores, against 26 in one process (README, "Development")
+# 18-21 min on 2 cores with AVX512, against 26 in one process; 32 with AVX2 only (README,
+# "Development")
 TEST_WORKERS ?= 2
 test: setup compose-cli lint
 	$(UV) run pytest -q -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
