@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks import demo_recipe
+from benchmarks.accuracy import hardware
 from benchmarks.machine import describe
 from benchmarks.pseudo_labels import aligned
 from benchmarks.student_recipe import _packed
@@ -145,7 +146,26 @@ def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[st
         "test_right": _packed(test),
         "test_images": len(test),
         "student_seconds": round(fit.seconds, 1),
+        "hardware": hardware(),
     }
+
+
+def machines(result: dict[str, Any]) -> list[str]:
+    """Where the seeds ran, when not all on the machine of the last write (each seed's
+    labellers run on one machine, so the comparisons within a seed are on one CPU model)."""
+    where: dict[str, set[int]] = {}
+    for runs in result["arms"].values():
+        for seed, run in runs.items():
+            where.setdefault(describe(run.get("hardware", result["hardware"])), set()).add(
+                int(seed)
+            )
+    if len(where) < 2:
+        return []
+    said = [
+        f"seeds {', '.join(map(str, sorted(seeds)))} on {machine}"
+        for machine, seeds in where.items()
+    ]
+    return ["", "The seeds ran on more than one machine: " + "; ".join(said) + "."]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -157,6 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Last written {result['date']}. {describe(result['hardware'])} "
         f"(torch {result['hardware']['torch']}). Command: `uv run python -m "
         "benchmarks.ensemble_labels` (the seeds as the rows say).",
+        *machines(result),
         "",
         "The demo's recipe (`pipeline_config/fashion_mnist.yaml`, its student for 4 passes "
         "in fp32) on `benchmarks.demo_recipe`'s draws: 100 labels per class, 500 per class "

@@ -59,6 +59,29 @@ def test_the_table_compares_each_labeller_with_the_base_on_the_same_images():
     assert "| teacher + student 1 | not yet run |" in ensemble_labels.markdown(result)
 
 
+def test_the_table_says_which_seeds_ran_on_which_machine():
+    # seeds of one table may come from sittings on other CPU models; each seed's labellers
+    # run in one sitting, so its comparisons are on one machine, but the reader must know
+    def host(cpu: str) -> dict:
+        return {"cpu": cpu, "cpu_cores": 2, "gpu": None, "torch": "2"}
+
+    run = _run([True] * 8 + [False] * 2, 0.87)
+    result = {
+        "date": "2026-12-07T00:00:00+00:00",
+        "hardware": host("AMD EPYC (AVX512)"),
+        "arms": {
+            "student 1": {"0": run, "1": run, "5": {**run, "hardware": host("AMD EPYC (AVX512)")}}
+        },
+    }
+    assert "more than one machine" not in ensemble_labels.markdown(result)
+    for seed in ("0", "1"):  # rows written before rows kept their machine: the file's then
+        result["arms"]["student 1"][seed] = {**run, "hardware": host("Intel Xeon")}
+    assert (
+        "The seeds ran on more than one machine: seeds 0, 1 on Intel Xeon, 2 cores, no GPU; "
+        "seeds 5 on AMD EPYC (AVX512), 2 cores, no GPU." in ensemble_labels.markdown(result)
+    )
+
+
 def test_a_quick_run_writes_its_table_and_resumes(
     fashion_mnist_source, tmp_path, monkeypatch, capsys
 ):
