@@ -21,7 +21,7 @@ setup: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-demo: setup  ## the default pipeline on Fashion-MNIST (6-13 min on 2 CPU cores)
+demo: setup  ## the default pipeline on Fashion-MNIST (6-16 min on 2 CPU cores, by CPU model)
 	$(UV) run noisy-student run -c $(CONFIG)
 
 smoke: setup  ## the same pipeline on a slice of the data with tiny models (about a minute)
