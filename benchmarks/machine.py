@@ -15,8 +15,9 @@ def describe(hw: dict[str, Any]) -> str:
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (else what `platform` knows) and the vector
     instructions torch's kernels use on it, e.g. "AMD EPYC (AVX512)": machines of one
-    name differ there (an AMD EPYC with AVX2 only trains the demo at about 40% of the speed
-    of one with AVX512), and so do the ratios some benchmarks measure."""
+    name differ there (an AMD EPYC with AVX2 only trained the demo's student at 400 images/s
+    where one with AVX512 trained it at about 1,000), and so do the ratios some benchmarks
+    measure."""
     name = platform.processor()
     info = Path("/proc/cpuinfo")
     if info.exists():

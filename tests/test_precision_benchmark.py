@@ -60,3 +60,13 @@ def test_results_are_written_per_device_and_slice(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     perf.write_results("perf", False, {"b": 2}, "# gpu\n")
     assert (tmp_path / "perf-gpu.md").read_text() == "# gpu\n"
+    # ratios that depend on the CPU's kernels: one file per kind, none on a GPU
+    perf.write_results("small-maps", False, {"c": 3}, "# gpu\n", per_isa=True)
+    assert (tmp_path / "small-maps-gpu.md").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    perf.write_results("small-maps", False, {"c": 3}, "# avx2\n", per_isa=True)
+    assert (tmp_path / "small-maps-cpu-avx2.md").read_text() == "# avx2\n"
+    from benchmarks import machine
+
+    assert machine.cpu_name().endswith(" (AVX2)")
