@@ -73,8 +73,9 @@ def test_the_table_says_which_seeds_ran_on_which_machine():
             "student 1": {"0": run, "1": run, "5": {**run, "hardware": host("AMD EPYC (AVX512)")}}
         },
     }
+    # rows without a machine (written before rows kept one) count as the file's
     assert "more than one machine" not in ensemble_labels.markdown(result)
-    for seed in ("0", "1"):  # rows written before rows kept their machine: the file's then
+    for seed in ("0", "1"):  # two seeds from a sitting on another machine
         result["arms"]["student 1"][seed] = {**run, "hardware": host("Intel Xeon")}
     assert (
         "The seeds ran on more than one machine: seeds 0, 1 on Intel Xeon, 2 cores, no GPU; "
