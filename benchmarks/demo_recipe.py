@@ -221,10 +221,19 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Keys the config gained after rows were measured, left out of fingerprints at their
+# default, so that those rows stay comparable with new ones measured as they were.
+ADDED_LATER = {"selection": {"align": False}}
+
+
 def fingerprint(cfg: PipelineConfig) -> str:
     """What an arm trains with: its data, teacher, labelling, selection and student."""
-    return _key(cfg.model_dump(include={"seed", "data", "teacher", "inference", "selection"}),
-                cfg.students[0].model_dump())  # fmt: skip
+    dump = cfg.model_dump(include={"seed", "data", "teacher", "inference", "selection"})
+    for section, keys in ADDED_LATER.items():
+        for key, default in keys.items():
+            if dump[section].get(key, default) == default:
+                dump[section].pop(key, None)
+    return _key(dump, cfg.students[0].model_dump())
 
 
 def _right(model: torch.nn.Module, split: Split) -> np.ndarray:
@@ -267,13 +276,16 @@ def selected(cfg: PipelineConfig, probs: np.ndarray, data: Data, classes: int, s
     """`pseudo_labels` from the pool's class probabilities, whichever model(s) gave them:
     the rows the pipeline's selection keeps, their targets, and how many labels are right."""
     s = cfg.selection
+    labelled = data.labelled.labels.numpy()
     chosen = selection.select(
         np.arange(len(probs)).astype(str), probs, classes, min_confidence=s.min_confidence,
         labels=s.labels, temperature=s.temperature, hard_label_smoothing=s.hard_label_smoothing,
         seed=seed,
+        align_to=np.bincount(labelled, minlength=classes) / len(labelled) if s.align else None,
     )  # fmt: skip
     index, targets = as_copied(chosen.rows)
-    right = float((probs.argmax(1) == data.pool.labels.numpy()).mean())
+    labels = probs if chosen.alignment is None else chosen.alignment.aligned(probs)
+    right = float((labels.argmax(1) == data.pool.labels.numpy()).mean())
     return data.pool.images[index], targets.float(), right
 
 

@@ -27,8 +27,7 @@ import pandas as pd
 from noisy_student.data import dataset, storage
 from noisy_student.errors import UserError
 from noisy_student.evaluation import statistics
-
-ALIGN_STEPS = 50  # alternate scaling and renormalising: the mean meets the prior in a few
+from noisy_student.training import selection
 
 
 @dataclass
@@ -105,13 +104,10 @@ def read_probs(url: str, pool: Pool) -> np.ndarray:
 
 
 def aligned(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Distribution alignment: each class's probabilities scaled, and each row renormalised,
-    until the mean prediction over the pool matches `prior`."""
-    q = probs
-    for _ in range(ALIGN_STEPS):
-        q = q * (prior / q.mean(0))
-        q = q / q.sum(1, keepdims=True)
-    return q
+    """Distribution alignment as `filter_and_balance` applies it (`selection.align: true`):
+    each class's probabilities scaled, and each row renormalised, so that the mean
+    prediction over the pool matches `prior`."""
+    return selection.align(lambda: [probs], prior).aligned(probs)
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -331,6 +331,12 @@ class SelectionConfig(Strict):
     )
     temperature: float = Field(1.0, gt=0, description="Soft labels: p^(1/T), renormalised")
     hard_label_smoothing: float = Field(0.1, ge=0, lt=1, description="Hard labels only")
+    align: bool = Field(
+        False,
+        description="Distribution alignment: scale each class's probabilities until their "
+        "mean over the pool matches the labelled set's class shares (ReMixMatch), before "
+        "filtering; a few passes over the probabilities (docs/algorithm.md)",
+    )
 
 
 class GateConfig(Strict):

@@ -670,3 +670,17 @@ def test_a_removal_racing_another_of_the_same_id_is_refused_and_leaves_no_file(s
     assert manifest.version == 2 and manifest.removed_ids == {"img-1", "img-2"}
     files = {u.rsplit("/", 1)[-1] for u in storage.find(url) if u.endswith(".parquet")}
     assert files == {s["file"] for s in manifest.shards + manifest.removed}
+
+
+def test_class_shares_count_the_labelled_rows_still_in_the_split(tmp_path):
+    url = str(tmp_path / "ds")
+    labels = [0, 1, 1, 2, 2, 2, 0, 1, 2, 2]
+    _write(url, _images(10), labels)
+    np.testing.assert_allclose(dataset.class_shares(dataset.read_manifest(url)),
+                               np.array([2, 3, 5]) / 10)  # fmt: skip
+    _remover(url, {"img-3": 2, "img-4": 2}).commit()  # two of class 2 leave
+    np.testing.assert_allclose(dataset.class_shares(dataset.read_manifest(url)),
+                               np.array([2, 3, 3]) / 8)  # fmt: skip
+    _remover(url, {"img-0": 0, "img-6": 0}).commit()  # and class 0 is gone
+    with pytest.raises(UserError, match=r"ds: no labelled image for class 'a'$"):
+        dataset.class_shares(dataset.read_manifest(url))

@@ -207,3 +207,69 @@ def test_selecting_shard_by_shard_follows_one_plan_from_the_summed_histograms():
     # every class ends near the quota, the mean candidate count per class
     assert rule.quota == round(whole.sum() / 4)
     assert np.all(np.abs(final - rule.quota) < 0.15 * rule.quota)
+
+
+# ---------------------------------------------------------------- distribution alignment
+
+
+def _skewed(n: int = 3000, k: int = 4, seed: int = 0) -> np.ndarray:
+    """Probabilities of a labeller that favours class 0: sharp rows, most of them on it."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.5, (n, k))
+    logits[:, 0] += 1.5
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _rescaled_in_turn(p: np.ndarray, prior: np.ndarray, steps: int) -> np.ndarray:
+    """Distribution alignment by scaling and renormalising in turn (the slow, plain way)."""
+    q = p.astype(np.float64)
+    for _ in range(steps):
+        q = q * (prior / q.mean(0))
+        q = q / q.sum(1, keepdims=True)
+    return q
+
+
+def test_alignment_brings_the_mean_prediction_to_the_class_shares_in_a_few_passes():
+    p, prior = _skewed(), np.array([0.1, 0.2, 0.3, 0.4])
+    assert np.abs(p.mean(0) / prior - 1).max() > 1  # class 0 is over-predicted 4x or more
+    a = selection.align(lambda: [p], prior)
+    q = selection.aligned(p, a.log_weights)
+    assert np.abs(q.mean(0) / prior - 1).max() == pytest.approx(a.deviation)
+    assert a.deviation <= selection.ALIGN_TOLERANCE and a.passes <= 8
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+    # the same weights as the plain way, run to convergence
+    np.testing.assert_allclose(q, _rescaled_in_turn(p, prior, 2000), atol=2e-3)
+
+
+def test_alignment_does_not_depend_on_how_the_pool_is_split_into_shards():
+    p, prior = _skewed(), np.full(4, 0.25)
+    whole = selection.align(lambda: [p], prior)
+    shards = selection.align(lambda: np.array_split(p, 7), prior)
+    assert shards.passes == whole.passes
+    np.testing.assert_allclose(shards.log_weights, whole.log_weights, atol=1e-9)
+
+
+def test_alignment_stops_at_its_pass_limit_and_says_how_far_off_it_is():
+    p, prior = _skewed(), np.array([0.1, 0.2, 0.3, 0.4])
+    a = selection.align(lambda: [p], prior, max_passes=1)
+    assert a.passes == 1 and a.deviation > 1 and not a.log_weights.any()
+
+
+def test_alignment_refuses_shares_that_are_not_a_distribution():
+    for prior in ([0.5, 0.5, 0.0], [0.5, 0.6, 0.1], [[0.5, 0.5]]):
+        with pytest.raises(ValueError, match="class shares"):
+            selection.align(lambda: [np.full((3, 3), 1 / 3)], np.array(prior))
+
+
+def test_aligned_selection_labels_and_targets_from_the_aligned_probabilities():
+    p, prior = _skewed(), np.full(4, 0.25)
+    plain = select(_ids(len(p)), p, 4, min_confidence=0.0, balance=False)
+    chosen = select(_ids(len(p)), p, 4, min_confidence=0.0, balance=False, align_to=prior)
+    q = selection.aligned(p, selection.align(lambda: [p], prior).log_weights)
+    np.testing.assert_array_equal(chosen.rows["predicted"], q.argmax(1))
+    np.testing.assert_allclose(np.stack(chosen.rows["target"]), q, atol=1e-6)
+    np.testing.assert_allclose(np.stack(chosen.rows["target"]).mean(0), prior, rtol=2e-3)
+    # fewer images labelled as the over-predicted class, each class near its share
+    assert chosen.per_class["predicted"][0] < plain.per_class["predicted"][0]
+    assert np.abs(chosen.per_class["predicted"] / len(p) - prior).max() < 0.05

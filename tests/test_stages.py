@@ -258,3 +258,66 @@ def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     expected = float(np.mean(predicted.loc[truth.index].to_numpy() == truth.to_numpy()))
     assert selected.accuracy_all == pytest.approx(expected)
     assert selected.accuracy == pytest.approx(expected)  # everything kept: the same images
+
+
+@pytest.mark.slow  # trains a teacher and labels with it: 12 s
+def test_aligned_selection_matches_the_labelled_class_shares_and_says_what_changed(
+    tiny_dataset, mlflow_uri, tmp_path
+):
+    import numpy as np
+    import pandas as pd
+
+    from noisy_student.registry import tracking
+    from noisy_student.training import selection
+
+    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
+    parent = tracking.start_run("align-test", "run")
+    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
+    pseudo = str(tmp_path / "p")
+    shards = [
+        stages.infer_pseudo_labels(tiny_dataset, i, teacher.url, pseudo, 64)
+        for i in stages.unlabelled_shards(tiny_dataset)
+    ]
+    out = str(tmp_path / "selected")
+    everything = {"min_confidence": 0.0, "balance": False}
+    selected = stages.filter_and_balance(
+        shards, cfg.selection.model_copy(update=everything | {"align": True}),
+        tiny_dataset, pseudo, out, teacher, parent, 1, 0,
+    )  # fmt: skip
+    files = storage.read_json(storage.join(out, dataset.MANIFEST))["shards"]
+    rows = pd.concat(storage.read_parquet(storage.join(out, f["file"])).to_pandas() for f in files)
+    raw = pd.concat(storage.read_parquet(s.url, ["id", "predicted"]).to_pandas() for s in shards)
+    raw = raw.set_index("id")["predicted"].loc[rows["id"]].to_numpy()
+    labelled = dataset.read_manifest(storage.join(tiny_dataset, dataset.LABELLED))
+    shares = dataset.class_shares(labelled)
+
+    # every image kept once: the targets' mean is the labelled set's class shares
+    assert selected.total == selected.kept == len(rows)
+    targets = np.stack(rows["target"].to_numpy())
+    assert np.abs(targets.mean(0) / shares - 1).max() <= selection.ALIGN_TOLERANCE * 1.01
+    np.testing.assert_array_equal(rows["predicted"], targets.argmax(1))
+
+    record = storage.read_json(storage.join(out, dataset.MANIFEST))["alignment"]
+    assert list(record["weights"]) == labelled.class_names and max(record["weights"].values()) == 1
+    assert record["passes"] >= 2 and record["deviation"] <= selection.ALIGN_TOLERANCE
+    assert record["changed"] == int((raw != rows["predicted"].to_numpy()).sum()) > 0
+    truth = storage.read_parquet(storage.join(tiny_dataset, dataset.UNLABELLED_TRUTH))
+    truth = truth.to_pandas().set_index("id")["label"].loc[rows["id"]].to_numpy()
+    assert record["accuracy_before"] == pytest.approx(float(np.mean(raw == truth)))
+    assert record["accuracy_after"] == pytest.approx(float(np.mean(rows["predicted"] == truth)))
+    assert selected.accuracy_all == pytest.approx(record["accuracy_after"])
+
+    run = tracking.client().get_run(selected.mlflow_run_id)
+    assert run.data.metrics["alignment_changed"] == record["changed"]
+    assert run.data.metrics["alignment_passes"] == record["passes"]
+    # the labelling run keeps the teacher's own figures
+    labelling = tracking.client().get_run(selected.inference_run_id).data.metrics
+    assert labelling["pseudo_label_accuracy"] == pytest.approx(record["accuracy_before"])
+
+    # without alignment the same pool gives the teacher's labels, and no record
+    plain = stages.filter_and_balance(
+        shards, cfg.selection.model_copy(update=everything), tiny_dataset, pseudo,
+        str(tmp_path / "plain"), teacher, parent, 1, 0,
+    )  # fmt: skip
+    assert plain.accuracy_all == pytest.approx(record["accuracy_before"])
+    assert storage.read_json(str(tmp_path / "plain" / dataset.MANIFEST))["alignment"] is None

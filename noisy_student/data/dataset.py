@@ -602,6 +602,23 @@ def require_labels(manifest: Manifest, images: ImageSet) -> None:
         raise UserError(f"{manifest.url}: no labelled image for class {absent[0]!r}")
 
 
+def class_shares(manifest: Manifest) -> np.ndarray:
+    """Each class's share of the split's labelled images (those that left it skipped),
+    reading only the id and label columns; a class without an image is a one-line error."""
+    counts = np.zeros(manifest.num_classes, dtype=np.int64)
+    for url in manifest.shard_urls():
+        table = storage.read_parquet(url, columns=["id", "label"])
+        if manifest.removed_ids:
+            kept = [i not in manifest.removed_ids for i in table.column("id").to_pylist()]
+            table = table.filter(pa.array(kept, type=pa.bool_()))
+        labels = labels_of(manifest, url, table).numpy()
+        counts += np.bincount(labels[labels >= 0], minlength=manifest.num_classes)
+    absent = [n for c, n in enumerate(manifest.class_names) if counts[c] == 0]
+    if absent:
+        raise UserError(f"{manifest.url}: no labelled image for class {absent[0]!r}")
+    return counts / counts.sum()
+
+
 def read_ids(manifest: Manifest) -> set[str]:
     """Every id stored in the split's shards, those that left it included: an id is
     never reused."""

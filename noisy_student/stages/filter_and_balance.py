@@ -35,6 +35,11 @@ def _read_shard(shard: PseudoLabelShard, columns: list[str]) -> pa.Table:
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
+def _probs(table: pa.Table, k: int) -> np.ndarray:
+    column = table.column("probs").combine_chunks()
+    return column.values.to_numpy().reshape(len(column), k)
+
+
 def _correct(
     truth: pd.Series | None, ids: list[str], predicted: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -78,8 +83,9 @@ def filter_and_balance(
     previous_pseudo_url: str | None = None,
 ) -> SelectedPseudoLabels:
     """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
-    in two passes over the shards (selection.py says how); with `previous_pseudo_url`,
-    count the labels that changed. Records the labelling stage's run too (from pass 1)."""
+    in two passes over the shards (selection.py says how), after a few passes that align
+    the probabilities where `cfg.align`; with `previous_pseudo_url`, count the labels that
+    changed. Records the labelling stage's run too (from pass 1)."""
     start = time.perf_counter()
     shards = sorted(shards, key=lambda s: s.index)
     lineage = _lineage(teacher, pseudo_url)
@@ -94,19 +100,22 @@ def filter_and_balance(
         total = sum(s.rows for s in shards)
         if total == 0:
             raise UserError(f"{pool.url}: the unlabelled set is empty")
-        survey = _survey(shards, cfg, pool.num_classes, truth, previous_pseudo_url)
+        alignment = _align(shards, data_root, pool.num_classes) if cfg.align else None
+        survey = _survey(shards, cfg, pool.num_classes, truth, previous_pseudo_url, alignment)
         finish_labelling_run(
             inference_run, total, inference_seconds, survey.confidence_sum,
             survey.accuracy_all, survey.scored_all,
         )  # fmt: skip
         rule = selection.plan(survey.histogram, cfg.min_confidence, cfg.balance,
-                              cfg.per_class_quota)  # fmt: skip
+                              cfg.per_class_quota,
+                              None if alignment is None else alignment.log_weights)  # fmt: skip
         chosen = _select(shards, cfg, rule, pool.num_classes, truth, seed, out_url)
         per_class = selection.counts_frame(chosen.counts).assign(
             name=lambda f: [pool.class_names[c] for c in f["class"]]
         )
         diagnosis, figure = _diagnose(survey.stats, cfg, iteration, out_url)
-        _write_manifest(out_url, pseudo_url, rule, chosen.files, per_class, diagnosis)
+        aligning = _alignment_record(alignment, survey, pool.class_names)
+        _write_manifest(out_url, pseudo_url, rule, chosen.files, per_class, diagnosis, aligning)
         result = SelectedPseudoLabels(
             url=out_url,
             probabilities_url=pseudo_url,
@@ -116,14 +125,14 @@ def filter_and_balance(
             kept=int(per_class["kept"].sum()),
             selected=int(per_class["final"].sum()),
             accuracy=chosen.right / chosen.scored if chosen.scored else None,
-            accuracy_all=survey.accuracy_all,
+            accuracy_all=survey.labels_accuracy_all,
             inference_seconds=inference_seconds,
             seconds=0.0,
             per_class=per_class.to_dict(orient="records"),
             scored_kept=chosen.scored,
             scored_all=survey.scored_all,
         )
-        _record(run_id, result, per_class, diagnosis, figure, iteration)
+        _record(run_id, result, per_class, diagnosis, figure, iteration, aligning)
         return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
 
@@ -135,19 +144,42 @@ def _lineage(teacher: TrainedModel, pseudo_url: str) -> dict[str, str]:
     }
 
 
+def _align(shards: list[PseudoLabelShard], data_root: str, k: int) -> selection.Alignment:
+    """Distribution alignment's class weights: passes over the shards' probabilities until
+    their aligned mean matches the labelled set's class shares."""
+    labelled = dataset.read_manifest(storage.join(data_root, dataset.LABELLED))
+    prior = dataset.class_shares(labelled)
+    alignment = selection.align(lambda: (_probs(_read_shard(s, ["probs"]), k) for s in shards),
+                                prior)  # fmt: skip
+    if alignment.deviation > selection.ALIGN_TOLERANCE:
+        logger.warning(
+            f"distribution alignment: after {alignment.passes} passes a class's mean "
+            f"prediction is still {alignment.deviation:.2%} off its labelled share"
+        )
+    return alignment
+
+
 @dataclass
 class _Survey:
-    """Pass 1 over the shards: what the plan and the labelling run's figures need."""
+    """Pass 1 over the shards: what the plan and the labelling run's figures need. The
+    labelling run's figures are the teacher's own; the histogram and the statistics are of
+    the labels the student gets (aligned, where aligned)."""
 
     histogram: np.ndarray  # per class and confidence bin
     stats: diagnostics.PseudoLabelStats
     confidence_sum: float = 0.0
     right_all: int = 0
     scored_all: int = 0  # images whose true label is known
+    right_labels: int = 0  # of those, right after alignment (= right_all without)
+    changed_by_alignment: int = 0
 
     @property
     def accuracy_all(self) -> float | None:
         return self.right_all / self.scored_all if self.scored_all else None
+
+    @property
+    def labels_accuracy_all(self) -> float | None:
+        return self.right_labels / self.scored_all if self.scored_all else None
 
 
 def _survey(
@@ -156,23 +188,34 @@ def _survey(
     k: int,
     truth: pd.Series | None,
     previous_pseudo_url: str | None,
+    alignment: selection.Alignment | None = None,
 ) -> _Survey:
-    """Pass 1: per-class confidence histograms, two small columns per shard."""
+    """Pass 1: per-class confidence histograms, two small columns per shard (and the
+    probabilities, to align them)."""
     survey = _Survey(np.zeros((k, selection.NUM_BINS), dtype=np.int64),
                      diagnostics.PseudoLabelStats())  # fmt: skip
     previous = _previous_shards(previous_pseudo_url)
+    extra = [] if alignment is None else ["probs"]
     for s in shards:
-        table = _read_shard(s, ["id", "predicted", "confidence"])
+        table = _read_shard(s, ["id", "predicted", "confidence", *extra])
         ids = table.column("id").to_pylist()
         predicted = table.column("predicted").to_numpy()
         confidence = table.column("confidence").to_numpy()
-        survey.histogram += selection.class_histogram(predicted, confidence, k, cfg.min_confidence)
         survey.confidence_sum += float(confidence.sum())
         masks = _correct(truth, ids, predicted)
         if masks is not None:
             survey.right_all += int(masks[0].sum())
             survey.scored_all += int(masks[1].sum())
-        survey.stats.add(confidence, *(masks or (None, None)))
+        label, sure = predicted, confidence
+        if alignment is not None:
+            q = selection.aligned(_probs(table, k), alignment.log_weights)
+            label, sure = q.argmax(1), q.max(1)
+            survey.changed_by_alignment += int((label != predicted).sum())
+            masks = _correct(truth, ids, label)
+        if masks is not None:
+            survey.right_labels += int(masks[0].sum())
+        survey.histogram += selection.class_histogram(label, sure, k, cfg.min_confidence)
+        survey.stats.add(sure, *(masks or (None, None)))
         before_url = previous.get(s.url.rsplit("/", 1)[-1])
         if before_url:
             before = storage.read_parquet(before_url, ["id", "predicted"]).to_pandas()
@@ -206,8 +249,7 @@ def _select(
     for s in shards:
         table = _read_shard(s, ["id", "probs"])
         ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-        column = table.column("probs").combine_chunks()
-        probs = column.values.to_numpy().reshape(len(column), k)
+        probs = _probs(table, k)
         rows, shard_counts = selection.select_shard(
             ids,
             probs,
@@ -263,6 +305,7 @@ def _write_manifest(
     files: list[dict[str, Any]],
     per_class: pd.DataFrame,
     diagnosis: dict[str, Any],
+    alignment: dict[str, Any] | None,
 ) -> None:
     storage.write_json(
         storage.join(out_url, dataset.MANIFEST),
@@ -275,8 +318,29 @@ def _write_manifest(
             "pseudo_labels_url": pseudo_url,
             "per_class": per_class.to_dict(orient="records"),
             "diagnostics": diagnosis,
+            "alignment": alignment,
         },
     )
+
+
+def _alignment_record(
+    alignment: selection.Alignment | None, survey: _Survey, class_names: list[str]
+) -> dict[str, Any] | None:
+    """What alignment did, for the manifest and the run: weights by class, passes, labels
+    changed, and the labels' accuracy before and after where the truth is known."""
+    if alignment is None:
+        return None
+    return {
+        "prior": dict(zip(class_names, alignment.prior.round(6).tolist(), strict=True)),
+        "weights": dict(
+            zip(class_names, np.exp(alignment.log_weights).round(6).tolist(), strict=True)
+        ),
+        "passes": alignment.passes,
+        "deviation": alignment.deviation,
+        "changed": survey.changed_by_alignment,
+        "accuracy_before": survey.accuracy_all,
+        "accuracy_after": survey.labels_accuracy_all,
+    }
 
 
 def _record(
@@ -286,6 +350,7 @@ def _record(
     diagnosis: dict[str, Any],
     figure: bytes,
     iteration: int,
+    alignment: dict[str, Any] | None = None,
 ) -> None:
     """The selection's figures, files and lineage in its MLflow run, and one log line."""
     total, kept, accuracy = result.total, result.kept, result.accuracy
@@ -306,6 +371,19 @@ def _record(
         metrics["changed_since_previous"] = changed
         metrics["changed_since_previous_fraction"] = changed / max(
             1, diagnosis["compared_with_previous"]
+        )
+    if alignment is not None:
+        metrics |= {f"alignment_{key}": alignment[key]
+                    for key in ("passes", "deviation", "changed")}  # fmt: skip
+        tracking.log_dict(run_id, alignment, "alignment.json")
+        logger.info(
+            f"distribution alignment: {alignment['changed']} of {total} labels changed class "
+            f"({alignment['passes']} passes over the probabilities)"
+            + (
+                f", {alignment['accuracy_before']:.2%} -> {alignment['accuracy_after']:.2%} right"
+                if alignment["accuracy_before"] is not None
+                else ""
+            )
         )
     tracking.log_metrics(run_id, metrics)
     if changed is not None:
