@@ -371,6 +371,25 @@ def paired_cells(
     return per_seed, mean
 
 
+def machines(result: dict[str, Any]) -> list[str]:
+    """A table's line saying where its seeds ran, when not all on the machine of the last
+    write (`result`: arms -> seed -> run; a run without its own `hardware`, written before
+    runs kept one, counts as the file's). A seed whose arms ran on two machines is named
+    under both. The minutes column differs by machine, and the reader must know."""
+    where: dict[str, set[int]] = {}
+    for runs in result["arms"].values():
+        for seed, run in runs.items():
+            machine = describe(run.get("hardware", result["hardware"]))
+            where.setdefault(machine, set()).add(int(seed))
+    if len(where) < 2:
+        return []
+    said = [
+        f"seeds {', '.join(map(str, sorted(seeds)))} on {machine}"
+        for machine, seeds in where.items()
+    ]
+    return ["", "The seeds ran on more than one machine: " + "; ".join(said) + "."]
+
+
 def changes_teacher(name: str) -> bool:
     return any(key.startswith("teacher.") for key in ARMS[name][1])
 
@@ -445,6 +464,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(torch {result['hardware']['torch']}), one torch thread per process. "
         "Command: `uv run python -m benchmarks.demo_recipe` (the seeds and arms as the rows "
         "say).",
+        *machines(result),
         "",
         "Each arm is `pipeline_config/fashion_mnist.yaml` with its student's 4 passes and "
         "fp32 (the demo as it ran when the arms were measured) and the overrides named; "

@@ -152,24 +152,6 @@ def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[st
     }
 
 
-def machines(result: dict[str, Any]) -> list[str]:
-    """Where the seeds ran, when not all on the machine of the last write (each seed's
-    labellers run on one machine, so the comparisons within a seed are on one CPU model)."""
-    where: dict[str, set[int]] = {}
-    for runs in result["arms"].values():
-        for seed, run in runs.items():
-            where.setdefault(describe(run.get("hardware", result["hardware"])), set()).add(
-                int(seed)
-            )
-    if len(where) < 2:
-        return []
-    said = [
-        f"seeds {', '.join(map(str, sorted(seeds)))} on {machine}"
-        for machine, seeds in where.items()
-    ]
-    return ["", "The seeds ran on more than one machine: " + "; ".join(said) + "."]
-
-
 def markdown(result: dict[str, Any]) -> str:
     arms = result["arms"]
     base = arms.get(BASE, {})
@@ -179,7 +161,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Last written {result['date']}. {describe(result['hardware'])} "
         f"(torch {result['hardware']['torch']}). Command: `uv run python -m "
         "benchmarks.ensemble_labels` (the seeds as the rows say).",
-        *machines(result),
+        *demo_recipe.machines(result),
         "",
         "The demo's recipe (`pipeline_config/fashion_mnist.yaml`, its student for 4 passes "
         "in fp32) on `benchmarks.demo_recipe`'s draws: 100 labels per class, 500 per class "

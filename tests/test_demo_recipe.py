@@ -75,6 +75,24 @@ def test_the_table_compares_each_arm_with_the_demo_on_the_same_images():
     assert "| noise: M=5 |" in table and "not yet run" in table
 
 
+def test_the_table_says_which_seeds_ran_on_which_machine_naming_a_seed_under_each():
+    def host(cpu: str) -> dict:
+        return {"cpu": cpu, "cpu_cores": 2, "gpu": None, "torch": "2"}
+
+    run = _run([True] * 8 + [False] * 2, 0.87, 0.85)
+    result = {
+        "date": "2026-12-07T00:00:00+00:00",
+        "hardware": host("AMD EPYC (AVX512)"),
+        "arms": {"demo": {"0": run, "1": run}, "labels: hard": {"0": run}},
+    }
+    assert "more than one machine" not in demo_recipe.markdown(result)
+    result["arms"]["labels: hard"]["0"] = {**run, "hardware": host("Intel Xeon")}
+    assert (
+        "The seeds ran on more than one machine: seeds 0, 1 on AMD EPYC (AVX512), 2 cores, "
+        "no GPU; seeds 0 on Intel Xeon, 2 cores, no GPU." in demo_recipe.markdown(result)
+    )
+
+
 def test_an_arm_that_keeps_the_teacher_is_compared_with_the_demo_from_that_very_teacher():
     base, better = [True] * 80 + [False] * 20, [True] * 90 + [False] * 10
     later = [True] * 85 + [False] * 15  # the demo from another draw of the teacher
