@@ -82,10 +82,9 @@ def filter_and_balance(
     seed: int,
     previous_pseudo_url: str | None = None,
 ) -> SelectedPseudoLabels:
-    """Drop unsure images, balance classes, and write the student's pseudo-labelled set,
-    in two passes over the shards (selection.py says how), after a few passes that align
-    the probabilities where `cfg.align`; with `previous_pseudo_url`, count the labels that
-    changed. Records the labelling stage's run too (from pass 1)."""
+    """Drop unsure images, balance classes, write the student's pseudo-labelled set, in two
+    passes over the shards (selection.py says how; aligned first where `cfg.align`); count
+    labels changed since `previous_pseudo_url`; record the labelling run (from pass 1)."""
     start = time.perf_counter()
     shards = sorted(shards, key=lambda s: s.index)
     lineage = _lineage(teacher, pseudo_url)
@@ -102,13 +101,10 @@ def filter_and_balance(
             raise UserError(f"{pool.url}: the unlabelled set is empty")
         alignment = _align(shards, data_root, pool.num_classes) if cfg.align else None
         survey = _survey(shards, cfg, pool.num_classes, truth, previous_pseudo_url, alignment)
-        finish_labelling_run(
-            inference_run, total, inference_seconds, survey.confidence_sum,
-            survey.accuracy_all, survey.scored_all,
-        )  # fmt: skip
+        finish_labelling_run(inference_run, total, inference_seconds, survey.confidence_sum,
+                             survey.accuracy_all, survey.scored_all)  # fmt: skip
         rule = selection.plan(survey.histogram, cfg.min_confidence, cfg.balance,
-                              cfg.per_class_quota,
-                              None if alignment is None else alignment.log_weights)  # fmt: skip
+                              cfg.per_class_quota, alignment and alignment.log_weights)  # fmt: skip
         chosen = _select(shards, cfg, rule, pool.num_classes, truth, seed, out_url)
         per_class = selection.counts_frame(chosen.counts).assign(
             name=lambda f: [pool.class_names[c] for c in f["class"]]
@@ -373,18 +369,7 @@ def _record(
             1, diagnosis["compared_with_previous"]
         )
     if alignment is not None:
-        metrics |= {f"alignment_{key}": alignment[key]
-                    for key in ("passes", "deviation", "changed")}  # fmt: skip
-        tracking.log_dict(run_id, alignment, "alignment.json")
-        logger.info(
-            f"distribution alignment: {alignment['changed']} of {total} labels changed class "
-            f"({alignment['passes']} passes over the probabilities)"
-            + (
-                f", {alignment['accuracy_before']:.2%} -> {alignment['accuracy_after']:.2%} right"
-                if alignment["accuracy_before"] is not None
-                else ""
-            )
-        )
+        metrics |= _record_alignment(run_id, alignment, total)
     tracking.log_metrics(run_id, metrics)
     if changed is not None:
         logger.info(
@@ -410,3 +395,19 @@ def _record(
             else ""
         )
     )
+
+
+def _record_alignment(run_id: str, alignment: dict[str, Any], total: int) -> dict[str, float]:
+    """Distribution alignment's record in the selection's run, and one log line; its
+    metrics."""
+    tracking.log_dict(run_id, alignment, "alignment.json")
+    logger.info(
+        f"distribution alignment: {alignment['changed']} of {total} labels changed class "
+        f"({alignment['passes']} passes over the probabilities)"
+        + (
+            f", {alignment['accuracy_before']:.2%} -> {alignment['accuracy_after']:.2%} right"
+            if alignment["accuracy_before"] is not None
+            else ""
+        )
+    )
+    return {f"alignment_{key}": alignment[key] for key in ("passes", "deviation", "changed")}
