@@ -75,16 +75,29 @@ def test_one_iteration_runs_with_every_artifact_on_s3(
     assert dataset.read_manifest(f"{root}/unlabelled").num_rows == 200
 
 
+def _labelled_by_a_teacher(root: str, tmp_path: Path, experiment: str):
+    """The smoke config, a parent run, a teacher of one epoch, and its pseudo labels of
+    every unlabelled shard of `root` (in tmp_path/p)."""
+    from noisy_student.registry import tracking
+
+    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
+    parent = tracking.start_run(experiment, "run")
+    teacher = stages.train_teacher(cfg.teacher, root, str(tmp_path / "t"), parent, 0)
+    pseudo = str(tmp_path / "p")
+    shards = [
+        stages.infer_pseudo_labels(root, i, teacher.url, pseudo, 64)
+        for i in stages.unlabelled_shards(root)
+    ]
+    return cfg, parent, teacher, pseudo, shards
+
+
 @pytest.mark.slow  # trains a teacher and labels with it: 15 s
 def test_filter_and_balance_refuses_when_nothing_passes_the_threshold(
     tiny_dataset, mlflow_uri, tmp_path
 ):
     from noisy_student.registry import tracking
 
-    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
-    parent = tracking.start_run("empty-test", "run")
-    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
-    shards = [stages.infer_pseudo_labels(tiny_dataset, 0, teacher.url, str(tmp_path / "p"), 64)]
+    cfg, parent, teacher, _, shards = _labelled_by_a_teacher(tiny_dataset, tmp_path, "empty-test")
     out = tmp_path / "selected"
     with pytest.raises(UserError, match="min_confidence"):
         stages.filter_and_balance(
@@ -222,22 +235,13 @@ def test_pseudo_label_accuracy_scores_only_images_with_a_known_label(
     import numpy as np
     import pandas as pd
 
-    from noisy_student.registry import tracking
-
     root = str(tmp_path / "data")
     shutil.copytree(tiny_dataset, root)
     test = dataset.load(storage.join(root, dataset.TEST))[1]
     new = [(f"new/{i}", test.images[i, 0].numpy(), None) for i in range(40)]
     dataset_writer.append_rows(storage.join(root, dataset.UNLABELLED), new, rows_per_shard=100)
 
-    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
-    parent = tracking.start_run("truth-test", "run")
-    teacher = stages.train_teacher(cfg.teacher, root, str(tmp_path / "t"), parent, 0)
-    pseudo = str(tmp_path / "p")
-    shards = [
-        stages.infer_pseudo_labels(root, i, teacher.url, pseudo, 64)
-        for i in stages.unlabelled_shards(root)
-    ]
+    cfg, parent, teacher, pseudo, shards = _labelled_by_a_teacher(root, tmp_path, "truth-test")
     selected = stages.filter_and_balance(
         shards,
         cfg.selection.model_copy(update={"min_confidence": 0.0, "balance": False}),
@@ -270,14 +274,9 @@ def test_aligned_selection_matches_the_labelled_class_shares_and_says_what_chang
     from noisy_student.registry import tracking
     from noisy_student.training import selection
 
-    cfg = config.load(REPO / "pipeline_config/smoke.yaml", ["teacher.epochs=1"])
-    parent = tracking.start_run("align-test", "run")
-    teacher = stages.train_teacher(cfg.teacher, tiny_dataset, str(tmp_path / "t"), parent, 0)
-    pseudo = str(tmp_path / "p")
-    shards = [
-        stages.infer_pseudo_labels(tiny_dataset, i, teacher.url, pseudo, 64)
-        for i in stages.unlabelled_shards(tiny_dataset)
-    ]
+    cfg, parent, teacher, pseudo, shards = _labelled_by_a_teacher(
+        tiny_dataset, tmp_path, "align-test"
+    )
     out = str(tmp_path / "selected")
     everything = {"min_confidence": 0.0, "balance": False}
     selected = stages.filter_and_balance(
