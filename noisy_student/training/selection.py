@@ -14,10 +14,11 @@ over the shards so that no pass holds every prediction at once:
 Confidence bins are fine where softmax confidence piles up, near 1: a bin is 1/256 of a
 decade of (1 - confidence), so 0.9990 and 0.9995 fall in different bins.
 
-With distribution alignment (`align`, ReMixMatch's rule), both passes see the teacher's
+With distribution alignment (ReMixMatch's rule), both passes see the teacher's
 probabilities with each class scaled by a weight and each row renormalised, the weights
-chosen so that the mean over the pool matches the labelled set's class shares: a few passes
-over the shards' probabilities before pass 1, one small vector in memory.
+chosen so that the mean over the pool matches the labelled set's class shares: `align`
+finds them in a few passes over the shards' probabilities before pass 1, holding one
+k x k sum in memory.
 """
 
 from __future__ import annotations
