@@ -158,6 +158,12 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         "that learned with noise grow with the student's time?",
         TEACHER_NOISE | {"teacher.epochs": 200, "students.0.epochs": 8},
     ),
+    "selection: aligned": (
+        "the teacher's probabilities aligned to the labelled set's class shares before "
+        "filtering (`selection.align`, distribution alignment): does the first student gain "
+        "from it as second students did (ensemble-labels.md)?",
+        {"selection.align": True},
+    ),
 }
 
 
