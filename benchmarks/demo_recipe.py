@@ -59,7 +59,9 @@ CACHE = REPO / "artifacts" / "demo-recipe"
 DEV_PER_CLASS = 500
 BASE = "demo"
 SECOND_BASE = "demo: later teachers"
-BASES = (BASE, SECOND_BASE)  # the demo as shipped, measured with two draws of its teachers
+THIRD_BASE = "demo: AVX512 teachers"
+# the demo as shipped, measured with three draws of its teachers
+BASES = (BASE, SECOND_BASE, THIRD_BASE)
 # What every arm starts from beside the demo's config: the demo as it shipped when the arms
 # were measured (its student for 4 passes, in fp32: "auto" meant fp32 on a CPU until
 # 2026-12-06), so that the table keeps measuring what it says if the demo changes.
@@ -157,6 +159,12 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         "that teacher, and its student for 8 passes: does the student's step over a teacher "
         "that learned with noise grow with the student's time?",
         TEACHER_NOISE | {"teacher.epochs": 200, "students.0.epochs": 8},
+    ),
+    THIRD_BASE: (
+        "the demo again, from the teachers the harness trained on the AMD EPYC with AVX512 "
+        "(2026-12-07): the same seeds and config as `demo: later teachers`, other draws (another "
+        "CPU's kernels), so the arms measured there have a demo from the very same teachers",
+        {},
     ),
     "selection: aligned": (
         "the teacher's probabilities aligned to the labelled set's class shares before "
