@@ -286,16 +286,21 @@ def probabilities(cfg: PipelineConfig, model: torch.nn.Module, images: torch.Ten
     return engine.predict_probs(model, images, 1024, i.precision, i.tta).numpy()
 
 
+def class_shares(data: Data, classes: int) -> np.ndarray:
+    """Each class's share of the labelled images: what alignment aligns to."""
+    labels = data.labelled.labels.numpy()
+    return np.bincount(labels, minlength=classes) / len(labels)
+
+
 def selected(cfg: PipelineConfig, probs: np.ndarray, data: Data, classes: int, seed: int):
     """`pseudo_labels` from the pool's class probabilities, whichever model(s) gave them:
     the rows the pipeline's selection keeps, their targets, and how many labels are right."""
     s = cfg.selection
-    labelled = data.labelled.labels.numpy()
     chosen = selection.select(
         np.arange(len(probs)).astype(str), probs, classes, min_confidence=s.min_confidence,
         labels=s.labels, temperature=s.temperature, hard_label_smoothing=s.hard_label_smoothing,
         seed=seed,
-        align_to=np.bincount(labelled, minlength=classes) / len(labelled) if s.align else None,
+        align_to=class_shares(data, classes) if s.align else None,
     )  # fmt: skip
     index, targets = as_copied(chosen.rows)
     labels = probs if chosen.alignment is None else chosen.alignment.aligned(probs)

@@ -124,7 +124,7 @@ def measure(name: str, seed: int, quick: bool, state: dict[str, Any]) -> dict[st
     def accuracy(p: np.ndarray, split: str) -> float:
         return float((p.argmax(1) == getattr(data, split).labels.numpy()).mean())
 
-    prior = np.bincount(data.labelled.labels.numpy(), minlength=CLASSES) / len(data.labelled.labels)
+    prior = demo_recipe.class_shares(data, CLASSES)
     labels = {split: labeller_probs(name, probs["teacher"][split], probs["student"][split], prior)
               for split in ("pool", "dev", "test")}  # fmt: skip
     pseudo = demo_recipe.selected(cfg, labels["pool"], data, CLASSES, seed)
