@@ -119,12 +119,33 @@ def test_an_arm_that_keeps_the_teacher_is_compared_with_the_demo_from_that_very_
     assert rows[demo_recipe.SECOND_BASE]["diff_vs_demo"] == []
 
 
+def test_an_arm_no_demo_row_can_pair_is_warned_of_before_its_student_trains():
+    teacher = np.array([True] * 85 + [False] * 15)  # 85% on test
+    other = _run([True] * 80 + [False] * 20, 0.87, 0.84, teacher_dev=0.85)
+    arms = {"demo": {"0": other}}
+    said = demo_recipe.unpaired("labels: hard", 0, np.array([True] * 17 + [False] * 3), teacher,
+                                arms)  # fmt: skip
+    assert said is not None and "'labels: hard' seed 0: no demo row from this teacher" in said
+    assert "test 85.00%" in said
+    # a demo row from the very same teacher (either base) pairs it: nothing to say
+    arms[demo_recipe.THIRD_BASE] = {"0": _run([True] * 8 + [False] * 2, 0.87, 0.85, 0.85)}
+    assert demo_recipe.unpaired("labels: hard", 0, np.array([True] * 17 + [False] * 3), teacher,
+                                arms) is None  # fmt: skip
+    # the bases, and arms that train another teacher, are never paired this way
+    for name in (demo_recipe.BASE, "teacher: 200 epochs"):
+        assert demo_recipe.unpaired(name, 1, teacher, teacher, arms) is None
+
+
 def test_a_quick_run_writes_its_table_and_resumes(
     fashion_mnist_source, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(demo_recipe, "RESULTS", tmp_path)
     monkeypatch.setattr(demo_recipe, "CACHE", tmp_path / "cache")
-    demo_recipe.main(["--quick", "--seeds", "0", "--arms", "demo", "labels: hard"])
+    # the base asked for after the arm is measured first, so the arm is paired with it
+    demo_recipe.main(["--quick", "--seeds", "0", "--arms", "labels: hard", "demo"])
+    out = capsys.readouterr().out
+    assert out.index("demo, seed 0: dev") < out.index("labels: hard, seed 0: dev")
+    assert "no demo row from this teacher" not in out
     result = json.loads((tmp_path / "demo-recipe-quick.json").read_text())
     assert set(result["arms"]) == {"demo", "labels: hard"}
     first = result["arms"]["demo"]["0"]
