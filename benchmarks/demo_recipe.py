@@ -10,7 +10,10 @@ trains on labelled plus pseudo-labelled images with the arm's noise and schedule
 the pipeline's own engine, config and selection. Choices are made on the development split
 (each arm against the demo on the same images, exact McNemar per seed, and the mean
 difference over seeds with a t interval); the test split is reported beside it, teacher and
-student, as the demo reports it.
+student, as the demo reports it. An arm that keeps the demo's teacher is compared with a
+demo row from that very teacher (`reference`); the teacher cache is per machine and another
+machine trains other draws, so before such an arm's student trains the harness says when the
+table has no such row (bases named beside an arm are measured first).
 
     uv run python -m benchmarks.demo_recipe --seeds 0              # every arm, one seed
     uv run python -m benchmarks.demo_recipe --seeds 1 2 --arms demo "student: half stem"
