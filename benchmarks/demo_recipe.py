@@ -350,24 +350,27 @@ def seed_data(cfg: PipelineConfig, seed: int, quick: bool, state: dict[str, Any]
 
 
 def measure(
-    name: str, seed: int, quick: bool, state: dict[str, Any], arms: dict[str, Any] | None = None
+    name: str, seed: int, quick: bool, state: dict[str, Any], arms: dict[str, Any]
 ) -> dict[str, Any]:
-    """One arm on one seed: its teacher (cached), pseudo labels and student, judged. With
-    `arms` (the table so far), says before the student trains if no demo row can pair it."""
+    """One arm on one seed: its teacher (cached), pseudo labels and student, judged; before
+    the student trains, says if no demo row of `arms` (the table so far) can pair it."""
     cfg = arm_config(name, quick)
     classes = 10
     data = seed_data(cfg, seed, quick, state)
     start = time.perf_counter()
     teacher, teacher_dev, teacher_test = teacher_for(cfg, data, seed, classes, quick)
-    if arms is not None and (warning := unpaired(name, seed, teacher_dev, teacher_test, arms)):
+    teacher_accuracies = {
+        "teacher_dev_accuracy": float(teacher_dev.mean()),
+        "teacher_test_accuracy": float(teacher_test.mean()),
+    }
+    if warning := unpaired(name, seed, teacher_accuracies, arms):
         print(warning, flush=True)
     pseudo = pseudo_labels(cfg, teacher, data, classes, seed)
     fit = train_student(cfg, teacher, data, pseudo, classes, seed)
     dev, test = _right(fit.model, data.dev), _right(fit.model, data.test)
     return {
         "config": fingerprint(cfg),
-        "teacher_dev_accuracy": float(teacher_dev.mean()),
-        "teacher_test_accuracy": float(teacher_test.mean()),
+        **teacher_accuracies,
         "pseudo_label_accuracy": pseudo[2],
         "pseudo_labelled_images": len(pseudo[0]),
         "dev_accuracy": float(dev.mean()),
@@ -443,23 +446,21 @@ def reference(name: str, seed: str, run: dict[str, Any], arms: dict[str, Any]) -
 
 
 def unpaired(
-    name: str, seed: int, teacher_dev: np.ndarray, teacher_test: np.ndarray, arms: dict[str, Any]
+    name: str, seed: int, teacher_accuracies: dict[str, float], arms: dict[str, Any]
 ) -> str | None:
     """A warning line, before `name`'s student trains on `seed`, when the table has no demo
-    row from this very teacher to compare it with (`reference`): the teacher cache is per
-    machine, and another machine trains other draws of the teachers. None when it can be
-    paired, or needs no pairing (a base; an arm that changes the teacher)."""
+    row from this very teacher (its `teacher_accuracies`, as a run records them) to compare
+    it with (`reference`): the teacher cache is per machine, and another machine trains
+    other draws of the teachers. None when it can be paired, or needs no pairing (a base; an
+    arm that changes the teacher)."""
     if name in BASES or changes_teacher(name):
         return None
-    accuracies = {
-        "teacher_dev_accuracy": float(teacher_dev.mean()),
-        "teacher_test_accuracy": float(teacher_test.mean()),
-    }
-    if reference(name, str(seed), accuracies, arms) is not None:
+    if reference(name, str(seed), teacher_accuracies, arms) is not None:
         return None
     return (
         f"warning: {name!r} seed {seed}: no demo row from this teacher (test "
-        f"{100 * accuracies['teacher_test_accuracy']:.2f}%; the teacher cache is per machine) "
+        f"{100 * teacher_accuracies['teacher_test_accuracy']:.2f}%; the teacher cache is per "
+        "machine) "
         f"in {', '.join(repr(b) for b in BASES)}: its student will have no paired comparison; "
         "measure a demo from this machine's teachers first (a new entry of BASES)"
     )

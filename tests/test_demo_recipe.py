@@ -120,20 +120,18 @@ def test_an_arm_that_keeps_the_teacher_is_compared_with_the_demo_from_that_very_
 
 
 def test_an_arm_no_demo_row_can_pair_is_warned_of_before_its_student_trains():
-    teacher = np.array([True] * 85 + [False] * 15)  # 85% on test
+    teacher = {"teacher_dev_accuracy": 0.85, "teacher_test_accuracy": 0.85}
     other = _run([True] * 80 + [False] * 20, 0.87, 0.84, teacher_dev=0.85)
     arms = {"demo": {"0": other}}
-    said = demo_recipe.unpaired("labels: hard", 0, np.array([True] * 17 + [False] * 3), teacher,
-                                arms)  # fmt: skip
+    said = demo_recipe.unpaired("labels: hard", 0, teacher, arms)
     assert said is not None and "'labels: hard' seed 0: no demo row from this teacher" in said
     assert "test 85.00%" in said
     # a demo row from the very same teacher (either base) pairs it: nothing to say
     arms[demo_recipe.THIRD_BASE] = {"0": _run([True] * 8 + [False] * 2, 0.87, 0.85, 0.85)}
-    assert demo_recipe.unpaired("labels: hard", 0, np.array([True] * 17 + [False] * 3), teacher,
-                                arms) is None  # fmt: skip
+    assert demo_recipe.unpaired("labels: hard", 0, teacher, arms) is None
     # the bases, and arms that train another teacher, are never paired this way
     for name in (demo_recipe.BASE, "teacher: 200 epochs"):
-        assert demo_recipe.unpaired(name, 1, teacher, teacher, arms) is None
+        assert demo_recipe.unpaired(name, 1, teacher, arms) is None
 
 
 def test_a_quick_run_writes_its_table_and_resumes(
