@@ -39,8 +39,13 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 # each (tests/conftest.py); each takes whole files, the integration and slow ones first:
 # 18-21 min on 2 cores with AVX512, against 26 in one process; 32 with AVX2 only (README,
 # "Development")
+# The suite starts many Python processes (flow runs, workers, servers, CLI calls), each
+# importing torch, Prefect and MLflow; where PYTHONDONTWRITEBYTECODE is set (as on the CI
+# machine) each compiles their source anew. `--compile-bytecode` compiles the environment
+# once (about a minute the first time, seconds after).
 TEST_WORKERS ?= 2
 test: setup compose-cli lint
+	$(UV) sync --locked --compile-bytecode --quiet
 	$(UV) run pytest -q -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
