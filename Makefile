@@ -37,8 +37,8 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 # out the slow and integration ones), after the lint and the layer contract, so that CI
 # checks both. Two pytest-xdist workers, one per core of the CI machine, one torch thread
 # each (tests/conftest.py); each takes whole files, the integration and slow ones first:
-# 18-21 min on 2 cores with AVX512, against 26 in one process; 32 with AVX2 only (README,
-# "Development")
+# 15 min on 2 cores with AVX512 (23 before the bytecode below); 32 with AVX2 only, before
+# it (README, "Development")
 # The suite starts many Python processes (flow runs, workers, servers, CLI calls), each
 # importing torch, Prefect and MLflow; where PYTHONDONTWRITEBYTECODE is set (as on the CI
 # machine) each compiles their source anew. `--compile-bytecode` compiles the environment
