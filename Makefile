@@ -13,10 +13,13 @@ CONFIG ?= pipeline_config/fashion_mnist.yaml
 # checks), so that a new uv cannot change how a fresh clone reads uv.lock
 UV_VERSION := 0.13.9
 
+# where `test` is a goal, the one sync also compiles the environment's bytecode (below)
+SYNC_FLAGS := $(if $(filter test,$(MAKECMDGOALS)),--compile-bytecode)
+
 setup: $(FASHION_MNIST)
 	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || \
 		python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --locked
+	$(UV) sync --locked $(SYNC_FLAGS)
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
@@ -41,11 +44,10 @@ bench-labelling: setup  ## does the label queue beat random labels? the table in
 # it (README, "Development")
 # The suite starts many Python processes (flow runs, workers, servers, CLI calls), each
 # importing torch, Prefect and MLflow; where PYTHONDONTWRITEBYTECODE is set (as on the CI
-# machine) each compiles their source anew. `--compile-bytecode` compiles the environment
-# once (about a minute the first time, seconds after).
+# machine) each compiles their source anew. So where `test` is a goal, setup's sync has
+# `--compile-bytecode` (SYNC_FLAGS, above): about a minute the first time, seconds after.
 TEST_WORKERS ?= 2
 test: setup compose-cli lint
-	$(UV) sync --locked --compile-bytecode --quiet
 	$(UV) run pytest -q -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # for the test that validates docker/compose.yaml (`docker compose config`); no engine needed
